@@ -1,0 +1,159 @@
+"""Measurement: latency in onnxruntime (interleaved, medians), size, nodes, parameters, MACs.
+
+Sessions run with all of onnxruntime's graph optimizations on, as users ship them,
+spinning off so that sessions timed in turn do not starve each other. Repeats are
+interleaved across models (A B A B ...), so drift in machine load hits all alike.
+With one intra-op thread the work runs on the calling thread, and its CPU time
+(``time.thread_time``) is used: it is robust to other load on the machine.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import onnx
+
+from onnxopt.data import Feed
+from onnxopt.graph_utils import node_count, op_histogram, parameter_count
+from onnxopt.runtime import ModelRef, run, session
+from onnxopt.shapes import infer
+
+
+@dataclasses.dataclass(frozen=True)
+class Latency:
+    median_ms: float
+    p90_ms: float
+    min_ms: float
+    repeats: int
+    threads: int
+    clock: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def measure_latency(
+    models: Mapping[str, ModelRef],
+    feeds: Sequence[Feed],
+    threads: int = 1,
+    repeats: int = 30,
+    warmup: int = 3,
+    max_seconds: float = 30.0,
+    progress: Callable[[int, int], None] | None = None,
+) -> dict[str, Latency]:
+    """Median and p90 milliseconds per feed for each model, interleaved round-robin."""
+    sessions = {k: session(m, optimize=True, threads=threads) for k, m in models.items()}
+    clock = time.thread_time if threads == 1 else time.perf_counter
+    feeds = list(feeds)[:4] or [{}]
+    for sess in sessions.values():
+        for _ in range(warmup):
+            for f in feeds:
+                run(sess, f)
+    samples: dict[str, list[float]] = {k: [] for k in sessions}
+    start = time.perf_counter()
+    for r in range(repeats):
+        for k, sess in sessions.items():
+            f = feeds[r % len(feeds)]
+            t0 = clock()
+            sess.run(None, f)
+            samples[k].append((clock() - t0) * 1e3)
+        if progress:
+            progress(r + 1, repeats)
+        if r >= 4 and time.perf_counter() - start > max_seconds:
+            break
+    out = {}
+    for k, s in samples.items():
+        arr = np.asarray(s)
+        out[k] = Latency(float(np.median(arr)), float(np.percentile(arr, 90)), float(arr.min()),
+                         len(s), threads, "thread_time" if threads == 1 else "wall")
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelStats:
+    nodes: int
+    parameters: int
+    size_bytes: int
+    macs: int | None
+    ops: dict[str, int]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def model_stats(model: onnx.ModelProto, input_shapes: Mapping[str, Sequence[int]] | None = None,
+                size_bytes: int | None = None) -> ModelStats:
+    return ModelStats(
+        nodes=node_count(model),
+        parameters=parameter_count(model),
+        size_bytes=size_bytes if size_bytes is not None else model.ByteSize(),
+        macs=estimate_macs(model, input_shapes or {}),
+        ops=op_histogram(model),
+    )
+
+
+def _dims(tp: onnx.TypeProto | None) -> list[int] | None:
+    if tp is None or tp.WhichOneof("value") != "tensor_type" or not tp.tensor_type.HasField("shape"):
+        return None
+    dims = [d.dim_value if d.HasField("dim_value") else -1 for d in tp.tensor_type.shape.dim]
+    return dims if all(d > 0 for d in dims) or not dims else None
+
+
+def estimate_macs(model: onnx.ModelProto, input_shapes: Mapping[str, Sequence[int]]) -> int | None:
+    """Multiply-accumulates of Conv, ConvTranspose, MatMul, Gemm (and their int8 forms).
+
+    Shapes come from onnx shape inference with the given input shapes pinned; returns
+    None when no such op could be sized.
+    """
+    pinned = onnx.ModelProto()
+    pinned.CopyFrom(onnx.ModelProto(ir_version=model.ir_version, opset_import=model.opset_import))
+    # structure only: shape inference does not need weight values beyond small ones
+    from onnxopt.shapes import _copy_structure
+
+    _copy_structure(model, pinned)
+    inits = {t.name for t in model.graph.initializer}
+    for vi in pinned.graph.input:
+        if vi.name in input_shapes and vi.name not in inits:
+            dims = vi.type.tensor_type.shape.dim
+            shape = list(input_shapes[vi.name])
+            if len(dims) == len(shape):
+                for d, v in zip(dims, shape):
+                    d.Clear()
+                    d.dim_value = int(v)
+    types = infer(pinned)
+    for t in model.graph.initializer:
+        types.setdefault(t.name, onnx.helper.make_tensor_type_proto(t.data_type, list(t.dims)))
+    total, sized = 0, False
+    for node in model.graph.node:
+        op = node.op_type
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        if op in ("Conv", "QLinearConv", "ConvInteger", "ConvTranspose"):
+            w_idx = 3 if op == "QLinearConv" else 1
+            w = _dims(types.get(node.input[w_idx])) if len(node.input) > w_idx else None
+            out = _dims(types.get(node.output[0]))
+            inp = _dims(types.get(node.input[0]))
+            if not w or not out:
+                continue
+            group = int(attrs.get("group", 1))
+            if op == "ConvTranspose":
+                if not inp:
+                    continue
+                total += int(np.prod(inp)) * int(np.prod(w[1:]))
+            else:
+                total += int(np.prod(out)) * int(np.prod(w[1:]))
+            del group
+            sized = True
+        elif op in ("MatMul", "MatMulInteger", "QLinearMatMul", "Gemm", "MatMulNBits"):
+            a_idx = 0
+            a = _dims(types.get(node.input[a_idx]))
+            out = _dims(types.get(node.output[0]))
+            if not a or not out:
+                continue
+            k = a[-1] if not (op == "Gemm" and attrs.get("transA", 0)) else a[0]
+            total += int(np.prod(out)) * int(k)
+            sized = True
+    return total if sized else None

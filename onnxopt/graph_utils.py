@@ -1,0 +1,206 @@
+"""Small typed helpers over onnx-graphsurgeon, shared by the passes.
+
+Identity rules: graphsurgeon nodes and tensors are unhashable (tensors compare
+equal by name), so maps are keyed by ``id(node)`` or ``tensor.name`` and
+membership is tested with ``is``.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+
+def iter_graphs(graph: gs.Graph) -> Iterator[gs.Graph]:
+    """The graph and every nested subgraph (If branches, Loop/Scan bodies), depth first."""
+    yield graph
+    for node in graph.nodes:
+        for sub in node_subgraphs(node):
+            yield from iter_graphs(sub)
+
+
+def node_subgraphs(node: gs.Node) -> list[gs.Graph]:
+    subs: list[gs.Graph] = []
+    for value in node.attrs.values():
+        if isinstance(value, gs.Graph):
+            subs.append(value)
+        elif isinstance(value, (list, tuple)):
+            subs.extend(v for v in value if isinstance(v, gs.Graph))
+    return subs
+
+
+def is_default_domain(node: gs.Node) -> bool:
+    return node.domain in (None, "", "ai.onnx")
+
+
+def constant_value(tensor: gs.Tensor | None) -> np.ndarray | None:
+    """Values of a tensor known at rewrite time: an initializer or a ``Constant`` node output."""
+    if tensor is None:
+        return None
+    if isinstance(tensor, gs.Constant):
+        if isinstance(tensor._values, gs.ir.tensor.SparseValues):
+            return None
+        return np.asarray(tensor.values)
+    if len(tensor.inputs) == 1:
+        node = tensor.inputs[0]
+        if node.op == "Constant" and is_default_domain(node) and len(node.outputs) == 1:
+            return _constant_node_value(node)
+    return None
+
+
+def _constant_node_value(node: gs.Node) -> np.ndarray | None:
+    attrs = node.attrs
+    if "value" in attrs:
+        value = attrs["value"]
+        if isinstance(value, gs.Constant):
+            return np.asarray(value.values)
+        return None  # sparse_value and friends: leave alone
+    if "value_float" in attrs:
+        return np.array(attrs["value_float"], dtype=np.float32)
+    if "value_floats" in attrs:
+        return np.array(attrs["value_floats"], dtype=np.float32)
+    if "value_int" in attrs:
+        return np.array(attrs["value_int"], dtype=np.int64)
+    if "value_ints" in attrs:
+        return np.array(attrs["value_ints"], dtype=np.int64)
+    return None
+
+
+def is_graph_output(graph: gs.Graph, tensor: gs.Tensor) -> bool:
+    return any(out is tensor for out in graph.outputs)
+
+
+def is_graph_input(graph: gs.Graph, tensor: gs.Tensor) -> bool:
+    return any(inp is tensor for inp in graph.inputs)
+
+
+def consumers(tensor: gs.Tensor) -> list[gs.Node]:
+    return list(tensor.outputs)
+
+
+def only_consumer(tensor: gs.Tensor) -> gs.Node | None:
+    users = tensor.outputs
+    return users[0] if len(users) == 1 else None
+
+
+def producer(tensor: gs.Tensor) -> gs.Node | None:
+    return tensor.inputs[0] if len(tensor.inputs) == 1 else None
+
+
+def replace_uses(old: gs.Tensor, new: gs.Tensor) -> None:
+    """Make every consumer of ``old`` (subgraph nodes included) read ``new`` instead."""
+    for node in list(old.outputs):
+        for i, inp in enumerate(node.inputs):
+            if inp is old:
+                node.inputs[i] = new
+
+
+def bypass(graph: gs.Graph, src: gs.Tensor, dst: gs.Tensor) -> str | None:
+    """Remove the computation ``src -> dst`` by making readers of ``dst`` read ``src``.
+
+    The node that produced ``dst`` is left dangling for ``cleanup()``. When ``dst`` is a
+    graph output its name must survive: the producer of ``src`` then writes ``dst``
+    directly, which is only legal if ``src`` is an ordinary intermediate value.
+    Returns a decline reason, or None on success.
+    """
+    if not is_graph_output(graph, dst):
+        replace_uses(dst, src)
+        dst.inputs.clear()
+        return None
+    if is_graph_input(graph, src) or is_graph_output(graph, src) or isinstance(src, gs.Constant):
+        return "graph-output"
+    src_producer = producer(src)
+    if src_producer is None or not _in_graph(graph, src_producer):
+        return "graph-output"
+    replace_uses(dst, src)  # other readers of dst (rare) now read src ...
+    replace_uses(src, dst)  # ... and then everybody reads dst, which src's producer writes
+    dst.inputs.clear()
+    for i, out in enumerate(src_producer.outputs):
+        if out is src:
+            src_producer.outputs[i] = dst
+    src.inputs.clear()
+    if src.dtype is not None and dst.dtype is None:
+        dst.dtype = src.dtype
+    return None
+
+
+def _in_graph(graph: gs.Graph, node: gs.Node) -> bool:
+    return any(n is node for n in graph.nodes)
+
+
+def add_node(
+    graph: gs.Graph,
+    op: str,
+    inputs: Sequence[gs.Tensor],
+    outputs: Sequence[gs.Tensor],
+    attrs: dict[str, Any] | None = None,
+    name: str = "",
+    domain: str | None = None,
+) -> gs.Node:
+    node = gs.Node(
+        op=op, name=name, attrs=dict(attrs or {}), inputs=list(inputs), outputs=list(outputs),
+        domain=domain,
+    )
+    graph.nodes.append(node)
+    return node
+
+
+def make_constant(name: str, values: np.ndarray) -> gs.Constant:
+    return gs.Constant(name, np.ascontiguousarray(values))
+
+
+def is_float_dtype(dtype: Any) -> bool:
+    try:
+        return np.issubdtype(np.dtype(dtype), np.floating)
+    except TypeError:
+        return False
+
+
+# ---- statistics over ModelProto (used by reports, inspect and tests) ----
+
+def iter_proto_graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
+    yield graph
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                yield from iter_proto_graphs(attr.g)
+            elif attr.type == onnx.AttributeProto.GRAPHS:
+                for g in attr.graphs:
+                    yield from iter_proto_graphs(g)
+
+
+def op_histogram(model: onnx.ModelProto, recurse: bool = True) -> dict[str, int]:
+    """Op type -> count over the main graph (and subgraphs when ``recurse``)."""
+    counts: Counter[str] = Counter()
+    graphs = iter_proto_graphs(model.graph) if recurse else [model.graph]
+    for g in graphs:
+        for node in g.node:
+            key = node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}::{node.op_type}"
+            counts[key] += 1
+    return dict(sorted(counts.items()))
+
+
+def node_count(model: onnx.ModelProto) -> int:
+    return sum(op_histogram(model).values())
+
+
+def _tensor_numel(t: onnx.TensorProto) -> int:
+    return int(np.prod(t.dims)) if len(t.dims) else 1
+
+
+def parameter_count(model: onnx.ModelProto) -> int:
+    """Number of weight elements: initializers plus tensor-valued Constant nodes (non-scalar)."""
+    total = 0
+    for g in iter_proto_graphs(model.graph):
+        total += sum(_tensor_numel(t) for t in g.initializer if len(t.dims))
+        for node in g.node:
+            if node.op_type == "Constant":
+                for a in node.attribute:
+                    if a.name == "value" and len(a.t.dims):
+                        total += _tensor_numel(a.t)
+    return total

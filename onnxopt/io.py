@@ -1,0 +1,215 @@
+"""Load and save ONNX models: clear errors on bad input, metadata round trip, atomic writes.
+
+``gs.import_onnx`` / ``gs.export_onnx`` happen only here. The export copies back
+what onnx-graphsurgeon drops (metadata, doc strings, model version, domain,
+opset imports of custom domains) and records provenance in ``metadata_props``.
+
+Writing is atomic: the model (and its external-data file, for models over the
+protobuf limit) is written into a temporary directory next to the destination,
+checked, and then moved into place with ``os.replace``. An interrupted or failed
+run leaves the old output or none, never a half-written one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import onnx
+import onnx_graphsurgeon as gs
+from google.protobuf.message import DecodeError
+
+from onnxopt.errors import ModelLoadError, ModelSaveError
+
+logger = logging.getLogger(__name__)
+
+# protobuf refuses to serialize messages of 2 GiB or more; stay well below it
+PROTOBUF_LIMIT = 2**31 - 2**24
+
+
+def load_model(path: str | os.PathLike[str], load_external_data: bool = True) -> onnx.ModelProto:
+    """Load an ``.onnx`` file (with its external data) or raise ``ModelLoadError`` in one line."""
+    path = Path(path)
+    if not path.exists():
+        raise ModelLoadError(f"{path}: no such file")
+    if path.is_dir():
+        raise ModelLoadError(f"{path}: is a directory, expected an .onnx file")
+    try:
+        size = path.stat().st_size
+    except OSError as e:
+        raise ModelLoadError(f"{path}: cannot read ({e.strerror})") from None
+    if size == 0:
+        raise ModelLoadError(f"{path}: file is empty")
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except (DecodeError, RuntimeError, ValueError, UnicodeDecodeError) as e:
+        raise ModelLoadError(
+            f"{path}: not a valid ONNX protobuf (truncated or not ONNX): {_first_line(e)}"
+        ) from None
+    except OSError as e:
+        raise ModelLoadError(f"{path}: cannot read ({e.strerror})") from None
+    if not model.HasField("graph") or (not model.graph.node and not model.graph.output):
+        raise ModelLoadError(f"{path}: not an ONNX model (no graph found)")
+    check_versions(model, str(path))
+    if load_external_data:
+        try:
+            onnx.external_data_helper.load_external_data_for_model(model, str(path.parent))
+        except (FileNotFoundError, onnx.checker.ValidationError, OSError, ValueError) as e:
+            missing = _missing_external(model, path.parent)
+            detail = f"missing external-data file '{missing}'" if missing else _first_line(e)
+            raise ModelLoadError(f"{path}: {detail}") from None
+    return model
+
+
+def check_versions(model: onnx.ModelProto, where: str = "model") -> None:
+    """Refuse IR versions and default-domain opsets newer than the installed onnx knows."""
+    if model.ir_version > onnx.IR_VERSION:
+        raise ModelLoadError(
+            f"{where}: IR version {model.ir_version} is newer than this onnx "
+            f"({onnx.__version__}) supports (IR {onnx.IR_VERSION}); upgrade onnx"
+        )
+    newest = onnx.defs.onnx_opset_version()
+    for imp in model.opset_import:
+        if imp.domain in ("", "ai.onnx") and imp.version > newest:
+            raise ModelLoadError(
+                f"{where}: opset {imp.version} is newer than this onnx ({onnx.__version__}) "
+                f"supports (opset {newest}); upgrade onnx"
+            )
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip() or type(e).__name__
+    return text.splitlines()[0][:200]
+
+
+def _missing_external(model: onnx.ModelProto, base: Path) -> str | None:
+    for t in onnx.external_data_helper._get_all_tensors(model):
+        if onnx.external_data_helper.uses_external_data(t):
+            info = onnx.external_data_helper.ExternalDataInfo(t)
+            if not (base / info.location).exists():
+                return str(info.location)
+    return None
+
+
+def opset_of(model: onnx.ModelProto) -> int:
+    for imp in model.opset_import:
+        if imp.domain in ("", "ai.onnx"):
+            return int(imp.version)
+    return 1
+
+
+def to_graph(model: onnx.ModelProto) -> gs.Graph:
+    """Import a model into graphsurgeon (weights are shared, not copied)."""
+    return gs.import_onnx(model)
+
+
+def to_model(
+    graph: gs.Graph, source: onnx.ModelProto, provenance: dict[str, str] | None = None
+) -> onnx.ModelProto:
+    """Export ``graph`` and restore what graphsurgeon drops, copied from ``source``."""
+    kept_imports = {imp.domain: imp.version for imp in source.opset_import}
+    opset = graph.opset
+    kept_imports[""] = opset
+    kept_imports.pop("ai.onnx", None)
+    for imp in graph.import_domains or []:
+        kept_imports.setdefault(imp.domain, imp.version)
+    imports = [onnx.helper.make_opsetid(d, v) for d, v in kept_imports.items()]
+    model = gs.export_onnx(graph, do_type_check=False, opset_imports=imports)
+    model.ir_version = source.ir_version
+    model.producer_name = source.producer_name
+    model.producer_version = source.producer_version
+    model.domain = source.domain
+    model.model_version = source.model_version
+    model.doc_string = source.doc_string
+    model.graph.doc_string = source.graph.doc_string
+    del model.metadata_props[:]
+    meta = {p.key: p.value for p in source.metadata_props}
+    meta.update(provenance or {})
+    for key, value in meta.items():
+        model.metadata_props.add(key=key, value=value)
+    if source.training_info:
+        model.training_info.extend(source.training_info)
+    return model
+
+
+def model_size(model: onnx.ModelProto) -> int:
+    """Serialized size in bytes, counting external-data tensors by their declared length."""
+    return int(model.ByteSize())
+
+
+@contextlib.contextmanager
+def staged_output(destination: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a temporary path beside ``destination``; ``commit()`` by leaving the block.
+
+    On an exception (including KeyboardInterrupt) the temporary directory is removed and
+    ``destination`` is untouched. Files written next to the yielded path (external data)
+    are moved along with it.
+    """
+    destination = Path(destination)
+    parent = destination.parent if str(destination.parent) else Path(".")
+    if not parent.exists():
+        raise ModelSaveError(f"{destination}: directory '{parent}' does not exist")
+    if destination.is_dir():
+        raise ModelSaveError(f"{destination}: is a directory")
+    try:
+        tmpdir = Path(tempfile.mkdtemp(prefix=".onnxopt-", dir=parent))
+    except OSError as e:
+        raise ModelSaveError(f"{destination}: cannot write to '{parent}' ({e.strerror})") from None
+    try:
+        yield tmpdir / destination.name
+        for f in sorted(tmpdir.iterdir(), key=lambda p: p.name == destination.name):
+            # model file last, so a reader never sees a model without its data
+            os.replace(f, parent / f.name)
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)
+
+
+def write_model(model: onnx.ModelProto, path: Path, external_data: bool | None = None) -> None:
+    """Write ``model`` to ``path`` (a staging path), with external data when it is large.
+
+    The caller's proto is not modified: for the external-data case the tensors are
+    written through a shallow conversion that is undone afterwards.
+    """
+    if external_data is None:
+        external_data = model.ByteSize() >= PROTOBUF_LIMIT or _has_external(model)
+    try:
+        if external_data:
+            location = path.name + ".data"
+            onnx.save_model(
+                model,
+                str(path),
+                save_as_external_data=True,
+                all_tensors_to_one_file=True,
+                location=location,
+                size_threshold=1024,
+            )
+            # onnx.save_model converted the proto in place; bring the data back in memory
+            onnx.external_data_helper.load_external_data_for_model(model, str(path.parent))
+        else:
+            onnx.save_model(model, str(path))
+    except OSError as e:
+        raise ModelSaveError(f"{path.name}: write failed ({e.strerror or e})") from None
+    try:
+        onnx.checker.check_model(str(path))
+    except onnx.checker.ValidationError as e:
+        raise ModelSaveError(f"{path.name}: written model fails onnx.checker: {_first_line(e)}") from None
+
+
+def _has_external(model: onnx.ModelProto) -> bool:
+    return any(
+        onnx.external_data_helper.uses_external_data(t)
+        for t in onnx.external_data_helper._get_all_tensors(model)
+    )
+
+
+def save_model(
+    model: onnx.ModelProto, path: str | os.PathLike[str], external_data: bool | None = None
+) -> None:
+    """Save atomically: stage beside ``path``, check, then rename into place."""
+    with staged_output(path) as staged:
+        write_model(model, staged, external_data)

@@ -1,0 +1,140 @@
+"""Model builders and assertions for tests (ours and users').
+
+Graphs are built in code with ``onnx.helper``; numerics are checked in onnxruntime
+with its graph optimizations off, so the oracle is the graph as written.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from onnxopt.data import generate
+from onnxopt.graph_utils import op_histogram, parameter_count
+from onnxopt.runtime import run_model
+
+__all__ = [
+    "assert_equivalent",
+    "conv_bn_model",
+    "make_model",
+    "op_histogram",
+    "parameter_count",
+    "random_feeds",
+    "run_model",
+    "tensor",
+    "vi",
+]
+
+F32 = TensorProto.FLOAT
+
+
+def vi(name: str, shape: Sequence[int | str | None] | None, dtype: int = F32) -> onnx.ValueInfoProto:
+    return helper.make_tensor_value_info(name, dtype, shape)
+
+
+def tensor(name: str, values: np.ndarray) -> onnx.TensorProto:
+    return numpy_helper.from_array(np.asarray(values), name)
+
+
+def make_model(
+    nodes: Sequence[onnx.NodeProto],
+    inputs: Sequence[onnx.ValueInfoProto],
+    outputs: Sequence[onnx.ValueInfoProto],
+    initializers: Sequence[onnx.TensorProto] | Mapping[str, np.ndarray] = (),
+    opset: int = 17,
+    value_info: Sequence[onnx.ValueInfoProto] = (),
+    extra_opsets: Mapping[str, int] | None = None,
+    functions: Sequence[onnx.FunctionProto] = (),
+    check: bool = True,
+) -> onnx.ModelProto:
+    """A model from nodes; ``initializers`` may be a name -> array mapping."""
+    if isinstance(initializers, Mapping):
+        initializers = [tensor(k, v) for k, v in initializers.items()]
+    graph = helper.make_graph(list(nodes), "test", list(inputs), list(outputs), list(initializers),
+                              value_info=list(value_info))
+    imports = [helper.make_opsetid("", opset)]
+    imports += [helper.make_opsetid(d, v) for d, v in (extra_opsets or {}).items()]
+    model = helper.make_model(graph, opset_imports=imports, functions=list(functions))
+    # the oldest IR that carries these opsets: onnxruntime may not read the newest IR yet
+    model.ir_version = helper.find_min_ir_version_for(imports, ignore_unknown=True)
+    if check:
+        onnx.checker.check_model(model)
+    return model
+
+
+def random_feeds(
+    model: onnx.ModelProto, count: int = 2, seed: int = 0,
+    shapes: Mapping[str, Sequence[int]] | None = None,
+) -> list[dict[str, np.ndarray]]:
+    return generate(model, count=count, pins=shapes, seed=seed).feeds
+
+
+def assert_equivalent(
+    reference: onnx.ModelProto,
+    candidate: onnx.ModelProto,
+    atol: float = 1e-5,
+    rtol: float = 1e-5,
+    feeds: Sequence[dict[str, np.ndarray]] | None = None,
+    shapes: Mapping[str, Sequence[int]] | None = None,
+    seed: int = 0,
+) -> None:
+    """Outputs of both models agree on the feeds (random ones by default), names and order too."""
+    onnx.checker.check_model(candidate)
+    assert [o.name for o in reference.graph.output] == [o.name for o in candidate.graph.output]
+    assert [i.name for i in reference.graph.input] == [i.name for i in candidate.graph.input]
+    feeds = list(feeds) if feeds is not None else random_feeds(reference, 2, seed, shapes)
+    ref_out = run_model(reference, feeds)
+    cand_out = run_model(candidate, feeds)
+    for r, c in zip(ref_out, cand_out):
+        for name, a, b in zip([o.name for o in reference.graph.output], r, c):
+            _assert_close(name, a, b, atol, rtol)
+
+
+def _assert_close(name: str, a: Any, b: Any, atol: float, rtol: float) -> None:
+    if isinstance(a, list):
+        assert isinstance(b, list) and len(a) == len(b), f"output {name}: sequence lengths differ"
+        for x, y in zip(a, b):
+            _assert_close(name, x, y, atol, rtol)
+        return
+    a, b = np.asarray(a), np.asarray(b)
+    assert a.shape == b.shape, f"output {name}: shape {a.shape} != {b.shape}"
+    assert a.dtype == b.dtype, f"output {name}: dtype {a.dtype} != {b.dtype}"
+    if a.dtype.kind in "fc":
+        np.testing.assert_allclose(b, a, atol=atol, rtol=rtol, err_msg=f"output {name}")
+    else:
+        np.testing.assert_array_equal(b, a, err_msg=f"output {name}")
+
+
+def conv_bn_model(
+    channels: int = 4, with_bias: bool = False, extra_consumer: bool = False, seed: int = 0,
+    opset: int = 17, group: int = 1, dynamic_batch: bool = False,
+) -> onnx.ModelProto:
+    """x[N,channels,8,8] -> Conv(3x3, pad 1) -> BatchNormalization -> y (optionally Conv output also used)."""
+    rng = np.random.default_rng(seed)
+    c = channels
+    w = rng.standard_normal((c, c // group, 3, 3)).astype(np.float32)
+    inits = {
+        "W": w,
+        "gamma": rng.uniform(0.5, 1.5, c).astype(np.float32),
+        "beta": rng.standard_normal(c).astype(np.float32),
+        "mean": rng.standard_normal(c).astype(np.float32),
+        "var": rng.uniform(0.5, 2.0, c).astype(np.float32),
+    }
+    conv_inputs = ["x", "W"]
+    if with_bias:
+        inits["B"] = rng.standard_normal(c).astype(np.float32)
+        conv_inputs.append("B")
+    nodes = [
+        helper.make_node("Conv", conv_inputs, ["c"], pads=[1, 1, 1, 1], group=group),
+        helper.make_node("BatchNormalization", ["c", "gamma", "beta", "mean", "var"], ["y"], epsilon=1e-3),
+    ]
+    outputs = [vi("y", None)]
+    if extra_consumer:
+        nodes.append(helper.make_node("Relu", ["c"], ["z"]))
+        outputs.append(vi("z", None))
+    n = "N" if dynamic_batch else 2
+    return make_model(nodes, [vi("x", [n, c, 8, 8])], outputs, inits, opset=opset)

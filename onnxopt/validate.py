@@ -1,0 +1,213 @@
+"""Compare two models in onnxruntime on the same inputs.
+
+Both run on the CPU provider with ORT's graph optimizations off, so the oracle is
+the graph as written. Statistics are accumulated feed by feed (bounded memory):
+per output max abs error, max relative error, cosine similarity, top-1 agreement
+for classifier-like outputs, and with labels the task accuracy of both models.
+
+Pass rule: exact pipelines need every element within ``atol + rtol * |ref|`` and
+integer/bool outputs equal; lossy pipelines need ``cosine >= min_cosine`` (and
+top-1 agreement ``>= min_top1`` for classifier outputs).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from onnxopt.data import Dataset
+from onnxopt.errors import InputDataError, OnnxoptError
+from onnxopt.runtime import ModelRef, output_names, run, session
+
+EXACT_ATOL = 1e-4
+EXACT_RTOL = 1e-3
+LOSSY_MIN_COSINE = 0.99
+
+
+@dataclasses.dataclass(frozen=True)
+class Tolerance:
+    exact: bool = True
+    atol: float = EXACT_ATOL
+    rtol: float = EXACT_RTOL
+    min_cosine: float = LOSSY_MIN_COSINE
+    min_top1: float | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class OutputDiff:
+    name: str
+    max_abs: float
+    max_rel: float
+    cosine: float
+    top1_agreement: float | None
+    mismatches: int  # elements outside tolerance (exact) / differing (integer outputs)
+    elements: int
+    passed: bool
+
+    def describe(self, tol: Tolerance) -> str:
+        parts = [f"max |diff| {self.max_abs:.3g}", f"max rel {self.max_rel:.3g}",
+                 f"cosine {self.cosine:.6f}"]
+        if self.top1_agreement is not None:
+            parts.append(f"top-1 agreement {self.top1_agreement:.2%}")
+        if tol.exact:
+            parts.append(f"{self.mismatches}/{self.elements} elements beyond atol {tol.atol:g} rtol {tol.rtol:g}")
+        return f"output '{self.name}': " + ", ".join(parts)
+
+
+@dataclasses.dataclass(frozen=True)
+class ValidationReport:
+    outputs: tuple[OutputDiff, ...]
+    samples: int
+    source: str
+    tolerance: Tolerance
+    accuracy_before: float | None = None
+    accuracy_after: float | None = None
+
+    def __bool__(self) -> bool:
+        return all(o.passed for o in self.outputs)
+
+    @property
+    def failures(self) -> list[OutputDiff]:
+        return [o for o in self.outputs if not o.passed]
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["passed"] = bool(self)
+        return d
+
+
+class _Acc:
+    """Streaming statistics for one output."""
+
+    def __init__(self) -> None:
+        self.max_abs = 0.0
+        self.max_rel = 0.0
+        self.dot = 0.0
+        self.na = 0.0
+        self.nb = 0.0
+        self.top1_same = 0
+        self.top1_total = 0
+        self.mismatches = 0
+        self.elements = 0
+        self.nan_mismatch = False
+        self.is_float = True
+        self.classifier = True
+
+    def add(self, a: Any, b: Any, tol: Tolerance) -> None:
+        if isinstance(a, list):  # sequence outputs: compare element by element
+            if not isinstance(b, list) or len(a) != len(b):
+                self.mismatches += 1
+                self.elements += 1
+                self.nan_mismatch = True
+                return
+            self.classifier = False
+            for x, y in zip(a, b):
+                self.add(x, y, tol)
+            return
+        a, b = np.asarray(a), np.asarray(b)
+        if a.shape != b.shape:
+            self.nan_mismatch = True
+            self.mismatches += max(a.size, 1)
+            self.elements += max(a.size, 1)
+            return
+        self.elements += a.size
+        if a.dtype.kind not in "fc" or b.dtype.kind not in "fc":
+            self.is_float = False
+            self.classifier = False
+            diff = int(np.sum(a != b)) if a.dtype.kind != "O" else int(sum(x != y for x, y in zip(a.ravel(), b.ravel())))
+            self.mismatches += diff
+            if a.dtype.kind in "iub" and a.size:
+                d = np.abs(a.astype(np.float64) - b.astype(np.float64))
+                self.max_abs = max(self.max_abs, float(d.max()))
+            return
+        a64, b64 = a.astype(np.float64).ravel(), b.astype(np.float64).ravel()
+        nan_a, nan_b = np.isnan(a64), np.isnan(b64)
+        if np.any(nan_a != nan_b):
+            self.nan_mismatch = True
+        finite = ~(nan_a | nan_b) & np.isfinite(a64) & np.isfinite(b64)
+        inf_diff = ~(nan_a | nan_b) & ~finite & (a64 != b64)
+        self.mismatches += int(inf_diff.sum()) + int(np.sum(nan_a != nan_b))
+        fa, fb = a64[finite], b64[finite]
+        if fa.size:
+            d = np.abs(fa - fb)
+            self.max_abs = max(self.max_abs, float(d.max()))
+            self.max_rel = max(self.max_rel, float((d / np.maximum(np.abs(fa), 1e-12)).max()) if np.any(d > 0) else 0.0)
+            self.mismatches += int(np.sum(d > tol.atol + tol.rtol * np.abs(fa)))
+            self.dot += float(fa @ fb)
+            self.na += float(fa @ fa)
+            self.nb += float(fb @ fb)
+        if a.ndim == 2 and a.shape[-1] > 1:
+            self.top1_same += int(np.sum(np.argmax(a, -1) == np.argmax(b, -1)))
+            self.top1_total += a.shape[0]
+        else:
+            self.classifier = False
+
+    def result(self, name: str, tol: Tolerance) -> OutputDiff:
+        if self.na == 0 and self.nb == 0:
+            cosine = 1.0
+        elif self.na == 0 or self.nb == 0:
+            cosine = 0.0
+        else:
+            cosine = self.dot / math.sqrt(self.na * self.nb)
+        top1 = self.top1_same / self.top1_total if self.classifier and self.top1_total else None
+        if self.nan_mismatch:
+            passed = False
+        elif tol.exact or not self.is_float:
+            passed = self.mismatches == 0
+        else:
+            passed = cosine >= tol.min_cosine and (
+                tol.min_top1 is None or top1 is None or top1 >= tol.min_top1
+            )
+        return OutputDiff(name, self.max_abs, self.max_rel, cosine, top1, self.mismatches,
+                          self.elements, passed)
+
+
+def _accuracy(outputs: Sequence[Any], labels: np.ndarray) -> float | None:
+    """Top-1 accuracy of the first classifier-like output against ``labels``."""
+    for out in outputs:
+        out = np.asarray(out)
+        if out.dtype.kind == "f" and out.ndim == 2 and out.shape[-1] > 1 and out.shape[0] == len(labels):
+            return float(np.mean(np.argmax(out, -1) == labels.reshape(-1)))
+    return None
+
+
+def compare(
+    reference: ModelRef, candidate: ModelRef, data: Dataset, tolerance: Tolerance | None = None
+) -> ValidationReport:
+    """Run both models on every feed of ``data`` and compare their outputs."""
+    tol = tolerance or Tolerance()
+    if not len(data):
+        raise InputDataError("no inputs to validate on")
+    ref, cand = session(reference), session(candidate)
+    names = output_names(ref)
+    if output_names(cand) != names:
+        raise OnnxoptError(f"the models' outputs differ: {names} vs {output_names(cand)}")
+    accs = {n: _Acc() for n in names}
+    ref_all: list[list[Any]] = []
+    cand_all: list[list[Any]] = []
+    for feed in data.feeds:
+        a, b = run(ref, feed), run(cand, feed)
+        for n, x, y in zip(names, a, b):
+            accs[n].add(x, y, tol)
+        if data.labels is not None:
+            ref_all.append(a)
+            cand_all.append(b)
+    before = after = None
+    if data.labels is not None and ref_all:
+        before = _accuracy([np.concatenate([np.asarray(r[i]) for r in ref_all]) for i in range(len(names))], data.labels)
+        after = _accuracy([np.concatenate([np.asarray(r[i]) for r in cand_all]) for i in range(len(names))], data.labels)
+    return ValidationReport(
+        tuple(accs[n].result(n, tol) for n in names), len(data), data.source, tol, before, after,
+    )
+
+
+def failure_message(report: ValidationReport, pipeline: Sequence[str]) -> str:
+    lines = [f"validation failed after {', '.join(pipeline) or 'no passes'}:"]
+    lines += ["  " + o.describe(report.tolerance) for o in report.failures]
+    lines.append("  nothing was written; rerun with --verify-each -v to find the pass, "
+                 "loosen --atol/--rtol, or --no-validate to write anyway")
+    return "\n".join(lines)

@@ -1,0 +1,11 @@
+"""All built-in passes. This tuple is the registry; `onnxopt passes` prints it in this order."""
+
+from __future__ import annotations
+
+from onnxopt.passes.eliminate_dead_code import EliminateDeadCodePass
+from onnxopt.passes.eliminate_identity import EliminateIdentityPass
+
+ALL_PASSES = (
+    EliminateIdentityPass,
+    EliminateDeadCodePass,
+)
