@@ -1,0 +1,111 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import helper
+
+from onnxopt.errors import ModelLoadError
+from onnxopt.io import load_model, save_model, to_graph, to_model
+from onnxopt.testing import make_model, vi
+
+
+def _model() -> onnx.ModelProto:
+    rng = np.random.default_rng(0)
+    return make_model(
+        [helper.make_node("MatMul", ["x", "W"], ["y"])], [vi("x", ["N", 64])], [vi("y", ["N", 32])],
+        {"W": rng.standard_normal((64, 32)).astype(np.float32)},
+    )
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (None, "no such file"),
+        (b"", "file is empty"),
+        (b"\x00\xff garbage \x13\x37" * 10, "not a valid ONNX protobuf|not an ONNX model"),
+    ],
+)
+def test_load_errors_are_one_line(tmp_path: Path, content: bytes | None, message: str) -> None:
+    path = tmp_path / "m.onnx"
+    if content is not None:
+        path.write_bytes(content)
+    with pytest.raises(ModelLoadError, match=message) as info:
+        load_model(path)
+    assert "\n" not in str(info.value)
+
+
+def test_load_directory_and_truncated(tmp_path: Path) -> None:
+    with pytest.raises(ModelLoadError, match="is a directory"):
+        load_model(tmp_path)
+    data = _model().SerializeToString()
+    (tmp_path / "t.onnx").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ModelLoadError, match="not a valid ONNX protobuf"):
+        load_model(tmp_path / "t.onnx")
+
+
+def test_versions_newer_than_onnx_are_refused(tmp_path: Path) -> None:
+    m = _model()
+    m.ir_version = onnx.IR_VERSION + 1
+    onnx.save(m, tmp_path / "ir.onnx")
+    with pytest.raises(ModelLoadError, match="IR version"):
+        load_model(tmp_path / "ir.onnx")
+    m = _model()
+    m.opset_import[0].version = onnx.defs.onnx_opset_version() + 1
+    onnx.save(m, tmp_path / "op.onnx")
+    with pytest.raises(ModelLoadError, match="opset"):
+        load_model(tmp_path / "op.onnx")
+
+
+def test_external_data_round_trip_and_missing_file(tmp_path: Path) -> None:
+    m = _model()
+    save_model(m, tmp_path / "big.onnx", external_data=True)
+    assert (tmp_path / "big.onnx.data").exists()
+    assert not list(tmp_path.glob(".onnxopt-*"))
+    loaded = load_model(tmp_path / "big.onnx")
+    np.testing.assert_array_equal(
+        onnx.numpy_helper.to_array(loaded.graph.initializer[0]),
+        onnx.numpy_helper.to_array(m.graph.initializer[0]),
+    )
+    # the caller's proto still holds its data after an external-data save
+    assert m.graph.initializer[0].raw_data
+    (tmp_path / "big.onnx.data").unlink()
+    with pytest.raises(ModelLoadError, match="missing external-data file 'big.onnx.data'"):
+        load_model(tmp_path / "big.onnx")
+
+
+def test_save_is_atomic_when_writing_fails(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    target = tmp_path / "out.onnx"
+    target.write_bytes(b"previous")
+
+    def failing_save(*args: object, **kwargs: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(onnx, "save_model", failing_save)
+    from onnxopt.errors import ModelSaveError
+
+    with pytest.raises(ModelSaveError, match="No space left"):
+        save_model(_model(), target)
+    assert target.read_bytes() == b"previous"
+    assert not list(tmp_path.glob(".onnxopt-*"))
+
+
+def test_round_trip_keeps_functions_custom_domains_and_opsets() -> None:
+    fn = helper.make_function(
+        "my.domain", "Double", ["a"], ["b"], [helper.make_node("Add", ["a", "a"], ["b"])],
+        [helper.make_opsetid("", 17)],
+    )
+    m = make_model(
+        [helper.make_node("Double", ["x"], ["t"], domain="my.domain"),
+         helper.make_node("Custom", ["t"], ["y"], domain="vendor.ops")],
+        [vi("x", [2])], [vi("y", [2])], extra_opsets={"my.domain": 1, "vendor.ops": 3},
+        functions=[fn], check=False,
+    )
+    m.doc_string = "kept"
+    out = to_model(to_graph(m), m)
+    assert {(i.domain, i.version) for i in out.opset_import} == {("", 17), ("my.domain", 1), ("vendor.ops", 3)}
+    assert [f.name for f in out.functions] == ["Double"]
+    assert [(n.domain, n.op_type) for n in out.graph.node] == [("my.domain", "Double"), ("vendor.ops", "Custom")]
+    assert out.doc_string == "kept"
