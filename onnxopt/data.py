@@ -272,36 +272,33 @@ def load(
         if labels.shape[0] < total:
             raise InputDataError(f"{path}: 'labels' has {labels.shape[0]} rows for {total} samples")
         labels = labels[:total]
-    # how many samples one feed carries: the model's static batch, else batch_size
-    step = batch_size
+    # how many samples one feed carries: arrays with an extra leading axis hold one complete
+    # input per sample; otherwise the model's static batch, else ``batch_size`` samples
     extra_axis: dict[str, bool] = {}
+    static_batch: int | None = None
     for s in specs:
         arr = arrays[s.name]
         rank = len(s.shape) if s.shape is not None else arr.ndim
-        if arr.ndim == rank + 1:
-            extra_axis[s.name] = True
-            step = 1
-        elif arr.ndim == rank:
-            extra_axis[s.name] = False
-            if s.shape and isinstance(s.shape[0], int) and s.shape[0] > 0:
-                step = min(step, s.shape[0])
-        else:
+        if arr.ndim not in (rank, rank + 1):
             raise InputDataError(
                 f"{path}: array '{s.name}' has shape {arr.shape}; the model input has rank {rank} "
                 "(samples go on the first axis)"
             )
+        extra_axis[s.name] = arr.ndim == rank + 1
+        if not extra_axis[s.name] and s.shape and isinstance(s.shape[0], int) and s.shape[0] > 0:
+            static_batch = s.shape[0]
+    step = 1 if any(extra_axis.values()) else (static_batch or batch_size)
+    usable = total - total % step if static_batch else total  # a static batch takes no partial feed
     feeds = []
-    for i in range(0, total - total % step if step > 1 and any(
-        s.shape and isinstance(s.shape[0], int) and s.shape[0] == step for s in specs
-    ) else total, step):
-        feed: Feed = {}
-        for s in specs:
-            arr = arrays[s.name]
-            part = arr[i] if extra_axis[s.name] else arr[i : i + step]
-            feed[s.name] = _cast(s.name, np.ascontiguousarray(part), s.dtype, str(path))
-        feeds.append(feed)
+    for i in range(0, usable, step):
+        feeds.append({
+            s.name: _cast(s.name, np.ascontiguousarray(
+                arrays[s.name][i] if extra_axis[s.name] else arrays[s.name][i : i + step]
+            ), s.dtype, str(path))
+            for s in specs
+        })
     if labels is not None:
-        labels = labels[: sum(_batch_of(f) if not any(extra_axis.values()) else 1 for f in feeds)]
+        labels = labels[:usable]
     return Dataset(feeds, labels, source=str(path))
 
 
