@@ -132,9 +132,9 @@ def conv_bn_model(
         helper.make_node("Conv", conv_inputs, ["c"], pads=[1, 1, 1, 1], group=group),
         helper.make_node("BatchNormalization", ["c", "gamma", "beta", "mean", "var"], ["y"], epsilon=1e-3),
     ]
-    outputs = [vi("y", None)]
+    n = "N" if dynamic_batch else 2
+    outputs = [vi("y", [n, c, 8, 8])]
     if extra_consumer:
         nodes.append(helper.make_node("Relu", ["c"], ["z"]))
-        outputs.append(vi("z", None))
-    n = "N" if dynamic_batch else 2
+        outputs.append(vi("z", [n, c, 8, 8]))
     return make_model(nodes, [vi("x", [n, c, 8, 8])], outputs, inits, opset=opset)
