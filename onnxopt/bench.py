@@ -20,7 +20,7 @@ import onnx
 from onnxopt.data import Feed
 from onnxopt.graph_utils import node_count, op_histogram, parameter_count
 from onnxopt.runtime import ModelRef, run, session
-from onnxopt.shapes import infer
+from onnxopt.shapes import copy_structure, infer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,12 +109,9 @@ def estimate_macs(model: onnx.ModelProto, input_shapes: Mapping[str, Sequence[in
     Shapes come from onnx shape inference with the given input shapes pinned; returns
     None when no such op could be sized.
     """
-    pinned = onnx.ModelProto()
-    pinned.CopyFrom(onnx.ModelProto(ir_version=model.ir_version, opset_import=model.opset_import))
     # structure only: shape inference does not need weight values beyond small ones
-    from onnxopt.shapes import _copy_structure
-
-    _copy_structure(model, pinned)
+    pinned = onnx.ModelProto()
+    copy_structure(model, pinned)
     inits = {t.name for t in model.graph.initializer}
     for vi in pinned.graph.input:
         if vi.name in input_shapes and vi.name not in inits:
@@ -138,14 +135,13 @@ def estimate_macs(model: onnx.ModelProto, input_shapes: Mapping[str, Sequence[in
             inp = _dims(types.get(node.input[0]))
             if not w or not out:
                 continue
-            group = int(attrs.get("group", 1))
+            # weight dims [Cout, Cin/group, k...] already count the group split
             if op == "ConvTranspose":
                 if not inp:
                     continue
                 total += int(np.prod(inp)) * int(np.prod(w[1:]))
             else:
                 total += int(np.prod(out)) * int(np.prod(w[1:]))
-            del group
             sized = True
         elif op in ("MatMul", "MatMulInteger", "QLinearMatMul", "Gemm", "MatMulNBits"):
             a_idx = 0

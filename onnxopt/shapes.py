@@ -21,13 +21,7 @@ logger = logging.getLogger(__name__)
 _SMALL = 1024  # bytes: tensors below this keep their data (Reshape targets, axes, ...)
 
 
-def _light_copy(model: onnx.ModelProto) -> onnx.ModelProto:
-    light = onnx.ModelProto()
-    light.CopyFrom(model) if model.ByteSize() < _SMALL * 1024 else _copy_structure(model, light)
-    return light
-
-
-def _copy_structure(model: onnx.ModelProto, out: onnx.ModelProto) -> None:
+def copy_structure(model: onnx.ModelProto, out: onnx.ModelProto) -> None:
     graph = model.graph
     big = [t for t in graph.initializer if len(t.raw_data) > _SMALL]
     kept = {id(t) for t in big}
@@ -56,7 +50,8 @@ def _copy_structure(model: onnx.ModelProto, out: onnx.ModelProto) -> None:
 def infer(model: onnx.ModelProto) -> dict[str, onnx.TypeProto]:
     """Name -> inferred type of every value the onnx shape inference can type."""
     try:
-        light = _light_copy(model)
+        light = onnx.ModelProto()
+        copy_structure(model, light)
         inferred = onnx.shape_inference.infer_shapes(light, strict_mode=False, data_prop=True)
     except Exception as e:  # inference is an optimisation aid: without it passes decline more
         logger.info("shape inference failed, continuing without it: %s", str(e).splitlines()[0])
