@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from onnxopt.passes.eliminate_dead_code import EliminateDeadCodePass
 from onnxopt.passes.eliminate_identity import EliminateIdentityPass
+from onnxopt.passes.eliminate_noop import EliminateNoopPass
 from onnxopt.passes.fold_batchnorm import FoldBatchNormPass
 
 ALL_PASSES = (
     EliminateIdentityPass,
+    EliminateNoopPass,
     FoldBatchNormPass,
     EliminateDeadCodePass,
 )
