@@ -70,6 +70,8 @@ class PipelineReport:
 
     records: list[PassRecord] = dataclasses.field(default_factory=list)
     pipeline: tuple[str, ...] = ()
+    # what passes left in ``PassContext.notes`` (e.g. which layers a quantizer touched)
+    notes: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     @property
     def exact(self) -> bool:
@@ -228,6 +230,7 @@ class PassManager:
             changed_any |= self._run_one(p, graph, ctx, model, report, 0)
         if changed_any:
             graph.cleanup().toposort()
+        report.notes = {k: v for k, v in ctx.notes.items() if k != "source_model"}
         result = to_model(graph, model, {
             "onnxopt.pipeline": ",".join(self.pipeline), "onnxopt.version": __version__,
         })
