@@ -109,7 +109,7 @@ def export(net: object) -> onnx.ModelProto:
     model = onnx.load_from_string(buf.getvalue())
     _insert_dropout_and_identity(model.graph)
     model.producer_name = "onnxopt models/digits_cnn.py"
-    model.doc_string = "8x8 digits CNN (scikit-learn load_digits), unfolded export for the onnxopt demo"
+    model.doc_string = "8x8 digits CNN (scikit-learn load_digits), unfolded export, onnxopt demo"
     onnx.checker.check_model(model, full_check=True)
     return model
 
@@ -119,10 +119,12 @@ def _insert_dropout_and_identity(graph: onnx.GraphProto) -> None:
     nodes = list(graph.node)
     gemm = next(i for i, n in enumerate(nodes) if n.op_type == "Gemm")
     flat = nodes[gemm].input[0]
-    graph.initializer.append(numpy_helper.from_array(np.array(DROPOUT_RATIO, np.float32), "dropout_ratio"))
+    ratio = numpy_helper.from_array(np.array(DROPOUT_RATIO, np.float32), "dropout_ratio")
+    graph.initializer.append(ratio)
     extra = [
         helper.make_node("Identity", [flat], ["features"], name="features_identity"),
-        helper.make_node("Dropout", ["features", "dropout_ratio"], ["features_dropped"], name="dropout"),
+        helper.make_node("Dropout", ["features", "dropout_ratio"], ["features_dropped"],
+                         name="dropout"),
     ]
     nodes[gemm].input[0] = "features_dropped"
     del graph.node[:]

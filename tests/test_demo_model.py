@@ -37,8 +37,10 @@ def test_committed_model_is_an_unfolded_export(val: tuple[np.ndarray, np.ndarray
     assert [i.name for i in model.graph.input] == ["image"]
     assert [o.name for o in model.graph.output] == ["logits"]
     images, labels = val
-    assert images.dtype == np.float32 and images.shape[1:] == (1, 8, 8)
-    assert labels.dtype == np.int64 and labels.shape == (images.shape[0],)
+    assert images.dtype == np.float32
+    assert images.shape[1:] == (1, 8, 8)
+    assert labels.dtype == np.int64
+    assert labels.shape == (images.shape[0],)
     assert 300 <= len(labels) <= 400
 
 
@@ -54,14 +56,16 @@ def test_level1_keeps_accuracy_and_folds_batchnorm(
     images, labels = val
     out = tmp_path / "digits_cnn.opt.onnx"
     result = onnxopt.optimize_file(MODEL, out, data=DATA, bench=False)
-    assert result.validation is not None and result.validation
+    assert result.validation is not None
+    assert result.validation
     optimized = onnx.load(str(out))
     hist = op_histogram(optimized)
     assert "BatchNormalization" not in hist
     assert "Dropout" not in hist
     assert "Identity" not in hist
     before, after = _logits(MODEL, images), _logits(optimized, images)
-    assert after.shape == before.shape and after.dtype == np.float32
+    assert after.shape == before.shape
+    assert after.dtype == np.float32
     assert float(np.abs(after - before).max()) < 1e-4
     assert np.array_equal(after.argmax(1), before.argmax(1))
     assert float((after.argmax(1) == labels).mean()) == float((before.argmax(1) == labels).mean())
