@@ -21,7 +21,7 @@ import onnx
 from onnxopt import data as data_mod
 from onnxopt.bench import Latency, ModelStats, measure_latency, model_stats
 from onnxopt.errors import ModelSaveError, OnnxoptError, ValidationError
-from onnxopt.io import load_model, staged_output, write_model
+from onnxopt.io import check_model_file, load_model, staged_output, write_model
 from onnxopt.manager import DEFAULT_LEVEL, PassManager, PassSpec, PipelineReport, resolve
 from onnxopt.validate import Tolerance, ValidationReport, compare, failure_message
 
@@ -117,6 +117,8 @@ def optimize_file(
     say = progress or (lambda _msg: None)
     say(f"loading {src}")
     model = load_model(src)
+    # refuse a broken input here, rather than blame the output when it fails the same check
+    check_model_file(src)
     if dst.exists() and dst.is_dir():
         raise ModelSaveError(f"{dst}: is a directory")
     if not dst.parent.exists():
@@ -147,15 +149,24 @@ def optimize_file(
         if validate:
             say("validating")
             tol = tolerance or Tolerance(exact=report.exact)
-            result.validation = compare(src, staged, dataset, tol)
+            try:
+                result.validation = compare(src, staged, dataset, tol)
+            except OnnxoptError as e:
+                # e.g. a custom-domain op onnxruntime does not know: say how to go on without it
+                raise OnnxoptError(f"cannot validate: {e}; rerun with --no-validate to write "
+                                   "the model without checking it") from e
             if not result.validation:
                 raise ValidationError(failure_message(result.validation, report.passes_run),
                                       result.validation)
         if bench:
             say("measuring latency")
-            result.latency = measure_latency(
-                {"before": src, "after": staged}, dataset.feeds, threads=threads, repeats=bench_repeats,
-            )
+            try:
+                result.latency = measure_latency(
+                    {"before": src, "after": staged}, dataset.feeds, threads=threads,
+                    repeats=bench_repeats,
+                )
+            except OnnxoptError as e:  # a measurement, not a check: the model is still written
+                result.warnings.append(f"latency not measured: {e}")
         if report_path is not None:
             _write_json(Path(report_path), result.to_dict())
         if on_result:

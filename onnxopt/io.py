@@ -66,6 +66,14 @@ def load_model(path: str | os.PathLike[str], load_external_data: bool = True) ->
     return model
 
 
+def check_model_file(path: str | os.PathLike[str]) -> None:
+    """Run ``onnx.checker`` on the file (by path: works past 2 GB, loads no weights twice)."""
+    try:
+        onnx.checker.check_model(str(path))
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
+        raise ModelLoadError(f"{path}: not a valid ONNX model (onnx.checker): {_first_line(e)}") from None
+
+
 def check_versions(model: onnx.ModelProto, where: str = "model") -> None:
     """Refuse IR versions and default-domain opsets newer than the installed onnx knows."""
     if model.ir_version > onnx.IR_VERSION:
@@ -162,11 +170,48 @@ def staged_output(destination: str | os.PathLike[str]) -> Iterator[Path]:
         raise ModelSaveError(f"{destination}: cannot write to '{parent}' ({e.strerror})") from None
     try:
         yield tmpdir / destination.name
-        for f in sorted(tmpdir.iterdir(), key=lambda p: p.name == destination.name):
-            # model file last, so a reader never sees a model without its data
-            os.replace(f, parent / f.name)
+        _commit(tmpdir, parent, destination.name)
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)
+
+
+def _commit(tmpdir: Path, parent: Path, name: str) -> None:
+    """Move the staged files into ``parent``, model file last; on failure put the old ones back.
+
+    A model and its external-data file cannot be replaced in one atomic step, so each file
+    that gets replaced is first hard-linked into ``tmpdir`` (free on the same filesystem):
+    if a later move fails (full disk, interrupt), the earlier ones are rolled back.
+    """
+    # model file last, so a reader never sees a model without its data
+    staged = sorted(tmpdir.iterdir(), key=lambda p: p.name == name)
+    backups: list[tuple[Path, Path]] = []
+    created: list[Path] = []
+    try:
+        for f in staged:
+            target = parent / f.name
+            if target.exists():
+                backup = tmpdir / f".old-{f.name}"
+                try:
+                    os.link(target, backup)
+                    backups.append((backup, target))
+                except OSError:
+                    logger.debug("no hard links in %s: %s cannot be rolled back", parent, target)
+            else:
+                created.append(target)
+            os.replace(f, target)
+    except BaseException as e:
+        for target in created:
+            with contextlib.suppress(OSError):
+                target.unlink()
+        for backup, target in backups:
+            with contextlib.suppress(OSError):
+                os.replace(backup, target)
+        if isinstance(e, OSError):
+            raise ModelSaveError(
+                f"{parent / name}: cannot move the output into place ({e.strerror or e}); "
+                "the previous files were kept"
+            ) from None
+        raise
 
 
 def write_model(model: onnx.ModelProto, path: Path, external_data: bool | None = None) -> None:
