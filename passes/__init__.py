@@ -6,10 +6,12 @@ from onnxopt.passes.eliminate_dead_code import EliminateDeadCodePass
 from onnxopt.passes.eliminate_identity import EliminateIdentityPass
 from onnxopt.passes.eliminate_noop import EliminateNoopPass
 from onnxopt.passes.fold_batchnorm import FoldBatchNormPass
+from onnxopt.passes.fold_bias import FoldBiasPass
 
 ALL_PASSES = (
     EliminateIdentityPass,
     EliminateNoopPass,
     FoldBatchNormPass,
+    FoldBiasPass,
     EliminateDeadCodePass,
 )
