@@ -130,7 +130,28 @@ def bypass(graph: gs.Graph, src: gs.Tensor, dst: gs.Tensor) -> str | None:
 
 
 def _in_graph(graph: gs.Graph, node: gs.Node) -> bool:
-    return any(n is node for n in graph.nodes)
+    """Whether ``node`` is in ``graph.nodes`` (and not an outer-scope producer).
+
+    A scan per call made every pass that calls ``bypass`` quadratic, so the membership is
+    cached on the graph: topped up when nodes were appended, rebuilt when the list was
+    replaced or shrank, and rebuilt once on a miss (a node inserted in the middle). The
+    cache holds the nodes themselves, so an id cannot be reused by another object.
+    """
+    nodes = graph.nodes
+    cache: tuple[list[gs.Node], dict[int, gs.Node]] | None = getattr(graph, "_onnxopt_members", None)
+    if cache is None or cache[0] is not nodes or len(cache[1]) > len(nodes):
+        cache = _cache_members(graph)
+    elif len(cache[1]) < len(nodes):
+        cache[1].update((id(n), n) for n in nodes[len(cache[1]):])
+    if cache[1].get(id(node)) is node:
+        return True
+    return _cache_members(graph)[1].get(id(node)) is node
+
+
+def _cache_members(graph: gs.Graph) -> tuple[list[gs.Node], dict[int, gs.Node]]:
+    cache = (graph.nodes, {id(n): n for n in graph.nodes})
+    graph._onnxopt_members = cache
+    return cache
 
 
 def add_node(
@@ -152,6 +173,11 @@ def add_node(
 
 def make_constant(name: str, values: np.ndarray) -> gs.Constant:
     return gs.Constant(name, np.ascontiguousarray(values))
+
+
+def layer_key(node: gs.Node) -> str:
+    """How quantizers name a layer in notes and ``exclude=``: the node name, else its first output."""
+    return node.name or (node.outputs[0].name if node.outputs else "")
 
 
 def is_float_dtype(dtype: Any) -> bool:

@@ -138,3 +138,43 @@ def conv_bn_model(
         nodes.append(helper.make_node("Relu", ["c"], ["z"]))
         outputs.append(vi("z", [n, c, 8, 8]))
     return make_model(nodes, [vi("x", [n, c, 8, 8])], outputs, inits, opset=opset)
+
+
+def mlp_model(
+    sizes: Sequence[int] = (32, 64, 64, 10), batch: int | str = 4, gemm: bool = False,
+    seed: int = 0, opset: int = 17, outlier_layer: int | None = None, rank: int = 2,
+) -> onnx.ModelProto:
+    """x[batch, sizes[0]] -> (MatMul + Add [or Gemm] -> Relu) * n -> logits[batch, sizes[-1]].
+
+    Layer ``i`` is the node named ``fc{i}``. With ``outlier_layer=i`` (i >= 1) the layer
+    before it emits one huge activation (bias 1000 on one unit) that layer ``i`` reads
+    through a near-zero weight row: the float outputs barely notice, but an int8 input
+    scale for layer ``i`` becomes coarse enough to wipe out every other feature.
+    ``rank=3`` gives x[batch, 8, sizes[0]] (MatMul only), like a transformer's tokens.
+    """
+    rng = np.random.default_rng(seed)
+    nodes, inits = [], {}
+    prev = "x"
+    for i, (k, n) in enumerate(zip(sizes[:-1], sizes[1:])):
+        w = (rng.standard_normal((k, n)) / np.sqrt(k)).astype(np.float32)
+        b = (0.1 * rng.standard_normal(n)).astype(np.float32)
+        if outlier_layer is not None and i == outlier_layer - 1:
+            b[0] = 1000.0
+        if outlier_layer is not None and i == outlier_layer:
+            w[0, :] = 1e-6
+        last = i == len(sizes) - 2
+        out = "logits" if last else f"h{i}"
+        pre = f"z{i}" if not last else out
+        if gemm:
+            inits[f"W{i}"], inits[f"b{i}"] = w.T.copy(), b
+            nodes.append(helper.make_node("Gemm", [prev, f"W{i}", f"b{i}"], [pre], name=f"fc{i}", transB=1))
+        else:
+            inits[f"W{i}"], inits[f"b{i}"] = w, b
+            nodes.append(helper.make_node("MatMul", [prev, f"W{i}"], [f"m{i}"], name=f"fc{i}"))
+            nodes.append(helper.make_node("Add", [f"m{i}", f"b{i}"], [pre], name=f"fc{i}_bias"))
+        if not last:
+            nodes.append(helper.make_node("Relu", [pre], [out], name=f"relu{i}"))
+        prev = out
+    in_shape = [batch, sizes[0]] if rank == 2 else [batch, 8, sizes[0]]
+    out_shape = [batch, sizes[-1]] if rank == 2 else [batch, 8, sizes[-1]]
+    return make_model(nodes, [vi("x", in_shape)], [vi("logits", out_shape)], inits, opset=opset)

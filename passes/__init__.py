@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from onnxopt.passes.eliminate_dead_code import EliminateDeadCodePass
+from onnxopt.passes.quantize_weight_only import QuantizeWeightOnlyPass
+from onnxopt.passes.quantize_dynamic import QuantizeDynamicPass
 from onnxopt.passes.eliminate_identity import EliminateIdentityPass
 from onnxopt.passes.eliminate_noop import EliminateNoopPass
 from onnxopt.passes.fold_batchnorm import FoldBatchNormPass
@@ -14,4 +16,6 @@ ALL_PASSES = (
     FoldBatchNormPass,
     FoldBiasPass,
     EliminateDeadCodePass,
+    QuantizeDynamicPass,
+    QuantizeWeightOnlyPass,
 )

@@ -1,0 +1,163 @@
+"""Dynamic int8 quantization of MatMul and Gemm with constant weights (transformers).
+
+    y = x @ W (+ c)
+      ~ Cast(MatMulInteger(xq, Wq, xz, Wz)) * (xs * Ws) (+ c)
+    xq, xs, xz = DynamicQuantizeLinear(x)          # uint8, asymmetric, per run
+    Wq = round(W / Ws) clipped to [-127, 127],  Ws = max|W| / 127,  Wz = 0
+
+``Ws`` is per output column (``per_channel``, the default) or one scalar. Gemm
+``Y = alpha * A @ op(B) + beta * C`` becomes the same chain with ``B`` transposed to
+[K, N] first, ``alpha`` folded into ``Ws`` and ``beta * C`` added as a constant bias.
+onnxruntime fuses the whole chain (bias included) into its ``DynamicQuantizeMatMul``
+kernel; other runtimes still run it, since every op is standard (opset >= 11).
+One quantized copy of each weight is shared by all layers that read it.
+
+Conv is not handled: onnxruntime's ConvInteger path is slower than float Conv.
+
+Declined, and counted in stats:
+- ``skipped:excluded``: the node's name (or first output name) is in ``exclude``.
+- ``skipped:opset-below-11``: DynamicQuantizeLinear does not exist before opset 11.
+- ``skipped:weight-not-constant`` / ``skipped:weight-not-2d`` / ``skipped:weight-not-float32``.
+- ``skipped:input-not-float32``: the activation's dtype is not known to be float32.
+- ``skipped:gemm-transA``: Gemm with ``transA=1``.
+- ``skipped:gemm-bias-not-constant``: Gemm's ``C`` is computed at run time.
+Nodes in If/Loop/Scan bodies are handled like the rest; custom-domain ops are left alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import Counter
+from typing import Any
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from onnxopt.graph_utils import add_node, constant_value, is_default_domain, iter_graphs, layer_key
+from onnxopt.pass_base import NameGenerator, Pass, PassContext, PassResult
+
+
+@dataclasses.dataclass(frozen=True)
+class _Weight:
+    q: gs.Constant  # int8 [K, N]
+    scale: gs.Constant  # float32 [N] or scalar
+    zero: gs.Constant  # int8, same shape as scale
+
+
+def quantize_weight_int8(w: np.ndarray, per_channel: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric int8 of a [K, N] weight: (codes in [-127, 127], scale per column or scalar)."""
+    amax = np.abs(w).max(axis=0) if per_channel else np.asarray(np.abs(w).max())
+    scale = np.where(amax > 0, amax / 127.0, 1.0).astype(np.float32)
+    q = np.clip(np.round(w / scale), -127, 127).astype(np.int8)
+    return q, scale
+
+
+def _decline(node: gs.Node, ctx: PassContext, exclude: frozenset[str]) -> str | None:
+    if node.name in exclude or layer_key(node) in exclude:
+        return "excluded"
+    if ctx.opset < 11:
+        return "opset-below-11"
+    if len(node.inputs) < 2:
+        return "weight-not-constant"
+    w = constant_value(node.inputs[1])
+    if w is None:
+        return "weight-not-constant"
+    if w.ndim != 2:
+        return "weight-not-2d"
+    if w.dtype != np.float32:
+        return "weight-not-float32"
+    if node.inputs[0].dtype is None or np.dtype(node.inputs[0].dtype) != np.float32:
+        return "input-not-float32"
+    if node.op == "Gemm":
+        if int(node.attrs.get("transA", 0)):
+            return "gemm-transA"
+        if len(node.inputs) > 2 and node.inputs[2].name and constant_value(node.inputs[2]) is None:
+            return "gemm-bias-not-constant"
+    return None
+
+
+class QuantizeDynamicPass(Pass):
+    """Dynamically quantize MatMul/Gemm with constant weights to int8 (activations at run time)."""
+
+    name = "quantize-dynamic"
+    exact = False
+
+    @dataclasses.dataclass(frozen=True)
+    class Options:
+        per_channel: bool = True  # one weight scale per output column
+        exclude: tuple[str, ...] = ()  # node names (or first output names) kept in float
+        op_types: tuple[str, ...] = ("MatMul", "Gemm")
+
+    def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
+        opts = self.options
+        op_types = frozenset(opts.op_types) & {"MatMul", "Gemm"}
+        exclude = frozenset(opts.exclude)
+        stats: Counter[str] = Counter()
+        quantized: list[str] = []
+        skipped: dict[str, str] = {}
+        for g in list(iter_graphs(graph)):
+            weights: dict[tuple[Any, ...], _Weight] = {}
+            activations: dict[str, tuple[gs.Variable, gs.Variable, gs.Variable]] = {}
+            for node in list(g.nodes):
+                if not is_default_domain(node) or node.op not in op_types:
+                    continue
+                if reason := _decline(node, ctx, exclude):
+                    stats[f"skipped:{reason}"] += 1
+                    skipped[layer_key(node)] = reason
+                    continue
+                _rewrite(g, node, ctx.names, opts.per_channel, weights, activations)
+                stats[f"quantized-{node.op.lower()}"] += 1
+                quantized.append(layer_key(node))
+        ctx.notes[self.name] = {"quantized": quantized, "skipped": skipped}
+        if quantized:
+            graph.cleanup().toposort()
+        return PassResult(changed=bool(quantized), stats=dict(stats))
+
+
+def _rewrite(
+    g: gs.Graph, node: gs.Node, names: NameGenerator, per_channel: bool,
+    weights: dict[tuple[Any, ...], _Weight],
+    activations: dict[str, tuple[gs.Variable, gs.Variable, gs.Variable]],
+) -> None:
+    x, w_tensor, y = node.inputs[0], node.inputs[1], node.outputs[0]
+    base = layer_key(node) or "matmul"
+    alpha, trans_b, bias = 1.0, False, None
+    if node.op == "Gemm":
+        alpha = float(node.attrs.get("alpha", 1.0))
+        trans_b = bool(int(node.attrs.get("transB", 0)))
+        if len(node.inputs) > 2 and node.inputs[2].name:
+            c = constant_value(node.inputs[2])
+            bias = (float(node.attrs.get("beta", 1.0)) * c).astype(np.float32)
+    key = (w_tensor.name, alpha, trans_b)
+    if key not in weights:
+        w = constant_value(w_tensor)
+        w = w.T if trans_b else w
+        q, scale = quantize_weight_int8(w, per_channel)
+        weights[key] = _Weight(
+            gs.Constant(names.fresh(f"{w_tensor.name}_quantized"), np.ascontiguousarray(q)),
+            gs.Constant(names.fresh(f"{w_tensor.name}_scale"), (scale * np.float32(alpha)).astype(np.float32)),
+            gs.Constant(names.fresh(f"{w_tensor.name}_zero_point"), np.zeros(scale.shape, np.int8)),
+        )
+    wq = weights[key]
+    # one DynamicQuantizeLinear per activation, shared by every layer that reads it (Q, K, V)
+    if x.name not in activations:
+        xq = gs.Variable(names.fresh(f"{x.name}_quantized"), dtype=np.uint8, shape=x.shape)
+        xs = gs.Variable(names.fresh(f"{x.name}_scale"), dtype=np.float32, shape=[])
+        xz = gs.Variable(names.fresh(f"{x.name}_zero_point"), dtype=np.uint8, shape=[])
+        add_node(g, "DynamicQuantizeLinear", [x], [xq, xs, xz], name=names.fresh(f"{x.name}_DynamicQuantize"))
+        activations[x.name] = (xq, xs, xz)
+    xq, xs, xz = activations[x.name]
+    acc = gs.Variable(names.fresh(f"{base}_int32"), dtype=np.int32)
+    acc_f = gs.Variable(names.fresh(f"{base}_int32_float"), dtype=np.float32)
+    scale = gs.Variable(names.fresh(f"{base}_output_scale"), dtype=np.float32)
+    add_node(g, "MatMulInteger", [xq, wq.q, xz, wq.zero], [acc], name=names.fresh(f"{base}_MatMulInteger"))
+    add_node(g, "Cast", [acc], [acc_f], {"to": 1}, name=names.fresh(f"{base}_Cast"))  # 1 = FLOAT
+    add_node(g, "Mul", [xs, wq.scale], [scale], name=names.fresh(f"{base}_scale_Mul"))
+    node.outputs.clear()  # the original node now writes nothing; cleanup() drops it
+    if bias is None:
+        add_node(g, "Mul", [acc_f, scale], [y], name=names.fresh(f"{base}_Mul"))
+        return
+    scaled = gs.Variable(names.fresh(f"{base}_scaled"), dtype=np.float32)
+    add_node(g, "Mul", [acc_f, scale], [scaled], name=names.fresh(f"{base}_Mul"))
+    bias_const = gs.Constant(names.fresh(f"{base}_bias"), np.ascontiguousarray(bias))
+    add_node(g, "Add", [scaled, bias_const], [y], name=names.fresh(f"{base}_bias_Add"))
