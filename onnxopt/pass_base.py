@@ -40,6 +40,8 @@ class NameGenerator:
 
     def __init__(self, graph: gs.Graph) -> None:
         self._used: set[str] = set()
+        # next suffix to try per base: without it, n names from one base cost O(n^2)
+        self._next: dict[str, int] = {}
         self.refresh(graph)
 
     def refresh(self, graph: gs.Graph) -> None:
@@ -51,11 +53,14 @@ class NameGenerator:
 
     def fresh(self, base: str) -> str:
         base = base or "t"
-        name, i = base, 0
+        name, i = base, self._next.get(base, 0)
+        if i:
+            name = f"{base}__{i}"
         while name in self._used:
             i += 1
             name = f"{base}__{i}"
         self._used.add(name)
+        self._next[base] = i + 1
         return name
 
 
