@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from onnxopt.passes.eliminate_dead_code import EliminateDeadCodePass
+from onnxopt.passes.fuse_matmul_add import FuseMatMulAddPass
 from onnxopt.passes.quantize_weight_only import QuantizeWeightOnlyPass
 from onnxopt.passes.quantize_dynamic import QuantizeDynamicPass
 from onnxopt.passes.eliminate_identity import EliminateIdentityPass
