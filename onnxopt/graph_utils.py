@@ -172,7 +172,8 @@ def add_node(
 
 
 def make_constant(name: str, values: np.ndarray) -> gs.Constant:
-    return gs.Constant(name, np.ascontiguousarray(values))
+    # np.ascontiguousarray would turn a 0-d scalar into shape (1,)
+    return gs.Constant(name, np.asarray(values, order="C"))
 
 
 def layer_key(node: gs.Node) -> str:
