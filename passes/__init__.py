@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from onnxopt.passes.eliminate_dead_code import EliminateDeadCodePass
+from onnxopt.passes.convert_fp16 import ConvertFp16Pass
 from onnxopt.passes.quantize_dynamic import QuantizeDynamicPass
 from onnxopt.passes.quantize_weight_only import QuantizeWeightOnlyPass
 from onnxopt.passes.eliminate_identity import EliminateIdentityPass
@@ -22,4 +23,5 @@ ALL_PASSES = (
     EliminateDeadCodePass,
     QuantizeDynamicPass,
     QuantizeWeightOnlyPass,
+    ConvertFp16Pass,
 )
