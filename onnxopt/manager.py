@@ -208,6 +208,12 @@ class PassManager:
         seed: int = 0,
     ) -> tuple[onnx.ModelProto, PipelineReport]:
         check_requirements(self.preset + self.explicit, calibration, input_shapes)
+        # a pass may need a newer opset (per-channel DequantizeLinear: 13); upgrade, loudly
+        needed = max((getattr(p, "min_opset", 0) for p in self.preset + self.explicit), default=0)
+        if opset_of(model) < needed:
+            from onnxopt.opset import upgrade_opset
+
+            model = upgrade_opset(model, needed)
         graph = to_graph(model)
         apply_shapes(graph, model)
         ctx = PassContext(

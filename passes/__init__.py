@@ -12,6 +12,7 @@ from onnxopt.passes.fold_constants import FoldConstantsPass
 from onnxopt.passes.fold_batchnorm import FoldBatchNormPass
 from onnxopt.passes.fold_bias import FoldBiasPass
 from onnxopt.passes.fuse_matmul_add import FuseMatMulAddPass
+from onnxopt.passes.quantize_qdq import QuantizeQDQPass
 
 ALL_PASSES = (
     EliminateIdentityPass,
@@ -24,4 +25,5 @@ ALL_PASSES = (
     QuantizeDynamicPass,
     QuantizeWeightOnlyPass,
     ConvertFp16Pass,
+    QuantizeQDQPass,
 )

@@ -1,0 +1,489 @@
+"""Static int8 quantization in QDQ format, calibrated on the user's data.
+
+    y = Conv(x, W, b)   ->   xq = QuantizeLinear(x, sx, zx);  x' = DequantizeLinear(xq, sx, zx)
+                             W' = DequantizeLinear(Wq, sw, 0, axis)      Wq int8, stored once
+                             b' = DequantizeLinear(bq, sx*sw, 0, 0)      bq int32
+                             y  = DQ(Q(Conv(x', W', b'), sy, zy), sy, zy)
+
+onnxruntime fuses each DQ -> op -> Q group into its integer kernel (QLinearConv,
+QLinearMatMul / MatMulIntegerToFloat, QGemm, QLinearConvTranspose). The float
+model computes the same graph with explicit rounding, so the rewrite is lossy but
+deterministic:
+
+- weights: per-channel symmetric int8, ``sw = max|W| / 127`` over the output-channel
+  axis (0 for Conv and transB Gemm, 1 for ConvTranspose, [K,N] MatMul and Gemm);
+  the float initializer is dropped (the file shrinks ~4x for weight-heavy models);
+  weights shared by several quantized nodes with the same axis are quantized once;
+- biases (Conv, ConvTranspose, Gemm ``C``): int32 at scale ``sx * sw``, zero point 0;
+  Gemm ``beta`` is multiplied into ``C`` first;
+- activations: per tensor, uint8 asymmetric by default (``onnxopt.calibration`` has
+  the formulas); one Q/DQ pair per tensor whatever its number of consumers.
+
+Activations folded into ranges: a Relu (or Clip with min 0) that is the only reader
+of a quantized op's output is removed and its output is calibrated instead; with an
+asymmetric range that starts at 0 the zero point is ``qmin`` and Q's clamp *is* the
+Relu. Between quantized ops, values stay in integers where onnxruntime has the
+kernel: MaxPool, Reshape, Transpose, Flatten, Squeeze, Unsqueeze reuse their input's
+scale (exact: they only move or select values), and Add, Concat, AveragePool and
+GlobalAveragePool get their own calibrated output range (QLinearAdd, ...). Such an
+op is quantized only when its output reaches another quantized op; MatMul/Gemm
+outputs likewise (onnxruntime runs them with float output), Conv outputs always.
+
+Declined, counted in stats (``skipped:<reason>``) and listed in
+``ctx.notes["quantize-qdq"]["skipped"]`` by node name:
+- ``excluded``: in ``Options.exclude`` (node name, or first output name if unnamed);
+- ``already-quantized``: an input comes from DequantizeLinear or already feeds a
+  QuantizeLinear (partly quantized models are left alone; this makes the pass idempotent);
+- ``subgraph``: inside an If/Loop/Scan body (bodies stay in float);
+- ``not-float32`` / ``unknown-dtype``: activation or weight is not known float32;
+- ``dynamic-weight``: Conv/ConvTranspose weight is not a constant;
+- ``dynamic-bias``, ``bias-shape``: bias is not a constant, or Gemm ``C`` is not a [N] row;
+- ``gemm-alpha``: Gemm with alpha != 1 (QGemm's bias scale assumes 1);
+- ``constant-input``: MatMul whose first input is a constant;
+- ``shared-weight``: the weight also feeds a node that stays float, or uses another axis
+  (a float copy would remain beside the int8 one);
+- ``batchnorm-not-folded``: the output feeds BatchNormalization (run level 1 first).
+
+Needs opset >= 13 (per-channel DequantizeLinear); ``min_opset`` makes the manager
+upgrade older models with ``onnxopt.opset.upgrade_opset`` and say so in the log.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections import Counter
+from typing import Any, ClassVar
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from onnxopt.calibration import (
+    METHODS,
+    collect_ranges,
+    quantize_weight,
+    qrange,
+    scale_zero_point,
+    weight_scales,
+)
+from onnxopt.errors import PreconditionError
+from onnxopt.graph_utils import constant_value, is_default_domain, is_graph_output, iter_graphs
+from onnxopt.pass_base import Pass, PassContext, PassResult, Requirement
+
+logger = logging.getLogger(__name__)
+
+SHARE_SCALE = frozenset({"MaxPool", "Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze"})
+OWN_SCALE = frozenset({"Add", "Concat", "AveragePool", "GlobalAveragePool"})
+_INT32 = 2**31 - 1
+
+
+@dataclasses.dataclass(eq=False)
+class _Plan:
+    """One accepted core node: which inputs are activations, the weight and its axis."""
+
+    node: gs.Node
+    activations: list[int]
+    weight: int | None = None
+    axis: int | None = None
+    bias: int | None = None
+
+
+def _label(node: gs.Node) -> str:
+    return node.name or (node.outputs[0].name if node.outputs else node.op)
+
+
+def _producer_op(t: gs.Tensor) -> str | None:
+    return t.inputs[0].op if len(t.inputs) == 1 else None
+
+
+def _already_quantized(t: gs.Tensor) -> bool:
+    return _producer_op(t) == "DequantizeLinear" or any(c.op == "QuantizeLinear" for c in t.outputs)
+
+
+def _dtype_reason(t: gs.Tensor) -> str | None:
+    if t.dtype is None:
+        return "unknown-dtype"
+    return None if np.dtype(t.dtype) == np.float32 else "not-float32"
+
+
+class QuantizeQDQPass(Pass):
+    """Quantize Conv/ConvTranspose/MatMul/Gemm to int8 with calibrated QuantizeLinear/DequantizeLinear pairs."""
+
+    name = "quantize-qdq"
+    exact = False
+    requires = frozenset({Requirement.CALIBRATION_DATA})
+    min_opset: ClassVar[int] = 13
+
+    @dataclasses.dataclass(frozen=True)
+    class Options:
+        method: str = "minmax"  # minmax | percentile | entropy | mse
+        percentile: float = 99.99  # central share of values kept by method=percentile
+        activation_type: str = "uint8"  # uint8 | int8 (onnxruntime on x86 prefers U8S8)
+        activation_symmetric: bool = False
+        per_channel: bool = True  # weights: one scale per output channel
+        exclude: tuple[str, ...] = ()  # node names kept in float
+        op_types: tuple[str, ...] = ("Conv", "ConvTranspose", "MatMul", "Gemm")
+        max_calibration_samples: int = 256
+
+    def check(self, graph: gs.Graph, ctx: PassContext) -> None:
+        o = self.options
+        if o.method not in METHODS:
+            raise PreconditionError(f"quantize-qdq: method must be one of {METHODS}, not '{o.method}'")
+        qrange(o.activation_type)  # raises for an unknown type
+        if ctx.opset < self.min_opset:
+            raise PreconditionError(
+                f"quantize-qdq needs opset >= {self.min_opset} (per-channel DequantizeLinear), "
+                f"the model has {ctx.opset}; upgrade it with onnxopt.opset.upgrade_opset(model, "
+                f"{self.min_opset}) (the pass manager does this automatically)"
+            )
+
+    def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
+        self.check(graph, ctx)
+        o = self.options
+        stats: Counter[str] = Counter()
+        skipped: dict[str, str] = {}
+        for sub in list(iter_graphs(graph))[1:]:
+            for node in sub.nodes:
+                if node.op in o.op_types and is_default_domain(node):
+                    stats["skipped:subgraph"] += 1
+                    skipped[_label(node)] = "subgraph"
+        graph.toposort()
+        plans = self._select(graph, stats, skipped)
+        qspec, chain, folds = self._propagate(graph, plans)
+        notes: dict[str, Any] = {"quantized": [], "skipped": skipped, "ranges": {}}
+        ctx.notes[self.name] = notes
+        if not plans:
+            return PassResult(changed=False, stats=dict(stats))
+        own = [name for name, src in qspec.items() if src == name]
+        ranges = self._calibrate(graph, ctx, own)
+        notes["ranges"] = {n: ranges.get(n, (0.0, 0.0)) for n in own}
+        _Rewriter(graph, ctx, o, notes["ranges"], stats).apply(plans, qspec, folds)
+        for p in plans:
+            stats[f"quantized:{p.node.op}"] += 1
+            notes["quantized"].append(_label(p.node))
+        for node in chain:
+            stats[f"quantized:{node.op}"] += 1
+            notes["quantized"].append(_label(node))
+        stats["folded-activations"] += len(folds)
+        if not stats["folded-activations"]:
+            del stats["folded-activations"]
+        graph.cleanup().toposort()
+        return PassResult(changed=True, stats=dict(stats))
+
+    # ---- find and decline ----
+
+    def _select(self, graph: gs.Graph, stats: Counter[str], skipped: dict[str, str]) -> list[_Plan]:
+        o = self.options
+        plans: list[_Plan] = []
+        for node in graph.nodes:
+            if node.op not in o.op_types or not is_default_domain(node):
+                continue
+            plan = self._plan(node)
+            reason = plan if isinstance(plan, str) else None
+            if reason is None and (node.name in o.exclude or _label(node) in o.exclude):
+                reason = "excluded"
+            if reason is not None:
+                stats[f"skipped:{reason}"] += 1
+                skipped[_label(node)] = reason
+            else:
+                plans.append(plan)
+        # a weight is quantized once, so all its readers must be quantized along one axis
+        readers: dict[str, list[_Plan]] = {}
+        for p in plans:
+            if p.weight is not None:
+                readers.setdefault(p.node.inputs[p.weight].name, []).append(p)
+        declined: set[int] = set()
+        for group in readers.values():
+            w = group[0].node.inputs[group[0].weight]
+            users = [c for c in w.outputs]
+            ok = len(users) == len(group) and len({p.axis for p in group}) == 1 and all(
+                any(p.node is u and p.node.inputs[p.weight] is w for p in group) for u in users
+            ) and not is_graph_output(graph, w)
+            if not ok:
+                declined.update(id(p) for p in group)
+        kept = []
+        for p in plans:
+            if id(p) in declined:
+                stats["skipped:shared-weight"] += 1
+                skipped[_label(p.node)] = "shared-weight"
+            else:
+                kept.append(p)
+        return kept
+
+    def _plan(self, node: gs.Node) -> _Plan | str:
+        ins = node.inputs
+        if any(_already_quantized(t) for t in ins if t.name):
+            return "already-quantized"
+        if any(c.op == "BatchNormalization" for t in node.outputs for c in t.outputs):
+            return "batchnorm-not-folded"
+        if len(ins) < 2 or not node.outputs:
+            return "dynamic-weight"
+        if node.op in ("Conv", "ConvTranspose"):
+            if constant_value(ins[1]) is None:
+                return "dynamic-weight"
+            plan = _Plan(node, [0], 1, (0 if node.op == "Conv" else 1) if self.options.per_channel else None)
+            if len(ins) > 2 and ins[2].name:
+                if constant_value(ins[2]) is None:
+                    return "dynamic-bias"
+                plan.bias = 2
+        elif node.op == "MatMul":
+            if constant_value(ins[0]) is not None:
+                return "constant-input"
+            w = constant_value(ins[1])
+            if w is None:
+                plan = _Plan(node, [0, 1])
+            else:
+                axis = 1 if w.ndim == 2 and self.options.per_channel else None
+                plan = _Plan(node, [0], 1, axis)
+        elif node.op == "Gemm":
+            if float(node.attrs.get("alpha", 1.0)) != 1.0:
+                return "gemm-alpha"
+            if constant_value(ins[0]) is not None:
+                return "constant-input"
+            w = constant_value(ins[1])
+            if w is None:
+                plan = _Plan(node, [0, 1])
+            else:
+                axis = (0 if node.attrs.get("transB", 0) else 1) if self.options.per_channel else None
+                plan = _Plan(node, [0], 1, axis)
+            if len(ins) > 2 and ins[2].name:
+                c = constant_value(ins[2])
+                if c is None:
+                    return "dynamic-bias"
+                n = _gemm_n(node, w, ins[1])
+                if n is None or c.size != n or (c.ndim == 2 and c.shape[0] != 1) or c.ndim > 2:
+                    return "bias-shape"
+                plan.bias = 2
+        else:
+            return "unsupported-op"
+        for t in [*(ins[i] for i in plan.activations), node.outputs[0]]:
+            if reason := _dtype_reason(t):
+                return reason
+        for i in (plan.weight, plan.bias):
+            if i is not None and constant_value(ins[i]).dtype != np.float32:
+                return "not-float32"
+        return plan
+
+    # ---- which activations get Q/DQ ----
+
+    def _propagate(
+        self, graph: gs.Graph, plans: list[_Plan]
+    ) -> tuple[dict[str, str], list[gs.Node], list[gs.Node]]:
+        """(tensor -> tensor whose scale it uses, quantized chain nodes, folded activations)."""
+        qspec: dict[str, str] = {}
+        planned = {id(p.node): p for p in plans}
+        target: dict[int, gs.Tensor] = {}  # node -> tensor whose quantization stands for its output
+        folds: dict[int, gs.Node] = {}
+        candidates: dict[int, gs.Node] = {}
+        excluded = set(self.options.exclude)
+        for node in graph.nodes:
+            if (p := planned.get(id(node))) is not None:
+                for i in p.activations:
+                    t = node.inputs[i]
+                    if not _already_quantized(t):
+                        qspec.setdefault(t.name, t.name)
+                self._set_target(graph, node, target, folds)
+                if not _already_quantized(target[id(node)]):
+                    qspec[target[id(node)].name] = target[id(node)].name
+                continue
+            if not is_default_domain(node) or _label(node) in excluded or not node.outputs:
+                continue
+            if node.op in SHARE_SCALE and node.inputs and node.inputs[0].name in qspec:
+                if node.op == "MaxPool" and len(node.outputs) > 1 and node.outputs[1].outputs:
+                    continue
+                if _dtype_reason(node.outputs[0]) or _already_quantized(node.outputs[0]):
+                    continue
+                candidates[id(node)] = node
+                target[id(node)] = node.outputs[0]
+                qspec[node.outputs[0].name] = qspec[node.inputs[0].name]
+            elif node.op in OWN_SCALE and node.inputs and all(
+                t.name in qspec for t in node.inputs
+            ) and _dtype_reason(node.outputs[0]) is None:
+                self._set_target(graph, node, target, folds)
+                if _already_quantized(target[id(node)]):
+                    continue
+                candidates[id(node)] = node
+                qspec[target[id(node)].name] = target[id(node)].name
+        # consumers first: a chain node (or a MatMul/Gemm output) stays quantized only if
+        # its output reaches a quantized node; Conv outputs always (QLinearConv needs the Q)
+        keep: set[int] = set(planned)
+        chain: list[gs.Node] = []
+        for node in reversed(graph.nodes):
+            nid = id(node)
+            if nid not in candidates and nid not in planned:
+                continue
+            t = target[nid]
+            if any(id(c) in keep for c in t.outputs) or node.op in ("Conv", "ConvTranspose"):
+                if nid in candidates:
+                    keep.add(nid)
+                    chain.append(node)
+            else:
+                if nid in candidates and t.name in qspec:
+                    del qspec[t.name]
+                elif nid in planned and qspec.get(t.name) == t.name and not any(
+                    planned.get(id(c)) for c in t.outputs
+                ):
+                    del qspec[t.name]
+        chain.reverse()
+        kept_folds = [act for nid, act in folds.items() if target[nid].name in qspec]
+        return qspec, chain, kept_folds
+
+    def _set_target(
+        self, graph: gs.Graph, node: gs.Node, target: dict[int, gs.Tensor], folds: dict[int, gs.Node]
+    ) -> None:
+        out = node.outputs[0]
+        target[id(node)] = out
+        if self.options.activation_symmetric or is_graph_output(graph, out) or len(out.outputs) != 1:
+            return
+        act = out.outputs[0]
+        if act.op not in ("Relu", "Clip") or not is_default_domain(act) or act.inputs[0] is not out:
+            return
+        if act.op == "Clip" and not _clip_starts_at_zero(act):
+            return
+        target[id(node)] = act.outputs[0]
+        folds[id(node)] = act
+
+    def _calibrate(
+        self, graph: gs.Graph, ctx: PassContext, names: list[str]
+    ) -> dict[str, tuple[float, float]]:
+        from onnxopt.io import to_model
+
+        source = ctx.notes.get("source_model")
+        model = to_model(graph, source) if source is not None else gs.export_onnx(graph, do_type_check=False)
+        o = self.options
+        qmin, qmax = qrange(o.activation_type)
+        assert ctx.calibration is not None
+        return collect_ranges(
+            model, ctx.calibration, names, o.method, o.percentile, levels=qmax - qmin,
+            max_samples=o.max_calibration_samples,
+        )
+
+
+def _gemm_n(node: gs.Node, w: np.ndarray | None, b: gs.Tensor) -> int | None:
+    shape = w.shape if w is not None else (tuple(b.shape) if b.shape else None)
+    if shape is None or len(shape) != 2 or not isinstance(shape[0], int) or not isinstance(shape[1], int):
+        return None
+    return int(shape[0] if node.attrs.get("transB", 0) else shape[1])
+
+
+def _clip_starts_at_zero(node: gs.Node) -> bool:
+    if "min" in node.attrs:  # opset < 11
+        return float(node.attrs["min"]) == 0.0
+    if len(node.inputs) < 2 or not node.inputs[1].name:
+        return False
+    lo = constant_value(node.inputs[1])
+    hi = constant_value(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2].name else None
+    if len(node.inputs) > 2 and node.inputs[2].name and hi is None:
+        return False
+    return lo is not None and lo.size == 1 and float(lo) == 0.0
+
+
+class _Rewriter:
+    """Inserts the Q/DQ nodes and quantized weights for an accepted plan."""
+
+    def __init__(
+        self, graph: gs.Graph, ctx: PassContext, options: QuantizeQDQPass.Options,
+        ranges: dict[str, tuple[float, float]], stats: Counter[str],
+    ) -> None:
+        self.graph, self.ctx, self.o, self.ranges, self.stats = graph, ctx, options, ranges, stats
+        self.qparams: dict[str, tuple[gs.Constant, gs.Constant]] = {}
+        self.weights: dict[str, tuple[gs.Variable, np.ndarray]] = {}
+        self.qtype = np.uint8 if options.activation_type == "uint8" else np.int8
+
+    def apply(self, plans: list[_Plan], qspec: dict[str, str], folds: list[gs.Node]) -> None:
+        tensors = self.graph.tensors()
+        for relu in folds:  # the producer now writes the activation's output; Q clamps instead
+            src, dst = relu.inputs[0], relu.outputs[0]
+            producer = src.inputs[0]
+            relu.outputs.clear()
+            relu.inputs.clear()
+            producer.outputs[producer.outputs.index(src)] = dst
+        for name, root in qspec.items():
+            self._qdq(tensors[name], self._params(root))
+        for p in plans:
+            w_scales = self._quantize_weight(p)
+            if p.bias is not None:
+                self._quantize_bias(p, w_scales)
+
+    def _params(self, root: str) -> tuple[gs.Constant, gs.Constant]:
+        if root not in self.qparams:
+            lo, hi = self.ranges.get(root, (0.0, 0.0))
+            scale, zp = scale_zero_point(lo, hi, self.o.activation_type, self.o.activation_symmetric)
+            fresh = self.ctx.names.fresh
+            self.qparams[root] = (
+                gs.Constant(fresh(f"{root}_scale"), np.array(scale, dtype=np.float32)),
+                gs.Constant(fresh(f"{root}_zero_point"), np.array(zp, dtype=self.qtype)),
+            )
+        return self.qparams[root]
+
+    def _qdq(self, t: gs.Variable, params: tuple[gs.Constant, gs.Constant]) -> None:
+        fresh = self.ctx.names.fresh
+        q = gs.Variable(fresh(f"{t.name}_quantized"), dtype=self.qtype, shape=t.shape)
+        qnode = gs.Node("QuantizeLinear", fresh(f"{t.name}_QuantizeLinear"), inputs=[], outputs=[q])
+        dnode = gs.Node("DequantizeLinear", fresh(f"{t.name}_DequantizeLinear"), inputs=[q, *params])
+        if len(t.inputs) == 1:  # produced here: the producer writes a new tensor, DQ takes over t
+            raw = gs.Variable(fresh(f"{t.name}_float"), dtype=t.dtype, shape=t.shape)
+            producer = t.inputs[0]
+            producer.outputs[producer.outputs.index(t)] = raw
+            qnode.inputs.extend([raw, *params])
+            dnode.outputs.append(t)
+        else:  # a graph input: its readers read the DQ output
+            out = gs.Variable(fresh(f"{t.name}_dequantized"), dtype=t.dtype, shape=t.shape)
+            for reader in list(t.outputs):
+                for i, inp in enumerate(reader.inputs):
+                    if inp is t:
+                        reader.inputs[i] = out
+            qnode.inputs.extend([t, *params])
+            dnode.outputs.append(out)
+        self.graph.nodes.extend([qnode, dnode])
+
+    def _quantize_weight(self, p: _Plan) -> np.ndarray:
+        """Quantize the plan's weight (once per initializer); returns its scales."""
+        node, fresh = p.node, self.ctx.names.fresh
+        if p.weight is None:  # MatMul/Gemm of two activations: B's activation scale
+            return _input_scale(node.inputs[1])
+        w_t = node.inputs[p.weight]
+        key = w_t.name
+        if key not in self.weights:
+            w = constant_value(w_t).astype(np.float32)
+            scales = weight_scales(w, p.axis)
+            wq = gs.Constant(fresh(f"{key}_quantized"), quantize_weight(w, scales, p.axis))
+            zero = gs.Constant(fresh(f"{key}_zero_point"), np.zeros(scales.shape, np.int8))
+            sc = gs.Constant(fresh(f"{key}_scale"), scales)
+            out = gs.Variable(fresh(f"{key}_dequantized"), dtype=np.float32, shape=list(w.shape))
+            attrs = {"axis": p.axis} if p.axis is not None else {}
+            self.graph.nodes.append(
+                gs.Node("DequantizeLinear", fresh(f"{key}_DequantizeLinear"), attrs, [wq, sc, zero], [out])
+            )
+            self.weights[key] = (out, scales)
+        out, scales = self.weights[key]
+        node.inputs[p.weight] = out
+        return scales
+
+    def _quantize_bias(self, p: _Plan, w_scales: np.ndarray) -> None:
+        node, fresh = p.node, self.ctx.names.fresh
+        x_scale = _input_scale(node.inputs[p.activations[0]])
+        b_t = node.inputs[p.bias]
+        b = constant_value(b_t).astype(np.float64).reshape(-1)
+        if node.op == "Gemm":
+            b = b * float(node.attrs.get("beta", 1.0))
+            node.attrs["beta"] = 1.0
+        scale = (np.float32(x_scale) * w_scales.astype(np.float32)).astype(np.float32)
+        scale = np.broadcast_to(scale, b.shape).copy() if scale.size != 1 else scale.reshape(())
+        q = np.round(b / scale.astype(np.float64))
+        if np.abs(q).max(initial=0) > _INT32:
+            self.stats["bias-clipped"] += 1
+        bq = gs.Constant(fresh(f"{b_t.name}_quantized"), np.clip(q, -_INT32, _INT32).astype(np.int32))
+        sc = gs.Constant(fresh(f"{b_t.name}_scale"), scale)
+        zero = gs.Constant(fresh(f"{b_t.name}_zero_point"), np.zeros(scale.shape, np.int32))
+        out = gs.Variable(fresh(f"{b_t.name}_dequantized"), dtype=np.float32, shape=list(b.shape))
+        attrs = {"axis": 0} if scale.ndim == 1 else {}
+        self.graph.nodes.append(
+            gs.Node("DequantizeLinear", fresh(f"{b_t.name}_DequantizeLinear"), attrs, [bq, sc, zero], [out])
+        )
+        node.inputs[p.bias] = out
+
+
+def _input_scale(dq_out: gs.Tensor) -> np.ndarray:
+    """The activation scale of an input that a DequantizeLinear now produces."""
+    return np.asarray(dq_out.inputs[0].inputs[1].values, dtype=np.float32)
