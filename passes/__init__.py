@@ -2,25 +2,29 @@
 
 from __future__ import annotations
 
+from onnxopt.passes.eliminate_common_subexpressions import EliminateCommonSubexpressionsPass
 from onnxopt.passes.eliminate_dead_code import EliminateDeadCodePass
-from onnxopt.passes.convert_fp16 import ConvertFp16Pass
 from onnxopt.passes.quantize_dynamic import QuantizeDynamicPass
 from onnxopt.passes.quantize_weight_only import QuantizeWeightOnlyPass
+from onnxopt.passes.convert_fp16 import ConvertFp16Pass
 from onnxopt.passes.eliminate_identity import EliminateIdentityPass
 from onnxopt.passes.eliminate_noop import EliminateNoopPass
 from onnxopt.passes.fold_constants import FoldConstantsPass
 from onnxopt.passes.fold_batchnorm import FoldBatchNormPass
 from onnxopt.passes.fold_bias import FoldBiasPass
 from onnxopt.passes.fuse_matmul_add import FuseMatMulAddPass
+from onnxopt.passes.fuse_shape_chains import FuseShapeChainsPass
 from onnxopt.passes.quantize_qdq import QuantizeQDQPass
 
 ALL_PASSES = (
     EliminateIdentityPass,
     EliminateNoopPass,
     FoldConstantsPass,
+    EliminateCommonSubexpressionsPass,
     FoldBatchNormPass,
     FoldBiasPass,
     FuseMatMulAddPass,
+    FuseShapeChainsPass,
     EliminateDeadCodePass,
     QuantizeDynamicPass,
     QuantizeWeightOnlyPass,
