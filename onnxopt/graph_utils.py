@@ -138,7 +138,8 @@ def _in_graph(graph: gs.Graph, node: gs.Node) -> bool:
     cache holds the nodes themselves, so an id cannot be reused by another object.
     """
     nodes = graph.nodes
-    cache: tuple[list[gs.Node], dict[int, gs.Node]] | None = getattr(graph, "_onnxopt_members", None)
+    # not getattr: gs.Graph.__getattr__ logs an error for every missing attribute
+    cache: tuple[list[gs.Node], dict[int, gs.Node]] | None = vars(graph).get("_onnxopt_members")
     if cache is None or cache[0] is not nodes or len(cache[1]) > len(nodes):
         cache = _cache_members(graph)
     elif len(cache[1]) < len(nodes):
