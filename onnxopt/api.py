@@ -28,9 +28,12 @@ from onnxopt.validate import Tolerance, ValidationReport, compare, failure_messa
 logger = logging.getLogger(__name__)
 
 
+_UNSET: Any = object()  # tells "level not given" from an explicit level=1
+
+
 def optimize(
     model: onnx.ModelProto,
-    level: int | None = DEFAULT_LEVEL,
+    level: int | None = _UNSET,
     passes: Sequence[PassSpec] | None = None,
     *,
     calibration: Sequence[Mapping[str, np.ndarray]] | None = None,
@@ -45,8 +48,8 @@ def optimize(
     pass ``level=1, passes=[...]`` to run both, preset first. The input proto is
     never modified. Returns the new model and the per-pass report.
     """
-    if passes is not None and level == DEFAULT_LEVEL:
-        level = None
+    if level is _UNSET:
+        level = None if passes is not None else DEFAULT_LEVEL
     preset, explicit = resolve(level, passes)
     manager = PassManager(preset, explicit, max_iterations=max_iterations, verify_each=verify_each)
     return manager.run(model, calibration=calibration, input_shapes=input_shapes, seed=seed)

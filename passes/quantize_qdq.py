@@ -313,7 +313,7 @@ class QuantizeQDQPass(Pass):
             if nid not in candidates and nid not in planned:
                 continue
             t = target[nid]
-            if any(id(c) in keep for c in t.outputs) or node.op in ("Conv", "ConvTranspose"):
+            if any(id(c) in keep for c in t.outputs) or node.op == "Conv":
                 if nid in candidates:
                     keep.add(nid)
                     chain.append(node)
