@@ -171,7 +171,7 @@ def _fold(
 
 
 class FoldBatchNormPass(Pass):
-    """Fold inference-mode BatchNormalization into the preceding Conv, ConvTranspose, Gemm or MatMul."""
+    """Fold inference BatchNormalization into the Conv, ConvTranspose, Gemm or MatMul before it."""
 
     name = "fold-batchnorm"
 
@@ -204,10 +204,7 @@ class FoldBatchNormPass(Pass):
                 replaced[id(bn)] = _fold(prod, bn, s, t, ctx.names)
                 stats["folded"] += 1
             if replaced:
-                g.nodes = [
-                    replaced[id(n)] if id(n) in replaced else n
-                    for n in g.nodes if not (id(n) in replaced and replaced[id(n)] is None)
-                ]
+                g.nodes = [r for n in g.nodes if (r := replaced.get(id(n), n)) is not None]
         if stats["folded"]:
             graph.cleanup()
         return PassResult(changed=stats["folded"] > 0, stats=dict(stats))

@@ -123,10 +123,7 @@ class FuseMatMulAddPass(Pass):
                 replaced[id(mm)] = None
                 stats["fused"] += 1
             if replaced:
-                g.nodes = [
-                    replaced[id(n)] if id(n) in replaced else n
-                    for n in g.nodes if not (id(n) in replaced and replaced[id(n)] is None)
-                ]
+                g.nodes = [r for n in g.nodes if (r := replaced.get(id(n), n)) is not None]
         if stats["fused"]:
             graph.cleanup()
         return PassResult(changed=stats["fused"] > 0, stats=dict(stats))

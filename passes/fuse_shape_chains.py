@@ -1,6 +1,6 @@
 """Fuse two consecutive layout/shape ops into one (or none).
 
-    Transpose(Transpose(x, p1), p2)     -> Transpose(x, p)    p[i] = p1[p2[i]]; none if p is identity
+    Transpose(Transpose(x, p1), p2)     -> Transpose(x, p)    p[i] = p1[p2[i]]; none if identity
     Reshape(Reshape(x, s1), s2)         -> Reshape(x, s2)     s2's 0s resolved, see below
     Squeeze(Squeeze(x, a1), a2)         -> Squeeze(x, a1 + a2 mapped to x's axes)
     Unsqueeze(Unsqueeze(x, a1), a2)     -> Unsqueeze(x, a2 + a1 mapped to the output's axes)
@@ -53,7 +53,7 @@ from onnxopt.pass_base import NameGenerator, Pass, PassContext, PassResult
 _RESHAPE_LIKE = ("Reshape", "Squeeze", "Unsqueeze", "Flatten")
 
 
-class _Decline(Exception):
+class _DeclineError(Exception):
     """Carries a decline reason out of nested helpers."""
 
 
@@ -77,14 +77,14 @@ def _axes(node: gs.Node, opset: int) -> list[int] | None:
         return None
     value = constant_value(node.inputs[1])
     if value is None:
-        raise _Decline("non-constant")
+        raise _DeclineError("non-constant")
     return [int(a) for a in np.asarray(value).reshape(-1)]
 
 
 def _normalize(axes: Sequence[int], rank: int | None) -> list[int]:
     if any(a < 0 for a in axes):
         if rank is None:
-            raise _Decline("unknown-rank")
+            raise _DeclineError("unknown-rank")
         axes = [a + rank if a < 0 else a for a in axes]
     return sorted(axes)
 
@@ -102,7 +102,7 @@ def _nth_free(taken: set[int], count: int) -> list[int]:
 def _compose_axes(a: gs.Node, b: gs.Node, x: gs.Tensor, opset: int) -> list[int]:
     a1, a2 = _axes(a, opset), _axes(b, opset)
     if a1 is None or a2 is None:
-        raise _Decline("no-axes")
+        raise _DeclineError("no-axes")
     r = _rank(x)
     if a.op == "Squeeze":
         n1 = _normalize(a1, r)
@@ -120,13 +120,13 @@ def _resolve_reshape(b: gs.Node, t: gs.Tensor) -> np.ndarray:
     """Second Reshape's target with its copy-dims (0) taken from the intermediate ``t``."""
     s2 = constant_value(b.inputs[1])
     if s2 is None:
-        raise _Decline("non-constant")
+        raise _DeclineError("non-constant")
     s2 = np.asarray(s2, dtype=np.int64).copy()
     if int(b.attrs.get("allowzero", 0)) == 0:
         for i in np.flatnonzero(s2 == 0):
             dim = t.shape[i] if t.shape is not None and i < len(t.shape) else None
             if not isinstance(dim, int) or dim <= 0:
-                raise _Decline("unknown-shape")
+                raise _DeclineError("unknown-shape")
             s2[i] = dim
     return s2
 
@@ -140,10 +140,10 @@ def _out_shape(node: gs.Node, d: list[int], opset: int) -> list[int]:
     if node.op == "Reshape":
         s = constant_value(node.inputs[1])
         if s is None:
-            raise _Decline("non-constant")
+            raise _DeclineError("non-constant")
         allowzero = int(node.attrs.get("allowzero", 0))
         if not allowzero and any(v == 0 and i >= len(d) for i, v in enumerate(s.reshape(-1))):
-            raise _Decline("unknown-shape")  # invalid copy-dim: leave the error to the runtime
+            raise _DeclineError("unknown-shape")  # invalid copy-dim: leave the error to the runtime
         out = [d[i] if v == 0 and not allowzero else int(v) for i, v in enumerate(s.reshape(-1))]
         if -1 in out:
             known = math.prod(v for v in out if v != -1)
@@ -155,7 +155,7 @@ def _out_shape(node: gs.Node, d: list[int], opset: int) -> list[int]:
             i for i, v in enumerate(d) if v == 1}
         return [v for i, v in enumerate(d) if i not in gone]
     if axes is None:  # Unsqueeze axes are required: malformed, leave it alone
-        raise _Decline("no-axes")
+        raise _DeclineError("no-axes")
     inserted = set(_normalize(axes, len(d) + len(axes)))
     it = iter(d)
     return [1 if i in inserted else next(it) for i in range(len(d) + len(inserted))]
@@ -199,7 +199,7 @@ class FuseShapeChainsPass(Pass):
                     continue
                 try:
                     done = self._fuse(g, a, b, ctx)
-                except _Decline as e:
+                except _DeclineError as e:
                     stats[f"skipped:{e.args[0]}"] += 1
                     continue
                 stats[done] += 1
@@ -231,7 +231,7 @@ class FuseShapeChainsPass(Pass):
             rank = _rank(x) if _rank(x) is not None else _rank(t)
             p1, p2 = a.attrs.get("perm"), b.attrs.get("perm")
             if (p1 is None or p2 is None) and rank is None:
-                raise _Decline("unknown-rank")
+                raise _DeclineError("unknown-rank")
             p1 = list(p1) if p1 is not None else list(range(rank))[::-1]
             p2 = list(p2) if p2 is not None else list(range(rank))[::-1]
             perm = [int(p1[i]) for i in p2]
@@ -251,20 +251,20 @@ class FuseShapeChainsPass(Pass):
                     b.inputs[0] = x
                     _set_axes(b, axes, ctx.opset, ctx.names)
                 return f"fused-{a.op.lower()}"
-            except _Decline as e:
+            except _DeclineError as e:
                 first_reason = e.args[0]
         # mixed chain: compute the final shape from the static intermediate shape
         d = _static(t)
         if d is None:
-            raise _Decline(first_reason or "unknown-shape")
+            raise _DeclineError(first_reason or "unknown-shape")
         try:
             final = _out_shape(b, d, ctx.opset)
-        except _Decline as e:
-            raise _Decline(first_reason or e.args[0]) from None
+        except _DeclineError as e:
+            raise _DeclineError(first_reason or e.args[0]) from None
         if _static(x) == final:
             return self._identity(g, b, x)
         if 0 in final:
-            raise _Decline("empty-dim")
+            raise _DeclineError("empty-dim")
         _to_reshape(b, x, final, ctx.names)
         return "fused-to-reshape"
 

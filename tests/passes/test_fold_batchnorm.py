@@ -60,7 +60,8 @@ def bn_model(
     bn_kw = {"epsilon": 1e-3} | (bn_attrs or {})
     nodes += [
         helper.make_node(op, op_inputs, ["z"], **(attrs or {})),
-        helper.make_node("BatchNormalization", ["z", "gamma", "beta", "mean", "var"], ["y"], **bn_kw),
+        helper.make_node("BatchNormalization", ["z", "gamma", "beta", "mean", "var"], ["y"],
+                         **bn_kw),
     ]
     return _make(nodes, [vi("x", x_shape, dtype)], [vi("y", y_shape, dtype)], inits, opset)
 
@@ -105,7 +106,7 @@ def test_folds_with_dynamic_batch() -> None:
     assert op_histogram(optimized) == {"Conv": 1}
     assert stats == {"folded": 1}
     assert_equivalent(model, optimized, atol=1e-4, rtol=1e-4, shapes={"x": [3, 4, 8, 8]})
-    assert [d.dim_param for d in optimized.graph.output[0].type.tensor_type.shape.dim][0] == "N"
+    assert optimized.graph.output[0].type.tensor_type.shape.dim[0].dim_param == "N"
 
 
 def test_folds_opset7_spatial_default_and_default_epsilon() -> None:
@@ -128,7 +129,8 @@ def test_folds_constant_node_weights() -> None:
 
 
 def test_folds_fp16_conv() -> None:
-    model = bn_model("Conv", [2, 3, 5, 5], (4, 3, 3, 3), [2, 4, 3, 3], 4, bias_shape=(4,), dtype=F16)
+    model = bn_model("Conv", [2, 3, 5, 5], (4, 3, 3, 3), [2, 4, 3, 3], 4, bias_shape=(4,),
+                     dtype=F16)
     optimized, stats = _fold(model)
     assert op_histogram(optimized) == {"Conv": 1}
     assert stats == {"folded": 1}
@@ -180,7 +182,9 @@ def test_folds_conv_transpose(group: int, cin: int, cout: int) -> None:
 @pytest.mark.parametrize(("bias_shape", "beta"), [(None, 1.0), ((5,), 1.0), ((3, 5), 0.5),
                                                   ((3, 1), 0.0), ((1,), 2.0)])
 @pytest.mark.parametrize("dtype", [F32, F64])
-def test_folds_gemm(trans_b: int, bias_shape: tuple[int, ...] | None, beta: float, dtype: int) -> None:
+def test_folds_gemm(
+    trans_b: int, bias_shape: tuple[int, ...] | None, beta: float, dtype: int
+) -> None:
     w_shape = (5, 4) if trans_b else (4, 5)
     model = bn_model("Gemm", [3, 4], w_shape, [3, 5], 5, bias_shape=bias_shape, dtype=dtype,
                      attrs={"transB": trans_b, "alpha": 1.5, "beta": beta})

@@ -113,7 +113,8 @@ def test_folds_a_chain_of_adds() -> None:
 
 
 @pytest.mark.parametrize(("c_shape", "bias_shape", "beta"), [
-    ((5,), None, 1.0), ((1, 5), (5,), 0.5), ((3, 5), (3, 1), 2.0), ((3, 1), (5,), 0.0), ((), (5,), 1.0),
+    ((5,), None, 1.0), ((1, 5), (5,), 0.5), ((3, 5), (3, 1), 2.0), ((3, 1), (5,), 0.0),
+    ((), (5,), 1.0),
 ])
 @pytest.mark.parametrize("trans_b", [0, 1])
 def test_folds_add_into_gemm_c(c_shape: tuple[int, ...], bias_shape: tuple[int, ...] | None,
@@ -159,7 +160,8 @@ def test_declines_gemm_bias_on_dynamic_rows() -> None:
 
 
 def test_declines_non_constant_addend() -> None:
-    nodes = [helper.make_node("Conv", ["x", "W"], ["z"]), helper.make_node("Add", ["z", "b"], ["y"])]
+    nodes = [helper.make_node("Conv", ["x", "W"], ["z"]),
+             helper.make_node("Add", ["z", "b"], ["y"])]
     model = make_model(nodes, [vi("x", [2, 3, 5, 5]), vi("b", [4, 1, 1])], [vi("y", [2, 4, 3, 3])],
                        {"W": np.ones((4, 3, 3, 3), np.float32)})
     optimized, stats = _fold(model)
@@ -195,7 +197,8 @@ def test_declines_conv_output_that_is_graph_output() -> None:
 
 
 def test_declines_unknown_weight_shape() -> None:
-    nodes = [helper.make_node("Conv", ["x", "W"], ["z"]), helper.make_node("Add", ["z", "c"], ["y"])]
+    nodes = [helper.make_node("Conv", ["x", "W"], ["z"]),
+             helper.make_node("Add", ["z", "c"], ["y"])]
     model = make_model(nodes, [vi("x", [2, 3, 5, 5]), vi("W", None)], [vi("y", [2, 4, 3, 3])],
                        {"c": np.ones((4, 1, 1), np.float32)}, check=False)
     optimized, stats = _fold(model)

@@ -6,7 +6,7 @@ import pytest
 from onnx import TensorProto, helper
 
 from onnxopt import optimize
-from onnxopt.testing import assert_equivalent, make_model, op_histogram, tensor, vi
+from onnxopt.testing import assert_equivalent, make_model, op_histogram, vi
 
 PASS = "fuse-shape-chains"
 I64 = TensorProto.INT64
@@ -37,7 +37,7 @@ def chain(
     nodes = []
     names = [f"t{i}" for i in range(1, len(ops))] + ["y"]
     prev = "x"
-    for (op, arg), out in zip(ops, names):
+    for (op, arg), out in zip(ops, names, strict=True):
         if op == "Transpose":
             kw = {} if arg is None else {"perm": arg}
             nodes.append(helper.make_node(op, [prev], [out], **kw))
@@ -156,7 +156,8 @@ def test_chain_of_three_reshapes_fuses_twice() -> None:
 @pytest.mark.parametrize("opset", [11, 13, 17, 21])
 def test_composes_squeezes(opset: int) -> None:
     # [1, N, 1, 4, 1] -squeeze 0-> [N, 1, 4, 1] -squeeze 1, -1-> [N, 4]
-    model = chain([("Squeeze", [0]), ("Squeeze", [1, -1])], [1, "N", 1, 4, 1], ["N", 4], opset=opset)
+    model = chain([("Squeeze", [0]), ("Squeeze", [1, -1])], [1, "N", 1, 4, 1], ["N", 4],
+                  opset=opset)
     optimized, stats = _run(model)
     assert op_histogram(optimized) == {"Squeeze": 1}
     assert stats == {"fused-squeeze": 1}
