@@ -41,10 +41,16 @@ from onnxopt.graph_utils import (
 )
 from onnxopt.pass_base import Pass, PassContext, PassResult
 
-NONDETERMINISTIC = frozenset({
-    "RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike", "Bernoulli",
-    "Multinomial",
-})
+NONDETERMINISTIC = frozenset(
+    {
+        "RandomNormal",
+        "RandomNormalLike",
+        "RandomUniform",
+        "RandomUniformLike",
+        "Bernoulli",
+        "Multinomial",
+    }
+)
 
 
 def _value_key(value: np.ndarray) -> Hashable:
@@ -97,15 +103,23 @@ class EliminateCommonSubexpressionsPass(Pass):
                     node.inputs[i] = canon
             for sub in node_subgraphs(node):
                 self._run_graph(sub, constants, stats)
-            if (not is_default_domain(node) or node.op == "Constant" or node_subgraphs(node)
-                    or not node.outputs):
+            if (
+                not is_default_domain(node)
+                or node.op == "Constant"
+                or node_subgraphs(node)
+                or not node.outputs
+            ):
                 continue
             if node.op in NONDETERMINISTIC:
                 stats["skipped:nondeterministic"] += 1
                 continue
-            key = (node.domain or "", node.op, tuple(bool(t.name) for t in node.outputs),
-                   tuple(sorted((k, _attr_key(v)) for k, v in node.attrs.items())),
-                   tuple(id(t) if t.name else None for t in node.inputs))
+            key = (
+                node.domain or "",
+                node.op,
+                tuple(bool(t.name) for t in node.outputs),
+                tuple(sorted((k, _attr_key(v)) for k, v in node.attrs.items())),
+                tuple(id(t) if t.name else None for t in node.inputs),
+            )
             first = table.get(key)
             if first is None:
                 table[key] = node
@@ -114,8 +128,9 @@ class EliminateCommonSubexpressionsPass(Pass):
             else:
                 stats["merged-nodes"] += 1
 
-    def _canonical_constant(self, g: gs.Graph, t: gs.Tensor, constants: ChainMap
-                            ) -> gs.Tensor | None:
+    def _canonical_constant(
+        self, g: gs.Graph, t: gs.Tensor, constants: ChainMap
+    ) -> gs.Tensor | None:
         """The first equal constant visible here (``t`` itself if it is the first)."""
         value = constant_value(t) if t.name and not is_graph_input(g, t) else None
         if value is None or value.nbytes > self.options.max_constant_bytes:

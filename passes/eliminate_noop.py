@@ -2,12 +2,12 @@
 
     y = Cast(x, to=dtype(x))                   y = CastLike(x, like), dtype(like) == dtype(x)
     y = Reshape(x, s)     s == shape(x) entry by entry: s[i] == 0 copies dim i (allowzero=0),
-                          s[i] == x.shape[i] (static), at most one s[i] == -1 (then it is x.shape[i],
-                          because every other dim and the element count agree)
+                          s[i] == x.shape[i] (static), at most one s[i] == -1 (then it is
+                          x.shape[i], because every other dim and the element count agree)
     y = Transpose(x, perm=[0, 1, ..., n-1])    (no perm: only rank <= 1)
     y = Pad(x, pads=0...)                      every mode copies x when no element is added
-    y = Slice(x, ...)     per sliced axis: step 1, start 0 (or <= -dim), end >= dim or >= INT32_MAX
-    y = Expand(x, s)      broadcast(shape(x), s) == shape(x): len(s) <= rank, s[i] in (1, x.shape[i])
+    y = Slice(x, ...)     per sliced axis: step 1, start 0 (or <= -dim), end >= dim (or INT32_MAX)
+    y = Expand(x, s)      broadcast(shape(x), s) == shape(x): len(s) <= rank, s[i] in (1, dim i)
     y = Tile(x, repeats=1...)                  y = Concat(x) (one input)
     y = Squeeze(x)        no axes, every dim of x static and != 1
     y = Flatten(x, axis=1)                     rank(x) == 2
@@ -35,7 +35,13 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from onnxopt.graph_utils import bypass, constant_value, is_default_domain, is_graph_output, iter_graphs
+from onnxopt.graph_utils import (
+    bypass,
+    constant_value,
+    is_default_domain,
+    is_graph_output,
+    iter_graphs,
+)
 from onnxopt.pass_base import Pass, PassContext, PassResult
 
 INT32_MAX = 2**31 - 1
@@ -92,7 +98,7 @@ def _reshape(g: gs.Graph, node: gs.Node) -> Verdict:
         return "unknown-shape"
     if len(target) != len(shape):
         return False
-    for s, d in zip(target.tolist(), shape):
+    for s, d in zip(target.tolist(), shape, strict=True):
         if s == -1 or (s == 0 and not allowzero):
             continue  # -1 is d once the others agree; 0 copies d
         if not _static(d):
@@ -122,7 +128,9 @@ def _pad(g: gs.Graph, node: gs.Node) -> Verdict:
 
 
 def _slice(g: gs.Graph, node: gs.Node) -> Verdict:
-    operands = [_operand(node, i, a) for i, a in ((1, "starts"), (2, "ends"), (3, "axes"), (4, "steps"))]
+    operands = [
+        _operand(node, i, a) for i, a in ((1, "starts"), (2, "ends"), (3, "axes"), (4, "steps"))
+    ]
     for op in operands:
         if isinstance(op, str):
             return op
@@ -136,7 +144,8 @@ def _slice(g: gs.Graph, node: gs.Node) -> Verdict:
     if (axes < 0).any() and shape is None:
         return "unknown-shape"
     verdict: Verdict = True
-    for start, end, axis, step in zip(starts.tolist(), ends.tolist(), axes.tolist(), steps.tolist()):
+    rows = zip(starts.tolist(), ends.tolist(), axes.tolist(), steps.tolist(), strict=True)
+    for start, end, axis, step in rows:
         if step != 1:
             return False
         dim = shape[axis] if shape is not None and -len(shape) <= axis < len(shape) else None
@@ -162,7 +171,7 @@ def _expand(g: gs.Graph, node: gs.Node) -> Verdict:
     if len(target) > len(shape):
         return False
     verdict: Verdict = True
-    for s, d in zip(reversed(target), reversed(shape)):
+    for s, d in zip(reversed(target), reversed(shape), strict=False):
         if s == 1 or (_static(d) and s == d):
             continue
         if not _static(d):
@@ -204,15 +213,27 @@ def _concat(g: gs.Graph, node: gs.Node) -> Verdict:
 
 
 _CHECKS: dict[str, Callable[[gs.Graph, gs.Node], Verdict]] = {
-    "Cast": _cast, "CastLike": _cast, "Reshape": _reshape, "Transpose": _transpose, "Pad": _pad,
-    "Slice": _slice, "Expand": _expand, "Tile": _tile, "Squeeze": _squeeze, "Flatten": _flatten,
+    "Cast": _cast,
+    "CastLike": _cast,
+    "Reshape": _reshape,
+    "Transpose": _transpose,
+    "Pad": _pad,
+    "Slice": _slice,
+    "Expand": _expand,
+    "Tile": _tile,
+    "Squeeze": _squeeze,
+    "Flatten": _flatten,
     "Concat": _concat,
 }
 
 
 def _well_formed(node: gs.Node, needed: Sequence[int]) -> bool:
-    return (len(node.outputs) == 1 and bool(node.inputs) and bool(node.inputs[0].name)
-            and all(len(node.inputs) > i and node.inputs[i].name for i in needed))
+    return (
+        len(node.outputs) == 1
+        and bool(node.inputs)
+        and bool(node.inputs[0].name)
+        and all(len(node.inputs) > i and node.inputs[i].name for i in needed)
+    )
 
 
 _NEEDED_INPUTS = {"Reshape": (1,), "Expand": (1,), "Tile": (1,), "CastLike": (1,)}

@@ -54,10 +54,16 @@ from onnxopt.pass_base import Pass, PassContext, PassResult
 
 logger = logging.getLogger(__name__)
 
-NONDETERMINISTIC = frozenset({
-    "RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike", "Bernoulli",
-    "Multinomial",
-})
+NONDETERMINISTIC = frozenset(
+    {
+        "RandomNormal",
+        "RandomNormalLike",
+        "RandomUniform",
+        "RandomUniformLike",
+        "Bernoulli",
+        "Multinomial",
+    }
+)
 # folding these undoes what they are for (quantized weights stay quantized)
 KEEP = frozenset({"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear"})
 
@@ -86,13 +92,18 @@ def _nbytes(t: gs.Tensor) -> int | None:
 class _Folder:
     """Folding state of one graph (walked once, in topological order)."""
 
-    def __init__(self, graph: gs.Graph, ctx: PassContext, options: FoldConstantsPass.Options,
-                 stats: Counter[str]) -> None:
+    def __init__(
+        self,
+        graph: gs.Graph,
+        ctx: PassContext,
+        options: FoldConstantsPass.Options,
+        stats: Counter[str],
+    ) -> None:
         self.g, self.ctx, self.opts, self.stats = graph, ctx, options, stats
-        self.const: set[int] = set()          # ids of tensors known to be constant
+        self.const: set[int] = set()  # ids of tensors known to be constant
         self.partial: dict[int, list[int | None]] = {}  # shape tensors with some dims known
         self.leaves: dict[int, gs.Node] = {}  # Constant nodes the evaluation graph needs
-        self.fold: list[gs.Node] = []         # nodes to evaluate, in topological order
+        self.fold: list[gs.Node] = []  # nodes to evaluate, in topological order
         self.candidates: dict[int, gs.Node] = {}  # nodes that folding may have made dead
         self.changed = False
 
@@ -250,19 +261,24 @@ class _Folder:
             sub = gs.Graph(nodes=nodes, inputs=[], outputs=targets, opset=self.ctx.opset)
             model = gs.export_onnx(sub, do_type_check=False)
             del model.graph.output[:]  # onnxruntime infers the types
-            model.graph.output.extend(onnx.helper.make_empty_tensor_value_info(t.name) for t in targets)
+            model.graph.output.extend(
+                onnx.helper.make_empty_tensor_value_info(t.name) for t in targets
+            )
             model.ir_version = onnx.helper.find_min_ir_version_for(list(model.opset_import), True)
             so = ort.SessionOptions()
             so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
             so.log_severity_level = 4  # failures are logged below, once
-            sess = ort.InferenceSession(model.SerializeToString(), so,
-                                        providers=["CPUExecutionProvider"])
+            sess = ort.InferenceSession(
+                model.SerializeToString(), so, providers=["CPUExecutionProvider"]
+            )
             return list(sess.run([t.name for t in targets], {}))
         except Exception as e:  # any failure leaves this graph as it is
-            logger.info("fold-constants: evaluation failed in graph %s: %s", self.g.name,
-                        str(e).splitlines()[0][:300] if str(e) else type(e).__name__)
+            logger.info(
+                "fold-constants: evaluation failed in graph %s: %s",
+                self.g.name,
+                str(e).splitlines()[0][:300] if str(e) else type(e).__name__,
+            )
             return None
-
 
 
 class FoldConstantsPass(Pass):
@@ -273,7 +289,7 @@ class FoldConstantsPass(Pass):
     @dataclasses.dataclass(frozen=True)
     class Options:
         max_output_bytes: int = 1 << 20  # outputs above this fold only if not bigger than inputs
-        max_growth: float = 1.0          # ... times the node's input bytes
+        max_growth: float = 1.0  # ... times the node's input bytes
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         stats: Counter[str] = Counter()

@@ -12,9 +12,14 @@ NAME = "eliminate-dead-code"
 
 def test_removes_dead_nodes_and_initializers() -> None:
     model = make_model(
-        [helper.make_node("Relu", ["x"], ["y"]),
-         helper.make_node("Add", ["x", "w"], ["dead1"]), helper.make_node("Neg", ["dead1"], ["dead2"])],
-        [vi("x", [2])], [vi("y", [2])], {"w": np.ones(2, np.float32), "unused": np.ones(3, np.float32)},
+        [
+            helper.make_node("Relu", ["x"], ["y"]),
+            helper.make_node("Add", ["x", "w"], ["dead1"]),
+            helper.make_node("Neg", ["dead1"], ["dead2"]),
+        ],
+        [vi("x", [2])],
+        [vi("y", [2])],
+        {"w": np.ones(2, np.float32), "unused": np.ones(3, np.float32)},
     )
     optimized, report = optimize(model, passes=[NAME])
     assert op_histogram(optimized) == {"Relu": 1}
@@ -28,7 +33,9 @@ def test_removes_dead_nodes_and_initializers() -> None:
 
 def test_unused_graph_input_kept() -> None:
     model = make_model(
-        [helper.make_node("Relu", ["x"], ["y"])], [vi("x", [2]), vi("unused", [3])], [vi("y", [2])],
+        [helper.make_node("Relu", ["x"], ["y"])],
+        [vi("x", [2]), vi("unused", [3])],
+        [vi("y", [2])],
     )
     optimized, report = optimize(model, passes=[NAME])
     assert [i.name for i in optimized.graph.input] == ["x", "unused"]
@@ -37,15 +44,25 @@ def test_unused_graph_input_kept() -> None:
 
 
 def test_value_read_only_by_subgraph_is_kept() -> None:
-    then = helper.make_graph([helper.make_node("Neg", ["outer"], ["t_out"])], "then", [], [vi("t_out", [2])])
+    then = helper.make_graph(
+        [helper.make_node("Neg", ["outer"], ["t_out"])], "then", [], [vi("t_out", [2])]
+    )
     other = helper.make_graph(
-        [helper.make_node("Add", ["x", "k"], ["e_out"]), helper.make_node("Abs", ["x"], ["e_dead"])],
-        "else", [], [vi("e_out", [2])],
+        [
+            helper.make_node("Add", ["x", "k"], ["e_out"]),
+            helper.make_node("Abs", ["x"], ["e_dead"]),
+        ],
+        "else",
+        [],
+        [vi("e_out", [2])],
     )
     model = make_model(
-        [helper.make_node("Relu", ["x"], ["outer"]),  # read only inside the then-branch
-         helper.make_node("If", ["c"], ["y"], then_branch=then, else_branch=other)],
-        [vi("x", [2]), vi("c", [], TensorProto.BOOL)], [vi("y", [2])],
+        [
+            helper.make_node("Relu", ["x"], ["outer"]),  # read only inside the then-branch
+            helper.make_node("If", ["c"], ["y"], then_branch=then, else_branch=other),
+        ],
+        [vi("x", [2]), vi("c", [], TensorProto.BOOL)],
+        [vi("y", [2])],
         {"k": np.ones(2, np.float32)},  # initializer read only inside the else-branch
     )
     optimized, report = optimize(model, passes=[NAME])
@@ -58,9 +75,15 @@ def test_value_read_only_by_subgraph_is_kept() -> None:
 
 def test_dead_constant_node_removed_live_output_of_multi_output_node_kept() -> None:
     model = make_model(
-        [helper.make_node("Constant", [], ["k"], value=onnx.numpy_helper.from_array(np.ones(4, np.float32))),
-         helper.make_node("Split", ["x"], ["a", "b"], axis=0, num_outputs=2)],
-        [vi("x", [4])], [vi("a", [2])], opset=18,
+        [
+            helper.make_node(
+                "Constant", [], ["k"], value=onnx.numpy_helper.from_array(np.ones(4, np.float32))
+            ),
+            helper.make_node("Split", ["x"], ["a", "b"], axis=0, num_outputs=2),
+        ],
+        [vi("x", [4])],
+        [vi("a", [2])],
+        opset=18,
     )
     optimized, report = optimize(model, passes=[NAME])
     assert op_histogram(optimized) == {"Split": 1}

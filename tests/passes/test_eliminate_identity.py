@@ -13,10 +13,15 @@ NAME = "eliminate-identity"
 
 def test_removes_identity_chain() -> None:
     model = make_model(
-        [helper.make_node("Relu", ["x"], ["r"]), helper.make_node("Identity", ["r"], ["i1"]),
-         helper.make_node("Identity", ["i1"], ["i2"]), helper.make_node("Neg", ["i2"], ["y"]),
-         helper.make_node("Abs", ["i1"], ["z"])],
-        [vi("x", [2, 3])], [vi("y", [2, 3]), vi("z", [2, 3])],
+        [
+            helper.make_node("Relu", ["x"], ["r"]),
+            helper.make_node("Identity", ["r"], ["i1"]),
+            helper.make_node("Identity", ["i1"], ["i2"]),
+            helper.make_node("Neg", ["i2"], ["y"]),
+            helper.make_node("Abs", ["i1"], ["z"]),
+        ],
+        [vi("x", [2, 3])],
+        [vi("y", [2, 3]), vi("z", [2, 3])],
     )
     optimized, report = optimize(model, passes=[NAME])
     assert op_histogram(optimized) == {"Abs": 1, "Neg": 1, "Relu": 1}
@@ -27,7 +32,8 @@ def test_removes_identity_chain() -> None:
 def test_identity_as_graph_output_renames_producer() -> None:
     model = make_model(
         [helper.make_node("Relu", ["x"], ["r"]), helper.make_node("Identity", ["r"], ["y"])],
-        [vi("x", [2])], [vi("y", [2])],
+        [vi("x", [2])],
+        [vi("y", [2])],
     )
     optimized, report = optimize(model, passes=[NAME])
     assert op_histogram(optimized) == {"Relu": 1}
@@ -47,7 +53,8 @@ def test_declines_graph_input_to_graph_output() -> None:
 def test_declines_output_to_output() -> None:
     model = make_model(
         [helper.make_node("Relu", ["x"], ["a"]), helper.make_node("Identity", ["a"], ["b"])],
-        [vi("x", [2])], [vi("a", [2]), vi("b", [2])],
+        [vi("x", [2])],
+        [vi("a", [2]), vi("b", [2])],
     )
     optimized, report = optimize(model, passes=[NAME])
     assert op_histogram(optimized) == {"Identity": 1, "Relu": 1}
@@ -100,26 +107,44 @@ def test_declines_dropout_mask_used(opset: int) -> None:
 def test_inside_if_and_loop_bodies_with_outer_scope() -> None:
     then = helper.make_graph(
         [helper.make_node("Identity", ["r"], ["t_i"]), helper.make_node("Neg", ["t_i"], ["t_out"])],
-        "then", [], [vi("t_out", [2])],
+        "then",
+        [],
+        [vi("t_out", [2])],
     )
     other = helper.make_graph(  # outer value straight out of the branch: must stay
-        [helper.make_node("Identity", ["r"], ["e_out"])], "else", [], [vi("e_out", [2])],
+        [helper.make_node("Identity", ["r"], ["e_out"])],
+        "else",
+        [],
+        [vi("e_out", [2])],
     )
     body = helper.make_graph(
-        [helper.make_node("Identity", ["cond_in"], ["cond_out"]),
-         helper.make_node("Identity", ["acc"], ["acc_i"]),
-         helper.make_node("Add", ["acc_i", "r"], ["acc_out"])],
-        "body", [vi("i", [], TensorProto.INT64), vi("cond_in", [], TensorProto.BOOL), vi("acc", [2])],
+        [
+            helper.make_node("Identity", ["cond_in"], ["cond_out"]),
+            helper.make_node("Identity", ["acc"], ["acc_i"]),
+            helper.make_node("Add", ["acc_i", "r"], ["acc_out"]),
+        ],
+        "body",
+        [vi("i", [], TensorProto.INT64), vi("cond_in", [], TensorProto.BOOL), vi("acc", [2])],
         [vi("cond_out", [], TensorProto.BOOL), vi("acc_out", [2])],
     )
     model = make_model(
-        [helper.make_node("Relu", ["x"], ["r"]),
-         helper.make_node("If", ["c"], ["b"], then_branch=then, else_branch=other),
-         helper.make_node("Loop", ["n", "", "b"], ["y"], body=body)],
-        [vi("x", [2]), vi("c", [], TensorProto.BOOL), vi("n", [], TensorProto.INT64)], [vi("y", [2])],
+        [
+            helper.make_node("Relu", ["x"], ["r"]),
+            helper.make_node("If", ["c"], ["b"], then_branch=then, else_branch=other),
+            helper.make_node("Loop", ["n", "", "b"], ["y"], body=body),
+        ],
+        [vi("x", [2]), vi("c", [], TensorProto.BOOL), vi("n", [], TensorProto.INT64)],
+        [vi("y", [2])],
     )
     optimized, report = optimize(model, passes=[NAME])
-    assert op_histogram(optimized) == {"Add": 1, "Identity": 2, "If": 1, "Loop": 1, "Neg": 1, "Relu": 1}
+    assert op_histogram(optimized) == {
+        "Add": 1,
+        "Identity": 2,
+        "If": 1,
+        "Loop": 1,
+        "Neg": 1,
+        "Relu": 1,
+    }
     assert report.stats(NAME) == {"removed-identity": 2, "skipped:graph-output": 2}
     for c in (True, False):
         feeds = [{"x": np.array([1.0, -2.0], np.float32), "c": np.array(c), "n": np.array(3)}]
@@ -129,7 +154,8 @@ def test_inside_if_and_loop_bodies_with_outer_scope() -> None:
 def test_nothing_to_do_and_idempotent() -> None:
     model = make_model(
         [helper.make_node("Identity", ["x"], ["i"]), helper.make_node("Relu", ["i"], ["y"])],
-        [vi("x", [2])], [vi("y", [2])],
+        [vi("x", [2])],
+        [vi("y", [2])],
     )
     once, _ = optimize(model, passes=[NAME])
     _, report = optimize(once, passes=[NAME])
