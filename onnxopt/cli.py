@@ -179,6 +179,14 @@ def optimize(
     report: Annotated[Path | None, typer.Option(help="Write the full report as JSON.")] = None,
     dry_run: Annotated[bool, typer.Option(help="Print the resolved pipeline and checks; run nothing.")] = False,
     seed: Annotated[int, typer.Option(help="Seed for generated inputs.")] = 0,
+    quantize: Annotated[str | None, typer.Option(
+        help="Compress: int8 (static QDQ, calibrated), dynamic, int8-weight, int4 or fp16. Kept only "
+        "when within the accuracy budget and faster than the float model on this machine.")] = None,
+    max_accuracy_drop: Annotated[float | None, typer.Option(
+        help="With --quantize: allowed task-accuracy drop in percentage points (needs 'labels' in the "
+        "data; default 1.0). Without labels: cosine >= --min-cosine and top-1 agreement >= 98%.")] = None,
+    force: Annotated[bool, typer.Option(
+        help="With --quantize: write the quantized model even when it is slower or over budget.")] = False,
     verbose: Verbose = 0,
     quiet: Quiet = False,
 ) -> None:
@@ -193,6 +201,13 @@ def optimize(
         if level is None and not passes:
             level = DEFAULT_LEVEL
         shapes = parse_input_shapes(input_shape)
+        if quantize is not None:
+            if passes:
+                raise OnnxoptError("--quantize runs its own pipeline (level 1, then the quantizer); "
+                                   "use --quantize or --pass, not both")
+            _compress(model, output, quantize, data, calibration_data, shapes, level, max_accuracy_drop,
+                      min_cosine, force, threads, repeats, report, seed, dry_run)
+            return
         preset, explicit = resolve(level, passes)
         if dry_run:
             out.print("preset (to fixpoint): " + (", ".join(p.name for p in preset) or "none"))
@@ -217,6 +232,67 @@ def optimize(
             )
         print_result(result)
         out.print(f"wrote {result.output}", markup=False)
+
+
+def _compress(
+    model: Path, output: Path | None, method: str, data: Path | None, calibration_data: Path | None,
+    shapes: dict[str, tuple[int, ...]], level: int | None, max_accuracy_drop: float | None,
+    min_cosine: float | None, force: bool, threads: int, repeats: int, report: Path | None,
+    seed: int, dry_run: bool,
+) -> None:
+    from onnxopt.api import _write_json, default_output
+    from onnxopt.compress import DEFAULT_MIN_COSINE, METHODS, compress
+    from onnxopt.manager import DEFAULT_LEVEL
+
+    if method not in METHODS:
+        raise OnnxoptError(f"--quantize '{method}': choose one of {', '.join(METHODS)}")
+    if dry_run:
+        out.print(f"compress: level {DEFAULT_LEVEL if level is None else level}, then "
+                  f"{METHODS[method][0]}; budget, per-layer fallback and latency check; nothing run")
+        return
+    with err.status("compressing", spinner="dots") as status:
+        result = compress(
+            model, output or default_output(model), method, calibration_data=calibration_data,
+            eval_data=data, max_accuracy_drop=max_accuracy_drop,
+            min_cosine=min_cosine if min_cosine is not None else DEFAULT_MIN_COSINE, force=force,
+            threads=threads, repeats=repeats, level=DEFAULT_LEVEL if level is None else level,
+            input_shapes=shapes, seed=seed, progress=lambda msg: status.update(msg),
+        )
+    for w in result.warnings:
+        err.print(f"[bold yellow]WARNING:[/bold yellow] {w}", soft_wrap=True)
+    print_compress_result(result)
+    if report is not None:
+        _write_json(report, result.to_dict())
+
+
+def print_compress_result(result: Any) -> None:
+    """Candidates (accuracy, fidelity, latency, size, verdict), sensitivity, and the decision."""
+    table = Table(title=f"Compression ({result.method}): evaluated on {result.evaluation_samples} feeds "
+                  f"from {result.evaluation_source}", title_justify="left")
+    for col in ("candidate", "accuracy", "drop", "min cosine", "top-1 agree", "latency", "size", "verdict"):
+        table.add_column(col, justify="left" if col in ("candidate", "verdict") else "right")
+    for c in result.candidates:
+        table.add_row(
+            c.label, "-" if c.accuracy is None else f"{c.accuracy:.2%}",
+            "-" if c.accuracy_drop_pp is None else f"{c.accuracy_drop_pp:+.2f} pt",
+            "-" if c.min_cosine is None else f"{c.min_cosine:.5f}",
+            "-" if c.min_top1 is None else f"{c.min_top1:.2%}",
+            "-" if c.latency_ms is None else f"{c.latency_ms:.3f} ms", _fmt_bytes(c.size_bytes), c.verdict,
+        )
+    out.print(table)
+    if result.sensitivity:
+        sens = Table(title="Per-layer sensitivity (1 - cosine with only that layer quantized)", title_justify="left")
+        for col in ("layer", "1 - cosine", "kept in float"):
+            sens.add_column(col, justify="left" if col == "layer" else "right")
+        for name, value in sorted(result.sensitivity.items(), key=lambda kv: -kv[1]):
+            sens.add_row(name, f"{value:.3g}", "yes" if name in result.float_layers else "")
+        out.print(sens)
+    for note in result.notes:
+        out.print(f"note: {note}", markup=False)
+    if result.float_layers:
+        out.print("layers kept in float: " + ", ".join(result.float_layers), markup=False)
+    out.print(result.reason, markup=False, soft_wrap=True)
+    out.print(f"wrote {result.output} ({result.written} model)", markup=False)
 
 
 @app.command()
@@ -372,6 +448,52 @@ def list_passes() -> None:
         opts = ", ".join(f"{f.name}={f.default}" for f in dataclasses.fields(cls.Options)) or "-"
         table.add_row(name, "exact" if cls.exact else "lossy", levels, needs, opts, cls.summary())
     out.print(table)
+
+
+@app.command()
+def export(
+    factory: Annotated[str, typer.Argument(
+        help="MODULE:FACTORY, where MODULE is a file (models/zoo.py:resnet18) or an importable "
+        "module (mypkg.nets:build) and FACTORY() returns a torch.nn.Module.", show_default=False)],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Output .onnx path.", show_default=False)],
+    input_shape: Annotated[list[str], typer.Option(
+        "--input-shape", help="One per forward() argument, in order: NAME=1,3,224,224, or "
+        "NAME=1,128:int64 for an integer input (repeatable).", show_default=False)],
+    dynamic_batch: Annotated[bool, typer.Option(help="Make dim 0 of every input and output dynamic.")] = False,
+    opset: Annotated[int | None, typer.Option(help="ONNX opset (default: the exporter's).")] = None,
+    keep_batchnorm: Annotated[bool, typer.Option(
+        help="Leave BatchNormalization unfolded, for `onnxopt optimize` to fold.")] = False,
+    exporter: Annotated[str, typer.Option(
+        help="dynamo (torch.export + onnxscript) or torchscript (legacy tracer, dynamo=False).")] = "dynamo",
+    atol: Annotated[float, typer.Option(help="Absolute tolerance of the check against torch.")] = 1e-4,
+    rtol: Annotated[float, typer.Option(help="Relative tolerance of the check against torch.")] = 1e-3,
+    seed: Annotated[int, typer.Option(help="Seed for the check's random inputs.")] = 0,
+    verbose: Verbose = 0,
+) -> None:
+    """Export a PyTorch model to ONNX and check it against torch before writing.
+
+    Uses torch.onnx's dynamo exporter (torch.export + onnxscript) by default;
+    --exporter torchscript selects the legacy TorchScript one. Needs PyTorch (the torch extra).
+    """
+    _setup_logging(verbose, False)
+    with _user_errors(verbose > 0):
+        from onnxopt.export import export as export_model
+        from onnxopt.export import parse_input_specs
+
+        shapes, dtypes = parse_input_specs(input_shape)
+        with err.status("exporting", spinner="dots"):
+            rep = export_model(factory, output, shapes, dynamic_batch=dynamic_batch, opset=opset,
+                               keep_batchnorm=keep_batchnorm, input_dtypes=dtypes, exporter=exporter,
+                               atol=atol, rtol=rtol, seed=seed)
+        table = Table(title=f"Export check against torch ({rep.exporter} exporter, opset {rep.opset}, "
+                      f"torch {rep.torch_version})", title_justify="left")
+        for col in ("output", "max abs", "cosine", "result"):
+            table.add_column(col, justify="left" if col == "output" else "right")
+        for c in rep.checks:
+            table.add_row(c.name, f"{c.max_abs:.3g}", f"{c.cosine:.6f}", "ok" if c.passed else "FAIL")
+        out.print(table)
+        out.print(f"nodes {rep.nodes}, BatchNormalization {rep.batchnorm_nodes}, {rep.seconds:.1f} s", markup=False)
+        out.print(f"wrote {rep.output}", markup=False)
 
 
 def main() -> None:

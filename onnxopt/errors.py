@@ -43,6 +43,10 @@ class InputDataError(OnnxoptError):
     """User-supplied or generated input data does not fit the model."""
 
 
+class ExportError(OnnxoptError):
+    """A PyTorch model could not be built, exported, or does not match its export."""
+
+
 class ValidationError(OnnxoptError):
     """The optimized model's outputs differ from the original's beyond tolerance."""
 
