@@ -126,6 +126,10 @@ class ConvertFp16Pass(Pass):
         if not any(fp16.values()):
             return PassResult(changed=False, stats=dict(stats))
         _rewire(graph, fp16, main, ctx.names, stats)
+        ctx.notes[self.name] = {
+            "quantized": [layer_key(n) for n in graph.nodes if fp16.get(id(n))],
+            "skipped": {},
+        }
         stats["converted-nodes"] = sum(fp16.values())
         if stats["clipped-values"]:
             logger.warning("convert-fp16: %d weight values beyond +-65504 were clipped", stats["clipped-values"])

@@ -1,7 +1,10 @@
-"""Weight-only int4/int8 quantization of MatMul with constant [K, N] weights (MatMulNBits).
+"""Weight-only int4/int8 quantization of MatMul/Gemm with constant weights (MatMulNBits).
 
     y = x @ W   ->   y = MatMulNBits(x, B, scales[, zero_points])      (com.microsoft)
     W[k, n] ~ (q[n, k] - z[n, k // block]) * s[n, k // block]
+
+Gemm ``Y = alpha * A @ op(B) + beta * C`` is the same with ``W = op(B)``, ``alpha``
+multiplied into the scales and ``beta * C`` passed as MatMulNBits' ``bias`` input.
 
 Each column ``n`` of ``W`` is cut along K into blocks of ``block_size`` (the last one
 zero-padded); every block gets its own scale, and with ``symmetric=False`` its own
@@ -23,6 +26,8 @@ Declined, and counted in stats:
 - ``skipped:weight-not-constant`` / ``skipped:weight-not-2d`` / ``skipped:weight-not-float32``.
 - ``skipped:input-not-float32``: the activation's dtype is not known to be float32.
 - ``skipped:input-rank``: the activation's rank is unknown or below 2 (MatMulNBits needs [..., K]).
+- ``skipped:gemm-transA``: Gemm with ``transA=1``.
+- ``skipped:gemm-bias``: Gemm's ``C`` is not a constant that broadcasts as one row of N.
 Nodes in If/Loop/Scan bodies are handled like the rest; custom-domain ops are left alone.
 """
 
@@ -30,6 +35,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections import Counter
+from typing import Any
 
 import numpy as np
 import onnx
@@ -125,11 +131,26 @@ def _decline(node: gs.Node, exclude: frozenset[str]) -> str | None:
         return "input-not-float32"
     if x.shape is None or len(x.shape) < 2:
         return "input-rank"
+    if node.op == "Gemm":
+        if int(node.attrs.get("transA", 0)):
+            return "gemm-transA"
+        if _gemm_bias(node, w.shape[0] if int(node.attrs.get("transB", 0)) else w.shape[1]) is False:
+            return "gemm-bias"
     return None
 
 
+def _gemm_bias(node: gs.Node, n: int) -> np.ndarray | None | bool:
+    """``beta * C`` as a [N] row, None without C, False when C is not such a constant."""
+    if len(node.inputs) < 3 or not node.inputs[2].name:
+        return None
+    c = constant_value(node.inputs[2])
+    if c is None or c.dtype != np.float32 or c.size not in (1, n) or (c.ndim == 2 and c.shape[0] != 1):
+        return False
+    return (np.broadcast_to(c.reshape(-1), (n,)) * np.float32(node.attrs.get("beta", 1.0))).astype(np.float32)
+
+
 class QuantizeWeightOnlyPass(Pass):
-    """Quantize constant MatMul weights to int4/int8 blocks (MatMulNBits); activations stay float."""
+    """Quantize constant MatMul/Gemm weights to int4/int8 blocks (MatMulNBits); activations stay float."""
 
     name = "quantize-weight-only"
     exact = False
@@ -158,9 +179,9 @@ class QuantizeWeightOnlyPass(Pass):
         quantized: list[str] = []
         skipped: dict[str, str] = {}
         for g in list(iter_graphs(graph)):
-            packed: dict[str, tuple[gs.Constant, gs.Constant, gs.Constant | None]] = {}
+            packed: dict[tuple[Any, ...], tuple[gs.Constant, gs.Constant, gs.Constant | None]] = {}
             for node in list(g.nodes):
-                if node.op != "MatMul" or not is_default_domain(node) or len(node.inputs) != 2:
+                if node.op not in ("MatMul", "Gemm") or not is_default_domain(node) or len(node.inputs) < 2:
                     continue
                 if reason := _decline(node, exclude):
                     stats[f"skipped:{reason}"] += 1
@@ -168,17 +189,28 @@ class QuantizeWeightOnlyPass(Pass):
                     continue
                 w_tensor = node.inputs[1]
                 w = constant_value(w_tensor)
-                if w_tensor.name not in packed:
+                alpha, bias = 1.0, None
+                if node.op == "Gemm":
+                    w = w.T if int(node.attrs.get("transB", 0)) else w
+                    alpha = float(node.attrs.get("alpha", 1.0))
+                    bias = _gemm_bias(node, w.shape[1])
+                key = (w_tensor.name, node.op == "Gemm" and int(node.attrs.get("transB", 0)), alpha)
+                if key not in packed:
                     bq = quantize_blockwise(w, o.bits, o.block_size, o.symmetric)
                     base = f"{w_tensor.name}_q{o.bits}"
-                    packed[w_tensor.name] = (
+                    packed[key] = (
                         gs.Constant(ctx.names.fresh(base), bq.packed),
-                        gs.Constant(ctx.names.fresh(f"{base}_scales"), bq.scales),
+                        gs.Constant(ctx.names.fresh(f"{base}_scales"), bq.scales * np.float32(alpha)),
                         None if bq.zero_points is None
                         else gs.Constant(ctx.names.fresh(f"{base}_zero_points"), bq.zero_points),
                     )
-                b, scales, zeros = packed[w_tensor.name]
-                inputs = [node.inputs[0], b, scales] + ([zeros] if zeros is not None else [])
+                b, scales, zeros = packed[key]
+                inputs = [node.inputs[0], b, scales, zeros if zeros is not None else gs.Variable.empty()]
+                if bias is not None:
+                    bias_const = gs.Constant(ctx.names.fresh(f"{layer_key(node)}_bias"), bias)
+                    inputs += [gs.Variable.empty(), bias_const]  # g_idx unused
+                while inputs[-1].name == "":
+                    inputs.pop()
                 y = node.outputs[0]
                 node.outputs.clear()
                 add_node(g, "MatMulNBits", inputs, [y], {

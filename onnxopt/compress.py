@@ -1,0 +1,364 @@
+"""Accuracy-aware, latency-aware compression: quantize, check the budget, keep it only if it pays.
+
+``compress`` is what ``onnxopt optimize --quantize METHOD`` runs:
+
+1. load the model; upgrade its opset when the method needs a newer one (int8 QDQ:
+   13 for per-channel DequantizeLinear; dynamic: 11), and say so;
+2. run the lossless level-1 preset: this is the *float* candidate;
+3. quantize it with the method's pass;
+4. evaluate on inputs kept apart from the calibration inputs (one dataset given:
+   the first half calibrates, the second half evaluates). With labels the budget is
+   the task accuracy drop in percentage points (``max_accuracy_drop``, default 1.0);
+   without labels it is a fidelity floor against the float model on every output:
+   cosine >= ``min_cosine`` (0.99) and, for classifier outputs, top-1 agreement >=
+   ``min_top1`` (0.98);
+5. over budget: measure each quantized layer's sensitivity by quantizing *only that
+   layer* (all others excluded) and taking ``1 - cosine`` of the outputs on a few
+   evaluation feeds; then keep the most sensitive layers in float, one more at a time,
+   until the budget holds (every step re-evaluated on the whole evaluation set);
+6. measure the float model and the candidate within budget on this machine
+   (interleaved medians, 1 thread by default); the quantized model is written only if
+   it is within budget *and* at least ``min_speedup`` times faster. Otherwise the
+   float model is written, and the result says why. ``force=True`` writes the
+   quantized model anyway.
+
+Single-layer sensitivity costs one quantization and one short evaluation per layer,
+the same as leave-one-out, but it ranks layers by the error each one causes on its
+own, which is what keeping a layer in float removes; the greedy loop then checks the
+combined effect on the full evaluation set, so the ranking only orders the search.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+
+from onnxopt import data as data_mod
+from onnxopt.bench import Latency, measure_latency
+from onnxopt.data import Dataset, Feed
+from onnxopt.errors import InputDataError, OnnxoptError
+from onnxopt.io import load_model, opset_of, save_model
+from onnxopt.manager import DEFAULT_LEVEL, PassManager, resolve
+from onnxopt.validate import Tolerance, ValidationReport, compare
+
+logger = logging.getLogger(__name__)
+
+# method -> (pass name, options, opset the method needs)
+METHODS: dict[str, tuple[str, dict[str, Any], int]] = {
+    "int8": ("quantize-qdq", {}, 13),
+    "dynamic": ("quantize-dynamic", {}, 11),
+    "int8-weight": ("quantize-weight-only", {"bits": 8}, 1),
+    "int4": ("quantize-weight-only", {"bits": 4}, 1),
+    "fp16": ("convert-fp16", {}, 1),
+}
+NEEDS_CALIBRATION = frozenset({"int8"})
+DEFAULT_MAX_ACCURACY_DROP = 1.0  # percentage points, when labels are given without a budget
+DEFAULT_MIN_COSINE = 0.99
+DEFAULT_MIN_TOP1 = 0.98
+SENSITIVITY_FEEDS = 4
+
+Measure = Callable[[Mapping[str, onnx.ModelProto], Sequence[Feed]], Mapping[str, Latency]]
+
+
+@dataclasses.dataclass
+class Candidate:
+    """One model the driver evaluated: float, fully quantized, or with some layers kept float."""
+
+    label: str
+    float_layers: list[str]
+    within_budget: bool
+    budget_detail: str
+    accuracy: float | None = None
+    accuracy_drop_pp: float | None = None
+    min_cosine: float | None = None
+    min_top1: float | None = None
+    latency_ms: float | None = None
+    size_bytes: int = 0
+    verdict: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass
+class CompressResult:
+    """What ``compress`` tried, measured and wrote."""
+
+    output: Path
+    method: str
+    written: str  # "float" or "quantized"
+    reason: str
+    candidates: list[Candidate]
+    sensitivity: dict[str, float]  # layer -> 1 - cosine when only it is quantized
+    float_layers: list[str]  # layers kept in float in the written quantized model
+    quantized_layers: list[str]
+    skipped_layers: dict[str, str]
+    calibration_source: str
+    evaluation_source: str
+    evaluation_samples: int
+    warnings: list[str] = dataclasses.field(default_factory=list)
+    notes: list[str] = dataclasses.field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["output"] = str(self.output)
+        return d
+
+
+@dataclasses.dataclass
+class _Budget:
+    max_accuracy_drop: float | None  # pp; None: fidelity floor
+    tolerance: Tolerance
+
+    def judge(self, report: ValidationReport) -> tuple[bool, str, float | None, float | None]:
+        """(within budget, why, accuracy after, drop in pp)."""
+        if self.max_accuracy_drop is not None and report.accuracy_before is not None:
+            drop = (report.accuracy_before - (report.accuracy_after or 0.0)) * 100
+            ok = drop <= self.max_accuracy_drop and all(np.isfinite(o.cosine) for o in report.outputs)
+            return ok, (f"accuracy {report.accuracy_after:.2%} vs {report.accuracy_before:.2%}: "
+                        f"drop {drop:+.2f} pt {'<=' if ok else '>'} {self.max_accuracy_drop:g} pt"), \
+                report.accuracy_after, drop
+        if report:
+            return True, "fidelity floor holds on every output", None, None
+        worst = "; ".join(o.describe(report.tolerance) for o in report.failures)
+        return False, f"below the fidelity floor (cosine >= {self.tolerance.min_cosine:g}" + (
+            f", top-1 agreement >= {self.tolerance.min_top1:.0%}" if self.tolerance.min_top1 else "") + \
+            f"): {worst}", None, None
+
+
+def _default_measure(threads: int, repeats: int) -> Measure:
+    def measure(models: Mapping[str, onnx.ModelProto], feeds: Sequence[Feed]) -> Mapping[str, Latency]:
+        return measure_latency(dict(models), feeds, threads=threads, repeats=repeats)
+    return measure
+
+
+def compress(
+    model_path: str | os.PathLike[str],
+    output: str | os.PathLike[str] | None = None,
+    method: str = "int8",
+    *,
+    calibration_data: str | os.PathLike[str] | Dataset | None = None,
+    eval_data: str | os.PathLike[str] | Dataset | None = None,
+    max_accuracy_drop: float | None = None,
+    min_cosine: float = DEFAULT_MIN_COSINE,
+    min_top1: float = DEFAULT_MIN_TOP1,
+    min_speedup: float = 1.03,
+    force: bool = False,
+    threads: int = 1,
+    repeats: int = 30,
+    level: int = DEFAULT_LEVEL,
+    pass_options: Mapping[str, Any] | None = None,
+    input_shapes: Mapping[str, Sequence[int]] | None = None,
+    seed: int = 0,
+    measure: Measure | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> CompressResult:
+    """Quantize the model at ``model_path`` within an accuracy budget, keep it only if faster.
+
+    Args:
+        method: ``int8`` (static QDQ, calibrated), ``dynamic``, ``int8-weight``, ``int4``, ``fp16``.
+        calibration_data, eval_data: ``.npz`` / directory paths or ``Dataset``s. One given: it
+            is split, first half calibration, second half evaluation. None: generated inputs.
+        max_accuracy_drop: budget in percentage points of task accuracy (needs labels).
+        min_speedup: the quantized model must be this many times faster than the float one.
+        measure: ``measure(models, feeds) -> {name: Latency}``; the default times the models
+            in onnxruntime (interleaved medians).
+    """
+    if method not in METHODS:
+        raise OnnxoptError(f"unknown quantization method '{method}'; choose one of {', '.join(METHODS)}")
+    say = progress or (lambda _msg: None)
+    src = Path(model_path)
+    dst = Path(output) if output is not None else src.with_name(src.stem + ".opt.onnx")
+    pass_name, options, min_opset = METHODS[method]
+    options = {**options, **(pass_options or {})}
+    measure = measure or _default_measure(threads, repeats)
+    say(f"loading {src}")
+    model = load_model(src)
+    notes: list[str] = []
+    if opset_of(model) < min_opset:
+        from onnxopt.opset import upgrade_opset
+
+        notes.append(f"upgraded the model from opset {opset_of(model)} to {min_opset} "
+                     f"({pass_name} needs it)")
+        model = upgrade_opset(model, min_opset)
+    calib, evaluation, warnings = _datasets(model, method, calibration_data, eval_data, input_shapes, seed)
+
+    say("lossless passes")
+    preset, _ = resolve(level, None)
+    float_model, _ = PassManager(preset).run(model, input_shapes=input_shapes, seed=seed)
+    tol = Tolerance(exact=False, min_cosine=min_cosine, min_top1=min_top1)
+    if max_accuracy_drop is None and evaluation.labels is not None:
+        max_accuracy_drop = DEFAULT_MAX_ACCURACY_DROP
+    if max_accuracy_drop is not None and evaluation.labels is None:
+        warnings.append("--max-accuracy-drop needs labels in the evaluation data ('labels' array); "
+                        "judging by the fidelity floor instead")
+    budget = _Budget(max_accuracy_drop, tol)
+    calib_feeds = calib.feeds if calib is not None else None
+
+    def quantize(exclude: Sequence[str]) -> tuple[onnx.ModelProto, dict[str, Any]]:
+        opts = dict(options)
+        if exclude:
+            opts["exclude"] = tuple(exclude)
+        p = resolve(None, [(pass_name, opts)])[1]
+        qmodel, report = PassManager((), p).run(float_model, calibration=calib_feeds,
+                                                 input_shapes=input_shapes, seed=seed)
+        return qmodel, report.notes.get(pass_name, {})
+
+    def evaluate(label: str, qmodel: onnx.ModelProto, float_layers: list[str]) -> Candidate:
+        say(f"evaluating {label}")
+        report = compare(float_model, qmodel, evaluation, tol)
+        ok, why, acc, drop = budget.judge(report)
+        if report.accuracy_before is not None:
+            float_cand.accuracy, float_cand.accuracy_drop_pp = report.accuracy_before, 0.0
+        floats = [o for o in report.outputs if o.top1_agreement is not None]
+        return Candidate(label, list(float_layers), ok, why, acc, drop,
+                         min(o.cosine for o in report.outputs),
+                         min(o.top1_agreement for o in floats) if floats else None,
+                         size_bytes=qmodel.ByteSize())
+
+    say(f"quantizing ({pass_name})")
+    qmodel, qnotes = quantize(())
+    layers = list(qnotes.get("quantized", []))
+    skipped = dict(qnotes.get("skipped", {}))
+    float_cand = Candidate("float (lossless passes)", [], True, "reference", min_cosine=1.0,
+                           size_bytes=float_model.ByteSize())
+    result = CompressResult(dst, method, "float", "", [float_cand], {}, [], layers, skipped,
+                            calib.source if calib is not None else "none (method needs no calibration)",
+                            evaluation.source, len(evaluation), warnings, notes)
+    if not layers:
+        result.reason = f"{pass_name} found nothing to quantize"
+        float_cand.verdict = "written (see below)"
+        _write(float_model, dst, say)
+        return result
+
+    candidates = [evaluate(method, qmodel, [])]
+    chosen: tuple[onnx.ModelProto, Candidate] | None = (qmodel, candidates[0]) if candidates[0].within_budget else None
+    last_tried: tuple[onnx.ModelProto, Candidate] = (qmodel, candidates[0])
+    if chosen is None and method != "fp16" and len(layers) > 1:
+        result.sensitivity = _sensitivity(layers, quantize, float_model, evaluation, say)
+        ranked = sorted(layers, key=lambda name: -result.sensitivity[name])
+        for k in range(1, len(ranked)):
+            kept = ranked[:k]
+            qk, _ = quantize(kept)
+            cand = evaluate(f"{method}, {k} layer{'s' if k > 1 else ''} in float", qk, kept)
+            candidates.append(cand)
+            last_tried = (qk, cand)
+            if cand.within_budget:
+                chosen = (qk, cand)
+                break
+    result.candidates += candidates
+    for cand in candidates:
+        if not cand.within_budget:
+            cand.verdict = "rolled back: over budget: " + cand.budget_detail
+
+    if chosen is None:
+        result.reason = (f"no {method} variant is within the accuracy budget "
+                         f"({candidates[-1].budget_detail}); wrote the float model after the lossless passes")
+        if force:
+            return _forced(result, last_tried, float_cand, dst, say)
+        float_cand.verdict = "written (see below)"
+        _write(float_model, dst, say)
+        return result
+
+    qbest, cand = chosen
+    say("measuring latency")
+    lat = measure({"float": float_model, "quantized": qbest}, evaluation.feeds[:SENSITIVITY_FEEDS])
+    float_cand.latency_ms, cand.latency_ms = lat["float"].median_ms, lat["quantized"].median_ms
+    speedup = float_cand.latency_ms / cand.latency_ms if cand.latency_ms > 0 else float("inf")
+    if speedup >= min_speedup:
+        result.written, result.float_layers = "quantized", cand.float_layers
+        result.reason = (f"{cand.label} is within budget ({cand.budget_detail}) and {speedup:.2f}x "
+                         f"faster than float ({cand.latency_ms:.3f} vs {float_cand.latency_ms:.3f} ms)")
+        cand.verdict = "kept: " + result.reason
+        float_cand.verdict = "replaced by " + cand.label
+        _write(qbest, dst, say)
+        return result
+    result.reason = (f"{cand.label} is within budget but not faster on this machine: "
+                     f"{cand.latency_ms:.3f} ms vs {float_cand.latency_ms:.3f} ms float "
+                     f"({speedup:.2f}x, needs >= {min_speedup:g}x); wrote the float model after the lossless passes")
+    if force:
+        return _forced(result, chosen, float_cand, dst, say)
+    cand.verdict = "rolled back: not faster than float"
+    float_cand.verdict = "written (see below)"
+    _write(float_model, dst, say)
+    return result
+
+
+def _forced(result: CompressResult, chosen: tuple[onnx.ModelProto, Candidate], float_cand: Candidate,
+            dst: Path, say: Callable[[str], None]) -> CompressResult:
+    qmodel, cand = chosen
+    result.written, result.float_layers = "quantized", cand.float_layers
+    result.reason = f"--force: wrote {cand.label} although " + result.reason.split("; wrote")[0]
+    cand.verdict = "kept (--force)"
+    float_cand.verdict = "not written (--force)"
+    _write(qmodel, dst, say)
+    return result
+
+
+def _sensitivity(
+    layers: Sequence[str], quantize: Callable[[Sequence[str]], tuple[onnx.ModelProto, dict[str, Any]]],
+    float_model: onnx.ModelProto, evaluation: Dataset, say: Callable[[str], None],
+) -> dict[str, float]:
+    """Layer -> 1 - (lowest output cosine) with only that layer quantized, on a few feeds."""
+    few = Dataset(evaluation.feeds[:SENSITIVITY_FEEDS], source=evaluation.source)
+    tol = Tolerance(exact=False)
+    out: dict[str, float] = {}
+    for i, layer in enumerate(layers):
+        say(f"sensitivity {i + 1}/{len(layers)}: {layer}")
+        qmodel, notes = quantize([other for other in layers if other != layer])
+        if layer not in notes.get("quantized", []):
+            out[layer] = 0.0  # not quantizable on its own (e.g. a scale-sharing op)
+            continue
+        report = compare(float_model, qmodel, few, tol)
+        out[layer] = float(max(1.0 - o.cosine for o in report.outputs))
+    return out
+
+
+def _datasets(
+    model: onnx.ModelProto, method: str, calibration_data: Any, eval_data: Any,
+    input_shapes: Mapping[str, Sequence[int]] | None, seed: int,
+) -> tuple[Dataset | None, Dataset, list[str]]:
+    """(calibration, evaluation, warnings): disjoint whenever the method calibrates."""
+    warnings: list[str] = []
+
+    def load(d: Any) -> Dataset | None:
+        if d is None or isinstance(d, Dataset):
+            return d
+        return data_mod.load(d, model)
+
+    calib, evaluation = load(calibration_data), load(eval_data)
+    needs_calib = method in NEEDS_CALIBRATION
+    if calib is None and evaluation is None:
+        warnings.append(
+            "NO DATA GIVEN: calibrating and evaluating on GENERATED random inputs; the accuracy "
+            "budget is only a fidelity check on noise. Pass --calibration-data (and --data with "
+            "labels) from your real inputs.")
+        generated = data_mod.generate(model, count=16, pins=input_shapes, seed=seed)
+        evaluation = data_mod.generate(model, count=16, pins=input_shapes, seed=seed + 1)
+        return (generated if needs_calib else None), evaluation, warnings
+    if not needs_calib:
+        # nothing is fitted to the data, so every given sample can evaluate
+        merged = evaluation if evaluation is not None else calib
+        return None, merged, warnings
+    if calib is not None and evaluation is not None:
+        return calib, evaluation, warnings
+    single = calib if calib is not None else evaluation
+    if len(single) < 2:
+        raise InputDataError(
+            f"{single.source}: holds one feed; calibration and evaluation need separate inputs "
+            "(give more samples, or both --calibration-data and --data)")
+    first, second = single.split(0.5)
+    warnings.append(f"split {single.source}: {len(first)} feeds calibrate, {len(second)} evaluate")
+    return first, second, warnings
+
+
+def _write(model: onnx.ModelProto, dst: Path, say: Callable[[str], None]) -> None:
+    say(f"writing {dst}")
+    save_model(model, dst)
