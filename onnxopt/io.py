@@ -24,7 +24,7 @@ import onnx
 import onnx_graphsurgeon as gs
 from google.protobuf.message import DecodeError
 
-from onnxopt.errors import ModelLoadError, ModelSaveError
+from onnxopt.errors import ModelLoadError, ModelSaveError, PreconditionError
 
 logger = logging.getLogger(__name__)
 
@@ -112,8 +112,24 @@ def opset_of(model: onnx.ModelProto) -> int:
 
 
 def to_graph(model: onnx.ModelProto) -> gs.Graph:
-    """Import a model into graphsurgeon (weights are shared, not copied)."""
+    """Import a model into graphsurgeon (weights are shared, not copied).
+
+    Optional-typed values are refused: graphsurgeon imports them but cannot export them.
+    """
+    _refuse_optional_types(model)
     return gs.import_onnx(model)
+
+
+def _refuse_optional_types(model: onnx.ModelProto) -> None:
+    from onnxopt.graph_utils import iter_proto_graphs
+
+    for g in iter_proto_graphs(model.graph):
+        for vi in (*g.input, *g.output, *g.value_info):
+            if vi.type.WhichOneof("value") == "optional_type":
+                raise PreconditionError(
+                    f"value '{vi.name}' (graph '{g.name}') has an optional type; onnxopt cannot "
+                    "rewrite models with optional values yet (onnx-graphsurgeon cannot export them)"
+                )
 
 
 def to_model(
