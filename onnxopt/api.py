@@ -140,11 +140,14 @@ def optimize_file(
     optimized, report = manager.run(model, calibration=calibration, input_shapes=pins, seed=seed)
     shapes = _shapes_of(dataset) if dataset else pins
     before = model_stats(model, shapes, size_bytes=_file_size(src))
+    # from here on only files are used: drop the weights before onnxruntime loads both models
+    del model, calibration
     result: OptimizeResult
     with staged_output(dst) as staged:
         say("writing")
-        write_model(optimized, staged)
+        write_model(optimized, staged, restore_data=False)
         after = model_stats(optimized, shapes, size_bytes=_file_size(staged))
+        del optimized
         result = OptimizeResult(dst, report, None, before, after,
                                 data_source=dataset.source if dataset else "")
         if dataset is not None and dataset.generated:

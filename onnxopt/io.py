@@ -22,7 +22,7 @@ from pathlib import Path
 
 import onnx
 import onnx_graphsurgeon as gs
-from google.protobuf.message import DecodeError
+from google.protobuf.message import DecodeError, EncodeError
 
 from onnxopt.errors import ModelLoadError, ModelSaveError, PreconditionError
 
@@ -166,6 +166,14 @@ def model_size(model: onnx.ModelProto) -> int:
     return int(model.ByteSize())
 
 
+def over_protobuf_limit(model: onnx.ModelProto) -> bool:
+    """Whether ``model`` is too large to serialize as one protobuf."""
+    try:
+        return model.ByteSize() >= PROTOBUF_LIMIT
+    except EncodeError:  # past 2 GiB protobuf refuses even to compute the size
+        return True
+
+
 @contextlib.contextmanager
 def staged_output(destination: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path beside ``destination``; ``commit()`` by leaving the block.
@@ -230,14 +238,18 @@ def _commit(tmpdir: Path, parent: Path, name: str) -> None:
         raise
 
 
-def write_model(model: onnx.ModelProto, path: Path, external_data: bool | None = None) -> None:
+def write_model(
+    model: onnx.ModelProto, path: Path, external_data: bool | None = None,
+    restore_data: bool = True,
+) -> None:
     """Write ``model`` to ``path`` (a staging path), with external data when it is large.
 
-    The caller's proto is not modified: for the external-data case the tensors are
-    written through a shallow conversion that is undone afterwards.
+    With external data, ``onnx.save_model`` moves the tensors out of the proto; they are
+    read back afterwards unless ``restore_data`` is False (a caller that drops the proto
+    after writing saves reading the whole data file again).
     """
     if external_data is None:
-        external_data = model.ByteSize() >= PROTOBUF_LIMIT or _has_external(model)
+        external_data = over_protobuf_limit(model) or _has_external(model)
     try:
         if external_data:
             location = path.name + ".data"
@@ -249,8 +261,9 @@ def write_model(model: onnx.ModelProto, path: Path, external_data: bool | None =
                 location=location,
                 size_threshold=1024,
             )
-            # onnx.save_model converted the proto in place; bring the data back in memory
-            onnx.external_data_helper.load_external_data_for_model(model, str(path.parent))
+            if restore_data:
+                # onnx.save_model converted the proto in place; bring the data back in memory
+                onnx.external_data_helper.load_external_data_for_model(model, str(path.parent))
         else:
             onnx.save_model(model, str(path))
     except OSError as e:

@@ -20,7 +20,7 @@ import onnx_graphsurgeon as gs
 from onnxopt import __version__
 from onnxopt.errors import MissingRequirementError, OnnxoptError, PassFailedError, PassOptionError
 from onnxopt.graph_utils import iter_graphs
-from onnxopt.io import opset_of, to_graph, to_model
+from onnxopt.io import opset_of, over_protobuf_limit, to_graph, to_model
 from onnxopt.pass_base import NameGenerator, Pass, PassContext, PassResult, Requirement
 from onnxopt.registry import get_pass
 from onnxopt.shapes import apply_shapes
@@ -280,7 +280,7 @@ class PassManager:
     def _verify(p: Pass, graph: gs.Graph, model: onnx.ModelProto, report: PipelineReport) -> None:
         candidate = to_model(graph.copy(), model)
         try:
-            if candidate.ByteSize() < 2**31 - 2**24:
+            if not over_protobuf_limit(candidate):  # ByteSize() raises past 2 GiB
                 onnx.checker.check_model(candidate)
         except onnx.checker.ValidationError as e:
             done = ", ".join(report.passes_run)

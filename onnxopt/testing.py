@@ -178,3 +178,60 @@ def mlp_model(
     in_shape = [batch, sizes[0]] if rank == 2 else [batch, 8, sizes[0]]
     out_shape = [batch, sizes[-1]] if rank == 2 else [batch, 8, sizes[-1]]
     return make_model(nodes, [vi("x", in_shape)], [vi("logits", out_shape)], inits, opset=opset)
+
+
+def scale_model(nodes: int, kind: str = "chain", seed: int = 0, opset: int = 17) -> onnx.ModelProto:
+    """A graph of about ``nodes`` small nodes, for timing passes against graph size.
+
+    Blocks of 12 nodes on x[1, 4, 4, 4]: Conv -> BatchNormalization -> Identity ->
+    Add(const) -> Reshape -> Transpose -> MatMul(const) -> Transpose -> Reshape -> Relu
+    -> Dropout, closed by a residual Add. ``kind="chain"`` runs the blocks one after
+    another; ``"branchy"`` splits every block input into two such branches joined by Add.
+    Every block has its own weights, so every rewrite has work proportional to the size.
+    """
+    rng = np.random.default_rng(seed)
+    c = 4
+    inits: dict[str, np.ndarray] = {
+        "to3d": np.array([1, c, 16], np.int64), "to4d": np.array([1, c, 4, 4], np.int64),
+    }
+    body: list[onnx.NodeProto] = []
+
+    def block(x: str, p: str) -> str:
+        inits[f"{p}w"] = rng.standard_normal((c, c, 1, 1)).astype(np.float32) * 0.5
+        inits[f"{p}g"] = rng.uniform(0.5, 1.5, c).astype(np.float32)
+        inits[f"{p}b"] = rng.standard_normal(c).astype(np.float32) * 0.1
+        inits[f"{p}m"] = rng.standard_normal(c).astype(np.float32) * 0.1
+        inits[f"{p}v"] = rng.uniform(0.5, 2.0, c).astype(np.float32)
+        inits[f"{p}a"] = rng.standard_normal((1, c, 1, 1)).astype(np.float32) * 0.1
+        inits[f"{p}k"] = rng.standard_normal((c, 16)).astype(np.float32)[:, :4].copy() * 0.5
+        body.extend([
+            helper.make_node("Conv", [x, f"{p}w"], [f"{p}conv"]),
+            helper.make_node("BatchNormalization", [f"{p}conv", f"{p}g", f"{p}b", f"{p}m", f"{p}v"],
+                             [f"{p}bn"]),
+            helper.make_node("Identity", [f"{p}bn"], [f"{p}id"]),
+            helper.make_node("Add", [f"{p}id", f"{p}a"], [f"{p}add"]),
+            helper.make_node("Reshape", [f"{p}add", "to3d"], [f"{p}r3"]),
+            helper.make_node("Transpose", [f"{p}r3"], [f"{p}t"], perm=[0, 2, 1]),
+            helper.make_node("MatMul", [f"{p}t", f"{p}k"], [f"{p}mm"]),
+            helper.make_node("Transpose", [f"{p}mm"], [f"{p}tb"], perm=[0, 2, 1]),
+            helper.make_node("Reshape", [f"{p}tb", "to4d"], [f"{p}r4"]),
+            helper.make_node("Relu", [f"{p}r4"], [f"{p}relu"]),
+            helper.make_node("Dropout", [f"{p}relu"], [f"{p}drop"]),
+        ])
+        return f"{p}drop"
+
+    h, i = "x", 0
+    per_block = 12 if kind == "chain" else 24
+    for i in range(max(1, nodes // per_block)):
+        if kind == "chain":
+            out = block(h, f"b{i}_")
+        else:
+            out = f"b{i}_join"
+            body.append(helper.make_node("Add", [block(h, f"b{i}l_"), block(h, f"b{i}r_")], [out]))
+        res = f"b{i}_res"
+        body.append(helper.make_node("Add", [out, h], [res]) if kind == "chain" else
+                    helper.make_node("Identity", [out], [res]))
+        h = res
+    body.append(helper.make_node("Identity", [h], ["y"]))
+    shape = [1, c, 4, 4]
+    return make_model(body, [vi("x", shape)], [vi("y", shape)], inits, opset=opset, check=False)
