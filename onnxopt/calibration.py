@@ -76,7 +76,11 @@ def weight_scales(w: np.ndarray, axis: int | None) -> np.ndarray:
     if axis is None:
         amax = np.asarray(a.max() if a.size else 0.0)
     else:
-        amax = a.max(axis=tuple(i for i in range(w.ndim) if i != axis)) if a.size else np.zeros(w.shape[axis])
+        amax = (
+            a.max(axis=tuple(i for i in range(w.ndim) if i != axis))
+            if a.size
+            else np.zeros(w.shape[axis])
+        )
     return np.where(amax > 0, amax / 127.0, 1.0).astype(np.float32)
 
 
@@ -110,19 +114,22 @@ class Histogram:
         self.counts += counts
 
     def _rebin(self, lo: float, hi: float) -> None:
-        assert self.edges is not None and self.counts is not None
+        assert self.edges is not None
+        assert self.counts is not None
         new_edges = _edges(lo, hi, self.bins)
         self.counts = np.diff(self.cdf(new_edges))
         self.edges = new_edges
 
     def cdf(self, values: np.ndarray) -> np.ndarray:
         """Count of values below each of ``values`` (linear within a bin)."""
-        assert self.edges is not None and self.counts is not None
+        assert self.edges is not None
+        assert self.counts is not None
         cum = np.concatenate([[0.0], np.cumsum(self.counts)])
         return np.interp(values, self.edges, cum, left=0.0, right=cum[-1])
 
     def quantile(self, q: float) -> float:
-        assert self.edges is not None and self.counts is not None
+        assert self.edges is not None
+        assert self.counts is not None
         cum = np.concatenate([[0.0], np.cumsum(self.counts)])
         target = q * cum[-1]
         i = int(np.clip(np.searchsorted(cum, target, side="left"), 1, self.bins))
@@ -210,7 +217,8 @@ def _entropy_threshold(hist: Histogram, absmax: float, quant_bins: int = 128) ->
 
 
 def _mse_range(hist: Histogram, lo: float, hi: float, levels: int) -> tuple[float, float]:
-    assert hist.edges is not None and hist.counts is not None
+    assert hist.edges is not None
+    assert hist.counts is not None
     centers = (hist.edges[:-1] + hist.edges[1:]) / 2
     n = hist.counts
     best, best_err = (lo, hi), np.inf
@@ -230,7 +238,7 @@ def iter_runs(
     dynamic_batch: bool,
     max_samples: int,
 ) -> Iterator[dict[str, np.ndarray]]:
-    """Feeds restricted to the model inputs, batched feeds split into chunks, up to ``max_samples``."""
+    """Feeds cut to the model inputs, big batches split into chunks, up to ``max_samples``."""
     seen = 0
     for feed in feeds:
         missing = [n for n in input_names if n not in feed]
@@ -243,7 +251,7 @@ def iter_runs(
         for start in range(0, n, step):
             if seen >= max_samples:
                 return
-            part = feed if step == n else {k: a[start:start + step] for k, a in feed.items()}
+            part = feed if step == n else {k: a[start : start + step] for k, a in feed.items()}
             seen += min(step, n - start)
             yield part
 
@@ -284,7 +292,7 @@ def collect_stats(
     )
     runs = 0
     for feed in iter_runs(feeds, input_names, dynamic, max_samples):
-        values = dict(zip(fetch, sess.run(fetch, feed))) if fetch else {}
+        values = dict(zip(fetch, sess.run(fetch, feed), strict=False)) if fetch else {}
         for name in wanted:
             stats[name].add(feed[name] if name in input_names else values[name])
         runs += 1
@@ -294,12 +302,14 @@ def collect_stats(
     return stats
 
 
-def _session(model: onnx.ModelProto):  # noqa: ANN202 (onnxruntime type)
+def _session(model: onnx.ModelProto):
     if model.ByteSize() < PROTOBUF_LIMIT:
         return session(model.SerializeToString(), optimize=False)
     with tempfile.TemporaryDirectory(prefix="onnxopt-calib-") as tmp:
         path = Path(tmp) / "augmented.onnx"
-        onnx.save_model(model, str(path), save_as_external_data=True, location="augmented.onnx.data")
+        onnx.save_model(
+            model, str(path), save_as_external_data=True, location="augmented.onnx.data"
+        )
         return session(path, optimize=False)
 
 
@@ -317,7 +327,4 @@ def collect_ranges(
     if method not in METHODS:
         raise ValueError(f"calibration method must be one of {METHODS}, not '{method}'")
     stats = collect_stats(model, feeds, tensor_names, method != "minmax", bins, max_samples)
-    return {
-        name: s.range(method, percentile, levels) for name, s in stats.items() if s.seen
-    }
-
+    return {name: s.range(method, percentile, levels) for name, s in stats.items() if s.seen}

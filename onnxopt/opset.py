@@ -54,7 +54,7 @@ def _is_big(t: onnx.TensorProto) -> bool:
     return len(t.raw_data) > _SMALL
 
 
-def _copy_fields(src, dst, skip: str = "") -> None:  # noqa: ANN001 (protobuf messages)
+def _copy_fields(src, dst, skip: str = "") -> None:
     for field, value in src.ListFields():
         if field.name == skip:
             continue

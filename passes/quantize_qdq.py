@@ -58,34 +58,16 @@ from typing import Any, ClassVar
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from onnxopt.calibration import (
-    METHODS,
-    collect_ranges,
-    quantize_weight,
-    qrange,
-    scale_zero_point,
-    weight_scales,
-)
+from onnxopt.calibration import METHODS, collect_ranges, qrange
 from onnxopt.errors import PreconditionError
 from onnxopt.graph_utils import constant_value, is_default_domain, is_graph_output, iter_graphs
 from onnxopt.pass_base import Pass, PassContext, PassResult, Requirement
+from onnxopt.passes._qdq import Plan, QDQRewriter
 
 logger = logging.getLogger(__name__)
 
 SHARE_SCALE = frozenset({"MaxPool", "Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze"})
 OWN_SCALE = frozenset({"Add", "Concat", "AveragePool", "GlobalAveragePool"})
-_INT32 = 2**31 - 1
-
-
-@dataclasses.dataclass(eq=False)
-class _Plan:
-    """One accepted core node: which inputs are activations, the weight and its axis."""
-
-    node: gs.Node
-    activations: list[int]
-    weight: int | None = None
-    axis: int | None = None
-    bias: int | None = None
 
 
 def _label(node: gs.Node) -> str:
@@ -107,7 +89,7 @@ def _dtype_reason(t: gs.Tensor) -> str | None:
 
 
 class QuantizeQDQPass(Pass):
-    """Quantize Conv/ConvTranspose/MatMul/Gemm to int8 with calibrated QuantizeLinear/DequantizeLinear pairs."""
+    """Quantize Conv, ConvTranspose, MatMul and Gemm to int8 with calibrated Q/DQ pairs."""
 
     name = "quantize-qdq"
     exact = False
@@ -128,7 +110,9 @@ class QuantizeQDQPass(Pass):
     def check(self, graph: gs.Graph, ctx: PassContext) -> None:
         o = self.options
         if o.method not in METHODS:
-            raise PreconditionError(f"quantize-qdq: method must be one of {METHODS}, not '{o.method}'")
+            raise PreconditionError(
+                f"quantize-qdq: method must be one of {METHODS}, not '{o.method}'"
+            )
         qrange(o.activation_type)  # raises for an unknown type
         if ctx.opset < self.min_opset:
             raise PreconditionError(
@@ -157,7 +141,9 @@ class QuantizeQDQPass(Pass):
         own = [name for name, src in qspec.items() if src == name]
         ranges = self._calibrate(graph, ctx, own)
         notes["ranges"] = {n: ranges.get(n, (0.0, 0.0)) for n in own}
-        _Rewriter(graph, ctx, o, notes["ranges"], stats).apply(plans, qspec, folds)
+        QDQRewriter(
+            graph, ctx, o.activation_type, o.activation_symmetric, notes["ranges"], stats
+        ).apply(plans, qspec, folds)
         for p in plans:
             stats[f"quantized:{p.node.op}"] += 1
             notes["quantized"].append(_label(p.node))
@@ -172,9 +158,9 @@ class QuantizeQDQPass(Pass):
 
     # ---- find and decline ----
 
-    def _select(self, graph: gs.Graph, stats: Counter[str], skipped: dict[str, str]) -> list[_Plan]:
+    def _select(self, graph: gs.Graph, stats: Counter[str], skipped: dict[str, str]) -> list[Plan]:
         o = self.options
-        plans: list[_Plan] = []
+        plans: list[Plan] = []
         for node in graph.nodes:
             if node.op not in o.op_types or not is_default_domain(node):
                 continue
@@ -188,7 +174,7 @@ class QuantizeQDQPass(Pass):
             else:
                 plans.append(plan)
         # a weight is quantized once, so all its readers must be quantized along one axis
-        readers: dict[str, list[_Plan]] = {}
+        readers: dict[str, list[Plan]] = {}
         for p in plans:
             if p.weight is not None:
                 readers.setdefault(p.node.inputs[p.weight].name, []).append(p)
@@ -196,9 +182,14 @@ class QuantizeQDQPass(Pass):
         for group in readers.values():
             w = group[0].node.inputs[group[0].weight]
             users = [c for c in w.outputs]
-            ok = len(users) == len(group) and len({p.axis for p in group}) == 1 and all(
-                any(p.node is u and p.node.inputs[p.weight] is w for p in group) for u in users
-            ) and not is_graph_output(graph, w)
+            ok = (
+                len(users) == len(group)
+                and len({p.axis for p in group}) == 1
+                and all(
+                    any(p.node is u and p.node.inputs[p.weight] is w for p in group) for u in users
+                )
+                and not is_graph_output(graph, w)
+            )
             if not ok:
                 declined.update(id(p) for p in group)
         kept = []
@@ -210,7 +201,7 @@ class QuantizeQDQPass(Pass):
                 kept.append(p)
         return kept
 
-    def _plan(self, node: gs.Node) -> _Plan | str:
+    def _plan(self, node: gs.Node) -> Plan | str:
         ins = node.inputs
         if any(_already_quantized(t) for t in ins if t.name):
             return "already-quantized"
@@ -221,7 +212,9 @@ class QuantizeQDQPass(Pass):
         if node.op in ("Conv", "ConvTranspose"):
             if constant_value(ins[1]) is None:
                 return "dynamic-weight"
-            plan = _Plan(node, [0], 1, (0 if node.op == "Conv" else 1) if self.options.per_channel else None)
+            plan = Plan(
+                node, [0], 1, (0 if node.op == "Conv" else 1) if self.options.per_channel else None
+            )
             if len(ins) > 2 and ins[2].name:
                 if constant_value(ins[2]) is None:
                     return "dynamic-bias"
@@ -231,10 +224,10 @@ class QuantizeQDQPass(Pass):
                 return "constant-input"
             w = constant_value(ins[1])
             if w is None:
-                plan = _Plan(node, [0, 1])
+                plan = Plan(node, [0, 1])
             else:
                 axis = 1 if w.ndim == 2 and self.options.per_channel else None
-                plan = _Plan(node, [0], 1, axis)
+                plan = Plan(node, [0], 1, axis)
         elif node.op == "Gemm":
             if float(node.attrs.get("alpha", 1.0)) != 1.0:
                 return "gemm-alpha"
@@ -242,10 +235,12 @@ class QuantizeQDQPass(Pass):
                 return "constant-input"
             w = constant_value(ins[1])
             if w is None:
-                plan = _Plan(node, [0, 1])
+                plan = Plan(node, [0, 1])
             else:
-                axis = (0 if node.attrs.get("transB", 0) else 1) if self.options.per_channel else None
-                plan = _Plan(node, [0], 1, axis)
+                axis = (
+                    (0 if node.attrs.get("transB", 0) else 1) if self.options.per_channel else None
+                )
+                plan = Plan(node, [0], 1, axis)
             if len(ins) > 2 and ins[2].name:
                 c = constant_value(ins[2])
                 if c is None:
@@ -267,7 +262,7 @@ class QuantizeQDQPass(Pass):
     # ---- which activations get Q/DQ ----
 
     def _propagate(
-        self, graph: gs.Graph, plans: list[_Plan]
+        self, graph: gs.Graph, plans: list[Plan]
     ) -> tuple[dict[str, str], list[gs.Node], list[gs.Node]]:
         """(tensor -> tensor whose scale it uses, quantized chain nodes, folded activations)."""
         qspec: dict[str, str] = {}
@@ -296,9 +291,12 @@ class QuantizeQDQPass(Pass):
                 candidates[id(node)] = node
                 target[id(node)] = node.outputs[0]
                 qspec[node.outputs[0].name] = qspec[node.inputs[0].name]
-            elif node.op in OWN_SCALE and node.inputs and all(
-                t.name in qspec for t in node.inputs
-            ) and _dtype_reason(node.outputs[0]) is None:
+            elif (
+                node.op in OWN_SCALE
+                and node.inputs
+                and all(t.name in qspec for t in node.inputs)
+                and _dtype_reason(node.outputs[0]) is None
+            ):
                 self._set_target(graph, node, target, folds)
                 if _already_quantized(target[id(node)]):
                     continue
@@ -318,10 +316,10 @@ class QuantizeQDQPass(Pass):
                     keep.add(nid)
                     chain.append(node)
             else:
-                if nid in candidates and t.name in qspec:
-                    del qspec[t.name]
-                elif nid in planned and qspec.get(t.name) == t.name and not any(
-                    planned.get(id(c)) for c in t.outputs
+                if (nid in candidates and t.name in qspec) or (
+                    nid in planned
+                    and qspec.get(t.name) == t.name
+                    and not any(planned.get(id(c)) for c in t.outputs)
                 ):
                     del qspec[t.name]
         chain.reverse()
@@ -329,11 +327,19 @@ class QuantizeQDQPass(Pass):
         return qspec, chain, kept_folds
 
     def _set_target(
-        self, graph: gs.Graph, node: gs.Node, target: dict[int, gs.Tensor], folds: dict[int, gs.Node]
+        self,
+        graph: gs.Graph,
+        node: gs.Node,
+        target: dict[int, gs.Tensor],
+        folds: dict[int, gs.Node],
     ) -> None:
         out = node.outputs[0]
         target[id(node)] = out
-        if self.options.activation_symmetric or is_graph_output(graph, out) or len(out.outputs) != 1:
+        if (
+            self.options.activation_symmetric
+            or is_graph_output(graph, out)
+            or len(out.outputs) != 1
+        ):
             return
         act = out.outputs[0]
         if act.op not in ("Relu", "Clip") or not is_default_domain(act) or act.inputs[0] is not out:
@@ -349,19 +355,33 @@ class QuantizeQDQPass(Pass):
         from onnxopt.io import to_model
 
         source = ctx.notes.get("source_model")
-        model = to_model(graph, source) if source is not None else gs.export_onnx(graph, do_type_check=False)
+        model = (
+            to_model(graph, source)
+            if source is not None
+            else gs.export_onnx(graph, do_type_check=False)
+        )
         o = self.options
         qmin, qmax = qrange(o.activation_type)
         assert ctx.calibration is not None
         return collect_ranges(
-            model, ctx.calibration, names, o.method, o.percentile, levels=qmax - qmin,
+            model,
+            ctx.calibration,
+            names,
+            o.method,
+            o.percentile,
+            levels=qmax - qmin,
             max_samples=o.max_calibration_samples,
         )
 
 
 def _gemm_n(node: gs.Node, w: np.ndarray | None, b: gs.Tensor) -> int | None:
     shape = w.shape if w is not None else (tuple(b.shape) if b.shape else None)
-    if shape is None or len(shape) != 2 or not isinstance(shape[0], int) or not isinstance(shape[1], int):
+    if (
+        shape is None
+        or len(shape) != 2
+        or not isinstance(shape[0], int)
+        or not isinstance(shape[1], int)
+    ):
         return None
     return int(shape[0] if node.attrs.get("transB", 0) else shape[1])
 
@@ -376,114 +396,3 @@ def _clip_starts_at_zero(node: gs.Node) -> bool:
     if len(node.inputs) > 2 and node.inputs[2].name and hi is None:
         return False
     return lo is not None and lo.size == 1 and float(lo) == 0.0
-
-
-class _Rewriter:
-    """Inserts the Q/DQ nodes and quantized weights for an accepted plan."""
-
-    def __init__(
-        self, graph: gs.Graph, ctx: PassContext, options: QuantizeQDQPass.Options,
-        ranges: dict[str, tuple[float, float]], stats: Counter[str],
-    ) -> None:
-        self.graph, self.ctx, self.o, self.ranges, self.stats = graph, ctx, options, ranges, stats
-        self.qparams: dict[str, tuple[gs.Constant, gs.Constant]] = {}
-        self.weights: dict[str, tuple[gs.Variable, np.ndarray]] = {}
-        self.qtype = np.uint8 if options.activation_type == "uint8" else np.int8
-
-    def apply(self, plans: list[_Plan], qspec: dict[str, str], folds: list[gs.Node]) -> None:
-        tensors = self.graph.tensors()
-        for relu in folds:  # the producer now writes the activation's output; Q clamps instead
-            src, dst = relu.inputs[0], relu.outputs[0]
-            producer = src.inputs[0]
-            relu.outputs.clear()
-            relu.inputs.clear()
-            producer.outputs[producer.outputs.index(src)] = dst
-        for name, root in qspec.items():
-            self._qdq(tensors[name], self._params(root))
-        for p in plans:
-            w_scales = self._quantize_weight(p)
-            if p.bias is not None:
-                self._quantize_bias(p, w_scales)
-
-    def _params(self, root: str) -> tuple[gs.Constant, gs.Constant]:
-        if root not in self.qparams:
-            lo, hi = self.ranges.get(root, (0.0, 0.0))
-            scale, zp = scale_zero_point(lo, hi, self.o.activation_type, self.o.activation_symmetric)
-            fresh = self.ctx.names.fresh
-            self.qparams[root] = (
-                gs.Constant(fresh(f"{root}_scale"), np.array(scale, dtype=np.float32)),
-                gs.Constant(fresh(f"{root}_zero_point"), np.array(zp, dtype=self.qtype)),
-            )
-        return self.qparams[root]
-
-    def _qdq(self, t: gs.Variable, params: tuple[gs.Constant, gs.Constant]) -> None:
-        fresh = self.ctx.names.fresh
-        q = gs.Variable(fresh(f"{t.name}_quantized"), dtype=self.qtype, shape=t.shape)
-        qnode = gs.Node("QuantizeLinear", fresh(f"{t.name}_QuantizeLinear"), inputs=[], outputs=[q])
-        dnode = gs.Node("DequantizeLinear", fresh(f"{t.name}_DequantizeLinear"), inputs=[q, *params])
-        if len(t.inputs) == 1:  # produced here: the producer writes a new tensor, DQ takes over t
-            raw = gs.Variable(fresh(f"{t.name}_float"), dtype=t.dtype, shape=t.shape)
-            producer = t.inputs[0]
-            producer.outputs[producer.outputs.index(t)] = raw
-            qnode.inputs.extend([raw, *params])
-            dnode.outputs.append(t)
-        else:  # a graph input: its readers read the DQ output
-            out = gs.Variable(fresh(f"{t.name}_dequantized"), dtype=t.dtype, shape=t.shape)
-            for reader in list(t.outputs):
-                for i, inp in enumerate(reader.inputs):
-                    if inp is t:
-                        reader.inputs[i] = out
-            qnode.inputs.extend([t, *params])
-            dnode.outputs.append(out)
-        self.graph.nodes.extend([qnode, dnode])
-
-    def _quantize_weight(self, p: _Plan) -> np.ndarray:
-        """Quantize the plan's weight (once per initializer); returns its scales."""
-        node, fresh = p.node, self.ctx.names.fresh
-        if p.weight is None:  # MatMul/Gemm of two activations: B's activation scale
-            return _input_scale(node.inputs[1])
-        w_t = node.inputs[p.weight]
-        key = w_t.name
-        if key not in self.weights:
-            w = constant_value(w_t).astype(np.float32)
-            scales = weight_scales(w, p.axis)
-            wq = gs.Constant(fresh(f"{key}_quantized"), quantize_weight(w, scales, p.axis))
-            zero = gs.Constant(fresh(f"{key}_zero_point"), np.zeros(scales.shape, np.int8))
-            sc = gs.Constant(fresh(f"{key}_scale"), scales)
-            out = gs.Variable(fresh(f"{key}_dequantized"), dtype=np.float32, shape=list(w.shape))
-            attrs = {"axis": p.axis} if p.axis is not None else {}
-            self.graph.nodes.append(
-                gs.Node("DequantizeLinear", fresh(f"{key}_DequantizeLinear"), attrs, [wq, sc, zero], [out])
-            )
-            self.weights[key] = (out, scales)
-        out, scales = self.weights[key]
-        node.inputs[p.weight] = out
-        return scales
-
-    def _quantize_bias(self, p: _Plan, w_scales: np.ndarray) -> None:
-        node, fresh = p.node, self.ctx.names.fresh
-        x_scale = _input_scale(node.inputs[p.activations[0]])
-        b_t = node.inputs[p.bias]
-        b = constant_value(b_t).astype(np.float64).reshape(-1)
-        if node.op == "Gemm":
-            b = b * float(node.attrs.get("beta", 1.0))
-            node.attrs["beta"] = 1.0
-        scale = (np.float32(x_scale) * w_scales.astype(np.float32)).astype(np.float32)
-        scale = np.broadcast_to(scale, b.shape).copy() if scale.size != 1 else scale.reshape(())
-        q = np.round(b / scale.astype(np.float64))
-        if np.abs(q).max(initial=0) > _INT32:
-            self.stats["bias-clipped"] += 1
-        bq = gs.Constant(fresh(f"{b_t.name}_quantized"), np.clip(q, -_INT32, _INT32).astype(np.int32))
-        sc = gs.Constant(fresh(f"{b_t.name}_scale"), scale)
-        zero = gs.Constant(fresh(f"{b_t.name}_zero_point"), np.zeros(scale.shape, np.int32))
-        out = gs.Variable(fresh(f"{b_t.name}_dequantized"), dtype=np.float32, shape=list(b.shape))
-        attrs = {"axis": 0} if scale.ndim == 1 else {}
-        self.graph.nodes.append(
-            gs.Node("DequantizeLinear", fresh(f"{b_t.name}_DequantizeLinear"), attrs, [bq, sc, zero], [out])
-        )
-        node.inputs[p.bias] = out
-
-
-def _input_scale(dq_out: gs.Tensor) -> np.ndarray:
-    """The activation scale of an input that a DequantizeLinear now produces."""
-    return np.asarray(dq_out.inputs[0].inputs[1].values, dtype=np.float32)

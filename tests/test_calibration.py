@@ -47,8 +47,9 @@ def _model() -> onnx.ModelProto:
         helper.make_node("Mul", ["x", "two"], ["m"]),
         helper.make_node("Relu", ["m"], ["y"]),
     ]
-    return make_model(nodes, [vi("x", ["N", 4])], [vi("y", ["N", 4])],
-                      {"two": np.array(2.0, np.float32)})
+    return make_model(
+        nodes, [vi("x", ["N", 4])], [vi("y", ["N", 4])], {"two": np.array(2.0, np.float32)}
+    )
 
 
 def test_minmax_streams_over_feeds_and_reads_inputs_and_outputs() -> None:
@@ -66,8 +67,12 @@ def test_minmax_streams_over_feeds_and_reads_inputs_and_outputs() -> None:
 
 def test_varying_shapes_and_sample_limit() -> None:
     nodes = [helper.make_node("MatMul", ["x", "w"], ["y"])]
-    model = make_model(nodes, [vi("x", ["B", "S", 4])], [vi("y", ["B", "S", 2])],
-                       {"w": np.ones((4, 2), np.float32)})
+    model = make_model(
+        nodes,
+        [vi("x", ["B", "S", 4])],
+        [vi("y", ["B", "S", 2])],
+        {"w": np.ones((4, 2), np.float32)},
+    )
     feeds = [{"x": np.full((1, s, 4), float(s), np.float32)} for s in (3, 7, 5, 9)]
     assert collect_ranges(model, feeds, ["y"]) == {"y": (12.0, 36.0)}
     # two samples: the third and fourth feeds are not run
@@ -152,7 +157,8 @@ def test_upgrade_opset_keeps_weights_and_numerics() -> None:
     model = make_model(nodes, [vi("x", [1, 3, 5, 5])], [vi("y", [1, 8, 5, 5])], {"w": w}, opset=11)
     up = upgrade_opset(model, 13)
     onnx.checker.check_model(up)
-    assert up.opset_import[0].version == 13 and model.opset_import[0].version == 11
+    assert up.opset_import[0].version == 13
+    assert model.opset_import[0].version == 11
     assert onnx.numpy_helper.to_array(up.graph.initializer[0]).tobytes() == w.tobytes()
     feed = [{"x": rng.standard_normal((1, 3, 5, 5)).astype(np.float32)}]
     np.testing.assert_array_equal(run_model(up, feed)[0][0], run_model(model, feed)[0][0])

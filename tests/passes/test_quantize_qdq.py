@@ -7,12 +7,12 @@ import onnx
 import onnxruntime as ort
 import pytest
 from onnx import helper, numpy_helper
+from onnxopt.passes.quantize_qdq import QuantizeQDQPass
 
 from onnxopt import optimize
 from onnxopt.errors import MissingRequirementError, PreconditionError
 from onnxopt.io import to_graph
 from onnxopt.pass_base import NameGenerator, PassContext
-from onnxopt.passes.quantize_qdq import QuantizeQDQPass
 from onnxopt.testing import make_model, op_histogram, run_model, vi
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -21,28 +21,38 @@ TARGETS = ("Conv", "ConvTranspose", "MatMul", "Gemm")
 
 # ---- builders ----
 
+
 def conv_net(opset: int = 17, constant_nodes: bool = False, seed: int = 0) -> onnx.ModelProto:
     """x[N,3,8,8] -> Conv+Relu -> Conv(depthwise)+Relu -> MaxPool -> Flatten -> Gemm -> y[N,10]."""
     rng = np.random.default_rng(seed)
     w = {
-        "W1": rng.standard_normal((8, 3, 3, 3)) * 0.4, "B1": rng.standard_normal(8) * 0.1,
-        "W2": rng.standard_normal((8, 1, 3, 3)) * 0.4, "B2": rng.standard_normal(8) * 0.1,
-        "W3": rng.standard_normal((10, 8 * 4 * 4)) * 0.1, "B3": rng.standard_normal(10) * 0.1,
+        "W1": rng.standard_normal((8, 3, 3, 3)) * 0.4,
+        "B1": rng.standard_normal(8) * 0.1,
+        "W2": rng.standard_normal((8, 1, 3, 3)) * 0.4,
+        "B2": rng.standard_normal(8) * 0.1,
+        "W3": rng.standard_normal((10, 8 * 4 * 4)) * 0.1,
+        "B3": rng.standard_normal(10) * 0.1,
     }
     w = {k: v.astype(np.float32) for k, v in w.items()}
     nodes = [
         helper.make_node("Conv", ["x", "W1", "B1"], ["c1"], pads=[1, 1, 1, 1], name="conv1"),
         helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
-        helper.make_node("Conv", ["r1", "W2", "B2"], ["c2"], pads=[1, 1, 1, 1], group=8, name="conv2"),
+        helper.make_node(
+            "Conv", ["r1", "W2", "B2"], ["c2"], pads=[1, 1, 1, 1], group=8, name="conv2"
+        ),
         helper.make_node("Relu", ["c2"], ["r2"], name="relu2"),
-        helper.make_node("MaxPool", ["r2"], ["p"], kernel_shape=[2, 2], strides=[2, 2], name="pool"),
+        helper.make_node(
+            "MaxPool", ["r2"], ["p"], kernel_shape=[2, 2], strides=[2, 2], name="pool"
+        ),
         helper.make_node("Flatten", ["p"], ["f"], name="flatten"),
         helper.make_node("Gemm", ["f", "W3", "B3"], ["y"], transB=1, name="fc"),
     ]
     inits: dict[str, np.ndarray] = w
     if constant_nodes:
-        nodes = [helper.make_node("Constant", [], [k], value=numpy_helper.from_array(v, k))
-                 for k, v in w.items()] + nodes
+        nodes = [
+            helper.make_node("Constant", [], [k], value=numpy_helper.from_array(v, k))
+            for k, v in w.items()
+        ] + nodes
         inits = {}
     return make_model(nodes, [vi("x", ["N", 3, 8, 8])], [vi("y", ["N", 10])], inits, opset=opset)
 
@@ -72,15 +82,18 @@ def image_feeds(n: int, seed: int = 1, batch: int = 4) -> list[dict[str, np.ndar
 
 def seq_feeds(n: int, seed: int = 1) -> list[dict[str, np.ndarray]]:
     rng = np.random.default_rng(seed)
-    return [{"x": rng.standard_normal((2, int(s), 16)).astype(np.float32)}
-            for s in rng.integers(3, 12, n)]
+    return [
+        {"x": rng.standard_normal((2, int(s), 16)).astype(np.float32)}
+        for s in rng.integers(3, 12, n)
+    ]
 
 
-def quantize(model: onnx.ModelProto, feeds, **options):  # noqa: ANN001, ANN201
+def quantize(model: onnx.ModelProto, feeds, **options):
     return optimize(model, passes=[("quantize-qdq", options)], calibration=feeds)
 
 
 # ---- structure helpers ----
+
 
 def producers(model: onnx.ModelProto) -> dict[str, onnx.NodeProto]:
     return {o: n for n in model.graph.node for o in n.output}
@@ -100,7 +113,9 @@ def assert_qdq_input(model: onnx.ModelProto, name: str) -> tuple[onnx.NodeProto,
     return q, dq
 
 
-def assert_int8_weight(model: onnx.ModelProto, name: str) -> tuple[np.ndarray, np.ndarray, int | None]:
+def assert_int8_weight(
+    model: onnx.ModelProto, name: str
+) -> tuple[np.ndarray, np.ndarray, int | None]:
     """``name`` is DequantizeLinear(int8 initializer); returns (int8 values, scales, axis)."""
     dq = producers(model)[name]
     assert dq.op_type == "DequantizeLinear"
@@ -114,9 +129,12 @@ def assert_int8_weight(model: onnx.ModelProto, name: str) -> tuple[np.ndarray, n
 def assert_fully_quantized(model: onnx.ModelProto) -> None:
     """Every targeted node reads its activation through Q->DQ and its weight through int8->DQ."""
     values = inits(model)
-    scales = {n.input[1] for n in model.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")}
-    assert not [n for n, v in values.items() if v.dtype == np.float32 and n not in scales], \
+    scales = {
+        n.input[1] for n in model.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")
+    }
+    assert not [n for n, v in values.items() if v.dtype == np.float32 and n not in scales], (
         "float weights remain"
+    )
     for node in model.graph.node:
         if node.op_type in TARGETS:
             assert_qdq_input(model, node.input[0])
@@ -146,17 +164,25 @@ def numpy_qparams(lo: float, hi: float) -> tuple[np.float32, int]:
 
 # ---- tests ----
 
+
 def test_conv_net_structure_stats_and_fidelity(tmp_path: Path) -> None:
     model = conv_net()
     calib, held = image_feeds(8), image_feeds(4, seed=9)
     q, report = quantize(model, calib)
     assert op_histogram(q) == {
-        "Conv": 2, "DequantizeLinear": 11, "Flatten": 1, "Gemm": 1, "MaxPool": 1,
+        "Conv": 2,
+        "DequantizeLinear": 11,
+        "Flatten": 1,
+        "Gemm": 1,
+        "MaxPool": 1,
         "QuantizeLinear": 5,
     }
     assert report.stats("quantize-qdq") == {
-        "quantized:Conv": 2, "quantized:Gemm": 1, "quantized:MaxPool": 1,
-        "quantized:Flatten": 1, "folded-activations": 2,
+        "quantized:Conv": 2,
+        "quantized:Gemm": 1,
+        "quantized:MaxPool": 1,
+        "quantized:Flatten": 1,
+        "folded-activations": 2,
     }
     assert_fully_quantized(q)
     # Relu folded: each Conv writes straight into Q, whose zero point is qmin
@@ -169,12 +195,13 @@ def test_conv_net_structure_stats_and_fidelity(tmp_path: Path) -> None:
     assert prod["p"].input[1] == prod["r2"].input[1] == prod["f"].input[1]
     # the last Gemm keeps a float output
     assert prod["y"].op_type == "Gemm"
-    for out_q, out_f in zip(run_model(q, held), run_model(model, held)):
+    for out_q, out_f in zip(run_model(q, held), run_model(model, held), strict=False):
         assert cosine(out_q[0], out_f[0]) >= 0.99
     fused = ort_optimized_ops(q, tmp_path)
     assert fused.get("com.microsoft::QLinearConv") == 2
     assert fused.get("com.microsoft::QGemm") == 1
-    assert "Conv" not in fused and "Gemm" not in fused
+    assert "Conv" not in fused
+    assert "Gemm" not in fused
 
 
 def test_scales_and_zero_points_match_numpy() -> None:
@@ -213,7 +240,9 @@ def test_bias_is_int32_at_input_times_weight_scale() -> None:
     expect_scale = (values[qx.input[1]] * ws).astype(np.float32)
     np.testing.assert_array_equal(bs, expect_scale)
     b = inits(model)["B1"]
-    np.testing.assert_array_equal(bq, np.round(b / expect_scale.astype(np.float64)).astype(np.int32))
+    np.testing.assert_array_equal(
+        bq, np.round(b / expect_scale.astype(np.float64)).astype(np.int32)
+    )
 
 
 def test_percentile_scale_matches_numpy_percentile() -> None:
@@ -237,11 +266,15 @@ def test_mlp_fidelity_and_ort_fusion(tmp_path: Path) -> None:
     assert op_histogram(q) == {"DequantizeLinear": 4, "MatMul": 2, "QuantizeLinear": 2}
     assert_fully_quantized(q)
     held = seq_feeds(3, seed=7)
-    for out_q, out_f in zip(run_model(q, held), run_model(model, held)):
+    for out_q, out_f in zip(run_model(q, held), run_model(model, held), strict=False):
         assert cosine(out_q[0], out_f[0]) >= 0.99
     fused = ort_optimized_ops(q, tmp_path)
-    integer_kernels = {"com.microsoft::MatMulIntegerToFloat", "QLinearMatMul", "MatMulInteger",
-                       "com.microsoft::DynamicQuantizeMatMul"}
+    integer_kernels = {
+        "com.microsoft::MatMulIntegerToFloat",
+        "QLinearMatMul",
+        "MatMulInteger",
+        "com.microsoft::DynamicQuantizeMatMul",
+    }
     assert sum(fused.get(k, 0) for k in integer_kernels) == 2
     assert "MatMul" not in fused
 
@@ -258,7 +291,7 @@ def test_histogram_methods_give_ranges_within_minmax(method: str) -> None:
         assert mlo <= lo <= hi <= mhi, name
 
 
-def _notes(model: onnx.ModelProto, calib, **options) -> dict:  # noqa: ANN001
+def _notes(model: onnx.ModelProto, calib, **options) -> dict:
     graph = to_graph(model)
     from onnxopt.shapes import apply_shapes
 
@@ -283,11 +316,14 @@ def test_excluded_node_stays_float() -> None:
     model = conv_net()
     q, report = quantize(model, image_feeds(2), exclude=("conv2", "fc"))
     assert report.stats("quantize-qdq") == {
-        "quantized:Conv": 1, "skipped:excluded": 2, "folded-activations": 1,
+        "quantized:Conv": 1,
+        "skipped:excluded": 2,
+        "folded-activations": 1,
     }
     prod, values = producers(q), inits(q)
     conv2 = next(n for n in q.graph.node if n.name == "conv2")
-    assert conv2.input[1] == "W2" and values["W2"].dtype == np.float32
+    assert conv2.input[1] == "W2"
+    assert values["W2"].dtype == np.float32
     assert prod["r1"].op_type == "DequantizeLinear"  # conv1's output is still quantized
     assert "Relu" in op_histogram(q)
 
@@ -298,7 +334,9 @@ def test_constant_node_weights() -> None:
     assert report.stats("quantize-qdq")["quantized:Conv"] == 2
     assert "Constant" not in op_histogram(q)
     assert_fully_quantized(q)
-    for out_q, out_f in zip(run_model(q, image_feeds(2, 5)), run_model(model, image_feeds(2, 5))):
+    for out_q, out_f in zip(
+        run_model(q, image_feeds(2, 5)), run_model(model, image_feeds(2, 5)), strict=False
+    ):
         assert cosine(out_q[0], out_f[0]) >= 0.99
 
 
@@ -347,8 +385,13 @@ def test_prequantized_model_is_left_alone() -> None:
         helper.make_node("DequantizeLinear", ["cq", "sx", "zx"], ["cd"]),
         helper.make_node("Conv", ["cd", "w2"], ["y"], name="float_conv"),
     ]
-    consts = {"sx": np.array(0.05, np.float32), "zx": np.array(128, np.uint8), "wq": wq,
-              "sw": np.array(0.01, np.float32), "w2": w2}
+    consts = {
+        "sx": np.array(0.05, np.float32),
+        "zx": np.array(128, np.uint8),
+        "wq": wq,
+        "sw": np.array(0.01, np.float32),
+        "w2": w2,
+    }
     model = make_model(nodes, [vi("x", [1, 3, 5, 5])], [vi("y", [1, 4, 3, 3])], consts)
     q, report = quantize(model, [{"x": rng.standard_normal((1, 3, 5, 5)).astype(np.float32)}])
     # both Convs read a DQ output already: neither is quantized again
@@ -359,15 +402,19 @@ def test_prequantized_model_is_left_alone() -> None:
 def test_if_branch_compute_stays_float() -> None:
     rng = np.random.default_rng(0)
     w = rng.standard_normal((4, 4)).astype(np.float32)
-    then_g = helper.make_graph([helper.make_node("MatMul", ["h", "w"], ["t"])], "then", [],
-                               [vi("t", [2, 4])])
-    else_g = helper.make_graph([helper.make_node("Neg", ["h"], ["e"])], "else", [], [vi("e", [2, 4])])
+    then_g = helper.make_graph(
+        [helper.make_node("MatMul", ["h", "w"], ["t"])], "then", [], [vi("t", [2, 4])]
+    )
+    else_g = helper.make_graph(
+        [helper.make_node("Neg", ["h"], ["e"])], "else", [], [vi("e", [2, 4])]
+    )
     nodes = [
         helper.make_node("MatMul", ["x", "w"], ["h"], name="outer"),
         helper.make_node("If", ["cond"], ["y"], then_branch=then_g, else_branch=else_g),
     ]
-    model = make_model(nodes, [vi("x", [2, 4]), vi("cond", [], onnx.TensorProto.BOOL)],
-                       [vi("y", [2, 4])], {"w": w})
+    model = make_model(
+        nodes, [vi("x", [2, 4]), vi("cond", [], onnx.TensorProto.BOOL)], [vi("y", [2, 4])], {"w": w}
+    )
     feeds = [{"x": rng.standard_normal((2, 4)).astype(np.float32), "cond": np.array(True)}]
     q, report = quantize(model, feeds)
     # the outer MatMul shares w with the branch's MatMul, which stays float
@@ -376,13 +423,19 @@ def test_if_branch_compute_stays_float() -> None:
     # with its own weight, the outer MatMul is quantized and the branch still reads h
     model = make_model(
         [helper.make_node("MatMul", ["x", "w0"], ["h"], name="outer"), nodes[1]],
-        [vi("x", [2, 4]), vi("cond", [], onnx.TensorProto.BOOL)], [vi("y", [2, 4])],
+        [vi("x", [2, 4]), vi("cond", [], onnx.TensorProto.BOOL)],
+        [vi("y", [2, 4])],
         {"w": w, "w0": w.copy()},
     )
     q, report = quantize(model, feeds)
     assert report.stats("quantize-qdq") == {"skipped:subgraph": 1, "quantized:MatMul": 1}
-    branch = next(a.g for n in q.graph.node if n.op_type == "If" for a in n.attribute
-                  if a.name == "then_branch")
+    branch = next(
+        a.g
+        for n in q.graph.node
+        if n.op_type == "If"
+        for a in n.attribute
+        if a.name == "then_branch"
+    )
     assert [n.op_type for n in branch.node] == ["MatMul"]
     for cond in (True, False):
         f = [{"x": feeds[0]["x"], "cond": np.array(cond)}]
@@ -422,14 +475,18 @@ def test_weight_shared_with_float_consumer_is_declined() -> None:
 
 def test_conv_output_that_is_graph_output_and_intermediate() -> None:
     rng = np.random.default_rng(0)
-    w = {"w1": rng.standard_normal((4, 3, 3, 3)).astype(np.float32),
-         "w2": rng.standard_normal((4, 4, 1, 1)).astype(np.float32)}
+    w = {
+        "w1": rng.standard_normal((4, 3, 3, 3)).astype(np.float32),
+        "w2": rng.standard_normal((4, 4, 1, 1)).astype(np.float32),
+    }
     nodes = [
         helper.make_node("Conv", ["x", "w1"], ["c"], pads=[1, 1, 1, 1]),
         helper.make_node("Relu", ["c"], ["r"]),  # not folded: c is also a graph output
         helper.make_node("Conv", ["r", "w2"], ["y"]),
     ]
-    model = make_model(nodes, [vi("x", [1, 3, 5, 5])], [vi("y", [1, 4, 5, 5]), vi("c", [1, 4, 5, 5])], w)
+    model = make_model(
+        nodes, [vi("x", [1, 3, 5, 5])], [vi("y", [1, 4, 5, 5]), vi("c", [1, 4, 5, 5])], w
+    )
     feeds = [{"x": rng.standard_normal((1, 3, 5, 5)).astype(np.float32)} for _ in range(2)]
     q, report = quantize(model, feeds)
     assert report.stats("quantize-qdq") == {"quantized:Conv": 2}
@@ -437,8 +494,9 @@ def test_conv_output_that_is_graph_output_and_intermediate() -> None:
     assert op_histogram(q)["Relu"] == 1
     assert_qdq_input(q, "c")
     assert_qdq_input(q, "r")
-    for out_q, out_f in zip(run_model(q, feeds), run_model(model, feeds)):
-        assert cosine(out_q[0], out_f[0]) >= 0.99 and cosine(out_q[1], out_f[1]) >= 0.99
+    for out_q, out_f in zip(run_model(q, feeds), run_model(model, feeds), strict=False):
+        assert cosine(out_q[0], out_f[0]) >= 0.99
+        assert cosine(out_q[1], out_f[1]) >= 0.99
 
 
 def test_declines_unfolded_batchnorm_and_dynamic_weight() -> None:
@@ -452,13 +510,19 @@ def test_declines_unfolded_batchnorm_and_dynamic_weight() -> None:
         helper.make_node("BatchNormalization", ["c", "g", "b", "m", "v"], ["n"]),
         helper.make_node("Conv", ["n", "wd"], ["y"], name="conv_dyn"),
     ]
-    model = make_model(nodes, [vi("x", [1, 3, 5, 5]), vi("wd", [4, 4, 1, 1])], [vi("y", [1, 4, 3, 3])],
-                       consts)
-    feeds = [{"x": rng.standard_normal((1, 3, 5, 5)).astype(np.float32),
-              "wd": rng.standard_normal((4, 4, 1, 1)).astype(np.float32)}]
+    model = make_model(
+        nodes, [vi("x", [1, 3, 5, 5]), vi("wd", [4, 4, 1, 1])], [vi("y", [1, 4, 3, 3])], consts
+    )
+    feeds = [
+        {
+            "x": rng.standard_normal((1, 3, 5, 5)).astype(np.float32),
+            "wd": rng.standard_normal((4, 4, 1, 1)).astype(np.float32),
+        }
+    ]
     q, report = quantize(model, feeds)
     assert report.stats("quantize-qdq") == {
-        "skipped:batchnorm-not-folded": 1, "skipped:dynamic-weight": 1,
+        "skipped:batchnorm-not-folded": 1,
+        "skipped:dynamic-weight": 1,
     }
     assert report.records[0].changed is False
     assert op_histogram(q) == op_histogram(model)
@@ -466,8 +530,14 @@ def test_declines_unfolded_batchnorm_and_dynamic_weight() -> None:
 
 def test_varying_shape_calibration_feeds() -> None:
     model, _ = mlp()
-    feeds = [{"x": np.random.default_rng(s).standard_normal((1 + s % 2, 3 + 4 * s, 16))
-              .astype(np.float32)} for s in range(5)]
+    feeds = [
+        {
+            "x": np.random.default_rng(s)
+            .standard_normal((1 + s % 2, 3 + 4 * s, 16))
+            .astype(np.float32)
+        }
+        for s in range(5)
+    ]
     q, report = quantize(model, feeds)
     assert report.stats("quantize-qdq")["quantized:MatMul"] == 2
     for f in feeds:
@@ -476,10 +546,15 @@ def test_varying_shape_calibration_feeds() -> None:
 
 def test_weight_heavy_model_shrinks_about_4x() -> None:
     rng = np.random.default_rng(0)
-    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"]), helper.make_node("Relu", ["h"], ["r"]),
-             helper.make_node("MatMul", ["r", "w2"], ["y"])]
-    w = {"w1": rng.standard_normal((256, 512)).astype(np.float32) * 0.05,
-         "w2": rng.standard_normal((512, 256)).astype(np.float32) * 0.05}
+    nodes = [
+        helper.make_node("MatMul", ["x", "w1"], ["h"]),
+        helper.make_node("Relu", ["h"], ["r"]),
+        helper.make_node("MatMul", ["r", "w2"], ["y"]),
+    ]
+    w = {
+        "w1": rng.standard_normal((256, 512)).astype(np.float32) * 0.05,
+        "w2": rng.standard_normal((512, 256)).astype(np.float32) * 0.05,
+    }
     model = make_model(nodes, [vi("x", ["N", 256])], [vi("y", ["N", 256])], w)
     q, _ = quantize(model, [{"x": rng.standard_normal((8, 256)).astype(np.float32)}])
     assert q.ByteSize() * 3.8 < model.ByteSize()
@@ -509,14 +584,15 @@ def test_int8_symmetric_activations_keep_relu() -> None:
 DEMO = ROOT / "models" / "digits_cnn.onnx"
 
 
-@pytest.mark.skipif(not (DEMO.exists() and DEMO.with_name("digits_val.npz").exists()),
-                    reason="demo model not built")
+@pytest.mark.skipif(
+    not (DEMO.exists() and DEMO.with_name("digits_val.npz").exists()), reason="demo model not built"
+)
 def test_demo_model_accuracy_drop_below_one_point(tmp_path: Path) -> None:
     model = onnx.load(str(DEMO))
     data = np.load(DEMO.with_name("digits_val.npz"))
     images, labels = data["image"], data["labels"]
     half = len(images) // 2
-    calib = [{"image": images[i:i + 32]} for i in range(0, half, 32)]
+    calib = [{"image": images[i : i + 32]} for i in range(0, half, 32)]
     q, report = optimize(model, level=1, passes=[("quantize-qdq", {})], calibration=calib)
     assert report.stats("quantize-qdq")["quantized:Conv"] == 3
     assert q.ByteSize() < model.ByteSize() / 2
@@ -530,3 +606,39 @@ def test_demo_model_accuracy_drop_below_one_point(tmp_path: Path) -> None:
     assert fused.get("com.microsoft::QLinearConv") == 3
 
 
+def test_residual_add_concat_and_pool_stay_in_int8(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    w = {k: (rng.standard_normal(s) * 0.3).astype(np.float32) for k, s in
+         {"wt": (8, 4, 2, 2), "wc": (4, 4, 3, 3), "wd": (4, 4, 3, 3), "wg": (8, 5)}.items()}
+    w["cg"] = rng.standard_normal(5).astype(np.float32)
+    nodes = [
+        helper.make_node("ConvTranspose", ["x", "wt"], ["t"], strides=[2, 2], name="up"),
+        helper.make_node("Conv", ["t", "wc"], ["c"], pads=[1, 1, 1, 1], name="c"),
+        helper.make_node("Add", ["c", "t"], ["a"], name="add"),
+        helper.make_node("Relu", ["a"], ["ar"]),
+        helper.make_node("Conv", ["ar", "wd"], ["d"], pads=[1, 1, 1, 1], name="d"),
+        helper.make_node("Concat", ["d", "ar"], ["cc"], axis=1, name="concat"),
+        helper.make_node("GlobalAveragePool", ["cc"], ["g"], name="gap"),
+        helper.make_node("Flatten", ["g"], ["f"], name="flat"),
+        helper.make_node("Gemm", ["f", "wg", "cg"], ["y"], beta=0.5, name="fc"),
+    ]
+    model = make_model(nodes, [vi("x", [1, 8, 6, 6])], [vi("y", [1, 5])], w)
+    feeds = [{"x": rng.standard_normal((1, 8, 6, 6)).astype(np.float32)} for _ in range(6)]
+    q, report = quantize(model, feeds)
+    assert report.stats("quantize-qdq") == {
+        "quantized:ConvTranspose": 1, "quantized:Conv": 2, "quantized:Gemm": 1,
+        "quantized:Add": 1, "quantized:Concat": 1, "quantized:GlobalAveragePool": 1,
+        "quantized:Flatten": 1, "folded-activations": 1,
+    }
+    assert_fully_quantized(q)
+    up = next(n for n in q.graph.node if n.name == "up")
+    assert assert_int8_weight(q, up.input[1])[2] == 1  # ConvTranspose: output channels on axis 1
+    fc = next(n for n in q.graph.node if n.name == "fc")
+    assert assert_int8_weight(q, fc.input[1])[2] == 1  # Gemm without transB: [K, N]
+    assert next(a.f for a in fc.attribute if a.name == "beta") == 1.0  # beta folded into C
+    held = [{"x": rng.standard_normal((1, 8, 6, 6)).astype(np.float32)} for _ in range(3)]
+    for out_q, out_f in zip(run_model(q, held), run_model(model, held)):
+        assert cosine(out_q[0], out_f[0]) >= 0.99
+    fused = ort_optimized_ops(q, tmp_path)
+    for op in ("QLinearConv", "QLinearAdd", "QLinearConcat", "QLinearGlobalAveragePool", "QGemm"):
+        assert f"com.microsoft::{op}" in fused, op
