@@ -20,7 +20,7 @@ TorchScript exports with ``do_constant_folding=False``.
 
 The export is checked before anything is written: torch and onnxruntime (graph
 optimizations off) run the same random inputs, and every output must agree within
-``atol + rtol * |torch|``; with ``dynamic_batch`` a second batch size is checked
+``atol + rtol * |torch|``; with dynamic axes a second set of sizes is checked
 too. Floating inputs are standard normal; integer inputs are 1 when the name holds
 "mask", else uniform in [0, 16). torch is imported only inside functions: it is the
 optional extra ``onnxopt[torch]``.
@@ -74,7 +74,7 @@ class ExportReport:
     exporter: str
     opset: int
     inputs: dict[str, tuple[int, ...]]
-    dynamic_batch: bool
+    dynamic_dims: dict[str, dict[int, str]]
     checks: tuple[OutputCheck, ...]
     batchnorm_nodes: int
     nodes: int
@@ -201,6 +201,7 @@ def export(
     opset: int | None = None,
     keep_batchnorm: bool = False,
     *,
+    dynamic_dims: Mapping[str, Mapping[int, str]] | None = None,
     input_dtypes: Mapping[str, Any] | None = None,
     output_names: Sequence[str] | None = None,
     exporter: str = "dynamo",
@@ -210,8 +211,10 @@ def export(
 ) -> ExportReport:
     """Build the module, export it, check it against torch, and write it atomically.
 
-    Raises ``ExportError`` (nothing written) when torch is missing, the factory is
-    wrong, the exporter fails, or the export's outputs differ from torch's.
+    ``dynamic_dims`` names more dynamic axes, ``{"ids": {0: "batch", 1: "seq"}}``
+    (one name = one size across inputs); ``dynamic_batch`` adds ``{0: "batch"}`` to
+    every input. Raises ``ExportError`` (nothing written) when torch is missing, the
+    factory is wrong, the exporter fails, or the export's outputs differ from torch's.
     """
     start = time.perf_counter()
     if exporter not in EXPORTERS:
@@ -229,13 +232,14 @@ def export(
         ["output"] if len(ref) == 1 else [f"output_{i}" for i in range(len(ref))])
     if len(outputs) != len(ref):
         raise ExportError(f"{len(outputs)} output names for {len(ref)} outputs of '{label}'")
+    dims = _dynamic_dims(names, dynamic_dims, dynamic_batch)
     args = tuple(torch.from_numpy(feed[n]) for n in names)
     with _quiet_torch(), torch.no_grad():
         try:
             if exporter == "dynamo":
-                model = _export_dynamo(torch, module, args, names, outputs, opset, dynamic_batch, keep_batchnorm)
+                model = _export_dynamo(torch, module, args, names, outputs, opset, dims, keep_batchnorm)
             else:
-                model = _export_torchscript(torch, module, args, names, outputs, opset, dynamic_batch,
+                model = _export_torchscript(torch, module, args, names, outputs, opset, dims, dynamic_batch,
                                             keep_batchnorm)
         except ExportError:
             raise
@@ -243,8 +247,8 @@ def export(
             hint = "; try --exporter torchscript" if exporter == "dynamo" else ""
             raise ExportError(f"the {exporter} exporter cannot handle '{label}': {_export_cause(e)}{hint}") from e
     checks_feeds = [(feed, ref)]
-    if dynamic_batch:
-        other = {n: a for n, a in example_feeds(_rebatch(input_shapes), input_dtypes, seed + 1).items()}
+    if dims:
+        other = example_feeds(_resized(input_shapes, dims), input_dtypes, seed + 1)
         with torch.no_grad():
             checks_feeds.append((other, _torch_outputs(torch, module, other, label)))
     with staged_output(output) as staged:
@@ -258,18 +262,17 @@ def export(
                 + f" (atol {atol:g}, rtol {rtol:g}); nothing was written")
     return ExportReport(
         output=Path(output), exporter=exporter, opset=_opset(model),
-        inputs={n: tuple(int(d) for d in input_shapes[n]) for n in names}, dynamic_batch=dynamic_batch,
+        inputs={n: tuple(int(d) for d in input_shapes[n]) for n in names}, dynamic_dims=dims,
         checks=tuple(checks), batchnorm_nodes=sum(n.op_type == "BatchNormalization" for n in model.graph.node),
         nodes=len(model.graph.node), seconds=time.perf_counter() - start, torch_version=str(torch.__version__),
     )
 
 
 def _export_dynamo(torch: Any, module: Any, args: tuple[Any, ...], names: list[str], outputs: list[str],
-                   opset: int | None, dynamic_batch: bool, keep_batchnorm: bool) -> onnx.ModelProto:
-    dynamic_shapes = None
-    if dynamic_batch:
-        batch = torch.export.Dim("batch")  # one symbol: every input shares the batch dim
-        dynamic_shapes = tuple({0: batch} for _ in args)
+                   opset: int | None, dims: dict[str, dict[int, str]], keep_batchnorm: bool) -> onnx.ModelProto:
+    # Dim.DYNAMIC lets torch.export derive the ranges (a sequence axis bounded by the
+    # position table) instead of failing on them; the symbols are renamed afterwards
+    dynamic_shapes = tuple({a: torch.export.Dim.DYNAMIC for a in dims.get(n, {})} for n in names) if dims else None
     program = torch.onnx.export(
         module, args, dynamo=True, input_names=names, output_names=outputs, opset_version=opset,
         dynamic_shapes=dynamic_shapes, optimize=not keep_batchnorm, verbose=False,
@@ -280,12 +283,16 @@ def _export_dynamo(torch: Any, module: Any, args: tuple[Any, ...], names: list[s
         # only the folding and cleanup halves of the optimizer: its rewrite rules fuse BN
         onnxscript.optimizer.fold_constants(program.model)
         onnxscript.optimizer.remove_unused_nodes(program.model)
-    return program.model_proto
+    model = program.model_proto
+    _rename_dims(model, dims)
+    return model
 
 
 def _export_torchscript(torch: Any, module: Any, args: tuple[Any, ...], names: list[str], outputs: list[str],
-                        opset: int | None, dynamic_batch: bool, keep_batchnorm: bool) -> onnx.ModelProto:
-    dynamic_axes = {n: {0: "batch"} for n in [*names, *outputs]} if dynamic_batch else None
+                        opset: int | None, dims: dict[str, dict[int, str]], dynamic_batch: bool,
+                        keep_batchnorm: bool) -> onnx.ModelProto:
+    dynamic_axes: dict[str, dict[int, str]] | None = {**dims, **(
+        {n: {0: "batch"} for n in outputs} if dynamic_batch else {})} or None
     with tempfile.TemporaryDirectory(prefix="onnxopt-export-") as tmp:
         path = Path(tmp) / "model.onnx"
         torch.onnx.export(
@@ -343,9 +350,39 @@ def _check(path: Path, runs: list[tuple[dict[str, np.ndarray], list[np.ndarray]]
     return [OutputCheck(n, *worst[n]) for n in outputs]
 
 
-def _rebatch(shapes: Mapping[str, Sequence[int]]) -> dict[str, tuple[int, ...]]:
-    """The same shapes at another batch size, to prove the batch dim is dynamic."""
-    return {n: (int(s[0]) + 1 if int(s[0]) > 1 else 2, *map(int, s[1:])) for n, s in shapes.items()}
+def _dynamic_dims(names: list[str], dynamic_dims: Mapping[str, Mapping[int, str]] | None,
+                  dynamic_batch: bool) -> dict[str, dict[int, str]]:
+    unknown = sorted(set(dynamic_dims or {}) - set(names))
+    if unknown:
+        raise ExportError(f"dynamic dims name unknown input(s) {', '.join(unknown)}; inputs: {', '.join(names)}")
+    dims = {n: ({0: "batch"} if dynamic_batch else {}) | dict((dynamic_dims or {}).get(n, {})) for n in names}
+    return {n: d for n, d in dims.items() if d}
+
+
+def _resized(shapes: Mapping[str, Sequence[int]], dims: Mapping[str, Mapping[int, str]]) -> dict[str, tuple[int, ...]]:
+    """The same shapes with every dynamic axis changed, to prove it is dynamic."""
+    sizes: dict[str, int] = {}
+    out = {}
+    for n, shape in shapes.items():
+        new = [int(d) for d in shape]
+        for axis, sym in dims.get(n, {}).items():
+            new[axis] = sizes.setdefault(sym, new[axis] + 1 if new[axis] > 1 else 2)
+        out[n] = tuple(new)
+    return out
+
+
+def _rename_dims(model: onnx.ModelProto, dims: Mapping[str, Mapping[int, str]]) -> None:
+    """Give the exporter's symbols (s43) the names the user asked for (batch)."""
+    rename: dict[str, str] = {}
+    for vi in model.graph.input:
+        for axis, name in dims.get(vi.name, {}).items():
+            d = vi.type.tensor_type.shape.dim[axis]
+            if d.dim_param:
+                rename.setdefault(d.dim_param, name)
+    for vi in [*model.graph.input, *model.graph.output, *model.graph.value_info]:
+        for d in vi.type.tensor_type.shape.dim:
+            if d.dim_param in rename:
+                d.dim_param = rename[d.dim_param]
 
 
 def _opset(model: onnx.ModelProto) -> int:
