@@ -40,7 +40,7 @@ import onnx
 import onnxruntime as ort
 
 from onnxopt.errors import OnnxoptError, PassFailedError
-from onnxopt.manager import PRESETS, PassManager, instantiate
+from onnxopt.manager import PRESETS, PassManager, PassSpec, instantiate
 from onnxopt.registry import registry
 
 PRESERVED = "preserved"
@@ -108,8 +108,10 @@ def case_ops(model: onnx.ModelProto) -> str:
     return f"expanded:{len(nodes)} nodes"
 
 
-def run_case(case: Any, passes: Sequence[str] | None = None, timeout: float = 120.0) -> CaseResult:
-    """Judge one case; ``passes`` defaults to the registered level-1 preset."""
+def run_case(
+    case: Any, passes: Sequence[PassSpec] | None = None, timeout: float = 120.0
+) -> CaseResult:
+    """Judge one case; ``passes`` (run as a preset, to a fixpoint) defaults to level 1."""
     t0 = time.perf_counter()
     ops = case_ops(case.model)
     try:
@@ -120,7 +122,7 @@ def run_case(case: Any, passes: Sequence[str] | None = None, timeout: float = 12
     return CaseResult(case.name, ops, outcome, reason, time.perf_counter() - t0)
 
 
-def _judge(case: Any, passes: Sequence[str] | None) -> tuple[str, str]:
+def _judge(case: Any, passes: Sequence[PassSpec] | None) -> tuple[str, str]:
     model = case.model
     rtol, atol = case.rtol, case.atol
     datasets = [
@@ -134,9 +136,9 @@ def _judge(case: Any, passes: Sequence[str] | None) -> tuple[str, str]:
         if why := mismatch(expected, actual, rtol, atol):
             return ORT_MISMATCH, why
 
-    names = list(passes) if passes is not None else level1_passes()[0]
+    specs = list(passes) if passes is not None else level1_passes()[0]
     try:
-        optimized, report = PassManager([instantiate(n) for n in names]).run(model)
+        optimized, report = PassManager([instantiate(p) for p in specs]).run(model)
     except PassFailedError as e:
         return CRASH, _first_line(e) + _cause(e)
     except OnnxoptError as e:
@@ -144,19 +146,8 @@ def _judge(case: Any, passes: Sequence[str] | None) -> tuple[str, str]:
     except Exception as e:
         return CRASH, f"{type(e).__name__}: {_first_line(e)}"
 
-    if [o.name for o in optimized.graph.output] != [o.name for o in model.graph.output]:
-        return WRONG, "graph output names or order changed"
-    if [i.name for i in optimized.graph.input] != [i.name for i in model.graph.input]:
-        return WRONG, "graph input names or order changed"
-    if _checker_error(model) is None and (err := _checker_error(optimized)):
-        return WRONG, f"onnx.checker rejects the optimized model: {err}"
-    try:
-        got = _run_ort(optimized, [ins for ins, _ in datasets])
-    except OrtError as e:
-        return WRONG, f"optimized model fails in onnxruntime: {e}"
-    for (_, expected), actual in zip(datasets, got, strict=False):
-        if why := mismatch(expected, actual, rtol, atol):
-            return WRONG, why
+    if why := _wrongness(model, optimized, datasets, rtol, atol):
+        return WRONG, why + _blame(model, datasets, specs, rtol, atol)
     changed = [r for r in report.summary() if r["changed"]]
     if not changed:
         return PRESERVED, ""
@@ -164,6 +155,43 @@ def _judge(case: Any, passes: Sequence[str] | None) -> tuple[str, str]:
         f"{r['name']}: " + ", ".join(f"{k}={v}" for k, v in sorted(r["stats"].items()))
         for r in changed
     )
+
+
+def _wrongness(
+    model: onnx.ModelProto, optimized: onnx.ModelProto, datasets: Sequence[Any],
+    rtol: float, atol: float,
+) -> str | None:
+    """Why ``optimized`` is not a correct rewrite of ``model`` on the case's data, or None."""
+    if [o.name for o in optimized.graph.output] != [o.name for o in model.graph.output]:
+        return "graph output names or order changed"
+    if [i.name for i in optimized.graph.input] != [i.name for i in model.graph.input]:
+        return "graph input names or order changed"
+    if _checker_error(model) is None and (err := _checker_error(optimized)):
+        return f"onnx.checker rejects the optimized model: {err}"
+    try:
+        got = _run_ort(optimized, [ins for ins, _ in datasets])
+    except OrtError as e:
+        return f"optimized model fails in onnxruntime: {e}"
+    for (_, expected), actual in zip(datasets, got, strict=False):
+        if why := mismatch(expected, actual, rtol, atol):
+            return why
+    return None
+
+
+def _blame(
+    model: onnx.ModelProto, datasets: Sequence[Any], specs: Sequence[PassSpec],
+    rtol: float, atol: float,
+) -> str:
+    """`` (first wrong with: <pass>)``: the shortest prefix of the pipeline that is wrong."""
+    for k in range(1, len(specs) + 1):
+        prefix = [instantiate(p) for p in specs[:k]]
+        try:
+            optimized, _ = PassManager(prefix).run(model)
+        except Exception:
+            return f" (first wrong with: {prefix[-1].name}, which then fails)"
+        if _wrongness(model, optimized, datasets, rtol, atol):
+            return f" (first wrong with: {prefix[-1].name})"
+    return ""
 
 
 def _run_ort(model: onnx.ModelProto, feeds: Sequence[Sequence[Any]]) -> list[list[Any]]:
@@ -319,7 +347,7 @@ def _work(index: int) -> CaseResult:
 
 def run_suite(
     cases: Sequence[Any],
-    passes: Sequence[str] | None = None,
+    passes: Sequence[PassSpec] | None = None,
     processes: int = 2,
     timeout: float = 120.0,
     progress: Callable[[CaseResult], None] | None = None,
