@@ -117,7 +117,47 @@ def to_graph(model: onnx.ModelProto) -> gs.Graph:
     Optional-typed values are refused: graphsurgeon imports them but cannot export them.
     """
     _refuse_optional_types(model)
-    return gs.import_onnx(model)
+    graph = gs.import_onnx(model)
+    _restore_overridable_inputs(graph, model)
+    return graph
+
+
+def _overridable_names(model: onnx.ModelProto) -> set[str]:
+    """Graph inputs that also have an initializer: a default value callers may override."""
+    inits = {t.name for t in model.graph.initializer}
+    return {vi.name for vi in model.graph.input if vi.name in inits}
+
+
+def _restore_overridable_inputs(graph: gs.Graph, model: onnx.ModelProto) -> None:
+    """Keep initializer-backed graph inputs as inputs (graphsurgeon turns them into constants).
+
+    They become Variables, so no pass treats them as constant; ``to_model`` puts their
+    default values back as initializers.
+    """
+    names = _overridable_names(model)
+    if not names:
+        return
+    tensors = graph.tensors()
+    by_name: dict[str, gs.Tensor] = {t.name: t for t in graph.inputs}
+    for name in names:
+        old = tensors.get(name)
+        var = gs.Variable(name, dtype=old.dtype if old is not None else None,
+                          shape=list(old.shape) if old is not None and old.shape is not None else None)
+        if old is not None:
+            for node in list(old.outputs):
+                for i, t in enumerate(node.inputs):
+                    if t is old:
+                        node.inputs[i] = var
+        by_name[name] = var
+    declared = {vi.name: vi for vi in model.graph.input}
+    for name in names:  # declared type wins over the initializer's
+        tt = declared[name].type.tensor_type
+        if tt.elem_type:
+            by_name[name].dtype = onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type)
+        if tt.HasField("shape"):
+            by_name[name].shape = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
+                                   for d in tt.shape.dim]
+    graph.inputs = [by_name[vi.name] for vi in model.graph.input if vi.name in by_name]
 
 
 def _refuse_optional_types(model: onnx.ModelProto) -> None:
@@ -158,6 +198,11 @@ def to_model(
         model.metadata_props.add(key=key, value=value)
     if source.training_info:
         model.training_info.extend(source.training_info)
+    inputs = {vi.name for vi in model.graph.input}
+    present = {t.name for t in model.graph.initializer}
+    for t in source.graph.initializer:  # default values of overridable inputs
+        if t.name in inputs and t.name not in present:
+            model.graph.initializer.append(t)
     return model
 
 

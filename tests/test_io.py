@@ -109,3 +109,22 @@ def test_round_trip_keeps_functions_custom_domains_and_opsets() -> None:
     assert [f.name for f in out.functions] == ["Double"]
     assert [(n.domain, n.op_type) for n in out.graph.node] == [("my.domain", "Double"), ("vendor.ops", "Custom")]
     assert out.doc_string == "kept"
+
+
+def test_initializer_backed_inputs_stay_overridable_and_are_not_folded() -> None:
+    from onnxopt import optimize
+    from onnxopt.runtime import run_model
+    from onnxopt.testing import op_histogram
+
+    m = make_model(
+        [helper.make_node("Mul", ["w", "two"], ["a"]), helper.make_node("Add", ["x", "a"], ["y"])],
+        [vi("x", [2, 3]), vi("w", [2, 3])], [vi("y", [2, 3])],
+        {"w": np.ones((2, 3), np.float32), "two": np.full((2, 3), 2, np.float32)},
+    )
+    out, report = optimize(m)
+    assert [i.name for i in out.graph.input] == ["x", "w"]
+    assert op_histogram(out) == {"Add": 1, "Mul": 1}
+    assert report.stats("fold-constants") == {}
+    x = np.zeros((2, 3), np.float32)
+    for feed in ({"x": x}, {"x": x, "w": np.full((2, 3), 5, np.float32)}):
+        np.testing.assert_array_equal(run_model(out, [feed])[0][0], run_model(m, [feed])[0][0])
