@@ -213,7 +213,7 @@ def compress(
 
     def evaluate(label: str, qmodel: onnx.ModelProto, float_layers: list[str]) -> Candidate:
         say(f"evaluating {label}")
-        report = compare(float_model, qmodel, evaluation, tol)
+        report = compare(float_model, qmodel, evaluation, tol, optimize_candidate=True)
         ok, why, acc, drop = budget.judge(report)
         if report.accuracy_before is not None:
             float_cand.accuracy, float_cand.accuracy_drop_pp = report.accuracy_before, 0.0
@@ -316,7 +316,7 @@ def _sensitivity(
         if layer not in notes.get("quantized", []):
             out[layer] = 0.0  # not quantizable on its own (e.g. a scale-sharing op)
             continue
-        report = compare(float_model, qmodel, few, tol)
+        report = compare(float_model, qmodel, few, tol, optimize_candidate=True)
         out[layer] = float(max(1.0 - o.cosine for o in report.outputs))
     return out
 

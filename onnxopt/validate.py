@@ -176,13 +176,19 @@ def _accuracy(outputs: Sequence[Any], labels: np.ndarray) -> float | None:
 
 
 def compare(
-    reference: ModelRef, candidate: ModelRef, data: Dataset, tolerance: Tolerance | None = None
+    reference: ModelRef, candidate: ModelRef, data: Dataset, tolerance: Tolerance | None = None,
+    optimize_candidate: bool = False,
 ) -> ValidationReport:
-    """Run both models on every feed of ``data`` and compare their outputs."""
+    """Run both models on every feed of ``data`` and compare their outputs.
+
+    ``optimize_candidate`` runs the candidate with onnxruntime's rewrites on, as it will
+    be deployed: quantized models then run in ORT's fused integer kernels, whose
+    rounding (and, on AVX2, int16 saturation) the unfused QDQ graph does not show.
+    """
     tol = tolerance or Tolerance()
     if not len(data):
         raise InputDataError("no inputs to validate on")
-    ref, cand = session(reference), session(candidate)
+    ref, cand = session(reference), session(candidate, optimize=optimize_candidate)
     names = output_names(ref)
     if output_names(cand) != names:
         raise OnnxoptError(f"the models' outputs differ: {names} vs {output_names(cand)}")

@@ -3,7 +3,13 @@
     y = x @ W (+ c)
       ~ Cast(MatMulInteger(xq, Wq, xz, Wz)) * (xs * Ws) (+ c)
     xq, xs, xz = DynamicQuantizeLinear(x)          # uint8, asymmetric, per run
-    Wq = round(W / Ws) clipped to [-127, 127],  Ws = max|W| / 127,  Wz = 0
+    Wq = round(W / Ws) clipped to [-Q, Q],  Ws = max|W| / Q,  Wz = 0
+
+``Q = 64`` by default (``reduce_range``): onnxruntime's u8 x s8 kernels on x86 without
+VNNI (AVX2) add pairs of u8*s8 products in int16 with saturation, so full-range
+weights (``Q = 127``) give wrong sums there (measured on this machine's AVX2 CPU:
+errors up to 2e4 in the int32 accumulator); with ``|Wq| <= 64`` a pair is at most
+2 * 255 * 64 = 32640 < 32767, exact everywhere, at the same speed.
 
 ``Ws`` is per output column (``per_channel``, the default) or one scalar. Gemm
 ``Y = alpha * A @ op(B) + beta * C`` becomes the same chain with ``B`` transposed to
@@ -44,11 +50,11 @@ class _Weight:
     zero: gs.Constant  # int8, same shape as scale
 
 
-def quantize_weight_int8(w: np.ndarray, per_channel: bool) -> tuple[np.ndarray, np.ndarray]:
-    """Symmetric int8 of a [K, N] weight: (codes in [-127, 127], scale per column or scalar)."""
+def quantize_weight_int8(w: np.ndarray, per_channel: bool, qmax: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric int8 of a [K, N] weight: (codes in [-qmax, qmax], scale per column or scalar)."""
     amax = np.abs(w).max(axis=0) if per_channel else np.asarray(np.abs(w).max())
-    scale = np.where(amax > 0, amax / 127.0, 1.0).astype(np.float32)
-    q = np.clip(np.round(w / scale), -127, 127).astype(np.int8)
+    scale = np.where(amax > 0, amax / qmax, 1.0).astype(np.float32)
+    q = np.clip(np.round(w / scale), -qmax, qmax).astype(np.int8)
     return q, scale
 
 
@@ -85,6 +91,7 @@ class QuantizeDynamicPass(Pass):
     @dataclasses.dataclass(frozen=True)
     class Options:
         per_channel: bool = True  # one weight scale per output column
+        reduce_range: bool = True  # weights in [-64, 64]: exact on AVX2 (no int16 saturation)
         exclude: tuple[str, ...] = ()  # node names (or first output names) kept in float
         op_types: tuple[str, ...] = ("MatMul", "Gemm")
 
@@ -105,7 +112,8 @@ class QuantizeDynamicPass(Pass):
                     stats[f"skipped:{reason}"] += 1
                     skipped[layer_key(node)] = reason
                     continue
-                _rewrite(g, node, ctx.names, opts.per_channel, weights, activations)
+                _rewrite(g, node, ctx.names, opts.per_channel, 64 if opts.reduce_range else 127,
+                         weights, activations)
                 stats[f"quantized-{node.op.lower()}"] += 1
                 quantized.append(layer_key(node))
         ctx.notes[self.name] = {"quantized": quantized, "skipped": skipped}
@@ -115,7 +123,7 @@ class QuantizeDynamicPass(Pass):
 
 
 def _rewrite(
-    g: gs.Graph, node: gs.Node, names: NameGenerator, per_channel: bool,
+    g: gs.Graph, node: gs.Node, names: NameGenerator, per_channel: bool, qmax: int,
     weights: dict[tuple[Any, ...], _Weight],
     activations: dict[str, tuple[gs.Variable, gs.Variable, gs.Variable]],
 ) -> None:
@@ -132,11 +140,11 @@ def _rewrite(
     if key not in weights:
         w = constant_value(w_tensor)
         w = w.T if trans_b else w
-        q, scale = quantize_weight_int8(w, per_channel)
+        q, scale = quantize_weight_int8(w, per_channel, qmax)
         weights[key] = _Weight(
             gs.Constant(names.fresh(f"{w_tensor.name}_quantized"), np.ascontiguousarray(q)),
-            gs.Constant(names.fresh(f"{w_tensor.name}_scale"), (scale * np.float32(alpha)).astype(np.float32)),
-            gs.Constant(names.fresh(f"{w_tensor.name}_zero_point"), np.zeros(scale.shape, np.int8)),
+            gs.Constant(names.fresh(f"{w_tensor.name}_scale"), np.asarray(scale * np.float32(alpha), dtype=np.float32)),
+            gs.Constant(names.fresh(f"{w_tensor.name}_zero_point"), np.zeros(np.shape(scale), np.int8)),
         )
     wq = weights[key]
     # one DynamicQuantizeLinear per activation, shared by every layer that reads it (Q, K, V)
