@@ -108,11 +108,11 @@ def bypass(graph: gs.Graph, src: gs.Tensor, dst: gs.Tensor) -> str | None:
     directly, which is only legal if ``src`` is an ordinary intermediate value.
     Returns a decline reason, or None on success.
     """
-    if not is_graph_output(graph, dst):
+    if not _is_io(graph, "outputs", dst):
         replace_uses(dst, src)
         dst.inputs.clear()
         return None
-    if is_graph_input(graph, src) or is_graph_output(graph, src) or isinstance(src, gs.Constant):
+    if _is_io(graph, "inputs", src) or _is_io(graph, "outputs", src) or isinstance(src, gs.Constant):
         return "graph-output"
     src_producer = producer(src)
     if src_producer is None or not _in_graph(graph, src_producer):
@@ -127,6 +127,23 @@ def bypass(graph: gs.Graph, src: gs.Tensor, dst: gs.Tensor) -> str | None:
     if src.dtype is not None and dst.dtype is None:
         dst.dtype = src.dtype
     return None
+
+
+def _is_io(graph: gs.Graph, which: str, tensor: gs.Tensor) -> bool:
+    """``is_graph_output``/``is_graph_input`` in O(1), for graphs with thousands of outputs.
+
+    Caches name -> position per list (rebuilt when the list is replaced or changes
+    length) and confirms a hit with ``is``. Graph I/O names never change, so a tensor
+    whose name is not cached is not graph I/O.
+    """
+    tensors: list[gs.Tensor] = getattr(graph, which)
+    key = f"_onnxopt_{which}"
+    cache: tuple[list[gs.Tensor], int, dict[str, int]] | None = vars(graph).get(key)
+    if cache is None or cache[0] is not tensors or cache[1] != len(tensors):
+        cache = (tensors, len(tensors), {t.name: i for i, t in enumerate(tensors)})
+        setattr(graph, key, cache)
+    i = cache[2].get(tensor.name)
+    return i is not None and tensors[i] is tensor
 
 
 def _in_graph(graph: gs.Graph, node: gs.Node) -> bool:
