@@ -12,11 +12,16 @@ about 1,900 small models, each with input and expected output data). For each ca
 3. the rewritten model is checked (``onnx.checker`` when the original passes it) and
    run in onnxruntime against the same expected outputs.
 
+Inputs are fed positionally (graph inputs minus initializers); bfloat16 and float8
+tensors go through OrtValues as raw bytes, since onnxruntime's Python API takes no
+ml_dtypes arrays (4-bit and 2-bit types stay ``ort-unsupported``).
+
 Outcomes: ``preserved`` (no pass changed the graph, outputs match), ``changed-but-correct``,
 ``refused`` (an ``OnnxoptError`` the user can act on), and the two bugs: ``CRASH`` (any
 other exception, including ``PassFailedError``, which wraps a pass's own exception)
 and ``WRONG`` (the rewritten model is invalid, fails in onnxruntime, or its outputs,
-names, dtypes or shapes differ).
+names, dtypes or shapes differ; the reason ends with the first pass of the pipeline
+whose prefix is already wrong).
 """
 
 from __future__ import annotations
@@ -206,13 +211,53 @@ def _run_ort(model: onnx.ModelProto, feeds: Sequence[Sequence[Any]]) -> list[lis
         raise OrtError(f"load: {_ort_message(e)}") from None
     inits = {t.name for t in model.graph.initializer}
     names = [i.name for i in model.graph.input if i.name not in inits]
+    outputs = [o.type for o in sess.get_outputs()]
     results = []
     for values in feeds:
         feed = {n: v for n, v in zip(names, values, strict=False) if v is not None}
         try:
-            results.append(list(sess.run(None, feed)))
+            if any(_byte_exotic(v) for v in feed.values()) or any(map(_EXOTIC.get, outputs)):
+                results.append(_run_exotic(sess, feed, outputs))
+            else:
+                results.append(list(sess.run(None, feed)))
         except Exception as e:
             raise OrtError(f"run: {_ort_message(e)}") from None
+    return results
+
+
+# onnxruntime's Python API takes and returns no ml_dtypes arrays: these element types go
+# through OrtValues as raw bytes (one element per byte or two; 4-bit and 2-bit types,
+# which onnxruntime packs, are left unsupported)
+_EXOTIC = {
+    f"tensor({name})": onnx.helper.tensor_dtype_to_np_dtype(getattr(onnx.TensorProto, name.upper()))
+    for name in ("bfloat16", "float8e4m3fn", "float8e4m3fnuz", "float8e5m2", "float8e5m2fnuz")
+}
+
+
+def _byte_exotic(v: Any) -> bool:
+    return isinstance(v, np.ndarray) and any(v.dtype == dt for dt in _EXOTIC.values())
+
+
+def _run_exotic(sess: ort.InferenceSession, feed: dict[str, Any], outputs: list[str]) -> list[Any]:
+    import ctypes
+
+    values = {}
+    for name, v in feed.items():
+        if _byte_exotic(v):
+            raw = np.ascontiguousarray(v).view(np.uint8 if v.dtype.itemsize == 1 else np.uint16)
+            elem = onnx.helper.np_dtype_to_tensor_dtype(v.dtype)
+            values[name] = ort.OrtValue.ortvalue_from_numpy_with_onnx_type(raw, elem)
+        else:
+            values[name] = ort.OrtValue.ortvalue_from_numpy(np.asarray(v))
+    results = []
+    for value, type_name in zip(sess.run_with_ort_values(None, values), outputs, strict=True):
+        dtype = _EXOTIC.get(type_name)
+        if dtype is None:
+            results.append(value.numpy())
+            continue
+        size = value.tensor_size_in_bytes()
+        raw = bytes((ctypes.c_char * size).from_address(value.data_ptr())) if size else b""
+        results.append(np.frombuffer(raw, dtype=dtype).reshape(value.shape()).copy())
     return results
 
 
