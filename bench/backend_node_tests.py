@@ -1,6 +1,6 @@
 """Run onnx's ~1,900 backend node tests through onnxopt's default level and report.
 
-    python bench/backend_node_tests.py [--processes 2] [--filter REGEX] [--out bench/BACKEND_RESULTS.md]
+    python bench/backend_node_tests.py [--processes 2] [--filter REGEX] [--out FILE.md]
 
 Each case's original model must first reproduce onnx's expected outputs in
 onnxruntime; those that do are optimized (level 1) and checked again against the
@@ -41,8 +41,9 @@ def main() -> int:
     if args.filter:
         cases = [c for c in cases if re.search(args.filter, c.name)]
     passes, missing = bs.level1_passes()
+    unregistered = f"; not registered: {', '.join(missing)}" if missing else ""
     print(f"{len(cases)} cases loaded in {time.perf_counter() - t0:.0f} s; "
-          f"passes: {', '.join(passes)}" + (f"; not registered: {', '.join(missing)}" if missing else ""))
+          f"passes: {', '.join(passes)}{unregistered}")
     done = 0
 
     def progress(r: bs.CaseResult) -> None:
@@ -80,7 +81,8 @@ def render(results: list[bs.CaseResult], counts: dict[str, int], passes: list[st
         f"- level-1 passes run: {', '.join(passes)}",
     ]
     if missing:
-        lines.append(f"- level-1 passes not registered at the time of the run: {', '.join(missing)}")
+        lines.append(f"- level-1 passes not registered at the time of the run: "
+                     f"{', '.join(missing)}")
     lines += [
         "",
         "Each case's original model runs in onnxruntime (graph optimizations off) against the",
@@ -89,13 +91,15 @@ def render(results: list[bs.CaseResult], counts: dict[str, int], passes: list[st
         "The rest are optimized and checked again: `preserved` (no pass changed the graph),",
         "`changed-but-correct`, `refused` (an OnnxoptError), and the bugs `CRASH` (any other",
         "exception, including a pass's exception wrapped in PassFailedError) and `WRONG`",
-        "(invalid model, onnxruntime failure, or outputs that differ).",
+        "(invalid model, onnxruntime failure, or outputs that differ; the reason names the",
+        "first pass whose pipeline prefix is already wrong).",
         "",
         "| outcome | cases |",
         "|---|---:|",
     ]
     lines += [f"| {k} | {v} |" for k, v in counts.items()]
-    lines += ["", "## Cases not preserved", "", "| case | op | outcome | reason |", "|---|---|---|---|"]
+    lines += ["", "## Cases not preserved", "",
+              "| case | op | outcome | reason |", "|---|---|---|---|"]
     order = {o: i for i, o in enumerate((bs.CRASH, bs.WRONG, bs.REFUSED, bs.CHANGED,
                                          bs.ORT_MISMATCH, bs.ORT_UNSUPPORTED))}
     rows = sorted((r for r in results if r.outcome != bs.PRESERVED),
