@@ -300,7 +300,7 @@ def mlp(tiny: bool = False) -> nn.Module:
     x, y = torch.from_numpy(x_tr), torch.from_numpy(y_tr)
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     gen = torch.Generator().manual_seed(SEED)
-    for _ in range(2 if tiny else 40):
+    for _ in range(10 if tiny else 40):
         for idx in torch.randperm(len(x), generator=gen).split(64):
             opt.zero_grad()
             nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()

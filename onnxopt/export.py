@@ -285,6 +285,12 @@ def _export_dynamo(torch: Any, module: Any, args: tuple[Any, ...], names: list[s
         onnxscript.optimizer.remove_unused_nodes(program.model)
     model = program.model_proto
     _rename_dims(model, dims)
+    # the dynamo exporter also declares every weight in value_info; tools that rewrite
+    # weights (quantize_dynamic transposes Gemm's) then fail on the stale declaration
+    weights = {t.name for t in model.graph.initializer}
+    kept = [vi for vi in model.graph.value_info if vi.name not in weights]
+    del model.graph.value_info[:]
+    model.graph.value_info.extend(kept)
     return model
 
 

