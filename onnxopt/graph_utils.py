@@ -45,6 +45,11 @@ def constant_value(tensor: gs.Tensor | None) -> np.ndarray | None:
     if isinstance(tensor, gs.Constant):
         if isinstance(tensor._values, gs.ir.tensor.SparseValues):
             return None
+        if isinstance(tensor._values, gs.ir.tensor.LazyValues):
+            # not ``tensor.values``: that keeps the loaded array in the graph, so a pass
+            # that merely looks at every weight (and declines) doubles a model's memory,
+            # and export then re-serializes the array instead of reusing the TensorProto
+            return np.asarray(tensor._values.load())
         return np.asarray(tensor.values)
     if len(tensor.inputs) == 1:
         node = tensor.inputs[0]

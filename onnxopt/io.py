@@ -198,6 +198,12 @@ def to_model(
         model.metadata_props.add(key=key, value=value)
     if source.training_info:
         model.training_info.extend(source.training_info)
+    # graph I/O exactly as declared: graphsurgeon rebuilds the value infos and loses, e.g.,
+    # the element shape of a sequence-typed output
+    declared = {vi.name: vi for vi in [*source.graph.input, *source.graph.output]}
+    for vi in [*model.graph.input, *model.graph.output]:
+        if vi.name in declared and vi != declared[vi.name]:
+            vi.CopyFrom(declared[vi.name])
     inputs = {vi.name for vi in model.graph.input}
     present = {t.name for t in model.graph.initializer}
     for t in source.graph.initializer:  # default values of overridable inputs
