@@ -121,21 +121,41 @@ class _Budget:
         """(within budget, why, accuracy after, drop in pp)."""
         if self.max_accuracy_drop is not None and report.accuracy_before is not None:
             drop = (report.accuracy_before - (report.accuracy_after or 0.0)) * 100
-            ok = drop <= self.max_accuracy_drop and all(np.isfinite(o.cosine) for o in report.outputs)
-            return ok, (f"accuracy {report.accuracy_after:.2%} vs {report.accuracy_before:.2%}: "
-                        f"drop {drop:+.2f} pt {'<=' if ok else '>'} {self.max_accuracy_drop:g} pt"), \
-                report.accuracy_after, drop
+            ok = drop <= self.max_accuracy_drop and all(
+                np.isfinite(o.cosine) for o in report.outputs
+            )
+            return (
+                ok,
+                (
+                    f"accuracy {report.accuracy_after:.2%} vs {report.accuracy_before:.2%}: "
+                    f"drop {drop:+.2f} pt {'<=' if ok else '>'} {self.max_accuracy_drop:g} pt"
+                ),
+                report.accuracy_after,
+                drop,
+            )
         if report:
             return True, "fidelity floor holds on every output", None, None
         worst = "; ".join(o.describe(report.tolerance) for o in report.failures)
-        return False, f"below the fidelity floor (cosine >= {self.tolerance.min_cosine:g}" + (
-            f", top-1 agreement >= {self.tolerance.min_top1:.0%}" if self.tolerance.min_top1 else "") + \
-            f"): {worst}", None, None
+        return (
+            False,
+            f"below the fidelity floor (cosine >= {self.tolerance.min_cosine:g}"
+            + (
+                f", top-1 agreement >= {self.tolerance.min_top1:.0%}"
+                if self.tolerance.min_top1
+                else ""
+            )
+            + f"): {worst}",
+            None,
+            None,
+        )
 
 
 def _default_measure(threads: int, repeats: int) -> Measure:
-    def measure(models: Mapping[str, onnx.ModelProto], feeds: Sequence[Feed]) -> Mapping[str, Latency]:
+    def measure(
+        models: Mapping[str, onnx.ModelProto], feeds: Sequence[Feed]
+    ) -> Mapping[str, Latency]:
         return measure_latency(dict(models), feeds, threads=threads, repeats=repeats)
+
     return measure
 
 
@@ -172,7 +192,9 @@ def compress(
             in onnxruntime (interleaved medians).
     """
     if method not in METHODS:
-        raise OnnxoptError(f"unknown quantization method '{method}'; choose one of {', '.join(METHODS)}")
+        raise OnnxoptError(
+            f"unknown quantization method '{method}'; choose one of {', '.join(METHODS)}"
+        )
     say = progress or (lambda _msg: None)
     src = Path(model_path)
     dst = Path(output) if output is not None else src.with_name(src.stem + ".opt.onnx")
@@ -185,10 +207,13 @@ def compress(
     if opset_of(model) < min_opset:
         from onnxopt.opset import upgrade_opset
 
-        notes.append(f"upgraded the model from opset {opset_of(model)} to {min_opset} "
-                     f"({pass_name} needs it)")
+        notes.append(
+            f"upgraded the model from opset {opset_of(model)} to {min_opset} ({pass_name} needs it)"
+        )
         model = upgrade_opset(model, min_opset)
-    calib, evaluation, warnings = _datasets(model, method, calibration_data, eval_data, input_shapes, seed)
+    calib, evaluation, warnings = _datasets(
+        model, method, calibration_data, eval_data, input_shapes, seed
+    )
 
     say("lossless passes")
     preset, _ = resolve(level, None)
@@ -197,8 +222,10 @@ def compress(
     if max_accuracy_drop is None and evaluation.labels is not None:
         max_accuracy_drop = DEFAULT_MAX_ACCURACY_DROP
     if max_accuracy_drop is not None and evaluation.labels is None:
-        warnings.append("--max-accuracy-drop needs labels in the evaluation data ('labels' array); "
-                        "judging by the fidelity floor instead")
+        warnings.append(
+            "--max-accuracy-drop needs labels in the evaluation data ('labels' array); "
+            "judging by the fidelity floor instead"
+        )
     budget = _Budget(max_accuracy_drop, tol)
     calib_feeds = calib.feeds if calib is not None else None
 
@@ -207,8 +234,9 @@ def compress(
         if exclude:
             opts["exclude"] = tuple(exclude)
         p = resolve(None, [(pass_name, opts)])[1]
-        qmodel, report = PassManager((), p).run(float_model, calibration=calib_feeds,
-                                                 input_shapes=input_shapes, seed=seed)
+        qmodel, report = PassManager((), p).run(
+            float_model, calibration=calib_feeds, input_shapes=input_shapes, seed=seed
+        )
         return qmodel, report.notes.get(pass_name, {})
 
     def evaluate(label: str, qmodel: onnx.ModelProto, float_layers: list[str]) -> Candidate:
@@ -218,20 +246,46 @@ def compress(
         if report.accuracy_before is not None:
             float_cand.accuracy, float_cand.accuracy_drop_pp = report.accuracy_before, 0.0
         floats = [o for o in report.outputs if o.top1_agreement is not None]
-        return Candidate(label, list(float_layers), ok, why, acc, drop,
-                         min(o.cosine for o in report.outputs),
-                         min(o.top1_agreement for o in floats) if floats else None,
-                         size_bytes=qmodel.ByteSize())
+        return Candidate(
+            label,
+            list(float_layers),
+            ok,
+            why,
+            acc,
+            drop,
+            min(o.cosine for o in report.outputs),
+            min(o.top1_agreement for o in floats) if floats else None,
+            size_bytes=qmodel.ByteSize(),
+        )
 
     say(f"quantizing ({pass_name})")
     qmodel, qnotes = quantize(())
     layers = list(qnotes.get("quantized", []))
     skipped = dict(qnotes.get("skipped", {}))
-    float_cand = Candidate("float (lossless passes)", [], True, "reference", min_cosine=1.0,
-                           size_bytes=float_model.ByteSize())
-    result = CompressResult(dst, method, "float", "", [float_cand], {}, [], layers, skipped,
-                            calib.source if calib is not None else "none (method needs no calibration)",
-                            evaluation.source, len(evaluation), warnings, notes)
+    float_cand = Candidate(
+        "float (lossless passes)",
+        [],
+        True,
+        "reference",
+        min_cosine=1.0,
+        size_bytes=float_model.ByteSize(),
+    )
+    result = CompressResult(
+        dst,
+        method,
+        "float",
+        "",
+        [float_cand],
+        {},
+        [],
+        layers,
+        skipped,
+        calib.source if calib is not None else "none (method needs no calibration)",
+        evaluation.source,
+        len(evaluation),
+        warnings,
+        notes,
+    )
     if not layers:
         result.reason = f"{pass_name} found nothing to quantize"
         float_cand.verdict = "written (see below)"
@@ -239,7 +293,9 @@ def compress(
         return result
 
     candidates = [evaluate(method, qmodel, [])]
-    chosen: tuple[onnx.ModelProto, Candidate] | None = (qmodel, candidates[0]) if candidates[0].within_budget else None
+    chosen: tuple[onnx.ModelProto, Candidate] | None = (
+        (qmodel, candidates[0]) if candidates[0].within_budget else None
+    )
     last_tried: tuple[onnx.ModelProto, Candidate] = (qmodel, candidates[0])
     if chosen is None and method != "fp16" and len(layers) > 1:
         result.sensitivity = _sensitivity(layers, quantize, float_model, evaluation, say)
@@ -259,8 +315,10 @@ def compress(
             cand.verdict = "rolled back: over budget: " + cand.budget_detail
 
     if chosen is None:
-        result.reason = (f"no {method} variant is within the accuracy budget "
-                         f"({candidates[-1].budget_detail}); wrote the float model after the lossless passes")
+        result.reason = (
+            f"no {method} variant is within the accuracy budget "
+            f"({candidates[-1].budget_detail}); wrote the float model after the lossless passes"
+        )
         if force:
             return _forced(result, last_tried, float_cand, dst, say)
         float_cand.verdict = "written (see below)"
@@ -274,15 +332,20 @@ def compress(
     speedup = float_cand.latency_ms / cand.latency_ms if cand.latency_ms > 0 else float("inf")
     if speedup >= min_speedup:
         result.written, result.float_layers = "quantized", cand.float_layers
-        result.reason = (f"{cand.label} is within budget ({cand.budget_detail}) and {speedup:.2f}x "
-                         f"faster than float ({cand.latency_ms:.3f} vs {float_cand.latency_ms:.3f} ms)")
+        result.reason = (
+            f"{cand.label} is within budget ({cand.budget_detail}) and {speedup:.2f}x "
+            f"faster than float ({cand.latency_ms:.3f} vs {float_cand.latency_ms:.3f} ms)"
+        )
         cand.verdict = "kept: " + result.reason
         float_cand.verdict = "replaced by " + cand.label
         _write(qbest, dst, say)
         return result
-    result.reason = (f"{cand.label} is within budget but not faster on this machine: "
-                     f"{cand.latency_ms:.3f} ms vs {float_cand.latency_ms:.3f} ms float "
-                     f"({speedup:.2f}x, needs >= {min_speedup:g}x); wrote the float model after the lossless passes")
+    result.reason = (
+        f"{cand.label} is within budget but not faster on this machine: "
+        f"{cand.latency_ms:.3f} ms vs {float_cand.latency_ms:.3f} ms float "
+        f"({speedup:.2f}x, needs >= {min_speedup:g}x); "
+        "wrote the float model after the lossless passes"
+    )
     if force:
         return _forced(result, chosen, float_cand, dst, say)
     cand.verdict = "rolled back: not faster than float"
@@ -291,8 +354,13 @@ def compress(
     return result
 
 
-def _forced(result: CompressResult, chosen: tuple[onnx.ModelProto, Candidate], float_cand: Candidate,
-            dst: Path, say: Callable[[str], None]) -> CompressResult:
+def _forced(
+    result: CompressResult,
+    chosen: tuple[onnx.ModelProto, Candidate],
+    float_cand: Candidate,
+    dst: Path,
+    say: Callable[[str], None],
+) -> CompressResult:
     qmodel, cand = chosen
     result.written, result.float_layers = "quantized", cand.float_layers
     result.reason = f"--force: wrote {cand.label} although " + result.reason.split("; wrote")[0]
@@ -303,8 +371,11 @@ def _forced(result: CompressResult, chosen: tuple[onnx.ModelProto, Candidate], f
 
 
 def _sensitivity(
-    layers: Sequence[str], quantize: Callable[[Sequence[str]], tuple[onnx.ModelProto, dict[str, Any]]],
-    float_model: onnx.ModelProto, evaluation: Dataset, say: Callable[[str], None],
+    layers: Sequence[str],
+    quantize: Callable[[Sequence[str]], tuple[onnx.ModelProto, dict[str, Any]]],
+    float_model: onnx.ModelProto,
+    evaluation: Dataset,
+    say: Callable[[str], None],
 ) -> dict[str, float]:
     """Layer -> 1 - (lowest output cosine) with only that layer quantized, on a few feeds."""
     few = Dataset(evaluation.feeds[:SENSITIVITY_FEEDS], source=evaluation.source)
@@ -322,8 +393,12 @@ def _sensitivity(
 
 
 def _datasets(
-    model: onnx.ModelProto, method: str, calibration_data: Any, eval_data: Any,
-    input_shapes: Mapping[str, Sequence[int]] | None, seed: int,
+    model: onnx.ModelProto,
+    method: str,
+    calibration_data: Any,
+    eval_data: Any,
+    input_shapes: Mapping[str, Sequence[int]] | None,
+    seed: int,
 ) -> tuple[Dataset | None, Dataset, list[str]]:
     """(calibration, evaluation, warnings): disjoint whenever the method calibrates."""
     warnings: list[str] = []
@@ -339,7 +414,8 @@ def _datasets(
         warnings.append(
             "NO DATA GIVEN: calibrating and evaluating on GENERATED random inputs; the accuracy "
             "budget is only a fidelity check on noise. Pass --calibration-data (and --data with "
-            "labels) from your real inputs.")
+            "labels) from your real inputs."
+        )
         generated = data_mod.generate(model, count=16, pins=input_shapes, seed=seed)
         evaluation = data_mod.generate(model, count=16, pins=input_shapes, seed=seed + 1)
         return (generated if needs_calib else None), evaluation, warnings
@@ -353,7 +429,8 @@ def _datasets(
     if len(single) < 2:
         raise InputDataError(
             f"{single.source}: holds one feed; calibration and evaluation need separate inputs "
-            "(give more samples, or both --calibration-data and --data)")
+            "(give more samples, or both --calibration-data and --data)"
+        )
     first, second = single.split(0.5)
     warnings.append(f"split {single.source}: {len(first)} feeds calibrate, {len(second)} evaluate")
     return first, second, warnings

@@ -39,16 +39,36 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from onnxopt.graph_utils import add_node, constant_value, is_default_domain, layer_key, node_subgraphs
+from onnxopt.graph_utils import (
+    add_node,
+    constant_value,
+    is_default_domain,
+    layer_key,
+    node_subgraphs,
+)
 from onnxopt.pass_base import NameGenerator, Pass, PassContext, PassResult
 
 logger = logging.getLogger(__name__)
 
 FP16_MAX = 65504.0
 DEFAULT_BLOCK_OPS = (
-    "NonMaxSuppression", "TopK", "RoiAlign", "Resize", "Upsample", "Range", "CumSum",
-    "Min", "Max", "ConstantOfShape", "EyeLike", "RandomNormal", "RandomNormalLike",
-    "RandomUniform", "RandomUniformLike", "Multinomial", "Bernoulli",
+    "NonMaxSuppression",
+    "TopK",
+    "RoiAlign",
+    "Resize",
+    "Upsample",
+    "Range",
+    "CumSum",
+    "Min",
+    "Max",
+    "ConstantOfShape",
+    "EyeLike",
+    "RandomNormal",
+    "RandomNormalLike",
+    "RandomUniform",
+    "RandomUniformLike",
+    "Multinomial",
+    "Bernoulli",
 )
 _QUANT_OPS = frozenset({"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear"})
 _FLOAT16 = int(onnx.TensorProto.FLOAT16)
@@ -75,7 +95,9 @@ def _schema_allows_fp16(node: gs.Node, opset: int) -> bool:
     return True
 
 
-def _keep_reason(node: gs.Node, opset: int, blocked: frozenset[str], exclude: frozenset[str]) -> str | None:
+def _keep_reason(
+    node: gs.Node, opset: int, blocked: frozenset[str], exclude: frozenset[str]
+) -> str | None:
     if not is_default_domain(node):
         return "custom-domain"
     if node_subgraphs(node):
@@ -92,7 +114,7 @@ def _keep_reason(node: gs.Node, opset: int, blocked: frozenset[str], exclude: fr
 
 
 def to_fp16(values: np.ndarray) -> tuple[np.ndarray, int]:
-    """Float16 copy of ``values`` with finite out-of-range entries clipped; (copy, clipped count)."""
+    """Float16 copy of ``values``, finite out-of-range entries clipped: (copy, clipped count)."""
     over = np.isfinite(values) & (np.abs(values) > FP16_MAX)
     clipped = np.where(over, np.sign(values) * FP16_MAX, values)
     return clipped.astype(np.float16), int(over.sum())
@@ -116,7 +138,9 @@ class ConvertFp16Pass(Pass):
         main = {id(n) for n in graph.nodes}
         capable: dict[int, bool] = {}
         for node in graph.nodes:
-            if node.op == "Constant" or not any(_is_f32(t) for t in list(node.inputs) + list(node.outputs)):
+            if node.op == "Constant" or not any(
+                _is_f32(t) for t in list(node.inputs) + list(node.outputs)
+            ):
                 continue
             reason = _keep_reason(node, ctx.opset, blocked, exclude)
             capable[id(node)] = reason is None
@@ -132,7 +156,10 @@ class ConvertFp16Pass(Pass):
         }
         stats["converted-nodes"] = sum(fp16.values())
         if stats["clipped-values"]:
-            logger.warning("convert-fp16: %d weight values beyond +-65504 were clipped", stats["clipped-values"])
+            logger.warning(
+                "convert-fp16: %d weight values beyond +-65504 were clipped",
+                stats["clipped-values"],
+            )
         graph.cleanup().toposort()
         return PassResult(changed=True, stats=dict(stats))
 
@@ -153,7 +180,8 @@ def _choose_modes(graph: gs.Graph, capable: dict[int, bool], main: set[int]) -> 
         if node.op == "Cast":
             out = node.outputs[0]
             fp16[id(node)] = int(node.attrs.get("to", 0)) == _FLOAT and any(
-                id(c) in main and capable.get(id(c), False) for c in out.outputs)
+                id(c) in main and capable.get(id(c), False) for c in out.outputs
+            )
         elif any(_is_f32(t) for t in node.outputs):
             fp16[id(node)] = True
         else:
@@ -161,8 +189,13 @@ def _choose_modes(graph: gs.Graph, capable: dict[int, bool], main: set[int]) -> 
     return fp16
 
 
-def _rewire(graph: gs.Graph, fp16: dict[int, bool], main: set[int], names: NameGenerator,
-            stats: Counter[str]) -> None:
+def _rewire(
+    graph: gs.Graph,
+    fp16: dict[int, bool],
+    main: set[int],
+    names: NameGenerator,
+    stats: Counter[str],
+) -> None:
     produced: dict[str, tuple[gs.Variable, gs.Variable]] = {}  # name -> (t, t16)
     for node in graph.nodes:
         if not fp16.get(id(node)):
@@ -199,8 +232,17 @@ def _rewire(graph: gs.Graph, fp16: dict[int, bool], main: set[int], names: NameG
                 node.inputs[i] = consts16[t.name]
             else:
                 if t.name not in casts16:
-                    t16 = gs.Variable(names.fresh(f"{t.name}_fp16"), dtype=np.float16, shape=t.shape)
-                    add_node(graph, "Cast", [t], [t16], {"to": _FLOAT16}, name=names.fresh(f"{t.name}_to_fp16"))
+                    t16 = gs.Variable(
+                        names.fresh(f"{t.name}_fp16"), dtype=np.float16, shape=t.shape
+                    )
+                    add_node(
+                        graph,
+                        "Cast",
+                        [t],
+                        [t16],
+                        {"to": _FLOAT16},
+                        name=names.fresh(f"{t.name}_to_fp16"),
+                    )
                     casts16[t.name] = t16
                     stats["casts-inserted"] += 1
                 node.inputs[i] = casts16[t.name]

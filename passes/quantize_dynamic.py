@@ -50,7 +50,9 @@ class _Weight:
     zero: gs.Constant  # int8, same shape as scale
 
 
-def quantize_weight_int8(w: np.ndarray, per_channel: bool, qmax: int = 64) -> tuple[np.ndarray, np.ndarray]:
+def quantize_weight_int8(
+    w: np.ndarray, per_channel: bool, qmax: int = 64
+) -> tuple[np.ndarray, np.ndarray]:
     """Symmetric int8 of a [K, N] weight: (codes in [-qmax, qmax], scale per column or scalar)."""
     amax = np.abs(w).max(axis=0) if per_channel else np.asarray(np.abs(w).max())
     scale = np.where(amax > 0, amax / qmax, 1.0).astype(np.float32)
@@ -112,8 +114,15 @@ class QuantizeDynamicPass(Pass):
                     stats[f"skipped:{reason}"] += 1
                     skipped[layer_key(node)] = reason
                     continue
-                _rewrite(g, node, ctx.names, opts.per_channel, 64 if opts.reduce_range else 127,
-                         weights, activations)
+                _rewrite(
+                    g,
+                    node,
+                    ctx.names,
+                    opts.per_channel,
+                    64 if opts.reduce_range else 127,
+                    weights,
+                    activations,
+                )
                 stats[f"quantized-{node.op.lower()}"] += 1
                 quantized.append(layer_key(node))
         ctx.notes[self.name] = {"quantized": quantized, "skipped": skipped}
@@ -123,7 +132,11 @@ class QuantizeDynamicPass(Pass):
 
 
 def _rewrite(
-    g: gs.Graph, node: gs.Node, names: NameGenerator, per_channel: bool, qmax: int,
+    g: gs.Graph,
+    node: gs.Node,
+    names: NameGenerator,
+    per_channel: bool,
+    qmax: int,
     weights: dict[tuple[Any, ...], _Weight],
     activations: dict[str, tuple[gs.Variable, gs.Variable, gs.Variable]],
 ) -> None:
@@ -143,8 +156,13 @@ def _rewrite(
         q, scale = quantize_weight_int8(w, per_channel, qmax)
         weights[key] = _Weight(
             gs.Constant(names.fresh(f"{w_tensor.name}_quantized"), np.ascontiguousarray(q)),
-            gs.Constant(names.fresh(f"{w_tensor.name}_scale"), np.asarray(scale * np.float32(alpha), dtype=np.float32)),
-            gs.Constant(names.fresh(f"{w_tensor.name}_zero_point"), np.zeros(np.shape(scale), np.int8)),
+            gs.Constant(
+                names.fresh(f"{w_tensor.name}_scale"),
+                np.asarray(scale * np.float32(alpha), dtype=np.float32),
+            ),
+            gs.Constant(
+                names.fresh(f"{w_tensor.name}_zero_point"), np.zeros(np.shape(scale), np.int8)
+            ),
         )
     wq = weights[key]
     # one DynamicQuantizeLinear per activation, shared by every layer that reads it (Q, K, V)
@@ -152,13 +170,25 @@ def _rewrite(
         xq = gs.Variable(names.fresh(f"{x.name}_quantized"), dtype=np.uint8, shape=x.shape)
         xs = gs.Variable(names.fresh(f"{x.name}_scale"), dtype=np.float32, shape=[])
         xz = gs.Variable(names.fresh(f"{x.name}_zero_point"), dtype=np.uint8, shape=[])
-        add_node(g, "DynamicQuantizeLinear", [x], [xq, xs, xz], name=names.fresh(f"{x.name}_DynamicQuantize"))
+        add_node(
+            g,
+            "DynamicQuantizeLinear",
+            [x],
+            [xq, xs, xz],
+            name=names.fresh(f"{x.name}_DynamicQuantize"),
+        )
         activations[x.name] = (xq, xs, xz)
     xq, xs, xz = activations[x.name]
     acc = gs.Variable(names.fresh(f"{base}_int32"), dtype=np.int32)
     acc_f = gs.Variable(names.fresh(f"{base}_int32_float"), dtype=np.float32)
     scale = gs.Variable(names.fresh(f"{base}_output_scale"), dtype=np.float32)
-    add_node(g, "MatMulInteger", [xq, wq.q, xz, wq.zero], [acc], name=names.fresh(f"{base}_MatMulInteger"))
+    add_node(
+        g,
+        "MatMulInteger",
+        [xq, wq.q, xz, wq.zero],
+        [acc],
+        name=names.fresh(f"{base}_MatMulInteger"),
+    )
     add_node(g, "Cast", [acc], [acc_f], {"to": 1}, name=names.fresh(f"{base}_Cast"))  # 1 = FLOAT
     add_node(g, "Mul", [xs, wq.scale], [scale], name=names.fresh(f"{base}_scale_Mul"))
     node.outputs.clear()  # the original node now writes nothing; cleanup() drops it

@@ -66,7 +66,9 @@ class BlockQuantized:
         return w.reshape(n, -1)[:, :k].T
 
 
-def quantize_blockwise(w: np.ndarray, bits: int, block_size: int, symmetric: bool) -> BlockQuantized:
+def quantize_blockwise(
+    w: np.ndarray, bits: int, block_size: int, symmetric: bool
+) -> BlockQuantized:
     """Quantize a float [K, N] weight into MatMulNBits' B, scales and zero points."""
     k, n = w.shape
     blocks = -(-k // block_size)
@@ -96,13 +98,15 @@ def quantize_blockwise(w: np.ndarray, bits: int, block_size: int, symmetric: boo
 def _pack(codes: np.ndarray, bits: int) -> np.ndarray:
     if bits == 8:
         return np.ascontiguousarray(codes, dtype=np.uint8)
-    return np.ascontiguousarray((codes[..., 0::2] & 0x0F) | ((codes[..., 1::2] & 0x0F) << 4), dtype=np.uint8)
+    return np.ascontiguousarray(
+        (codes[..., 0::2] & 0x0F) | ((codes[..., 1::2] & 0x0F) << 4), dtype=np.uint8
+    )
 
 
 def _unpack(packed: np.ndarray, bits: int) -> np.ndarray:
     if bits == 8:
         return packed
-    out = np.empty(packed.shape[:-1] + (packed.shape[-1] * 2,), np.uint8)
+    out = np.empty((*packed.shape[:-1], packed.shape[-1] * 2), np.uint8)
     out[..., 0::2] = packed & 0x0F
     out[..., 1::2] = packed >> 4
     return out
@@ -134,23 +138,33 @@ def _decline(node: gs.Node, exclude: frozenset[str]) -> str | None:
     if node.op == "Gemm":
         if int(node.attrs.get("transA", 0)):
             return "gemm-transA"
-        if _gemm_bias(node, w.shape[0] if int(node.attrs.get("transB", 0)) else w.shape[1]) is False:
+        if (
+            _gemm_bias(node, w.shape[0] if int(node.attrs.get("transB", 0)) else w.shape[1])
+            is False
+        ):
             return "gemm-bias"
     return None
 
 
-def _gemm_bias(node: gs.Node, n: int) -> np.ndarray | None | bool:
+def _gemm_bias(node: gs.Node, n: int) -> np.ndarray | bool | None:
     """``beta * C`` as a [N] row, None without C, False when C is not such a constant."""
     if len(node.inputs) < 3 or not node.inputs[2].name:
         return None
     c = constant_value(node.inputs[2])
-    if c is None or c.dtype != np.float32 or c.size not in (1, n) or (c.ndim == 2 and c.shape[0] != 1):
+    if (
+        c is None
+        or c.dtype != np.float32
+        or c.size not in (1, n)
+        or (c.ndim == 2 and c.shape[0] != 1)
+    ):
         return False
-    return (np.broadcast_to(c.reshape(-1), (n,)) * np.float32(node.attrs.get("beta", 1.0))).astype(np.float32)
+    return (np.broadcast_to(c.reshape(-1), (n,)) * np.float32(node.attrs.get("beta", 1.0))).astype(
+        np.float32
+    )
 
 
 class QuantizeWeightOnlyPass(Pass):
-    """Quantize constant MatMul/Gemm weights to int4/int8 blocks (MatMulNBits); activations stay float."""
+    """Quantize constant MatMul/Gemm weights to int4/int8 blocks (MatMulNBits)."""
 
     name = "quantize-weight-only"
     exact = False
@@ -168,9 +182,13 @@ class QuantizeWeightOnlyPass(Pass):
         if o.bits not in (4, 8):
             raise PreconditionError(f"{self.name}: bits must be 4 or 8, got {o.bits}")
         if o.block_size < 16 or o.block_size & (o.block_size - 1):
-            raise PreconditionError(f"{self.name}: block_size must be a power of two >= 16, got {o.block_size}")
+            raise PreconditionError(
+                f"{self.name}: block_size must be a power of two >= 16, got {o.block_size}"
+            )
         if o.accuracy_level not in (0, 1, 2, 3, 4):
-            raise PreconditionError(f"{self.name}: accuracy_level must be 0..4, got {o.accuracy_level}")
+            raise PreconditionError(
+                f"{self.name}: accuracy_level must be 0..4, got {o.accuracy_level}"
+            )
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         o = self.options
@@ -181,7 +199,11 @@ class QuantizeWeightOnlyPass(Pass):
         for g in list(iter_graphs(graph)):
             packed: dict[tuple[Any, ...], tuple[gs.Constant, gs.Constant, gs.Constant | None]] = {}
             for node in list(g.nodes):
-                if node.op not in ("MatMul", "Gemm") or not is_default_domain(node) or len(node.inputs) < 2:
+                if (
+                    node.op not in ("MatMul", "Gemm")
+                    or not is_default_domain(node)
+                    or len(node.inputs) < 2
+                ):
                     continue
                 if reason := _decline(node, exclude):
                     stats[f"skipped:{reason}"] += 1
@@ -200,12 +222,20 @@ class QuantizeWeightOnlyPass(Pass):
                     base = f"{w_tensor.name}_q{o.bits}"
                     packed[key] = (
                         gs.Constant(ctx.names.fresh(base), bq.packed),
-                        gs.Constant(ctx.names.fresh(f"{base}_scales"), bq.scales * np.float32(alpha)),
-                        None if bq.zero_points is None
+                        gs.Constant(
+                            ctx.names.fresh(f"{base}_scales"), bq.scales * np.float32(alpha)
+                        ),
+                        None
+                        if bq.zero_points is None
                         else gs.Constant(ctx.names.fresh(f"{base}_zero_points"), bq.zero_points),
                     )
                 b, scales, zeros = packed[key]
-                inputs = [node.inputs[0], b, scales, zeros if zeros is not None else gs.Variable.empty()]
+                inputs = [
+                    node.inputs[0],
+                    b,
+                    scales,
+                    zeros if zeros is not None else gs.Variable.empty(),
+                ]
                 if bias is not None:
                     bias_const = gs.Constant(ctx.names.fresh(f"{layer_key(node)}_bias"), bias)
                     inputs += [gs.Variable.empty(), bias_const]  # g_idx unused
@@ -213,10 +243,21 @@ class QuantizeWeightOnlyPass(Pass):
                     inputs.pop()
                 y = node.outputs[0]
                 node.outputs.clear()
-                add_node(g, "MatMulNBits", inputs, [y], {
-                    "K": int(w.shape[0]), "N": int(w.shape[1]), "bits": o.bits,
-                    "block_size": o.block_size, "accuracy_level": o.accuracy_level,
-                }, name=ctx.names.fresh(f"{layer_key(node)}_MatMulNBits"), domain=CONTRIB)
+                add_node(
+                    g,
+                    "MatMulNBits",
+                    inputs,
+                    [y],
+                    {
+                        "K": int(w.shape[0]),
+                        "N": int(w.shape[1]),
+                        "bits": o.bits,
+                        "block_size": o.block_size,
+                        "accuracy_level": o.accuracy_level,
+                    },
+                    name=ctx.names.fresh(f"{layer_key(node)}_MatMulNBits"),
+                    domain=CONTRIB,
+                )
                 stats[f"quantized-{o.bits}bit"] += 1
                 quantized.append(layer_key(node))
         ctx.notes[self.name] = {"quantized": quantized, "skipped": skipped}

@@ -24,8 +24,13 @@ runner = CliRunner()
 
 def fake_measure(float_ms: float, quantized_ms: float):
     def measure(models: Mapping[str, onnx.ModelProto], feeds: Sequence[Any]) -> dict[str, Latency]:
-        assert set(models) == {"float", "quantized"} and feeds
-        return {k: Latency(v, v, v, 1, 1, "fake") for k, v in (("float", float_ms), ("quantized", quantized_ms))}
+        assert set(models) == {"float", "quantized"}
+        assert feeds
+        return {
+            k: Latency(v, v, v, 1, 1, "fake")
+            for k, v in (("float", float_ms), ("quantized", quantized_ms))
+        }
+
     return measure
 
 
@@ -48,30 +53,51 @@ def ops(path: Path) -> dict[str, int]:
     return op_histogram(onnx.load(path))
 
 
-def test_rolls_back_to_float_when_quantized_is_not_faster(mlp: tuple[Path, Path], tmp_path: Path) -> None:
+def test_rolls_back_to_float_when_quantized_is_not_faster(
+    mlp: tuple[Path, Path], tmp_path: Path
+) -> None:
     model, data = mlp
     out = tmp_path / "out.onnx"
-    result = compress(model, out, "dynamic", calibration_data=data, measure=fake_measure(1.0, 1.2), **LOOSE)
+    result = compress(
+        model, out, "dynamic", calibration_data=data, measure=fake_measure(1.0, 1.2), **LOOSE
+    )
     assert result.written == "float"
-    assert "not faster" in result.reason and "wrote the float model" in result.reason
-    assert "MatMulInteger" not in ops(out) and "Gemm" in ops(out)
-    assert [c.verdict for c in result.candidates] == ["written (see below)", "rolled back: not faster than float"]
+    assert "not faster" in result.reason
+    assert "wrote the float model" in result.reason
+    assert "MatMulInteger" not in ops(out)
+    assert "Gemm" in ops(out)
+    assert [c.verdict for c in result.candidates] == [
+        "written (see below)",
+        "rolled back: not faster than float",
+    ]
 
 
-def test_keeps_quantized_when_faster_and_within_budget(mlp: tuple[Path, Path], tmp_path: Path) -> None:
+def test_keeps_quantized_when_faster_and_within_budget(
+    mlp: tuple[Path, Path], tmp_path: Path
+) -> None:
     model, data = mlp
     out = tmp_path / "out.onnx"
-    result = compress(model, out, "dynamic", calibration_data=data, measure=fake_measure(1.0, 0.5), **LOOSE)
-    assert result.written == "quantized" and result.float_layers == []
+    result = compress(
+        model, out, "dynamic", calibration_data=data, measure=fake_measure(1.0, 0.5), **LOOSE
+    )
+    assert result.written == "quantized"
+    assert result.float_layers == []
     assert ops(out)["MatMulInteger"] == 3
-    assert result.candidates[1].within_budget and result.candidates[1].latency_ms == 0.5
+    assert result.candidates[1].within_budget
+    assert result.candidates[1].latency_ms == 0.5
     assert "2.00x faster" in result.reason
 
 
 def test_min_speedup_margin_is_required(mlp: tuple[Path, Path], tmp_path: Path) -> None:
     model, data = mlp
-    result = compress(model, tmp_path / "o.onnx", "dynamic", calibration_data=data,
-                      measure=fake_measure(1.0, 0.99), **LOOSE)  # 1% faster: within noise
+    result = compress(
+        model,
+        tmp_path / "o.onnx",
+        "dynamic",
+        calibration_data=data,
+        measure=fake_measure(1.0, 0.99),
+        **LOOSE,
+    )  # 1% faster: within noise
     assert result.written == "float"
 
 
@@ -82,24 +108,34 @@ def test_sensitive_layer_is_kept_in_float(tmp_path: Path, method: str) -> None:
     data = tmp_path / "calib.npz"
     np.savez(data, x=np.random.default_rng(0).uniform(0, 1, (128, 32)).astype(np.float32))
     out = tmp_path / "out.onnx"
-    result = compress(path, out, method, calibration_data=data, measure=fake_measure(1.0, 0.5), **LOOSE)
+    result = compress(
+        path, out, method, calibration_data=data, measure=fake_measure(1.0, 0.5), **LOOSE
+    )
     assert not result.candidates[1].within_budget  # fully quantized: the outlier wrecks layer 1
     worst = max(result.sensitivity, key=result.sensitivity.get)
-    assert worst.startswith("fc1") and result.sensitivity[worst] > 100 * max(
-        v for k, v in result.sensitivity.items() if k != worst)
-    assert result.written == "quantized" and result.float_layers == [worst]
-    assert result.candidates[-1].within_budget and result.candidates[-1].float_layers == [worst]
+    assert worst.startswith("fc1")
+    assert result.sensitivity[worst] > 100 * max(
+        v for k, v in result.sensitivity.items() if k != worst
+    )
+    assert result.written == "quantized"
+    assert result.float_layers == [worst]
+    assert result.candidates[-1].within_budget
+    assert result.candidates[-1].float_layers == [worst]
     written = onnx.load(out)
     producers = {o: n.op_type for n in written.graph.node for o in n.output}
     gemms = {n.name: n for n in written.graph.node if n.op_type in ("Gemm", "MatMul")}
     # dynamic replaces quantized Gemms; QDQ keeps them, reading a dequantized weight
-    float_gemms = {name for name, n in gemms.items() if producers.get(n.input[1]) != "DequantizeLinear"}
+    float_gemms = {
+        name for name, n in gemms.items() if producers.get(n.input[1]) != "DequantizeLinear"
+    }
     assert float_gemms == {worst}
     assert len(gemms) == (1 if method == "dynamic" else 3)
 
 
 def test_evaluation_inputs_are_disjoint_from_calibration_inputs(
-    mlp: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    mlp: tuple[Path, Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     model, data = mlp
     seen: dict[str, list[np.ndarray]] = {"calibration": [], "evaluation": []}
@@ -116,10 +152,14 @@ def test_evaluation_inputs_are_disjoint_from_calibration_inputs(
 
     monkeypatch.setattr(compress_mod.PassManager, "run", run)
     monkeypatch.setattr(compress_mod, "compare", compare)
-    result = compress(model, tmp_path / "o.onnx", "int8", calibration_data=data, measure=fake_measure(1, 0.5))
+    result = compress(
+        model, tmp_path / "o.onnx", "int8", calibration_data=data, measure=fake_measure(1, 0.5)
+    )
     calib_rows = {r.tobytes() for x in seen["calibration"] for r in x}
     eval_rows = {r.tobytes() for x in seen["evaluation"] for r in x}
-    assert calib_rows and eval_rows and not calib_rows & eval_rows
+    assert calib_rows
+    assert eval_rows
+    assert not calib_rows & eval_rows
     assert len(calib_rows) + len(eval_rows) == 64
     assert any("split" in w for w in result.warnings)
 
@@ -127,17 +167,33 @@ def test_evaluation_inputs_are_disjoint_from_calibration_inputs(
 def test_force_writes_the_quantized_model_anyway(mlp: tuple[Path, Path], tmp_path: Path) -> None:
     model, data = mlp
     out = tmp_path / "out.onnx"
-    result = compress(model, out, "dynamic", calibration_data=data, force=True, measure=fake_measure(1.0, 2.0), **LOOSE)
-    assert result.written == "quantized" and result.reason.startswith("--force")
+    result = compress(
+        model,
+        out,
+        "dynamic",
+        calibration_data=data,
+        force=True,
+        measure=fake_measure(1.0, 2.0),
+        **LOOSE,
+    )
+    assert result.written == "quantized"
+    assert result.reason.startswith("--force")
     assert ops(out)["MatMulInteger"] == 3
 
 
 def test_over_budget_everywhere_writes_float_and_says_so(tmp_path: Path) -> None:
     path = tmp_path / "m.onnx"
     onnx.save(mlp_model(sizes=(32, 64, 10), batch="N"), path)
-    result = compress(path, tmp_path / "o.onnx", "int4", min_cosine=0.999999, min_top1=1.0,
-                      measure=fake_measure(1.0, 0.5))
-    assert result.written == "float" and result.reason.startswith("no int4 variant is within the accuracy budget")
+    result = compress(
+        path,
+        tmp_path / "o.onnx",
+        "int4",
+        min_cosine=0.999999,
+        min_top1=1.0,
+        measure=fake_measure(1.0, 0.5),
+    )
+    assert result.written == "float"
+    assert result.reason.startswith("no int4 variant is within the accuracy budget")
     assert all(not c.within_budget for c in result.candidates[1:])
     assert any("GENERATED" in w for w in result.warnings)
 
@@ -149,8 +205,9 @@ def test_fp16_keeps_float32_io(tmp_path: Path) -> None:
     result = compress(path, out, "fp16", force=True, measure=fake_measure(1.0, 3.0))
     assert result.written == "quantized"
     written = onnx.load(out)
-    assert [v.type.tensor_type.elem_type for v in list(written.graph.input) + list(written.graph.output)] == [
-        onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT]
+    assert [
+        v.type.tensor_type.elem_type for v in list(written.graph.input) + list(written.graph.output)
+    ] == [onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT]
     assert any(t.data_type == onnx.TensorProto.FLOAT16 for t in written.graph.initializer)
 
 
@@ -166,55 +223,127 @@ def test_old_opset_is_upgraded_and_reported(tmp_path: Path) -> None:
 def test_weight_only_methods_write_packed_weights(mlp: tuple[Path, Path], tmp_path: Path) -> None:
     model, data = mlp
     out = tmp_path / "o.onnx"
-    result = compress(model, out, "int8-weight", eval_data=data, measure=fake_measure(1.0, 0.5), **LOOSE)
-    assert result.written == "quantized" and ops(out) == {"Relu": 2, "com.microsoft::MatMulNBits": 3}
-    assert result.calibration_source.startswith("none") and result.evaluation_samples == 4
+    result = compress(
+        model, out, "int8-weight", eval_data=data, measure=fake_measure(1.0, 0.5), **LOOSE
+    )
+    assert result.written == "quantized"
+    assert ops(out) == {"Relu": 2, "com.microsoft::MatMulNBits": 3}
+    assert result.calibration_source.startswith("none")
+    assert result.evaluation_samples == 4
 
 
 def test_cli_quantize_end_to_end(mlp: tuple[Path, Path], tmp_path: Path) -> None:
     model, data = mlp
     out, report = tmp_path / "out.onnx", tmp_path / "report.json"
-    res = runner.invoke(app, ["optimize", str(model), "--quantize", "dynamic", "--calibration-data", str(data),
-                              "--max-accuracy-drop", "0.5", "-o", str(out), "--report", str(report),
-                              "--repeats", "5"])
+    res = runner.invoke(
+        app,
+        [
+            "optimize",
+            str(model),
+            "--quantize",
+            "dynamic",
+            "--calibration-data",
+            str(data),
+            "--max-accuracy-drop",
+            "0.5",
+            "-o",
+            str(out),
+            "--report",
+            str(report),
+            "--repeats",
+            "5",
+        ],
+    )
     assert res.exit_code == 0, res.output
-    assert out.exists() and "wrote" in res.output and "Compression (dynamic)" in res.output
+    assert out.exists()
+    assert "wrote" in res.output
+    assert "Compression (dynamic)" in res.output
     payload = json.loads(report.read_text())
-    assert payload["method"] == "dynamic" and payload["written"] in ("float", "quantized")
+    assert payload["method"] == "dynamic"
+    assert payload["written"] in ("float", "quantized")
     assert payload["candidates"][0]["label"] == "float (lossless passes)"
-    assert all(c["latency_ms"] is not None for c in payload["candidates"] if c["within_budget"]) or \
-        payload["written"] == "float"
+    assert (
+        all(c["latency_ms"] is not None for c in payload["candidates"] if c["within_budget"])
+        or payload["written"] == "float"
+    )
 
 
-def test_cli_refuses_quantize_with_pass_and_unknown_methods(mlp: tuple[Path, Path], tmp_path: Path) -> None:
+def test_cli_refuses_quantize_with_pass_and_unknown_methods(
+    mlp: tuple[Path, Path], tmp_path: Path
+) -> None:
     model, _ = mlp
     out = tmp_path / "o.onnx"
-    both = runner.invoke(app, ["optimize", str(model), "--quantize", "dynamic", "--pass", "quantize-dynamic",
-                               "-o", str(out)])
-    assert both.exit_code == 1 and "not both" in both.output and not out.exists()
+    both = runner.invoke(
+        app,
+        [
+            "optimize",
+            str(model),
+            "--quantize",
+            "dynamic",
+            "--pass",
+            "quantize-dynamic",
+            "-o",
+            str(out),
+        ],
+    )
+    assert both.exit_code == 1
+    assert "not both" in both.output
+    assert not out.exists()
     bad = runner.invoke(app, ["optimize", str(model), "--quantize", "int3", "-o", str(out)])
-    assert bad.exit_code == 1 and "choose one of" in bad.output and not out.exists()
+    assert bad.exit_code == 1
+    assert "choose one of" in bad.output
+    assert not out.exists()
 
 
 def test_cli_warns_loudly_without_data(mlp: tuple[Path, Path], tmp_path: Path) -> None:
     model, _ = mlp
-    res = runner.invoke(app, ["optimize", str(model), "--quantize", "int8", "-o", str(tmp_path / "o.onnx"),
-                              "--repeats", "3"])
+    res = runner.invoke(
+        app,
+        [
+            "optimize",
+            str(model),
+            "--quantize",
+            "int8",
+            "-o",
+            str(tmp_path / "o.onnx"),
+            "--repeats",
+            "3",
+        ],
+    )
     assert res.exit_code == 0, res.output
-    assert "WARNING" in res.output and "GENERATED" in res.output
+    assert "WARNING" in res.output
+    assert "GENERATED" in res.output
 
 
-@pytest.mark.skipif(not (ROOT / "models" / "digits_cnn.onnx").exists(), reason="demo model not built")
+@pytest.mark.skipif(
+    not (ROOT / "models" / "digits_cnn.onnx").exists(), reason="demo model not built"
+)
 def test_demo_model_int8_within_one_point(tmp_path: Path) -> None:
     model, data = ROOT / "models" / "digits_cnn.onnx", ROOT / "models" / "digits_val.npz"
     out, report = tmp_path / "digits.int8.onnx", tmp_path / "r.json"
-    res = runner.invoke(app, ["optimize", str(model), "--quantize", "int8", "--data", str(data),
-                              "--max-accuracy-drop", "1.0", "-o", str(out), "--report", str(report)])
+    res = runner.invoke(
+        app,
+        [
+            "optimize",
+            str(model),
+            "--quantize",
+            "int8",
+            "--data",
+            str(data),
+            "--max-accuracy-drop",
+            "1.0",
+            "-o",
+            str(out),
+            "--report",
+            str(report),
+        ],
+    )
     assert res.exit_code == 0, res.output
     payload = json.loads(report.read_text())
     # whatever was written is within budget: measure its accuracy on the held-out half ourselves
     dataset = load(data, onnx.load(model))
     _, held_out = dataset.split(0.5)
+
     def accuracy(path: Path) -> float:
         sess = session(path, optimize=True)
         logits = np.concatenate([sess.run(None, f)[0] for f in held_out.feeds])

@@ -4,9 +4,9 @@ import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
+from onnxopt.passes.quantize_dynamic import quantize_weight_int8
 
 from onnxopt import optimize
-from onnxopt.passes.quantize_dynamic import quantize_weight_int8
 from onnxopt.testing import make_model, mlp_model, op_histogram, random_feeds, run_model, vi
 
 PASS = "quantize-dynamic"
@@ -14,8 +14,13 @@ CHAIN = {"Cast": 1, "DynamicQuantizeLinear": 1, "MatMulInteger": 1, "Mul": 2}
 
 
 def matmul_model(
-    k: int = 32, n: int = 16, batch: int | str = 4, opset: int = 17, constant_node: bool = False,
-    output_also_read: bool = False, seed: int = 0,
+    k: int = 32,
+    n: int = 16,
+    batch: int | str = 4,
+    opset: int = 17,
+    constant_node: bool = False,
+    output_also_read: bool = False,
+    seed: int = 0,
 ) -> onnx.ModelProto:
     rng = np.random.default_rng(seed)
     w = rng.standard_normal((k, n)).astype(np.float32)
@@ -62,10 +67,15 @@ def test_matmul_matches_numpy_simulation(per_channel: bool) -> None:
     w = numpy_helper.to_array(model.graph.initializer[0])
     wq, ws = quantize_weight_int8(w, per_channel)
     int8 = [v for v in inits.values() if v.dtype == np.int8 and v.ndim == 2]
-    assert len(int8) == 1 and np.array_equal(int8[0], wq)
-    assert not any(v.dtype == np.float32 and v.shape == w.shape for v in inits.values())  # no float copy
+    assert len(int8) == 1
+    assert np.array_equal(int8[0], wq)
+    assert not any(
+        v.dtype == np.float32 and v.shape == w.shape for v in inits.values()
+    )  # no float copy
     scales = [v for v in inits.values() if v.dtype == np.float32]
-    assert len(scales) == 1 and np.allclose(scales[0], ws) and scales[0].shape == ((16,) if per_channel else ())
+    assert len(scales) == 1
+    assert np.allclose(scales[0], ws)
+    assert scales[0].shape == ((16,) if per_channel else ())
     for feed in random_feeds(model, 2):
         got = run_model(quantized, [feed])[0][0]
         np.testing.assert_allclose(got, simulate(feed["x"], w, per_channel), rtol=1e-4, atol=1e-4)
@@ -77,15 +87,24 @@ def test_mlp_cosine_against_float(rank: int) -> None:
     quantized, report = optimize(model, passes=[PASS])
     assert report.stats(PASS) == {"quantized-matmul": 3}
     assert report.notes[PASS] == {"quantized": ["fc0", "fc1", "fc2"], "skipped": {}}
-    assert op_histogram(quantized) == {"Add": 3, "Cast": 3, "DynamicQuantizeLinear": 3,
-                                       "MatMulInteger": 3, "Mul": 6, "Relu": 2}
+    assert op_histogram(quantized) == {
+        "Add": 3,
+        "Cast": 3,
+        "DynamicQuantizeLinear": 3,
+        "MatMulInteger": 3,
+        "Mul": 6,
+        "Relu": 2,
+    }
     feeds = random_feeds(model, 4)
     assert cosine(outputs(model, feeds), outputs(quantized, feeds)) >= 0.99
 
 
 def test_gemm_transb_alpha_beta_bias() -> None:
     rng = np.random.default_rng(1)
-    w, c = rng.standard_normal((16, 32)).astype(np.float32), rng.standard_normal(16).astype(np.float32)
+    w, c = (
+        rng.standard_normal((16, 32)).astype(np.float32),
+        rng.standard_normal(16).astype(np.float32),
+    )
     node = helper.make_node("Gemm", ["x", "W", "C"], ["y"], name="g", transB=1, alpha=0.5, beta=2.0)
     model = make_model([node], [vi("x", [4, 32])], [vi("y", [4, 16])], {"W": w, "C": c})
     quantized, report = optimize(model, passes=[PASS])
@@ -93,21 +112,35 @@ def test_gemm_transb_alpha_beta_bias() -> None:
     assert op_histogram(quantized) == {**CHAIN, "Add": 1}
     for feed in random_feeds(model, 2):
         expected = simulate(feed["x"], w.T) * 0.5 + 2.0 * c
-        np.testing.assert_allclose(run_model(quantized, [feed])[0][0], expected, rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(
+            run_model(quantized, [feed])[0][0], expected, rtol=1e-4, atol=1e-4
+        )
 
 
 def test_shared_weight_and_activation_quantized_once() -> None:
     w = np.random.default_rng(0).standard_normal((32, 16)).astype(np.float32)
-    nodes = [helper.make_node("MatMul", ["x", "W"], ["a"], name="q"),
-             helper.make_node("MatMul", ["x", "W"], ["b"], name="k"),
-             helper.make_node("Add", ["a", "b"], ["y"])]
+    nodes = [
+        helper.make_node("MatMul", ["x", "W"], ["a"], name="q"),
+        helper.make_node("MatMul", ["x", "W"], ["b"], name="k"),
+        helper.make_node("Add", ["a", "b"], ["y"]),
+    ]
     model = make_model(nodes, [vi("x", [4, 32])], [vi("y", [4, 16])], {"W": w})
     quantized, report = optimize(model, passes=[PASS])
     assert report.stats(PASS) == {"quantized-matmul": 2}
-    assert op_histogram(quantized) == {"Add": 1, "Cast": 2, "DynamicQuantizeLinear": 1,
-                                       "MatMulInteger": 2, "Mul": 4}
-    assert sum(numpy_helper.to_array(t).dtype == np.int8 and len(t.dims) == 2
-               for t in quantized.graph.initializer) == 1
+    assert op_histogram(quantized) == {
+        "Add": 1,
+        "Cast": 2,
+        "DynamicQuantizeLinear": 1,
+        "MatMulInteger": 2,
+        "Mul": 4,
+    }
+    assert (
+        sum(
+            numpy_helper.to_array(t).dtype == np.int8 and len(t.dims) == 2
+            for t in quantized.graph.initializer
+        )
+        == 1
+    )
     feeds = random_feeds(model, 2)
     assert cosine(outputs(model, feeds), outputs(quantized, feeds)) >= 0.999
 
@@ -125,12 +158,22 @@ def test_opsets_constant_node_weight_dynamic_batch_and_output_read_twice(opset: 
 
 def test_matmul_inside_if_branch_reading_outer_scope() -> None:
     w = np.random.default_rng(0).standard_normal((32, 16)).astype(np.float32)
-    then = helper.make_graph([helper.make_node("MatMul", ["x", "W"], ["t"], name="inner")], "then", [],
-                             [vi("t", [4, 16])])
-    other = helper.make_graph([helper.make_node("Identity", ["zeros"], ["e"])], "else", [], [vi("e", [4, 16])])
+    then = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "W"], ["t"], name="inner")],
+        "then",
+        [],
+        [vi("t", [4, 16])],
+    )
+    other = helper.make_graph(
+        [helper.make_node("Identity", ["zeros"], ["e"])], "else", [], [vi("e", [4, 16])]
+    )
     nodes = [helper.make_node("If", ["cond"], ["y"], then_branch=then, else_branch=other)]
-    model = make_model(nodes, [vi("x", [4, 32]), vi("cond", [], TensorProto.BOOL)], [vi("y", [4, 16])],
-                       {"W": w, "zeros": np.zeros((4, 16), np.float32)})
+    model = make_model(
+        nodes,
+        [vi("x", [4, 32]), vi("cond", [], TensorProto.BOOL)],
+        [vi("y", [4, 16])],
+        {"W": w, "zeros": np.zeros((4, 16), np.float32)},
+    )
     quantized, report = optimize(model, passes=[PASS])
     assert report.stats(PASS) == {"quantized-matmul": 1}
     assert op_histogram(quantized) == {**CHAIN, "Identity": 1, "If": 1}
@@ -156,53 +199,82 @@ def test_declines_opset_below_11() -> None:
 
 def test_declines_weight_not_constant() -> None:
     node = helper.make_node("MatMul", ["x", "W"], ["y"])
-    _declined(make_model([node], [vi("x", [4, 32]), vi("W", [32, 16])], [vi("y", [4, 16])]),
-              "weight-not-constant")
+    _declined(
+        make_model([node], [vi("x", [4, 32]), vi("W", [32, 16])], [vi("y", [4, 16])]),
+        "weight-not-constant",
+    )
 
 
 def test_declines_weight_not_2d() -> None:
     node = helper.make_node("MatMul", ["x", "W"], ["y"])
     w = np.ones((2, 32, 16), np.float32)
-    _declined(make_model([node], [vi("x", [2, 4, 32])], [vi("y", [2, 4, 16])], {"W": w}), "weight-not-2d")
+    _declined(
+        make_model([node], [vi("x", [2, 4, 32])], [vi("y", [2, 4, 16])], {"W": w}), "weight-not-2d"
+    )
 
 
 def test_declines_weight_not_float32() -> None:
     node = helper.make_node("MatMul", ["x", "W"], ["y"])
-    model = make_model([node], [vi("x", [4, 32], TensorProto.DOUBLE)], [vi("y", [4, 16], TensorProto.DOUBLE)],
-                       {"W": np.ones((32, 16), np.float64)})
+    model = make_model(
+        [node],
+        [vi("x", [4, 32], TensorProto.DOUBLE)],
+        [vi("y", [4, 16], TensorProto.DOUBLE)],
+        {"W": np.ones((32, 16), np.float64)},
+    )
     _declined(model, "weight-not-float32")
 
 
 def test_declines_input_of_unknown_dtype() -> None:
-    nodes = [helper.make_node("Mystery", ["x"], ["h"], domain="custom"),
-             helper.make_node("MatMul", ["h", "W"], ["y"])]
-    model = make_model(nodes, [vi("x", [4, 32])], [vi("y", [4, 16])], {"W": np.ones((32, 16), np.float32)},
-                       extra_opsets={"custom": 1}, check=False)
+    nodes = [
+        helper.make_node("Mystery", ["x"], ["h"], domain="custom"),
+        helper.make_node("MatMul", ["h", "W"], ["y"]),
+    ]
+    model = make_model(
+        nodes,
+        [vi("x", [4, 32])],
+        [vi("y", [4, 16])],
+        {"W": np.ones((32, 16), np.float32)},
+        extra_opsets={"custom": 1},
+        check=False,
+    )
     _declined(model, "input-not-float32")
 
 
 def test_declines_gemm_trans_a_and_runtime_bias() -> None:
     w = np.ones((32, 16), np.float32)
     trans_a = helper.make_node("Gemm", ["x", "W"], ["y"], transA=1)
-    _declined(make_model([trans_a], [vi("x", [32, 4])], [vi("y", [4, 16])], {"W": w}), "gemm-transA")
+    _declined(
+        make_model([trans_a], [vi("x", [32, 4])], [vi("y", [4, 16])], {"W": w}), "gemm-transA"
+    )
     runtime_c = helper.make_node("Gemm", ["x", "W", "c"], ["y"])
-    _declined(make_model([runtime_c], [vi("x", [4, 32]), vi("c", [16])], [vi("y", [4, 16])], {"W": w}),
-              "gemm-bias-not-constant")
+    _declined(
+        make_model([runtime_c], [vi("x", [4, 32]), vi("c", [16])], [vi("y", [4, 16])], {"W": w}),
+        "gemm-bias-not-constant",
+    )
 
 
 def test_nothing_to_do_and_idempotent() -> None:
-    relu = make_model([helper.make_node("Relu", ["x"], ["y"])], [vi("x", [4, 8])], [vi("y", [4, 8])])
+    relu = make_model(
+        [helper.make_node("Relu", ["x"], ["y"])], [vi("x", [4, 8])], [vi("y", [4, 8])]
+    )
     _, report = optimize(relu, passes=[PASS])
-    assert report.stats(PASS) == {} and not report.records[-1].changed
+    assert report.stats(PASS) == {}
+    assert not report.records[-1].changed
     once, _ = optimize(matmul_model(), passes=[PASS])
     twice, report = optimize(once, passes=[PASS])
-    assert not report.records[-1].changed and report.stats(PASS) == {}
+    assert not report.records[-1].changed
+    assert report.stats(PASS) == {}
     assert op_histogram(twice) == op_histogram(once)
 
 
 def test_conv_is_left_alone_by_default() -> None:
     conv = helper.make_node("Conv", ["x", "W"], ["y"])
-    model = make_model([conv], [vi("x", [1, 3, 8, 8])], [vi("y", [1, 4, 6, 6])],
-                       {"W": np.ones((4, 3, 3, 3), np.float32)})
+    model = make_model(
+        [conv],
+        [vi("x", [1, 3, 8, 8])],
+        [vi("y", [1, 4, 6, 6])],
+        {"W": np.ones((4, 3, 3, 3), np.float32)},
+    )
     _, report = optimize(model, passes=[PASS])
-    assert report.stats(PASS) == {} and not report.records[-1].changed
+    assert report.stats(PASS) == {}
+    assert not report.records[-1].changed
