@@ -8,6 +8,7 @@ only then move it into place. Any failure leaves the destination untouched.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import json
 import logging
 import os
@@ -141,7 +142,9 @@ def optimize_file(
     shapes = _shapes_of(dataset) if dataset else pins
     before = model_stats(model, shapes, size_bytes=_file_size(src))
     # from here on only files are used: drop the weights before onnxruntime loads both models
+    # (collect: the pipeline's graph is cyclic and its constants still point into ``model``)
     del model, calibration
+    gc.collect()
     result: OptimizeResult
     with staged_output(dst) as staged:
         say("writing")
