@@ -18,7 +18,9 @@ Packing follows the contrib-op spec: ``B`` is uint8 [N, ceil(K / block_size),
 block_size * bits / 8] with codes low bits first along K; ``scales`` float32
 [N * blocks]; 4-bit zero points are packed two per byte per column
 ([N * ceil(blocks / 2)]), 8-bit ones one per byte. Activations stay float;
-``accuracy_level=4`` lets onnxruntime compute with int8 activations (faster, lossier).
+``accuracy_level=4`` lets onnxruntime compute with int8 activations (faster, lossier):
+on this AVX2 machine the float path (level 0) ran 18x slower than float MatMul for a
+[1, 1024] x [1024, 4096] layer, level 4 2.3x (int8) to 3.8x (int4) faster.
 One packed copy of each weight is shared by all layers that read it.
 
 Declined, and counted in stats:
