@@ -19,6 +19,7 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import onnx
 import onnx_graphsurgeon as gs
@@ -183,7 +184,7 @@ def to_model(
     for imp in graph.import_domains or []:
         kept_imports.setdefault(imp.domain, imp.version)
     imports = [onnx.helper.make_opsetid(d, v) for d, v in kept_imports.items()]
-    model = gs.export_onnx(graph, do_type_check=False, opset_imports=imports)
+    model = _export(graph, imports)
     model.ir_version = source.ir_version
     model.producer_name = source.producer_name
     model.producer_version = source.producer_version
@@ -209,6 +210,41 @@ def to_model(
     for t in source.graph.initializer:  # default values of overridable inputs
         if t.name in inputs and t.name not in present:
             model.graph.initializer.append(t)
+    return model
+
+
+_BIG = 2**20  # bytes: weights this large are exported without gs's transient second copy
+
+
+def _export(graph: gs.Graph, imports: list[onnx.OperatorSetIdProto]) -> onnx.ModelProto:
+    """``gs.export_onnx``, holding one copy of the weights instead of two at the peak.
+
+    gs copies every initializer into a GraphProto, then ``make_model`` copies that into
+    the ModelProto (3x a model's weights with the source's). Big unchanged weights are
+    exported as data-less shells and their bytes copied in afterwards, one at a time.
+    Shelling also keeps gs from renaming the source's TensorProto in place.
+    """
+    swapped: list[tuple[gs.Constant, Any]] = []
+    for t in graph.tensors().values():
+        values = getattr(t, "_values", None)
+        if (isinstance(t, gs.Constant) and isinstance(values, gs.ir.tensor.LazyValues)
+                and values.tensor.HasField("raw_data") and values.nbytes >= _BIG
+                and values.tensor.data_location == onnx.TensorProto.DEFAULT):
+            src = values.tensor
+            shell = onnx.TensorProto(name=src.name, data_type=src.data_type, dims=src.dims,
+                                     doc_string=src.doc_string)
+            swapped.append((t, values))
+            t._values = gs.ir.tensor.LazyValues(shell)
+    try:
+        model = gs.export_onnx(graph, do_type_check=False, opset_imports=imports)
+    finally:
+        for t, values in swapped:
+            t._values = values
+    if swapped:
+        data = {t.name: values.tensor for t, values in swapped}
+        for init in model.graph.initializer:
+            if init.name in data:
+                init.raw_data = data[init.name].raw_data
     return model
 
 

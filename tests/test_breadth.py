@@ -196,3 +196,16 @@ def test_sequence_graph_output_keeps_its_type() -> None:
     onnx.checker.check_model(optimized, full_check=True)
     assert list(optimized.graph.output) == list(model.graph.output)
     assert_equivalent(model, optimized, atol=1e-6, rtol=1e-6)
+
+
+def test_big_weights_round_trip_with_their_bytes() -> None:
+    # weights over 1 MiB are exported as shells and their bytes copied in afterwards
+    w = rng.standard_normal((1024, 512)).astype(np.float32)
+    nodes = [helper.make_node("Identity", ["x"], ["xi"]), helper.make_node("MatMul", ["xi", "W"], ["y"])]
+    model = make_model(nodes, [vi("x", [2, 1024])], [vi("y", [2, 512])], {"W": w})
+    optimized, _ = optimize(model)
+    assert op_histogram(optimized) == {"MatMul": 1}
+    (init,) = optimized.graph.initializer
+    np.testing.assert_array_equal(onnx.numpy_helper.to_array(init), w)
+    assert model.graph.initializer[0].name == "W"  # the source proto is untouched
+    assert_equivalent(model, optimized, atol=1e-5, rtol=1e-5)
