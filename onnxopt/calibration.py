@@ -70,8 +70,8 @@ def scale_zero_point(
     return np.float32(scale), zp
 
 
-def weight_scales(w: np.ndarray, axis: int | None) -> np.ndarray:
-    """Symmetric int8 scales of a weight: ``max|w| / 127`` per channel of ``axis`` (or one)."""
+def weight_scales(w: np.ndarray, axis: int | None, qmax: int = 127) -> np.ndarray:
+    """Symmetric int8 scales of a weight: ``max|w| / qmax`` per channel of ``axis`` (or one)."""
     a = np.abs(w.astype(np.float64))
     if axis is None:
         amax = np.asarray(a.max() if a.size else 0.0)
@@ -81,17 +81,19 @@ def weight_scales(w: np.ndarray, axis: int | None) -> np.ndarray:
             if a.size
             else np.zeros(w.shape[axis])
         )
-    return np.where(amax > 0, amax / 127.0, 1.0).astype(np.float32)
+    return np.where(amax > 0, amax / float(qmax), 1.0).astype(np.float32)
 
 
-def quantize_weight(w: np.ndarray, scales: np.ndarray, axis: int | None) -> np.ndarray:
-    """``clip(round(w / scale), -127, 127)`` as int8, the scale broadcast along ``axis``."""
+def quantize_weight(
+    w: np.ndarray, scales: np.ndarray, axis: int | None, qmax: int = 127
+) -> np.ndarray:
+    """``clip(round(w / scale), -qmax, qmax)`` as int8, the scale broadcast along ``axis``."""
     s = scales.astype(np.float64)
     if axis is not None:
         shape = [1] * w.ndim
         shape[axis] = -1
         s = s.reshape(shape)
-    return np.clip(np.round(w.astype(np.float64) / s), -127, 127).astype(np.int8)
+    return np.clip(np.round(w.astype(np.float64) / s), -qmax, qmax).astype(np.int8)
 
 
 class Histogram:

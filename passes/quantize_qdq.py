@@ -106,6 +106,8 @@ class QuantizeQDQPass(Pass):
         exclude: tuple[str, ...] = ()  # node names kept in float
         op_types: tuple[str, ...] = ("Conv", "ConvTranspose", "MatMul", "Gemm")
         max_calibration_samples: int = 256
+        # weights in [-64, 64]: exact in onnxruntime's int16-accumulating AVX2 kernels
+        reduce_range: bool = True
 
     def check(self, graph: gs.Graph, ctx: PassContext) -> None:
         o = self.options
@@ -142,7 +144,8 @@ class QuantizeQDQPass(Pass):
         ranges = self._calibrate(graph, ctx, own)
         notes["ranges"] = {n: ranges.get(n, (0.0, 0.0)) for n in own}
         QDQRewriter(
-            graph, ctx, o.activation_type, o.activation_symmetric, notes["ranges"], stats
+            graph, ctx, o.activation_type, o.activation_symmetric, notes["ranges"], stats,
+            weight_qmax=64 if o.reduce_range else 127,
         ).apply(plans, qspec, folds)
         for p in plans:
             stats[f"quantized:{p.node.op}"] += 1
