@@ -221,7 +221,8 @@ CONTENDERS: dict[str, Contender] = {
 def _load_models_module(name: str) -> Any:
     path = REPO / "models" / f"{name}.py"
     spec = importlib.util.spec_from_file_location(f"_onnxopt_bench_{name}", path)
-    assert spec is not None and spec.loader is not None
+    assert spec is not None
+    assert spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
@@ -306,12 +307,12 @@ def fidelity(row: Row, w: Workload, ref: list[np.ndarray]) -> None:
 
     sess = session(row.path, optimize=True, threads=2)
     got = [np.asarray(run(sess, f)[0]) for f in w.eval]
-    row.cosine = min(_cos(a, b) for a, b in zip(ref, got))
-    row.max_abs = max(float(np.max(np.abs(a.astype(np.float64) - b))) for a, b in zip(ref, got))
+    row.cosine = min(_cos(a, b) for a, b in zip(ref, got, strict=False))
+    row.max_abs = max(float(np.max(np.abs(a.astype(np.float64) - b))) for a, b in zip(ref, got, strict=False))
     if w.task == "embed":
         row.agreement = _neighbour_top1(np.concatenate(ref), np.concatenate(got))
     else:
-        row.agreement = float(np.mean([np.argmax(a) == np.argmax(b) for a, b in zip(ref, got)]))
+        row.agreement = float(np.mean([np.argmax(a) == np.argmax(b) for a, b in zip(ref, got, strict=False)]))
     if w.labels is not None:
         pred = np.array([int(np.argmax(g)) for g in got])
         row.accuracy = float(np.mean(pred == w.labels[: len(pred)]))

@@ -138,7 +138,7 @@ def _rankings(emb: np.ndarray) -> np.ndarray:
 def neighbour_agreement(ref: np.ndarray, got: np.ndarray) -> dict[str, float]:
     """Share of sentences whose nearest neighbour, and top-3 set, is the same in both."""
     a, b = _rankings(ref), _rankings(got)
-    top3 = np.mean([len(set(x[:3]) & set(y[:3])) / 3 for x, y in zip(a, b)])
+    top3 = np.mean([len(set(x[:3]) & set(y[:3])) / 3 for x, y in zip(a, b, strict=False)])
     return {"top1": float(np.mean(a[:, 0] == b[:, 0])), "top3": float(top3)}
 
 

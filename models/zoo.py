@@ -250,7 +250,6 @@ def settle_batchnorm(model: nn.Module, shape: tuple[int, ...], batches: int = 4,
 
 def _seeded(seed: int = SEED) -> None:
     torch.manual_seed(seed)
-    np.random.seed(seed)
 
 
 def resnet18(tiny: bool = False) -> nn.Module:
@@ -300,11 +299,12 @@ def mlp(tiny: bool = False) -> nn.Module:
     x, y = torch.from_numpy(x_tr), torch.from_numpy(y_tr)
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     gen = torch.Generator().manual_seed(SEED)
-    for _ in range(10 if tiny else 40):
-        for idx in torch.randperm(len(x), generator=gen).split(64):
-            opt.zero_grad()
-            nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
-            opt.step()
+    with torch.enable_grad():  # callers may build it under no_grad
+        for _ in range(10 if tiny else 40):
+            for idx in torch.randperm(len(x), generator=gen).split(64):
+                opt.zero_grad()
+                nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
+                opt.step()
     return model.eval()
 
 

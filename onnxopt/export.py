@@ -338,7 +338,7 @@ def _check(path: Path, runs: list[tuple[dict[str, np.ndarray], list[np.ndarray]]
     worst = {n: (0.0, 1.0, True) for n in outputs}
     for feed, ref in runs:
         got = run(sess, feed)
-        for name, a, b in zip(outputs, ref, got):
+        for name, a, b in zip(outputs, ref, got, strict=False):
             max_abs, cosine, ok = worst[name]
             b = np.asarray(b)
             if a.shape != b.shape:

@@ -77,9 +77,12 @@ def _torch_out(nets: Path, x: np.ndarray) -> np.ndarray:
 def test_export_matches_torch_and_folds_batchnorm(nets: Path, tmp_path: Path, exporter: str) -> None:
     out = tmp_path / "net.onnx"
     report = export(f"{nets}:convnet", out, {"x": (1, 3, 8, 8)}, exporter=exporter)
-    assert report.exporter == exporter and report.inputs == {"x": (1, 3, 8, 8)}
-    assert [c.name for c in report.checks] == ["output"] and all(c.passed for c in report.checks)
-    assert report.max_abs < 1e-5 and report.cosine > 0.99999
+    assert report.exporter == exporter
+    assert report.inputs == {"x": (1, 3, 8, 8)}
+    assert [c.name for c in report.checks] == ["output"]
+    assert all(c.passed for c in report.checks)
+    assert report.max_abs < 1e-5
+    assert report.cosine > 0.99999
     model = onnx.load(out)
     assert "BatchNormalization" not in op_histogram(model)  # the exporter folded it
     x = np.random.default_rng(5).standard_normal((1, 3, 8, 8)).astype(np.float32)
@@ -91,7 +94,8 @@ def test_keep_batchnorm_leaves_bn_for_the_pipeline(nets: Path, tmp_path: Path, e
     out = tmp_path / "net.onnx"
     report = export(f"{nets}:convnet", out, {"x": (1, 3, 8, 8)}, keep_batchnorm=True, exporter=exporter)
     model = onnx.load(out)
-    assert report.batchnorm_nodes == 1 and op_histogram(model)["BatchNormalization"] == 1
+    assert report.batchnorm_nodes == 1
+    assert op_histogram(model)["BatchNormalization"] == 1
     folded, rep = optimize(model, passes=["fold-batchnorm"])
     assert "BatchNormalization" not in op_histogram(folded)
     assert rep.stats("fold-batchnorm") == {"folded": 1}
@@ -110,7 +114,8 @@ def test_dynamic_batch_runs_at_other_batch_sizes(nets: Path, tmp_path: Path) -> 
 
 def test_integer_inputs_and_named_dynamic_axes(nets: Path, tmp_path: Path) -> None:
     shapes, dtypes = parse_input_specs(["ids=2,5:int64", "mask=2,5:float32"])
-    assert shapes == {"ids": (2, 5), "mask": (2, 5)} and dtypes == {"ids": "int64", "mask": "float32"}
+    assert shapes == {"ids": (2, 5), "mask": (2, 5)}
+    assert dtypes == {"ids": "int64", "mask": "float32"}
     out = tmp_path / "embed.onnx"
     dims = {"ids": {1: "seq"}, "mask": {1: "seq"}}
     report = export(f"{nets}:Embed", out, shapes, input_dtypes=dtypes, dynamic_dims=dims, exporter="torchscript")
@@ -125,7 +130,8 @@ def test_integer_inputs_and_named_dynamic_axes(nets: Path, tmp_path: Path) -> No
 def test_python_callable_factory(tmp_path: Path) -> None:
     report = export(lambda: torch.nn.Linear(4, 2).eval(), tmp_path / "lin.onnx", {"x": (1, 4)},
                     exporter="torchscript")
-    assert report.checks[0].passed and (tmp_path / "lin.onnx").exists()
+    assert report.checks[0].passed
+    assert (tmp_path / "lin.onnx").exists()
 
 
 @pytest.mark.parametrize(
@@ -168,11 +174,13 @@ def test_cli_export_writes_and_reports(nets: Path, tmp_path: Path) -> None:
                                       "x=1,3,8,8", "--keep-batchnorm", "--exporter", "torchscript"])
     assert result.exit_code == 0, result.output
     text = " ".join(result.output.split())  # rich wraps the table title
-    assert "torchscript exporter" in text and "BatchNormalization 1" in text
+    assert "torchscript exporter" in text
+    assert "BatchNormalization 1" in text
     assert f"wrote {out}" in result.output.replace("\n", "")
     assert op_histogram(onnx.load(out))["BatchNormalization"] == 1
 
 
 def test_cli_help_names_the_exporter() -> None:
     result = CliRunner().invoke(app, ["export", "--help"])
-    assert result.exit_code == 0 and "dynamo exporter" in " ".join(result.output.split())
+    assert result.exit_code == 0
+    assert "dynamo exporter" in " ".join(result.output.split())
