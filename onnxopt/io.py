@@ -331,25 +331,16 @@ def write_model(
 ) -> None:
     """Write ``model`` to ``path`` (a staging path), with external data when it is large.
 
-    With external data, ``onnx.save_model`` moves the tensors out of the proto; they are
-    read back afterwards unless ``restore_data`` is False (a caller that drops the proto
-    after writing saves reading the whole data file again).
+    With external data the tensors are moved out of the proto into ``<name>.data``; they
+    are read back afterwards unless ``restore_data`` is False (a caller that drops the
+    proto after writing saves reading the whole data file again).
     """
     if external_data is None:
         external_data = over_protobuf_limit(model) or _has_external(model)
     try:
         if external_data:
-            location = path.name + ".data"
-            onnx.save_model(
-                model,
-                str(path),
-                save_as_external_data=True,
-                all_tensors_to_one_file=True,
-                location=location,
-                size_threshold=1024,
-            )
+            _save_external(model, path, path.name + ".data")
             if restore_data:
-                # onnx.save_model converted the proto in place; bring the data back in memory
                 onnx.external_data_helper.load_external_data_for_model(model, str(path.parent))
         else:
             onnx.save_model(model, str(path))
@@ -359,6 +350,42 @@ def write_model(
         onnx.checker.check_model(str(path))
     except onnx.checker.ValidationError as e:
         raise ModelSaveError(f"{path.name}: written model fails onnx.checker: {_first_line(e)}") from None
+
+
+def _save_external(model: onnx.ModelProto, path: Path, location: str, threshold: int = 1024) -> None:
+    """Move every initializer of ``threshold`` bytes or more into ``location`` beside ``path``.
+
+    Not ``onnx.save_model(save_as_external_data=True)``: it refuses to write when a file
+    named ``location`` exists in the *working directory* (rerunning onnxopt where an
+    earlier output lies), and reads every tensor's bytes out of the proto twice.
+    Offsets are 4 KiB-aligned so onnxruntime can map the weights.
+    """
+    offset = 0
+    with open(path.parent / location, "wb") as f:
+        for t in onnx.external_data_helper._get_initializer_tensors(model):
+            if not t.HasField("raw_data") or _data_bytes(t) < threshold:
+                continue
+            data = t.raw_data
+            pad = -offset % 4096
+            f.write(b"\0" * pad)
+            offset += pad
+            f.write(data)
+            onnx.external_data_helper.set_external_data(t, location, offset=offset, length=len(data))
+            t.ClearField("raw_data")
+            offset += len(data)
+            del data
+    onnx.save_model(model, str(path))
+
+
+def _data_bytes(t: onnx.TensorProto) -> int:
+    """Bytes of a tensor's data from its dims (``len(t.raw_data)`` would copy them)."""
+    numel = 1
+    for d in t.dims:
+        numel *= d
+    try:
+        return numel * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+    except (KeyError, TypeError, ValueError):
+        return numel * 4
 
 
 def _has_external(model: onnx.ModelProto) -> bool:

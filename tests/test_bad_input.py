@@ -405,3 +405,22 @@ def test_sigint_exits_130_and_writes_nothing(tmp_path: Path, phase: str) -> None
     assert "onnxopt: interrupted; nothing was written" in stderr
     _assert_nothing_written(tmp_path, out)
     assert _digest(src) == before
+
+
+def test_rerun_with_an_old_data_file_in_the_working_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # onnx.save_model(save_as_external_data=True) refuses when the data file's name exists
+    # relative to the working directory: rerunning where the last output lies failed
+    src = tmp_path / "model.onnx"
+    onnx.save(_conv_bn(8), src, save_as_external_data=True, location="model.onnx.data",
+              size_threshold=0)
+    from onnxopt import io as io_mod
+
+    monkeypatch.setattr(io_mod, "_has_external", lambda model: True)
+    monkeypatch.chdir(tmp_path)
+    for _ in range(2):
+        code, output = _run("optimize", "model.onnx", "-o", "out.onnx", *FAST)
+        assert code == 0, output
+    assert (tmp_path / "out.onnx.data").exists()
+    assert _staging_dirs(tmp_path) == []
