@@ -43,7 +43,7 @@ import subprocess
 import sys
 import time
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -335,7 +335,8 @@ def bench_model(w: Workload, names: Sequence[str], out_dir: Path, repeats: int, 
         say(f"{w.name}: {name}")
         start = time.perf_counter()
         try:
-            produced = c.build(w.path, w.calib, dst, w)
+            with _inside(out_dir):  # some tools leave temporary files in the working directory
+                produced = c.build(w.path, w.calib, dst, w)
             row.tool_seconds = time.perf_counter() - start if name != "original" else None
             row.path = Path(produced) if produced else dst
             row.note = _NOTES.pop(dst, "")
@@ -359,6 +360,16 @@ def bench_model(w: Workload, names: Sequence[str], out_dir: Path, repeats: int, 
     return rows
 
 
+@contextlib.contextmanager
+def _inside(directory: Path) -> Iterator[None]:
+    before = Path.cwd()
+    os.chdir(directory)
+    try:
+        yield
+    finally:
+        os.chdir(before)
+
+
 def _first_line(e: BaseException) -> str:
     lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
     return lines[0][:160] if lines else ""
@@ -378,7 +389,7 @@ def _versions() -> dict[str, str]:
         except PackageNotFoundError:
             out[pkg] = "not installed"
     try:
-        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
+        rev = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=REPO, capture_output=True,
                              text=True, check=True).stdout.strip()
         out["onnxopt"] += f" (git {rev})"
     except (OSError, subprocess.CalledProcessError):
@@ -500,7 +511,7 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(1)
     start = time.perf_counter()
-    cache = args.cache or Path(os.environ.get("ONNXOPT_CACHE", "~/.cache/onnxopt")).expanduser() / "zoo"
+    cache = (args.cache or Path(os.environ.get("ONNXOPT_CACHE", "~/.cache/onnxopt")).expanduser() / "zoo").resolve()
     cache.mkdir(parents=True, exist_ok=True)
     variants = cache / "variants"
     variants.mkdir(exist_ok=True)
