@@ -117,7 +117,9 @@ def bypass(graph: gs.Graph, src: gs.Tensor, dst: gs.Tensor) -> str | None:
         replace_uses(dst, src)
         dst.inputs.clear()
         return None
-    if _is_io(graph, "inputs", src) or _is_io(graph, "outputs", src) or isinstance(src, gs.Constant):
+    if isinstance(src, gs.Constant) or _is_io(graph, "inputs", src):
+        return "graph-output"
+    if _is_io(graph, "outputs", src):
         return "graph-output"
     src_producer = producer(src)
     if src_producer is None or not _in_graph(graph, src_producer):

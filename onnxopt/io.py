@@ -72,7 +72,9 @@ def check_model_file(path: str | os.PathLike[str]) -> None:
     try:
         onnx.checker.check_model(str(path))
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
-        raise ModelLoadError(f"{path}: not a valid ONNX model (onnx.checker): {_first_line(e)}") from None
+        raise ModelLoadError(
+            f"{path}: not a valid ONNX model (onnx.checker): {_first_line(e)}"
+        ) from None
 
 
 def check_versions(model: onnx.ModelProto, where: str = "model") -> None:
@@ -352,7 +354,9 @@ def write_model(
         raise ModelSaveError(f"{path.name}: written model fails onnx.checker: {_first_line(e)}") from None
 
 
-def _save_external(model: onnx.ModelProto, path: Path, location: str, threshold: int = 1024) -> None:
+def _save_external(
+    model: onnx.ModelProto, path: Path, location: str, threshold: int = 1024
+) -> None:
     """Move every initializer of ``threshold`` bytes or more into ``location`` beside ``path``.
 
     Not ``onnx.save_model(save_as_external_data=True)``: it refuses to write when a file
@@ -370,7 +374,8 @@ def _save_external(model: onnx.ModelProto, path: Path, location: str, threshold:
             f.write(b"\0" * pad)
             offset += pad
             f.write(data)
-            onnx.external_data_helper.set_external_data(t, location, offset=offset, length=len(data))
+            onnx.external_data_helper.set_external_data(
+                t, location, offset=offset, length=len(data))
             t.ClearField("raw_data")
             offset += len(data)
             del data

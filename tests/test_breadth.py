@@ -180,7 +180,7 @@ def test_optional_values_are_refused_clearly() -> None:
     model = make_model(nodes, [vi("x", [2])], [vi("y", [2])], opset=18,
                        value_info=[helper.make_value_info("opt", opt_type)])
     before = model.SerializeToString()
-    with pytest.raises(OnnxoptError, match="'opt'.*optional"):
+    with pytest.raises(OnnxoptError, match=r"'opt'.*optional"):
         optimize(model)
     assert model.SerializeToString() == before
 

@@ -58,7 +58,7 @@ def _check(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]] | None = N
     onnx.checker.check_model(optimized, full_check=True)
     assert_equivalent(model, optimized, atol=1e-4, rtol=1e-3, feeds=feeds)
     assert _subgraph_io(optimized) == _subgraph_io(model)
-    again, report = optimize(optimized)
+    again, _ = optimize(optimized)
     assert op_histogram(again) == op_histogram(optimized)  # a fixpoint: nothing left to do
     return optimized
 

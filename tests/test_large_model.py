@@ -161,7 +161,7 @@ def test_optimizes_a_model_over_2gb(workdir: Path) -> None:
             "img": rng.standard_normal((1, 4, 8, 8)).astype(np.float32)}
     (want,) = run_model(str(src), [feed])
     (got,) = run_model(str(out), [feed])
-    for a, b in zip(want, got):
+    for a, b in zip(want, got, strict=True):
         np.testing.assert_allclose(b, a, atol=1e-4, rtol=1e-3)
 
     # bounded memory: the process may hold the weights a few times, not unboundedly

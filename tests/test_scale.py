@@ -44,7 +44,8 @@ def _many_outputs(n: int) -> onnx.ModelProto:
     """n graph outputs, each an Identity of its own Relu: every removal is a bypass of an output."""
     nodes = []
     for i in range(n // 2):
-        nodes += [helper.make_node("Relu", ["x"], [f"r{i}"]), helper.make_node("Identity", [f"r{i}"], [f"y{i}"])]
+        nodes += [helper.make_node("Relu", ["x"], [f"r{i}"]),
+                  helper.make_node("Identity", [f"r{i}"], [f"y{i}"])]
     return make_model(nodes, [vi("x", [2])], [vi(f"y{i}", [2]) for i in range(n // 2)], check=False)
 
 
@@ -74,7 +75,7 @@ def test_pass_is_linear(name: str) -> None:
     cls = registry()[name]
     small, large, ratio = _ratio(cls, "chain")
     assert large < NOISE_FLOOR or ratio < MAX_RATIO, (
-        f"{name}: {small:.3f}s on {SMALL} nodes, {large:.3f}s on {LARGE}: x{ratio:.1f} for 4x the nodes")
+        f"{name}: {small:.3f}s on {SMALL} nodes, {large:.3f}s on {LARGE}: x{ratio:.1f} for 4x")
 
 
 def test_bypassing_many_graph_outputs_is_linear() -> None:
