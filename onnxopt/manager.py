@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -170,12 +171,12 @@ def graph_counts(graph: gs.Graph) -> tuple[int, int]:
         nodes += len(g.nodes)
         for t in g.tensors().values():
             if isinstance(t, gs.Constant) and t.shape:
-                params += int(np.prod(t.shape))
+                params += math.prod(t.shape)  # not np.prod: 10x slower on short tuples
         for n in g.nodes:
             if n.op == "Constant":
                 v = n.attrs.get("value")
                 if isinstance(v, gs.Constant) and v.shape:
-                    params += int(np.prod(v.shape))
+                    params += math.prod(v.shape)
     return nodes, params
 
 
@@ -225,6 +226,8 @@ class PassManager:
         for p in self.preset + self.explicit:
             p.check(graph, ctx)
         changed_any = False
+        # counts after the last pass: a pass that changed nothing leaves them valid
+        self._counts: tuple[int, int] | None = None
         for iteration in range(self.max_iterations if self.preset else 0):
             changed = False
             for p in self.preset:
@@ -248,7 +251,7 @@ class PassManager:
     ) -> bool:
         if self.progress:
             self.progress(p.name)
-        nodes_before, params_before = graph_counts(graph)
+        nodes_before, params_before = self._counts or graph_counts(graph)
         t0 = time.perf_counter()
         try:
             result = p.run(graph, ctx)
@@ -263,7 +266,9 @@ class PassManager:
         seconds = time.perf_counter() - t0
         if not isinstance(result, PassResult):
             raise TypeError(f"pass {p.name} returned {type(result).__name__}, not PassResult")
-        nodes_after, params_after = graph_counts(graph)
+        nodes_after, params_after = (
+            graph_counts(graph) if result.changed else (nodes_before, params_before))
+        self._counts = (nodes_after, params_after)
         report.records.append(PassRecord(
             name=p.name, iteration=iteration, changed=result.changed, stats=dict(result.stats),
             seconds=seconds, nodes_before=nodes_before, nodes_after=nodes_after,
