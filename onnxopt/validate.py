@@ -13,8 +13,11 @@ top-1 agreement ``>= min_top1`` for classifier outputs).
 from __future__ import annotations
 
 import dataclasses
+import gc
 import math
+import os
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -175,6 +178,21 @@ def _accuracy(outputs: Sequence[Any], labels: np.ndarray) -> float | None:
     return None
 
 
+_ONE_AT_A_TIME = 2**30  # bytes of model files past which the two sessions do not coexist
+
+
+def _on_disk_bytes(model: ModelRef) -> int:
+    """Size of a model file with its ``<name>.data`` (0 for in-memory models)."""
+    if not isinstance(model, (str, os.PathLike)):
+        return 0
+    path = Path(model)
+    data = path.with_name(path.name + ".data")
+    try:
+        return path.stat().st_size + (data.stat().st_size if data.exists() else 0)
+    except OSError:
+        return 0
+
+
 def compare(
     reference: ModelRef, candidate: ModelRef, data: Dataset, tolerance: Tolerance | None = None,
     optimize_candidate: bool = False,
@@ -188,15 +206,24 @@ def compare(
     tol = tolerance or Tolerance()
     if not len(data):
         raise InputDataError("no inputs to validate on")
-    ref, cand = session(reference), session(candidate, optimize=optimize_candidate)
+    ref = session(reference)
     names = output_names(ref)
+    if _on_disk_bytes(reference) + _on_disk_bytes(candidate) > _ONE_AT_A_TIME:
+        # big models: one session at a time (the reference's outputs are kept instead)
+        ref_outputs = [run(ref, feed) for feed in data.feeds]
+        del ref
+        gc.collect()
+        cand = session(candidate, optimize=optimize_candidate)
+        pairs = ((a, run(cand, f)) for a, f in zip(ref_outputs, data.feeds, strict=True))
+    else:
+        cand = session(candidate, optimize=optimize_candidate)
+        pairs = ((run(ref, f), run(cand, f)) for f in data.feeds)
     if output_names(cand) != names:
         raise OnnxoptError(f"the models' outputs differ: {names} vs {output_names(cand)}")
     accs = {n: _Acc() for n in names}
     ref_all: list[list[Any]] = []
     cand_all: list[list[Any]] = []
-    for feed in data.feeds:
-        a, b = run(ref, feed), run(cand, feed)
+    for a, b in pairs:
         for n, x, y in zip(names, a, b):
             accs[n].add(x, y, tol)
         if data.labels is not None:

@@ -7,6 +7,8 @@ and optional values (whose value_info graphsurgeon cannot type) kept working.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import onnx
 import pytest
@@ -209,3 +211,33 @@ def test_big_weights_round_trip_with_their_bytes() -> None:
     np.testing.assert_array_equal(onnx.numpy_helper.to_array(init), w)
     assert model.graph.initializer[0].name == "W"  # the source proto is untouched
     assert_equivalent(model, optimized, atol=1e-5, rtol=1e-5)
+
+
+def test_big_models_are_validated_one_session_at_a_time(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # past the threshold the reference runs first and its session is freed before the
+    # candidate's is created; the verdict is the same
+    from onnxopt import validate
+    from onnxopt.data import generate
+
+    model = _conv_gemm(17)
+    optimized, _ = optimize(model)
+    onnx.save(model, tmp_path / "a.onnx")
+    onnx.save(optimized, tmp_path / "b.onnx")
+    created: list[str] = []
+    real_session = validate.session
+
+    def tracking(m: object, **kwargs: object) -> object:
+        created.append(str(m))
+        return real_session(m, **kwargs)
+
+    monkeypatch.setattr(validate, "session", tracking)
+    monkeypatch.setattr(validate, "_ONE_AT_A_TIME", 0)
+    data = generate(model, count=3)
+    report = validate.compare(tmp_path / "a.onnx", tmp_path / "b.onnx", data)
+    assert report and report.samples == 3
+    assert created == [str(tmp_path / "a.onnx"), str(tmp_path / "b.onnx")]
+    wrong = _conv_gemm(17)  # other random weights: must fail the same way
+    onnx.save(wrong, tmp_path / "c.onnx")
+    assert not validate.compare(tmp_path / "a.onnx", tmp_path / "c.onnx", data)
