@@ -8,7 +8,8 @@ Identity, Add, Reshape, Transpose, MatMul, Relu, Dropout on small shapes; ``chai
 ``branchy`` layouts). Each pass runs alone on a freshly imported graph (with shape
 inference done, as the manager does); the pipeline row is ``onnxopt.optimize`` end to
 end: import, shape inference, passes to a fixpoint, cleanup, export. Figures are
-seconds per 10,000 nodes: a linear pass shows the same figure at every size.
+CPU seconds (``time.process_time``: other jobs on a shared machine do not count) per
+10,000 nodes: a linear pass shows the same figure at every size.
 """
 
 from __future__ import annotations
@@ -31,7 +32,6 @@ from onnxopt.registry import registry
 from onnxopt.shapes import apply_shapes
 from onnxopt.testing import scale_model
 
-
 LARGE_SECTION = "## Models over 2 GB"
 
 
@@ -52,9 +52,9 @@ def time_pass(cls: type[Pass], model: onnx.ModelProto, repeats: int = 1) -> floa
         ctx = PassContext(names=NameGenerator(graph), opset=opset_of(model))
         p = cls()
         p.check(graph, ctx)
-        t0 = time.perf_counter()
+        t0 = time.process_time()
         p.run(graph, ctx)
-        best = min(best, time.perf_counter() - t0)
+        best = min(best, time.process_time() - t0)
     return best
 
 
@@ -66,13 +66,15 @@ def pipeline_manager() -> PassManager:
 def time_pipeline(model: onnx.ModelProto, repeats: int = 1) -> float:
     best = float("inf")
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        t0 = time.process_time()
         pipeline_manager().run(model)
-        best = min(best, time.perf_counter() - t0)
+        best = min(best, time.process_time() - t0)
     return best
 
 
-def measure(sizes: list[int], kinds: list[str], say: Callable[[str], None]) -> dict[str, dict[tuple[str, int], float]]:
+def measure(
+    sizes: list[int], kinds: list[str], say: Callable[[str], None]
+) -> dict[str, dict[tuple[str, int], float]]:
     """Row name -> (kind, nodes) -> seconds per 10,000 nodes."""
     rows: dict[str, dict[tuple[str, int], float]] = {}
     for kind in kinds:
@@ -91,12 +93,16 @@ def measure(sizes: list[int], kinds: list[str], say: Callable[[str], None]) -> d
 
 def table(rows: dict[str, dict[tuple[str, int], float]], sizes: list[int], kinds: list[str]) -> str:
     cols = [(k, s) for k in kinds for s in sizes]
-    head = "| pass | " + " | ".join(f"{k} {s // 1000}k" for k, s in cols) + " | largest / smallest |"
+    head = (
+        "| pass | " + " | ".join(f"{k} {s // 1000}k" for k, s in cols) + " | largest / smallest |"
+    )
     sep = "|---|" + "---:|" * (len(cols) + 1)
     lines = [head, sep]
     for name, cells in rows.items():
         ratio = max(cells[(k, sizes[-1])] / max(cells[(k, sizes[0])], 1e-9) for k in kinds)
-        lines.append(f"| {name} | " + " | ".join(f"{cells[c]:.3f}" for c in cols) + f" | {ratio:.2f} |")
+        lines.append(
+            f"| {name} | " + " | ".join(f"{cells[c]:.3f}" for c in cols) + f" | {ratio:.2f} |"
+        )
     return "\n".join(lines)
 
 
@@ -104,7 +110,9 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", type=int, nargs="+", default=[10_000, 20_000, 50_000, 100_000])
     ap.add_argument("--kinds", nargs="+", default=["chain", "branchy"])
-    ap.add_argument("--no-write", action="store_true", help="Print only; leave bench/SCALE.md alone.")
+    ap.add_argument(
+        "--no-write", action="store_true", help="Print only; leave bench/SCALE.md alone."
+    )
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
     rows = measure(args.sizes, args.kinds, lambda s: print(s, flush=True))
@@ -112,16 +120,19 @@ def main(argv: list[str] | None = None) -> None:
     print(md)
     if args.no_write:
         return
-    cmd = "python bench/scale.py" + ("" if argv is None and len(sys.argv) == 1 else " " + " ".join(sys.argv[1:]))
+    cmd = "python bench/scale.py" + (
+        "" if argv is None and len(sys.argv) == 1 else " " + " ".join(sys.argv[1:])
+    )
     text = f"""# Scale: seconds per 10,000 nodes
 
 Produced by `{cmd}` on {datetime.date.today().isoformat()}
-({platform.processor() or platform.machine()}, Python {platform.python_version()}, onnx {onnx.__version__};
+({platform.machine()}, Python {platform.python_version()}, onnx {onnx.__version__};
 {time.perf_counter() - t0:.0f} s in all). Graphs from `onnxopt.testing.scale_model`: blocks of
 Conv, BatchNormalization, Identity, Add, Reshape, Transpose, MatMul, Relu, Dropout on small
-shapes, as a chain or as two branches per block. A pass row is the pass alone on a freshly
-imported graph; the pipeline row is the level-1 preset end to end (import, shape inference,
-passes to a fixpoint, cleanup, export). A linear pass has the same figure in every column;
+shapes, as a chain or as two branches per block. Figures are CPU seconds of this
+process (`time.process_time`), so other load on the machine does not inflate them. A pass
+row is the pass alone on a freshly imported graph; the pipeline row is the level-1 preset
+end to end (import, shape inference, passes to a fixpoint, cleanup, export). A linear pass has the same figure in every column;
 the last column is the largest graph's figure over the smallest's (per layout, worst of both).
 
 {md}
@@ -129,7 +140,7 @@ the last column is the largest graph's figure over the smallest's (per layout, w
     out = Path(__file__).with_name("SCALE.md")
     # the >2 GB section is written by hand from tests/test_large_model.py: keep it
     old = out.read_text() if out.exists() else ""
-    keep = old[old.find(LARGE_SECTION):] if LARGE_SECTION in old else ""
+    keep = old[old.find(LARGE_SECTION) :] if LARGE_SECTION in old else ""
     out.write_text(text + ("\n" + keep if keep else ""))
 
 
