@@ -21,8 +21,9 @@ them (digits, MiniLM sentences), else standard-normal images from another seed.
 Contenders are a registry: ``CONTENDERS[name] = Contender(build, applies, about)``
 where ``build(src, calib, dst, workload)`` writes ``dst`` (or returns another path)
 and may raise ``Skip`` (recorded as skipped) or anything else (recorded as a
-failure row). Later lossy pipelines add rows by adding entries; ``onnxopt-int8``
-is the hook for the static int8 pass (skipped until that pass is registered).
+failure row). Later lossy pipelines add rows by adding entries. ``onnxopt-int8``
+runs the accuracy- and latency-aware driver (``onnxopt.compress``); ``onnxopt-qdq``
+is the bare static int8 pass, to show what the driver guards against.
 """
 
 from __future__ import annotations
