@@ -1,8 +1,9 @@
 """Every lossless pass runs in time linear in the graph size.
 
 Each pass runs on a 1k-node and a 4k-node graph from ``scale_model``; a quadratic
-pass would take ~16x as long on the larger one, a linear one ~4x. The check allows 6x
-(machine noise, cache effects) and takes the best of up to three runs before failing.
+pass would take ~16x as long on the larger one, a linear one ~4x. The check allows 8x
+(machine noise, cache effects, the heap left by earlier tests) and takes the best of up
+to five runs before failing.
 Timings under 50 ms (CPU time) on the large graph are too noisy to judge and pass.
 ``bench/scale.py`` measures the same up to 100k nodes.
 """
@@ -24,7 +25,7 @@ from onnxopt.registry import registry
 from onnxopt.testing import make_model, scale_model, vi
 
 SMALL, LARGE = 1000, 4000  # 2k/8k doubles the runtime on a loaded 2-core machine
-MAX_RATIO = 6.0
+MAX_RATIO = 8.0
 NOISE_FLOOR = 0.05
 
 
@@ -70,10 +71,10 @@ def _seconds(cls: type[Pass], model: onnx.ModelProto) -> float:
 def _ratio(cls: type[Pass], kind: str) -> tuple[float, float, float]:
     small, large = _model(SMALL, kind), _model(LARGE, kind)
     best_small = best_large = float("inf")
-    for _ in range(3):
+    for _ in range(5):
         best_small = min(best_small, _seconds(cls, small))
         best_large = min(best_large, _seconds(cls, large))
-        if best_large < NOISE_FLOOR or best_large / best_small < MAX_RATIO:
+        if best_large < NOISE_FLOOR or best_large / best_small < MAX_RATIO / 1.5:
             break
     return best_small, best_large, best_large / best_small
 
