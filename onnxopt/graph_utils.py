@@ -241,6 +241,18 @@ def node_count(model: onnx.ModelProto) -> int:
     return sum(op_histogram(model).values())
 
 
+def tensor_nbytes(t: onnx.TensorProto) -> int:
+    """Bytes of a tensor's data from dims and dtype (reading ``raw_data`` or ``ByteSize()``
+    would copy or serialize the bytes: seconds per GB)."""
+    numel = 1
+    for d in t.dims:
+        numel *= d
+    try:
+        return numel * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+    except (KeyError, TypeError, ValueError):
+        return numel * 4
+
+
 def _tensor_numel(t: onnx.TensorProto) -> int:
     return int(np.prod(t.dims)) if len(t.dims) else 1
 

@@ -26,6 +26,7 @@ import onnx_graphsurgeon as gs
 from google.protobuf.message import DecodeError, EncodeError
 
 from onnxopt.errors import ModelLoadError, ModelSaveError, PreconditionError
+from onnxopt.graph_utils import tensor_nbytes
 
 logger = logging.getLogger(__name__)
 
@@ -262,7 +263,7 @@ def over_protobuf_limit(model: onnx.ModelProto) -> bool:
     the model to find out (17 s and +3 GiB on a 2.25 GiB model) and then raises.
     """
     helper = onnx.external_data_helper
-    weights = sum(_data_bytes(t) for t in helper._get_all_tensors(model)
+    weights = sum(tensor_nbytes(t) for t in helper._get_all_tensors(model)
                   if not helper.uses_external_data(t))
     if weights >= PROTOBUF_LIMIT:
         return True
@@ -376,7 +377,7 @@ def _save_external(
     offset = 0
     with open(path.parent / location, "wb") as f:
         for t in onnx.external_data_helper._get_initializer_tensors(model):
-            if not t.HasField("raw_data") or _data_bytes(t) < threshold:
+            if not t.HasField("raw_data") or tensor_nbytes(t) < threshold:
                 continue
             data = t.raw_data
             pad = -offset % 4096
@@ -389,17 +390,6 @@ def _save_external(
             offset += len(data)
             del data
     onnx.save_model(model, str(path))
-
-
-def _data_bytes(t: onnx.TensorProto) -> int:
-    """Bytes of a tensor's data from its dims (``len(t.raw_data)`` would copy them)."""
-    numel = 1
-    for d in t.dims:
-        numel *= d
-    try:
-        return numel * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
-    except (KeyError, TypeError, ValueError):
-        return numel * 4
 
 
 def _has_external(model: onnx.ModelProto) -> bool:

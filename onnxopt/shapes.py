@@ -14,29 +14,17 @@ import logging
 import onnx
 import onnx_graphsurgeon as gs
 
-from onnxopt.graph_utils import iter_graphs
+from onnxopt.graph_utils import iter_graphs, tensor_nbytes
 
 logger = logging.getLogger(__name__)
 
 _SMALL = 1024  # bytes: tensors below this keep their data (Reshape targets, axes, ...)
 
 
-def _nbytes(t: onnx.TensorProto) -> int:
-    """Size of the tensor's data from dims and dtype: reading ``raw_data`` (or ``ByteSize``)
-    copies or serializes the bytes, seconds per GB."""
-    numel = 1
-    for d in t.dims:
-        numel *= d
-    try:
-        return numel * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
-    except (KeyError, TypeError, ValueError):
-        return numel * 4
-
-
 def copy_structure(model: onnx.ModelProto, out: onnx.ModelProto) -> None:
     graph = model.graph
     # by dims, not len(t.raw_data): reading raw_data copies the bytes out of the proto
-    big = [t for t in graph.initializer if _nbytes(t) > _SMALL]
+    big = [t for t in graph.initializer if tensor_nbytes(t) > _SMALL]
     kept = {id(t) for t in big}
     # copy everything but the big initializers, then add shells for them
     out.CopyFrom(onnx.ModelProto(
