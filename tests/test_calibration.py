@@ -113,8 +113,8 @@ def test_percentile_on_known_distribution() -> None:
     lo, hi = stats.range("percentile", 99.0)
     allv = np.concatenate(values)
     width = (allv.max() - allv.min()) / 2048
-    assert lo == pytest.approx(np.percentile(allv, 0.5), abs=2 * width)
-    assert hi == pytest.approx(np.percentile(allv, 99.5), abs=2 * width)
+    assert lo == pytest.approx(float(np.percentile(allv, 0.5)), abs=float(2 * width))
+    assert hi == pytest.approx(float(np.percentile(allv, 99.5)), abs=float(2 * width))
     assert hi == pytest.approx(2.576, abs=0.05)  # the normal distribution's 99.5% point
 
 
