@@ -547,7 +547,7 @@ def main(argv: list[str] | None = None) -> int:
         names.insert(0, "original")
     repeats = args.repeats or (5 if args.quick else 200)
     threads = [int(t) for t in args.threads.split(",")]
-    n_calib, n_eval = (8, 8) if args.quick else (32, 64)
+    n_calib, n_eval = (8, 8) if args.quick else (64, 64)
     load_start = "/".join(f"{x:.1f}" for x in os.getloadavg())
 
     def say(msg: str) -> None:

@@ -302,15 +302,9 @@ def compress(
     if chosen is None and method != "fp16" and len(layers) > 1:
         result.sensitivity = _sensitivity(layers, quantize, float_model, evaluation, say)
         ranked = sorted(layers, key=lambda name: -result.sensitivity[name])
-        for k in range(1, len(ranked)):
-            kept = ranked[:k]
-            qk, _ = quantize(kept)
-            cand = evaluate(f"{method}, {k} layer{'s' if k > 1 else ''} in float", qk, kept)
-            candidates.append(cand)
-            last_tried = (qk, cand)
-            if cand.within_budget:
-                chosen = (qk, cand)
-                break
+        chosen, last_tried = _fewest_float_layers(
+            ranked, quantize, evaluate, candidates, method, last_tried
+        )
     result.candidates += candidates
     for cand in candidates:
         if not cand.within_budget:
@@ -354,6 +348,49 @@ def compress(
     float_cand.verdict = "written (see below)"
     _write(float_model, dst, say)
     return result
+
+
+def _fewest_float_layers(
+    ranked: Sequence[str],
+    quantize: Callable[[Sequence[str]], tuple[onnx.ModelProto, dict[str, Any]]],
+    evaluate: Callable[[str, onnx.ModelProto, list[str]], Candidate],
+    candidates: list[Candidate],
+    method: str,
+    last_tried: tuple[onnx.ModelProto, Candidate],
+) -> tuple[tuple[onnx.ModelProto, Candidate] | None, tuple[onnx.ModelProto, Candidate]]:
+    """Smallest k such that the k most sensitive layers in float meet the budget.
+
+    The error shrinks as more of the most sensitive layers stay in float, so k is found by
+    doubling (1, 2, 4, ...) until the budget holds, then bisecting between the last k that
+    failed and the first that held: about 2 log2(n) evaluations instead of up to n.
+    All layers in float is the float model itself, so k stays below ``len(ranked)``.
+    """
+    tried: dict[int, tuple[onnx.ModelProto, Candidate]] = {}
+
+    def attempt(k: int) -> bool:
+        kept = list(ranked[:k])
+        qk, _ = quantize(kept)
+        cand = evaluate(f"{method}, {k} layer{'s' if k > 1 else ''} in float", qk, kept)
+        candidates.append(cand)
+        tried[k] = (qk, cand)
+        return cand.within_budget
+
+    n = len(ranked)
+    low, high, k = 0, None, 1  # low: most float layers known to fail; high: fewest known to hold
+    while k < n:
+        if attempt(k):
+            high = k
+            break
+        low, k = k, min(2 * k, n - 1) if k < n - 1 else n
+    if high is None:
+        return None, tried[max(tried)] if tried else last_tried
+    while high - low > 1:
+        mid = (low + high) // 2
+        if attempt(mid):
+            high = mid
+        else:
+            low = mid
+    return tried[high], tried[high]
 
 
 def _forced(

@@ -353,3 +353,37 @@ def test_demo_model_int8_within_one_point(tmp_path: Path) -> None:
     assert drop <= 1.0
     if payload["written"] == "quantized":
         assert any(n.op_type == "QuantizeLinear" for n in onnx.load(out).graph.node)
+
+
+@pytest.mark.parametrize(("n", "needed"), [(20, 5), (20, 1), (20, 19), (2, 1), (33, 16)])
+def test_fallback_search_finds_the_fewest_float_layers(n: int, needed: int) -> None:
+    from onnxopt.compress import Candidate, _fewest_float_layers
+
+    ranked = [f"layer{i}" for i in range(n)]
+    evaluated: list[int] = []
+
+    def quantize(exclude):
+        return len(exclude), {}
+
+    def evaluate(label, qmodel, float_layers):
+        evaluated.append(qmodel)
+        return Candidate(label, float_layers, qmodel >= needed, "")
+
+    candidates: list[Candidate] = []
+    chosen, _ = _fewest_float_layers(ranked, quantize, evaluate, candidates, "int8", (None, None))
+    assert chosen is not None and chosen[0] == needed
+    assert chosen[1].float_layers == ranked[:needed]
+    assert len(evaluated) == len(candidates) <= 2 * (n - 1).bit_length() + 1
+
+
+def test_fallback_search_gives_up_when_only_float_would_do() -> None:
+    from onnxopt.compress import Candidate, _fewest_float_layers
+
+    def evaluate(label, qmodel, float_layers):
+        return Candidate(label, float_layers, False, "")
+
+    candidates: list[Candidate] = []
+    chosen, last = _fewest_float_layers([f"l{i}" for i in range(9)], lambda ex: (len(ex), {}),
+                                        evaluate, candidates, "int8", (None, None))
+    assert chosen is None and last[0] == 8
+    assert [c.float_layers.__len__() for c in candidates] == [1, 2, 4, 8]
