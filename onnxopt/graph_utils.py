@@ -15,6 +15,12 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+# ops whose output differs run to run: never folded, never merged
+NONDETERMINISTIC = frozenset(
+    {"RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike", "Bernoulli",
+     "Multinomial"}
+)
+
 
 def iter_graphs(graph: gs.Graph) -> Iterator[gs.Graph]:
     """The graph and every nested subgraph (If branches, Loop/Scan bodies), depth first."""

@@ -18,6 +18,7 @@ from onnxopt.graph_utils import op_histogram, parameter_count
 from onnxopt.runtime import run_model
 
 __all__ = [
+    "assert_declined",
     "assert_equivalent",
     "conv_bn_model",
     "make_model",
@@ -64,6 +65,18 @@ def make_model(
     if check:
         onnx.checker.check_model(model)
     return model
+
+
+def assert_declined(
+    model: onnx.ModelProto, pass_name: str, reason: str, spec: str | None = None
+) -> None:
+    """``spec`` (default: the pass alone) changes nothing and counts ``skipped:<reason>`` once."""
+    from onnxopt.api import optimize
+
+    out, report = optimize(model, passes=[spec or pass_name])
+    assert report.stats(pass_name) == {f"skipped:{reason}": 1}
+    assert op_histogram(out) == op_histogram(model)
+    assert report.records[-1].changed is False
 
 
 def random_feeds(

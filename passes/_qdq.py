@@ -118,19 +118,7 @@ class QDQRewriter:
             wq = gs.Constant(
                 fresh(f"{key}_quantized"), quantize_weight(w, scales, p.axis, self.weight_qmax)
             )
-            zero = gs.Constant(fresh(f"{key}_zero_point"), np.zeros(scales.shape, np.int8))
-            sc = gs.Constant(fresh(f"{key}_scale"), scales)
-            out = gs.Variable(fresh(f"{key}_dequantized"), dtype=np.float32, shape=list(w.shape))
-            attrs = {"axis": p.axis} if p.axis is not None else {}
-            self.graph.nodes.append(
-                gs.Node(
-                    "DequantizeLinear",
-                    fresh(f"{key}_DequantizeLinear"),
-                    attrs,
-                    [wq, sc, zero],
-                    [out],
-                )
-            )
+            out = self._dequantized(key, wq, scales, p.axis, w.shape)
             self.weights[key] = (out, scales)
         out, scales = self.weights[key]
         node.inputs[p.weight] = out
@@ -152,20 +140,22 @@ class QDQRewriter:
         bq = gs.Constant(
             fresh(f"{b_t.name}_quantized"), np.clip(q, -_INT32, _INT32).astype(np.int32)
         )
-        sc = gs.Constant(fresh(f"{b_t.name}_scale"), scale)
-        zero = gs.Constant(fresh(f"{b_t.name}_zero_point"), np.zeros(scale.shape, np.int32))
-        out = gs.Variable(fresh(f"{b_t.name}_dequantized"), dtype=np.float32, shape=list(b.shape))
-        attrs = {"axis": 0} if scale.ndim == 1 else {}
-        self.graph.nodes.append(
-            gs.Node(
-                "DequantizeLinear",
-                fresh(f"{b_t.name}_DequantizeLinear"),
-                attrs,
-                [bq, sc, zero],
-                [out],
-            )
+        node.inputs[p.bias] = self._dequantized(
+            b_t.name, bq, scale, 0 if scale.ndim == 1 else None, b.shape
         )
-        node.inputs[p.bias] = out
+
+    def _dequantized(
+        self, base: str, q: gs.Constant, scale: np.ndarray, axis: int | None, shape: tuple[int, ...]
+    ) -> gs.Variable:
+        """Append ``DequantizeLinear(q, scale, 0)`` (zero point of q's dtype); return its output."""
+        fresh = self.ctx.names.fresh
+        sc = gs.Constant(fresh(f"{base}_scale"), scale)
+        zero = gs.Constant(fresh(f"{base}_zero_point"), np.zeros(scale.shape, q.values.dtype))
+        out = gs.Variable(fresh(f"{base}_dequantized"), dtype=np.float32, shape=list(shape))
+        attrs = {"axis": axis} if axis is not None else {}
+        name = fresh(f"{base}_DequantizeLinear")
+        self.graph.nodes.append(gs.Node("DequantizeLinear", name, attrs, [q, sc, zero], [out]))
+        return out
 
 
 def _input_scale(dq_out: gs.Tensor) -> np.ndarray:

@@ -32,6 +32,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from onnxopt.graph_utils import (
+    NONDETERMINISTIC,
     constant_value,
     is_default_domain,
     is_graph_input,
@@ -40,17 +41,6 @@ from onnxopt.graph_utils import (
     replace_uses,
 )
 from onnxopt.pass_base import Pass, PassContext, PassResult
-
-NONDETERMINISTIC = frozenset(
-    {
-        "RandomNormal",
-        "RandomNormalLike",
-        "RandomUniform",
-        "RandomUniformLike",
-        "Bernoulli",
-        "Multinomial",
-    }
-)
 
 
 def _value_key(value: np.ndarray) -> Hashable:

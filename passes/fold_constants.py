@@ -43,6 +43,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from onnxopt.graph_utils import (
+    NONDETERMINISTIC,
     constant_value,
     is_default_domain,
     is_graph_output,
@@ -54,16 +55,6 @@ from onnxopt.pass_base import Pass, PassContext, PassResult
 
 logger = logging.getLogger(__name__)
 
-NONDETERMINISTIC = frozenset(
-    {
-        "RandomNormal",
-        "RandomNormalLike",
-        "RandomUniform",
-        "RandomUniformLike",
-        "Bernoulli",
-        "Multinomial",
-    }
-)
 # folding these undoes what they are for (quantized weights stay quantized)
 KEEP = frozenset({"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear"})
 

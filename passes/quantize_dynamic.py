@@ -38,6 +38,7 @@ from typing import Any
 
 import numpy as np
 import onnx_graphsurgeon as gs
+from onnxopt.passes._matmul_weight import float32_weight_decline
 
 from onnxopt.graph_utils import add_node, constant_value, is_default_domain, iter_graphs, layer_key
 from onnxopt.pass_base import NameGenerator, Pass, PassContext, PassResult
@@ -61,25 +62,13 @@ def quantize_weight_int8(
 
 
 def _decline(node: gs.Node, ctx: PassContext, exclude: frozenset[str]) -> str | None:
-    if node.name in exclude or layer_key(node) in exclude:
-        return "excluded"
-    if ctx.opset < 11:
+    # an excluded node is reported as such; any other node needs opset 11 first
+    if ctx.opset < 11 and not (node.name in exclude or layer_key(node) in exclude):
         return "opset-below-11"
-    if len(node.inputs) < 2:
-        return "weight-not-constant"
-    w = constant_value(node.inputs[1])
-    if w is None:
-        return "weight-not-constant"
-    if w.ndim != 2:
-        return "weight-not-2d"
-    if w.dtype != np.float32:
-        return "weight-not-float32"
-    if node.inputs[0].dtype is None or np.dtype(node.inputs[0].dtype) != np.float32:
-        return "input-not-float32"
-    if node.op == "Gemm":
-        if int(node.attrs.get("transA", 0)):
-            return "gemm-transA"
-        if len(node.inputs) > 2 and node.inputs[2].name and constant_value(node.inputs[2]) is None:
+    if reason := float32_weight_decline(node, exclude):
+        return reason
+    if node.op == "Gemm" and len(node.inputs) > 2 and node.inputs[2].name:
+        if constant_value(node.inputs[2]) is None:
             return "gemm-bias-not-constant"
     return None
 

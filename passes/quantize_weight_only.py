@@ -42,6 +42,7 @@ from typing import Any
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
+from onnxopt.passes._matmul_weight import float32_weight_decline
 
 from onnxopt.errors import PreconditionError
 from onnxopt.graph_utils import add_node, constant_value, is_default_domain, iter_graphs, layer_key
@@ -123,27 +124,15 @@ def import_contrib_domain(graph: gs.Graph) -> None:
 
 
 def _decline(node: gs.Node, exclude: frozenset[str]) -> str | None:
-    if node.name in exclude or layer_key(node) in exclude:
-        return "excluded"
-    w = constant_value(node.inputs[1])
-    if w is None:
-        return "weight-not-constant"
-    if w.ndim != 2:
-        return "weight-not-2d"
-    if w.dtype != np.float32:
-        return "weight-not-float32"
+    if reason := float32_weight_decline(node, exclude):
+        return reason
     x = node.inputs[0]
-    if x.dtype is None or np.dtype(x.dtype) != np.float32:
-        return "input-not-float32"
     if x.shape is None or len(x.shape) < 2:
         return "input-rank"
     if node.op == "Gemm":
-        if int(node.attrs.get("transA", 0)):
-            return "gemm-transA"
-        if (
-            _gemm_bias(node, w.shape[0] if int(node.attrs.get("transB", 0)) else w.shape[1])
-            is False
-        ):
+        w_shape = constant_value(node.inputs[1]).shape
+        n = w_shape[0] if int(node.attrs.get("transB", 0)) else w_shape[1]
+        if _gemm_bias(node, n) is False:
             return "gemm-bias"
     return None
 
