@@ -90,15 +90,6 @@ def is_graph_input(graph: gs.Graph, tensor: gs.Tensor) -> bool:
     return any(inp is tensor for inp in graph.inputs)
 
 
-def consumers(tensor: gs.Tensor) -> list[gs.Node]:
-    return list(tensor.outputs)
-
-
-def only_consumer(tensor: gs.Tensor) -> gs.Node | None:
-    users = tensor.outputs
-    return users[0] if len(users) == 1 else None
-
-
 def producer(tensor: gs.Tensor) -> gs.Node | None:
     return tensor.inputs[0] if len(tensor.inputs) == 1 else None
 

@@ -251,11 +251,6 @@ def _export(graph: gs.Graph, imports: list[onnx.OperatorSetIdProto]) -> onnx.Mod
     return model
 
 
-def model_size(model: onnx.ModelProto) -> int:
-    """Serialized size in bytes, counting external-data tensors by their declared length."""
-    return int(model.ByteSize())
-
-
 def over_protobuf_limit(model: onnx.ModelProto) -> bool:
     """Whether ``model`` is too large to serialize as one protobuf.
 
