@@ -83,11 +83,11 @@ def _constant_node_value(node: gs.Node) -> np.ndarray | None:
 
 
 def is_graph_output(graph: gs.Graph, tensor: gs.Tensor) -> bool:
-    return any(out is tensor for out in graph.outputs)
+    return _is_io(graph, "outputs", tensor)
 
 
 def is_graph_input(graph: gs.Graph, tensor: gs.Tensor) -> bool:
-    return any(inp is tensor for inp in graph.inputs)
+    return _is_io(graph, "inputs", tensor)
 
 
 def producer(tensor: gs.Tensor) -> gs.Node | None:
@@ -110,13 +110,11 @@ def bypass(graph: gs.Graph, src: gs.Tensor, dst: gs.Tensor) -> str | None:
     directly, which is only legal if ``src`` is an ordinary intermediate value.
     Returns a decline reason, or None on success.
     """
-    if not _is_io(graph, "outputs", dst):
+    if not is_graph_output(graph, dst):
         replace_uses(dst, src)
         dst.inputs.clear()
         return None
-    if isinstance(src, gs.Constant) or _is_io(graph, "inputs", src):
-        return "graph-output"
-    if _is_io(graph, "outputs", src):
+    if isinstance(src, gs.Constant) or is_graph_input(graph, src) or is_graph_output(graph, src):
         return "graph-output"
     src_producer = producer(src)
     if src_producer is None or not _in_graph(graph, src_producer):
