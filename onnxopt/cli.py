@@ -146,11 +146,13 @@ def print_result(result: Any) -> None:
 
 def _print_validation(v: Any) -> None:
     table = Table(title=f"Validation on {v.samples} feeds from {v.source}", title_justify="left")
-    for col in ("output", "max abs", "max rel", "cosine", "top-1 agree", "result"):
+    for col in ("output", "max abs", "max rel", "cosine", "top-1 agree", "expected", "result"):
         table.add_column(col, justify="left" if col == "output" else "right")
     for o in v.outputs:
         table.add_row(o.name, f"{o.max_abs:.3g}", f"{o.max_rel:.3g}", f"{o.cosine:.6f}",
                       "-" if o.top1_agreement is None else f"{o.top1_agreement:.2%}",
+                      "-" if o.top1_expected is None
+                      else f"{o.top1_expected:.2%} (>= {o.top1_expected_low:.2%})",
                       "ok" if o.passed else "FAIL")
     out.print(table)
 
@@ -269,7 +271,8 @@ def print_compress_result(result: Any) -> None:
     """Candidates (accuracy, fidelity, latency, size, verdict), sensitivity, and the decision."""
     table = Table(title=f"Compression ({result.method}): evaluated on {result.evaluation_samples} feeds "
                   f"from {result.evaluation_source}", title_justify="left")
-    for col in ("candidate", "accuracy", "drop", "min cosine", "top-1 agree", "latency", "size", "verdict"):
+    for col in ("candidate", "accuracy", "drop", "min cosine", "top-1 agree", "expected", "latency", "size",
+                "verdict"):
         table.add_column(col, justify="left" if col in ("candidate", "verdict") else "right")
     for c in result.candidates:
         table.add_row(
@@ -277,6 +280,8 @@ def print_compress_result(result: Any) -> None:
             "-" if c.accuracy_drop_pp is None else f"{c.accuracy_drop_pp:+.2f} pt",
             "-" if c.min_cosine is None else f"{c.min_cosine:.5f}",
             "-" if c.min_top1 is None else f"{c.min_top1:.2%}",
+            "-" if c.min_top1_expected is None
+            else f"{c.min_top1_expected:.2%} (>= {c.min_top1_expected_low:.2%})",
             "-" if c.latency_ms is None else f"{c.latency_ms:.3f} ms", _fmt_bytes(c.size_bytes), c.verdict,
         )
     out.print(table)

@@ -47,3 +47,70 @@ def test_accuracy_with_labels() -> None:
     assert report.accuracy_before == 1.0
     assert report.accuracy_after < 0.5
     assert not report  # negated logits: cosine -1
+
+
+def _logits_and_noise(rows: int, classes: int, margin_scale: float, sigma: float, seed: int) -> tuple[object, object, Dataset, np.ndarray]:
+    """Reference: y = x. Candidate: y = x + a fixed noise draw, so its error is known."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((rows, classes)).astype(np.float32) * margin_scale
+    noise = (rng.standard_normal((rows, classes)) * sigma).astype(np.float32)
+    ref = make_model([helper.make_node("Identity", ["x"], ["y"])], [vi("x", [rows, classes])],
+                     [vi("y", [rows, classes])])
+    cand = make_model([helper.make_node("Add", ["x", "n"], ["y"])], [vi("x", [rows, classes])],
+                      [vi("y", [rows, classes])], {"n": noise})
+    return ref, cand, Dataset([{"x": x}], source="logits"), x
+
+
+def _true_agreement(x: np.ndarray, sigma: float, draws: int = 400) -> float:
+    """Monte Carlo: the probability that the top-1 survives a fresh iid N(0, sigma) error."""
+    rng = np.random.default_rng(123)
+    top = x.argmax(1)
+    same = [np.mean((x + rng.standard_normal(x.shape) * sigma).argmax(1) == top) for _ in range(draws)]
+    return float(np.mean(same))
+
+
+def test_expected_top1_tracks_the_true_flip_rate_from_one_error_draw() -> None:
+    ref, cand, data, x = _logits_and_noise(2000, 10, margin_scale=1.0, sigma=0.05, seed=0)
+    (out,) = compare(ref, cand, data, Tolerance(exact=False, min_cosine=0.9)).outputs
+    truth = _true_agreement(x, 0.05)
+    assert 0.9 < truth < 0.99  # a regime where flips matter
+    # the union bound over competitors makes the estimate slightly conservative, never optimistic
+    assert truth - 0.02 < out.top1_expected <= truth + 0.003
+    assert out.top1_expected_low < out.top1_expected
+    assert out.top1_expected_low <= truth
+
+
+def test_no_flip_on_few_rows_does_not_pass_a_five_percent_flip_rate() -> None:
+    """32 rows without a single flip, while the error flips about 5% of inputs: the floor fails."""
+    for seed in range(200):
+        ref, cand, data, x = _logits_and_noise(32, 10, margin_scale=1.0, sigma=0.06, seed=seed)
+        (out,) = compare(ref, cand, data, Tolerance(exact=False, min_cosine=0.9)).outputs
+        if out.top1_agreement == 1.0:
+            break
+    else:
+        raise AssertionError("no seed without a flip")
+    assert _true_agreement(x, 0.06) < 0.98
+    report = compare(ref, cand, data, Tolerance(exact=False, min_cosine=0.9, min_top1=0.98))
+    (fail,) = report.failures
+    assert fail.top1_agreement == 1.0 and fail.top1_expected_low < 0.98
+    assert fail.top1_worst == fail.top1_expected_low
+    assert "expected top-1 agreement" in fail.describe(report.tolerance)
+
+
+def test_small_error_against_wide_margins_passes_the_floor() -> None:
+    ref, cand, data, _ = _logits_and_noise(32, 10, margin_scale=10.0, sigma=1e-3, seed=1)
+    report = compare(ref, cand, data, Tolerance(exact=False, min_top1=0.98))
+    (out,) = report.outputs
+    assert report and out.top1_agreement == 1.0 and out.top1_expected_low > 0.99
+
+
+def test_identical_outputs_expect_full_agreement() -> None:
+    data = generate(_classifier(), count=3, pins={"x": (16, 8)})
+    (out,) = compare(_classifier(), _classifier(), data, Tolerance(exact=False, min_top1=0.98)).outputs
+    assert out.top1_expected == 1.0 and out.top1_expected_low == 1.0
+
+
+def test_exact_comparisons_skip_the_expected_agreement() -> None:
+    data = generate(_classifier(), count=1, pins={"x": (16, 8)})
+    (out,) = compare(_classifier(), _classifier(), data).outputs
+    assert out.top1_agreement == 1.0 and out.top1_expected is None
