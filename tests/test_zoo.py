@@ -106,3 +106,25 @@ def test_minilm_recipe_checks_real_sentences(tmp_path: Path) -> None:
     assert len(lengths) > 3  # one feed per sentence at its own length
     dims = onnx.load(tmp_path / "minilm.onnx").graph.input[0].type.tensor_type.shape.dim
     assert [d.dim_param for d in dims] == ["batch", "seq"]
+
+
+def test_digits_images_are_upsampled_three_channel_digits(zoo: Any) -> None:
+    x_tr, _, _, _ = zoo.digits_split()
+    images = zoo.digits_images(x_tr[:5], 32)
+    assert images.shape == (5, 3, 32, 32) and images.dtype == np.float32
+    assert np.array_equal(images[:, 0], images[:, 2])
+    assert -1.0 <= images.min() < -0.9 and 0.9 < images.max() <= 1.0  # [0, 1] centred on 0
+    # bilinear upsampling keeps the 8x8 picture: averaging 4x4 blocks gives the digit back
+    blocks = images[:, 0].reshape(5, 8, 4, 8, 4).mean(axis=(2, 4))
+    assert np.corrcoef(blocks.ravel(), x_tr[:5].ravel())[0, 1] > 0.95
+
+
+def test_train_on_digits_learns_the_task(zoo: Any) -> None:
+    """The recipe the full-size image models use, on a tiny ResNet at 16x16 for two epochs."""
+    torch.manual_seed(0)
+    model = zoo.ResNet(zoo.BasicBlock, [1, 1, 1, 1], base=8, num_classes=10)
+    before = zoo.digits_accuracy(model.eval(), 16)
+    trained = zoo.train_on_digits(model, (1, 3, 16, 16), epochs=2, lr=3e-3)
+    assert not trained.training
+    after = zoo.digits_accuracy(trained, 16)
+    assert after > 0.8 and after > before + 0.3
