@@ -270,15 +270,19 @@ def zoo_workload(name: str, cache: Path, tiny: bool, n_calib: int, n_eval: int, 
     w = Workload(name + ("-tiny" if tiny else ""), path, spec.kind, "classify", [], [], heads=spec.heads,
                  hidden=spec.hidden, model_type="vit" if name == "vit" else "")
     if name == "mlp" or not tiny:
-        x_tr, _, x_val, y_val = zoo.digits_split()
+        # calibration and evaluation both come from the validation split, which the model never
+        # trained on (training digits have inflated margins): the first n_calib calibrate, the
+        # rest evaluate, as a user who hands onnxopt some of their validation data
+        _, _, x_val, y_val = zoo.digits_split()
         if name != "mlp":
-            x_tr, x_val = zoo.digits_images(x_tr[:n_calib], shape[-1]), zoo.digits_images(x_val, shape[-1])
-        w.calib = [{spec.input: x_tr[i : i + 1]} for i in range(n_calib)]
-        k = len(x_val) if not tiny else n_eval
-        w.eval, w.labels = [{spec.input: x_val[i : i + 1]} for i in range(k)], y_val[:k]
+            x_val = zoo.digits_images(x_val, shape[-1])
+        w.calib = [{spec.input: x_val[i : i + 1]} for i in range(n_calib)]
+        k = len(x_val) if not tiny else n_calib + n_eval
+        w.eval = [{spec.input: x_val[i : i + 1]} for i in range(n_calib, k)]
+        w.labels = y_val[n_calib:k]
         what = "digits" if name == "mlp" else f"digits upsampled to {shape[-1]}x{shape[-1]}"
         w.description = (f"{spec.input}{list(shape)}; trained here on sklearn {what}; calibration: {n_calib} "
-                         f"training digits; eval: {k} held-out digits (labels)")
+                         f"validation digits; eval: the other {k - n_calib} validation digits (labels)")
     else:
         w.calib = _random_feeds(spec.input, shape, n_calib, seed=1)
         w.eval = _random_feeds(spec.input, shape, n_eval, seed=2)
