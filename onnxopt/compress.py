@@ -234,6 +234,7 @@ def compress(
         )
     budget = _Budget(max_accuracy_drop, tol)
     calib_feeds = calib.feeds if calib is not None else None
+    ranges: dict[Any, Any] = {}  # every candidate quantizes the same float model: calibrate once
 
     def quantize(exclude: Sequence[str]) -> tuple[onnx.ModelProto, dict[str, Any]]:
         opts = dict(options)
@@ -241,7 +242,8 @@ def compress(
             opts["exclude"] = tuple(exclude)
         p = resolve(None, [(pass_name, opts)])[1]
         qmodel, report = PassManager((), p).run(
-            float_model, calibration=calib_feeds, input_shapes=input_shapes, seed=seed
+            float_model, calibration=calib_feeds, input_shapes=input_shapes, seed=seed,
+            calibration_cache=ranges,
         )
         return qmodel, report.notes.get(pass_name, {})
 

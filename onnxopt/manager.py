@@ -207,7 +207,13 @@ class PassManager:
         calibration: Sequence[Mapping[str, np.ndarray]] | None = None,
         input_shapes: Mapping[str, Sequence[int]] | None = None,
         seed: int = 0,
+        calibration_cache: dict[Any, Any] | None = None,
     ) -> tuple[onnx.ModelProto, PipelineReport]:
+        """Run the pipeline on ``model``.
+
+        ``calibration_cache``: a dict the caller keeps across runs on the same model with the same
+        calibration feeds; calibrating passes then measure each tensor's range once.
+        """
         check_requirements(self.preset + self.explicit, calibration, input_shapes)
         # a pass may need a newer opset (per-channel DequantizeLinear: 13); upgrade, loudly
         needed = max((getattr(p, "min_opset", 0) for p in self.preset + self.explicit), default=0)
@@ -219,7 +225,7 @@ class PassManager:
         apply_shapes(graph, model)
         ctx = PassContext(
             names=NameGenerator(graph), opset=opset_of(model), calibration=calibration,
-            input_shapes=dict(input_shapes or {}), seed=seed,
+            input_shapes=dict(input_shapes or {}), seed=seed, calibration_cache=calibration_cache,
         )
         ctx.notes["source_model"] = model
         report = PipelineReport(pipeline=self.pipeline)

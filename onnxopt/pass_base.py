@@ -75,6 +75,10 @@ class PassContext:
     seed: int = 0
     # free-form per-run state a lossy pass may hand to validation or the report
     notes: dict[str, Any] = dataclasses.field(default_factory=dict)
+    # activation ranges kept across runs on the *same* float model and calibration feeds
+    # (the compression driver quantizes one model many times, excluding different layers):
+    # settings key -> tensor name -> (lo, hi), or None for a tensor that held no finite value
+    calibration_cache: dict[Any, dict[str, tuple[float, float] | None]] | None = None
 
 
 class Pass(abc.ABC):

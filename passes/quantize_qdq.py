@@ -357,24 +357,30 @@ class QuantizeQDQPass(Pass):
     ) -> dict[str, tuple[float, float]]:
         from onnxopt.io import to_model
 
-        source = ctx.notes.get("source_model")
-        model = (
-            to_model(graph, source)
-            if source is not None
-            else gs.export_onnx(graph, do_type_check=False)
-        )
         o = self.options
         qmin, qmax = qrange(o.activation_type)
-        assert ctx.calibration is not None
-        return collect_ranges(
-            model,
-            ctx.calibration,
-            names,
-            o.method,
-            o.percentile,
-            levels=qmax - qmin,
-            max_samples=o.max_calibration_samples,
-        )
+        key = (o.method, o.percentile, qmax - qmin, o.max_calibration_samples)
+        cache = ctx.calibration_cache.setdefault(key, {}) if ctx.calibration_cache is not None else {}
+        missing = [n for n in names if n not in cache]
+        if missing:
+            source = ctx.notes.get("source_model")
+            model = (
+                to_model(graph, source)
+                if source is not None
+                else gs.export_onnx(graph, do_type_check=False)
+            )
+            assert ctx.calibration is not None
+            found = collect_ranges(
+                model,
+                ctx.calibration,
+                missing,
+                o.method,
+                o.percentile,
+                levels=qmax - qmin,
+                max_samples=o.max_calibration_samples,
+            )
+            cache.update({n: found.get(n) for n in missing})
+        return {n: r for n in names if (r := cache[n]) is not None}
 
 
 def _gemm_n(node: gs.Node, w: np.ndarray | None, b: gs.Tensor) -> int | None:

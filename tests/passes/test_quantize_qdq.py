@@ -666,3 +666,39 @@ def test_fused_int8_kernels_match_the_qdq_graph_on_this_cpu() -> None:
     a = np.concatenate([fused.run(None, f)[0] for f in evaluation.feeds]).ravel()
     b = np.concatenate([plain.run(None, f)[0] for f in evaluation.feeds]).ravel()
     assert float(a @ b / np.linalg.norm(a) / np.linalg.norm(b)) > 0.99999
+
+
+def test_calibration_cache_measures_each_range_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The driver quantizes one float model many times: a shared cache calibrates each tensor once."""
+    import onnxopt.passes.quantize_qdq as qdq
+    from onnxopt.manager import PassManager, resolve
+
+    asked: list[list[str]] = []
+    real = qdq.collect_ranges
+
+    def counting(model, feeds, names, *args, **kwargs):
+        asked.append(sorted(names))
+        return real(model, feeds, names, *args, **kwargs)
+
+    monkeypatch.setattr(qdq, "collect_ranges", counting)
+    model, feeds, cache = conv_net(), image_feeds(3), {}
+
+    def run(exclude: tuple[str, ...], method: str = "minmax") -> onnx.ModelProto:
+        opts = {"exclude": exclude, "method": method}
+        return PassManager((), resolve(None, [("quantize-qdq", opts)])[1]).run(
+            model, calibration=feeds, calibration_cache=cache
+        )[0]
+
+    partial = run(("conv2", "fc"))  # conv1 alone: its input and its (Relu-folded) output
+    full = run(())  # adds conv2's output only (MaxPool shares its scale)
+    again = run(())
+    assert asked == [["r1", "x"], ["r2"]]
+    # cached ranges give the same model as a fresh calibration
+    assert again.SerializeToString() == full.SerializeToString()
+    fresh, _ = quantize(model, feeds)
+    assert inits(full).keys() == inits(fresh).keys()
+    for name, value in inits(fresh).items():
+        np.testing.assert_array_equal(inits(full)[name], value)
+    assert op_histogram(partial)["QuantizeLinear"] < op_histogram(full)["QuantizeLinear"]
+    run((), method="percentile")  # other settings: their own entry
+    assert asked[-1] == ["r1", "r2", "x"] and len(cache) == 2
