@@ -175,7 +175,7 @@ def optimize(
     min_cosine: Annotated[float | None, typer.Option(help="Cosine floor for lossy pipelines (default 0.99).")] = None,
     validate: Annotated[bool, typer.Option(help="Compare outputs with the original in onnxruntime before writing.")] = True,
     bench: Annotated[bool, typer.Option(help="Measure latency before and after.")] = True,
-    repeats: Annotated[int, typer.Option(min=3, help="Latency repetitions per model.")] = 30,
+    repeats: Annotated[int, typer.Option(min=3, help="Latency repetitions per model.")] = 100,
     threads: Annotated[int, typer.Option(min=1, help="onnxruntime intra-op threads for latency.")] = 1,
     verify_each: Annotated[bool, typer.Option(help="Run onnx.checker after every pass to blame the one that breaks a graph.")] = False,
     report: Annotated[Path | None, typer.Option(help="Write the full report as JSON.")] = None,

@@ -5,6 +5,11 @@ the graph as written. Statistics are accumulated feed by feed (bounded memory):
 per output max abs error, max relative error, cosine similarity, top-1 agreement
 for classifier-like outputs, and with labels the task accuracy of both models.
 
+Classifier-like outputs are 2-D float ``[rows, classes]``, except embeddings: an output
+whose name says so (``embed``, ``pool``, ``hidden``, ``feature``) or whose reference rows
+all have unit L2 norm with negative entries (normalized sentence or image embeddings; a
+confident softmax also has norm near 1, but no negative entry). Their argmax means nothing.
+
 Pass rule: exact pipelines need every element within ``atol + rtol * |ref|`` and
 integer/bool outputs equal; lossy pipelines need ``cosine >= min_cosine`` (and, for
 classifier outputs, both the observed top-1 agreement and the lower bound of the expected
@@ -46,6 +51,7 @@ TOP1_CONFIDENCE_Z = 2.0  # standard errors below the expected agreement that the
 EXACT_ATOL = 1e-4
 EXACT_RTOL = 1e-3
 LOSSY_MIN_COSINE = 0.99
+EMBEDDING_NAME_PARTS = ("embed", "pool", "hidden", "feature")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,6 +135,8 @@ class _Acc:
         self.nan_mismatch = False
         self.is_float = True
         self.classifier = True
+        self.unit_rows = True  # every reference row so far has L2 norm 1: an embedding ...
+        self.negative = False  # ... if some entry is negative (softmax rows are not)
 
     def add(self, a: Any, b: Any, tol: Tolerance) -> None:
         if isinstance(a, list):  # sequence outputs: compare element by element
@@ -176,7 +184,11 @@ class _Acc:
         if a.ndim == 2 and a.shape[-1] > 1:
             self.top1_same += int(np.sum(np.argmax(a, -1) == np.argmax(b, -1)))
             self.top1_total += a.shape[0]
-            self._add_margins(a.astype(np.float64), b.astype(np.float64))
+            a2 = a.astype(np.float64)
+            if self.unit_rows:
+                self.unit_rows = bool(np.all(np.abs(np.linalg.norm(a2, axis=1) - 1.0) < 1e-3))
+                self.negative = self.negative or bool(np.any(a2 < 0))
+            self._add_margins(a2, b.astype(np.float64))
         else:
             self.classifier = False
 
@@ -212,7 +224,11 @@ class _Acc:
             cosine = 0.0
         else:
             cosine = self.dot / math.sqrt(self.na * self.nb)
-        top1 = self.top1_same / self.top1_total if self.classifier and self.top1_total else None
+        embedding = (self.unit_rows and self.negative) or any(
+            part in name.lower() for part in EMBEDDING_NAME_PARTS
+        )
+        classifier = self.classifier and not embedding
+        top1 = self.top1_same / self.top1_total if classifier and self.top1_total else None
         expected, low = self._expected_top1() if top1 is not None and not tol.exact else (None, None)
         if self.nan_mismatch:
             passed = False

@@ -114,3 +114,32 @@ def test_exact_comparisons_skip_the_expected_agreement() -> None:
     data = generate(_classifier(), count=1, pins={"x": (16, 8)})
     (out,) = compare(_classifier(), _classifier(), data).outputs
     assert out.top1_agreement == 1.0 and out.top1_expected is None
+
+
+def _rows_model(name: str, rows: np.ndarray, noise: np.ndarray) -> tuple[object, object, Dataset]:
+    shape = list(rows.shape)
+    ref = make_model([helper.make_node("Identity", ["x"], [name])], [vi("x", shape)], [vi(name, shape)])
+    cand = make_model([helper.make_node("Add", ["x", "n"], [name])], [vi("x", shape)], [vi(name, shape)],
+                      {"n": noise.astype(np.float32)})
+    return ref, cand, Dataset([{"x": rows.astype(np.float32)}], source="rows")
+
+
+def test_embeddings_get_no_top1_check() -> None:
+    """Normalized embeddings (or outputs named so) have no meaningful argmax: cosine only."""
+    rng = np.random.default_rng(0)
+    emb = rng.standard_normal((32, 64))
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    noise = rng.standard_normal(emb.shape) * 0.01  # flips many argmaxes, cosine ~0.995
+    tol = Tolerance(exact=False, min_top1=0.98)
+    for name, rows in (("y", emb), ("sentence_embedding", emb * 3.0), ("pooler_output", emb * 3.0)):
+        report = compare(*_rows_model(name, rows, noise), tol)
+        (out,) = report.outputs
+        assert report and out.top1_agreement is None and out.top1_expected is None, name
+    # unnormalized rows under a neutral name are logits: the same error fails the floor
+    (out,) = compare(*_rows_model("y", emb * 3.0, noise), tol).outputs
+    assert out.top1_agreement is not None and not out.passed
+    # a confident softmax has rows of norm ~1 but no negative entry: still a classifier
+    probs = np.full((32, 10), 1e-5)
+    probs[np.arange(32), rng.integers(0, 10, 32)] = 1.0 - 9e-5
+    (out,) = compare(*_rows_model("y", probs, np.zeros_like(probs)), tol).outputs
+    assert out.top1_agreement == 1.0
