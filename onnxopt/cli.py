@@ -149,7 +149,8 @@ def _print_validation(v: Any) -> None:
     for col in ("output", "max abs", "max rel", "cosine", "top-1 agree", "expected", "result"):
         table.add_column(col, justify="left" if col == "output" else "right")
     for o in v.outputs:
-        table.add_row(o.name, f"{o.max_abs:.3g}", f"{o.max_rel:.3g}", f"{o.cosine:.6f}",
+        table.add_row(o.name, f"{o.max_abs:.3g}", f"{o.max_rel:.3g}",
+                      f"{o.cosine:.6f}" + ("" if o.cosine_low is None else f" (>= {o.cosine_low:.6f})"),
                       "-" if o.top1_agreement is None else f"{o.top1_agreement:.2%}",
                       "-" if o.top1_expected is None
                       else f"{o.top1_expected:.2%} (>= {o.top1_expected_low:.2%})",
@@ -278,7 +279,8 @@ def print_compress_result(result: Any) -> None:
         table.add_row(
             c.label, "-" if c.accuracy is None else f"{c.accuracy:.2%}",
             "-" if c.accuracy_drop_pp is None else f"{c.accuracy_drop_pp:+.2f} pt",
-            "-" if c.min_cosine is None else f"{c.min_cosine:.5f}",
+            "-" if c.min_cosine is None else f"{c.min_cosine:.5f}"
+            + ("" if c.min_cosine_low is None else f" (>= {c.min_cosine_low:.5f})"),
             "-" if c.min_top1 is None else f"{c.min_top1:.2%}",
             "-" if c.min_top1_expected is None
             else f"{c.min_top1_expected:.2%} (>= {c.min_top1_expected_low:.2%})",

@@ -82,6 +82,7 @@ class Candidate:
     accuracy: float | None = None
     accuracy_drop_pp: float | None = None
     min_cosine: float | None = None
+    min_cosine_low: float | None = None  # its lower confidence bound (the budget checks it)
     min_top1: float | None = None
     min_top1_expected: float | None = None  # from margins and error spread (validate's doc)
     min_top1_expected_low: float | None = None  # its lower confidence bound (the budget checks it)
@@ -263,6 +264,7 @@ def compress(
             acc,
             drop,
             min(o.cosine for o in report.outputs),
+            min((o.cosine_low for o in report.outputs if o.cosine_low is not None), default=None),
             min(observed) if observed else None,
             min(o.top1_expected for o in expected) if expected else None,
             min(o.top1_expected_low for o in expected) if expected else None,

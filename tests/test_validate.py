@@ -143,3 +143,38 @@ def test_embeddings_get_no_top1_check() -> None:
     probs[np.arange(32), rng.integers(0, 10, 32)] = 1.0 - 9e-5
     (out,) = compare(*_rows_model("y", probs, np.zeros_like(probs)), tol).outputs
     assert out.top1_agreement == 1.0
+
+
+def _signal_plus_noise_models() -> tuple[object, object]:
+    """Both read x[1, 64] = [signal | noise]: the reference returns the signal, the candidate signal + noise."""
+    starts, ends, zero = np.array([0], np.int64), np.array([32], np.int64), np.array([32], np.int64)
+    common = {"s0": starts, "s1": ends, "n0": zero, "n1": np.array([64], np.int64), "ax": np.array([1], np.int64)}
+    sig = helper.make_node("Slice", ["x", "s0", "s1", "ax"], ["sig"])
+    ref = make_model([sig, helper.make_node("Identity", ["sig"], ["y"])], [vi("x", [1, 64])], [vi("y", [1, 32])],
+                     common)
+    cand = make_model([sig, helper.make_node("Slice", ["x", "n0", "n1", "ax"], ["noise"]),
+                       helper.make_node("Add", ["sig", "noise"], ["y"])], [vi("x", [1, 64])], [vi("y", [1, 32])],
+                      common)
+    return ref, cand
+
+
+def test_cosine_floor_checks_the_lower_bound_over_samples() -> None:
+    """Twenty feeds, most nearly exact, two with large errors: the set cosine clears 0.99, its bound does not."""
+    rng = np.random.default_rng(0)
+    signal = rng.standard_normal((20, 32))
+    scale = np.full((20, 1), 0.01)
+    scale[[3, 11]] = 0.4  # two outlier samples carry most of the error
+    ref, cand = _signal_plus_noise_models()
+    tol = Tolerance(exact=False, min_cosine=0.99)
+
+    def feeds(noise: np.ndarray) -> Dataset:
+        rows = np.concatenate([signal, noise], axis=1).astype(np.float32)
+        return Dataset([{"x": r[None]} for r in rows], source="rows")
+
+    (out,) = compare(ref, cand, feeds(rng.standard_normal((20, 32)) * scale), tol).outputs
+    assert out.cosine > 0.99 > out.cosine_low
+    assert not out.passed and "lower bound" in out.describe(tol)
+    # about the same total error spread evenly over the samples is certain: the bound stays close
+    (even,) = compare(ref, cand, feeds(rng.standard_normal((20, 32)) * 0.12), tol).outputs
+    assert 1 - even.cosine > 0.5 * (1 - out.cosine)
+    assert even.passed and even.cosine - even.cosine_low < 0.3 * (out.cosine - out.cosine_low)
