@@ -10,10 +10,11 @@
    the first half calibrates, the second half evaluates). With labels the budget is
    the task accuracy drop in percentage points (``max_accuracy_drop``, default 1.0);
    without labels it is a fidelity floor against the float model on every output:
-   cosine >= ``min_cosine`` (0.99) and, for classifier outputs, top-1 agreement >=
-   ``min_top1`` (0.98), both as observed and as expected from the reference's margins
-   and the candidate's error spread, at its lower confidence bound (``onnxopt.validate``):
-   a few dozen evaluation inputs with no flip do not show a 5% flip rate, the margins do;
+   cosine >= ``min_cosine`` (0.99) at its lower confidence bound over the evaluation
+   samples and, for classifier outputs, top-1 agreement >= ``min_top1`` (0.98), both as
+   observed and as expected from the reference's margins and the candidate's error spread,
+   at its lower confidence bound (``onnxopt.validate``): a few dozen evaluation inputs with
+   no flip do not show a 5% flip rate, the margins do;
 5. over budget: measure each quantized layer's sensitivity by quantizing *only that
    layer* (all others excluded) and taking ``1 - cosine`` of the outputs on a few
    evaluation feeds; then keep the most sensitive layers in float, one more at a time,

@@ -52,7 +52,7 @@ from onnxopt.errors import InputDataError, OnnxoptError
 from onnxopt.runtime import ModelRef, output_names, run, session
 
 TOP1_COMPETITORS = 16  # per row, the nearest competitors of the top-1 kept for the expected agreement
-TOP1_CONFIDENCE_Z = 2.0  # standard errors below the estimates (cosine, expected top-1) the pass rule checks
+CONFIDENCE_Z = 2.0  # standard errors below the estimates (cosine, expected top-1) the pass rule checks
 EXACT_ATOL = 1e-4
 EXACT_RTOL = 1e-3
 LOSSY_MIN_COSINE = 0.99
@@ -81,12 +81,6 @@ class OutputDiff:
     top1_expected: float | None = None  # modelled from margins and error spread (module doc)
     top1_expected_low: float | None = None  # its lower confidence bound, which the pass rule checks
     cosine_low: float | None = None  # lower confidence bound of the cosine (lossy pass rule)
-
-    @property
-    def top1_worst(self) -> float | None:
-        """The lower of the observed top-1 agreement and the expected one's lower bound."""
-        seen = [t for t in (self.top1_agreement, self.top1_expected_low) if t is not None]
-        return min(seen) if seen else None
 
     def describe(self, tol: Tolerance) -> str:
         parts = [f"max |diff| {self.max_abs:.3g}", f"max rel {self.max_rel:.3g}",
@@ -199,7 +193,8 @@ class _Acc:
             if self.unit_rows:
                 self.unit_rows = bool(np.all(np.abs(np.linalg.norm(a2, axis=1) - 1.0) < 1e-3))
                 self.negative = self.negative or bool(np.any(a2 < 0))
-            self._add_margins(a2, b.astype(np.float64))
+            if not tol.exact:  # the expected agreement serves lossy pass rules only
+                self._add_margins(a2, b.astype(np.float64))
         else:
             self.classifier = False
 
@@ -226,7 +221,7 @@ class _Acc:
         n = len(p_flip)
         stderr = float(p_flip.std(ddof=1)) / math.sqrt(n) if n > 1 else 1.0
         expected = 1.0 - float(p_flip.mean())
-        return expected, max(0.0, expected - TOP1_CONFIDENCE_Z * stderr)
+        return expected, max(0.0, expected - CONFIDENCE_Z * stderr)
 
     def _cosine_low(self, cosine: float) -> float:
         """``cosine`` less the confidence margin of the relative squared error (module doc)."""
@@ -236,7 +231,7 @@ class _Acc:
             return cosine
         ratio = err.sum() / ref.sum()
         stderr = math.sqrt(float(np.sum((err - ratio * ref) ** 2)) / (n * (n - 1))) / float(ref.mean())
-        return cosine - TOP1_CONFIDENCE_Z * stderr / 2
+        return cosine - CONFIDENCE_Z * stderr / 2
 
     def result(self, name: str, tol: Tolerance) -> OutputDiff:
         if self.na == 0 and self.nb == 0:
