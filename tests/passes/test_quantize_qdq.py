@@ -702,3 +702,69 @@ def test_calibration_cache_measures_each_range_once(monkeypatch: pytest.MonkeyPa
     assert op_histogram(partial)["QuantizeLinear"] < op_histogram(full)["QuantizeLinear"]
     run((), method="percentile")  # other settings: their own entry
     assert asked[-1] == ["r1", "r2", "x"] and len(cache) == 2
+
+
+# ---- embedding tables ----
+
+
+def embedding_model(vocab: int = 1000, dim: int = 16, tied: bool = False, axis: int = 0) -> onnx.ModelProto:
+    """ids[N,T] -> Gather(table) -> MatMul(W) -> y; ``tied``: the table is also the output projection."""
+    rng = np.random.default_rng(0)
+    table = (rng.standard_normal((vocab, dim)) * rng.uniform(0.05, 2.0, (vocab, 1))).astype(np.float32)
+    w = rng.standard_normal((dim, 8)).astype(np.float32)
+    if axis:
+        table = np.ascontiguousarray(table.T)
+    nodes = [helper.make_node("Gather", ["table", "ids"], ["e"], axis=axis, name="embed"),
+             helper.make_node("MatMul", ["e", "W"], ["y"], name="proj")]
+    outputs = [vi("y", ["N", "T", 8] if not axis else [dim, "N", "T", 8])]
+    if tied:
+        nodes.append(helper.make_node("Transpose", ["table"], ["tT"], perm=[1, 0], name="tie"))
+        nodes.append(helper.make_node("MatMul", ["e", "tT"], ["logits"], name="lm_head"))
+        outputs.append(vi("logits", ["N", "T", vocab]))
+    inputs = [vi("ids", ["N", "T"], onnx.TensorProto.INT64)]
+    return make_model(nodes, inputs, outputs, {"table": table, "W": w})
+
+
+def id_feeds(n: int, vocab: int = 1000) -> list[dict[str, np.ndarray]]:
+    rng = np.random.default_rng(3)
+    return [{"ids": rng.integers(0, vocab, (2, int(t))).astype(np.int64)} for t in rng.integers(3, 9, n)]
+
+
+def test_embedding_table_is_stored_int8_with_per_row_scales() -> None:
+    model = embedding_model()
+    q, report = quantize(model, id_feeds(4), op_types=())
+    assert report.stats("quantize-qdq") == {"quantized:Gather": 1}
+    values = inits(q)
+    assert "table" not in values  # no float copy beside the int8 one
+    (qtable,) = [v for v in values.values() if v.dtype == np.int8]
+    (scales,) = [v for k, v in values.items() if k.endswith("_scales")]
+    table = inits(model)["table"]
+    assert qtable.shape == table.shape and scales.shape == (1000, 1)
+    np.testing.assert_allclose(scales[:, 0], np.abs(table).max(1) / 127, rtol=1e-6)
+    assert op_histogram(q) == {"Gather": 2, "Cast": 1, "Mul": 1, "MatMul": 1}
+    # exactly the float model run on the dequantized table, for any ids, lengths included
+    dequantized = make_model(list(model.graph.node), list(model.graph.input), list(model.graph.output),
+                             {"table": qtable.astype(np.float32) * scales, "W": inits(model)["W"]})
+    for feed in id_feeds(3):
+        np.testing.assert_allclose(run_model(q, [feed])[0][0], run_model(dequantized, [feed])[0][0],
+                                   rtol=1e-6, atol=1e-6)
+        ref, got = run_model(model, [feed])[0][0], run_model(q, [feed])[0][0]
+        assert float(np.sum(ref * got) / np.linalg.norm(ref) / np.linalg.norm(got)) > 0.9999
+    assert q.ByteSize() < 0.35 * model.ByteSize()
+
+
+def test_embedding_table_shared_with_a_tied_projection_stays_float() -> None:
+    q, report = quantize(embedding_model(tied=True), id_feeds(2), op_types=())
+    assert report.stats("quantize-qdq") == {"skipped:shared-weight": 1}
+    assert inits(q)["table"].dtype == np.float32 and "Cast" not in op_histogram(q)
+
+
+def test_embedding_declines_small_tables_other_axes_and_exclusions() -> None:
+    small, _ = quantize(embedding_model(vocab=100), id_feeds(2, vocab=100), op_types=())
+    assert inits(small)["table"].dtype == np.float32  # 1,600 values: below gather_min_elements
+    _, report = quantize(embedding_model(axis=1), [{"ids": np.array([[1, 2]], np.int64)}], op_types=())
+    assert report.stats("quantize-qdq") == {"skipped:gather-axis": 1}
+    _, report = quantize(embedding_model(), id_feeds(2), op_types=(), exclude=("embed",))
+    assert report.stats("quantize-qdq") == {"skipped:excluded": 1}
+    off, _ = quantize(embedding_model(), id_feeds(2), gather=False)
+    assert inits(off)["table"].dtype == np.float32
