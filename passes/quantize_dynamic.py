@@ -20,6 +20,10 @@ One quantized copy of each weight is shared by all layers that read it.
 
 Conv is not handled: onnxruntime's ConvInteger path is slower than float Conv.
 
+Embedding tables (``gather``, default on): a Gather along axis 0 from a constant float32
+table of at least ``gather_min_elements`` values is stored in int8 with per-row scales and
+dequantized after the lookup (``passes/_embedding.py``; counted as ``quantized-gather``).
+
 Declined, and counted in stats:
 - ``skipped:excluded``: the node's name (or first output name) is in ``exclude``.
 - ``skipped:opset-below-11``: DynamicQuantizeLinear does not exist before opset 11.
@@ -38,6 +42,7 @@ from typing import Any
 
 import numpy as np
 import onnx_graphsurgeon as gs
+from onnxopt.passes._embedding import quantize_embedding_tables
 from onnxopt.passes._matmul_weight import float32_weight_decline
 
 from onnxopt.graph_utils import add_node, constant_value, is_default_domain, iter_graphs, layer_key
@@ -85,6 +90,8 @@ class QuantizeDynamicPass(Pass):
         reduce_range: bool = True  # weights in [-64, 64]: exact on AVX2 (no int16 saturation)
         exclude: tuple[str, ...] = ()  # node names (or first output names) kept in float
         op_types: tuple[str, ...] = ("MatMul", "Gemm")
+        gather: bool = True  # embedding tables read by Gather: int8, dequantized after lookup
+        gather_min_elements: int = 4096
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         opts = self.options
@@ -114,6 +121,10 @@ class QuantizeDynamicPass(Pass):
                 )
                 stats[f"quantized-{node.op.lower()}"] += 1
                 quantized.append(layer_key(node))
+        if opts.gather:
+            quantized += quantize_embedding_tables(
+                graph, ctx.names, opts.gather_min_elements, exclude, stats, skipped, "quantized-gather"
+            )
         ctx.notes[self.name] = {"quantized": quantized, "skipped": skipped}
         if quantized:
             graph.cleanup().toposort()

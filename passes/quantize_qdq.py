@@ -44,15 +44,9 @@ Declined, counted in stats (``skipped:<reason>``) and listed in
   (a float copy would remain beside the int8 one);
 - ``batchnorm-not-folded``: the output feeds BatchNormalization (run level 1 first).
 
-Embedding tables: a Gather along axis 0 from a constant float32 table of at least
-``gather_min_elements`` values (word and position embeddings) reads an int8 copy of the
-table instead, with one symmetric scale per row gathered beside it:
-``Cast(Gather(Wq, ids)) * Gather(scales, ids) == Gather(Wq * scales, ids)`` exactly, so
-only the looked-up rows are dequantized at run time and the table is stored once, in
-int8. Per-row scales matter: on MiniLM's word embeddings one scale for the whole table
-gives a relative squared error of 1.8e-3, one per row 5.3e-5. Declined like weights:
-``excluded``, ``shared-weight`` (the table also feeds something else, such as a tied
-output projection), ``gather-axis``.
+Embedding tables (``gather``, default on): a Gather along axis 0 from a constant float32
+table of at least ``gather_min_elements`` values is stored in int8 with per-row scales and
+dequantized after the lookup (``passes/_embedding.py``).
 
 Needs opset >= 13 (per-channel DequantizeLinear); ``min_opset`` makes the manager
 upgrade older models with ``onnxopt.opset.upgrade_opset`` and say so in the log.
@@ -66,14 +60,14 @@ from collections import Counter
 from typing import Any, ClassVar
 
 import numpy as np
-import onnx
 import onnx_graphsurgeon as gs
+from onnxopt.passes._embedding import quantize_embedding_tables
+from onnxopt.passes._qdq import Plan, QDQRewriter
 
 from onnxopt.calibration import METHODS, collect_ranges, qrange
 from onnxopt.errors import PreconditionError
 from onnxopt.graph_utils import constant_value, is_default_domain, is_graph_output, iter_graphs
 from onnxopt.pass_base import Pass, PassContext, PassResult, Requirement
-from onnxopt.passes._qdq import Plan, QDQRewriter
 
 logger = logging.getLogger(__name__)
 
@@ -151,7 +145,13 @@ class QuantizeQDQPass(Pass):
         qspec, chain, folds = self._propagate(graph, plans)
         notes: dict[str, Any] = {"quantized": [], "skipped": skipped, "ranges": {}}
         ctx.notes[self.name] = notes
-        gathered = self._quantize_gathers(graph, ctx, stats, skipped) if o.gather else []
+        gathered = (
+            quantize_embedding_tables(
+                graph, ctx.names, o.gather_min_elements, o.exclude, stats, skipped, "quantized:Gather"
+            )
+            if o.gather
+            else []
+        )
         notes["quantized"].extend(gathered)
         if not plans:
             if gathered:
@@ -175,73 +175,6 @@ class QuantizeQDQPass(Pass):
             del stats["folded-activations"]
         graph.cleanup().toposort()
         return PassResult(changed=True, stats=dict(stats))
-
-    # ---- embedding tables ----
-
-    def _quantize_gathers(
-        self, graph: gs.Graph, ctx: PassContext, stats: Counter[str], skipped: dict[str, str]
-    ) -> list[str]:
-        """Gathers from big constant float32 tables read int8 rows, dequantized after lookup."""
-        o = self.options
-        by_table: dict[str, list[gs.Node]] = {}
-        for node in graph.nodes:
-            if node.op != "Gather" or not is_default_domain(node):
-                continue
-            table = node.inputs[0]
-            if not isinstance(table, gs.Constant) or table.values.dtype != np.float32:
-                continue
-            if table.values.size < o.gather_min_elements:
-                continue
-            reason = None
-            if any(_already_quantized(t) for t in node.outputs):
-                reason = "already-quantized"
-            elif node.attrs.get("axis", 0) != 0:
-                reason = "gather-axis"
-            elif node.name in o.exclude or _label(node) in o.exclude:
-                reason = "excluded"
-            if reason is not None:
-                stats[f"skipped:{reason}"] += 1
-                skipped[_label(node)] = reason
-                continue
-            by_table.setdefault(table.name, []).append(node)
-        done: list[str] = []
-        for nodes in by_table.values():
-            table = nodes[0].inputs[0]
-            if len(table.outputs) != len(nodes) or is_graph_output(graph, table):
-                for node in nodes:  # a float copy would stay beside the int8 one
-                    stats["skipped:shared-weight"] += 1
-                    skipped[_label(node)] = "shared-weight"
-                continue
-            w = table.values
-            if w.ndim < 2 or not np.all(np.isfinite(w)):
-                continue
-            peak = np.max(np.abs(w.reshape(len(w), -1)), axis=1)
-            scales = np.where(peak > 0, peak / 127.0, 1.0).astype(np.float32)
-            row_shape = (len(w),) + (1,) * (w.ndim - 1)
-            fresh = ctx.names.fresh
-            qtable = gs.Constant(
-                fresh(f"{table.name}_quantized"),
-                np.clip(np.rint(w / scales.reshape(row_shape)), -127, 127).astype(np.int8),
-            )
-            scale_table = gs.Constant(fresh(f"{table.name}_scales"), scales.reshape(row_shape))
-            for node in nodes:
-                out, ids = node.outputs[0], node.inputs[1]
-                rows = gs.Variable(fresh(f"{out.name}_quantized"), dtype=np.int8, shape=out.shape)
-                as_float = gs.Variable(fresh(f"{out.name}_int8_as_float"), dtype=np.float32)
-                row_scales = gs.Variable(fresh(f"{out.name}_row_scales"), dtype=np.float32)
-                node.inputs[0] = qtable
-                node.outputs[0] = rows
-                graph.nodes.extend([
-                    gs.Node("Cast", fresh(f"{out.name}_Cast"), {"to": onnx.TensorProto.FLOAT},
-                            inputs=[rows], outputs=[as_float]),
-                    gs.Node("Gather", fresh(f"{out.name}_GatherScales"), {"axis": 0},
-                            inputs=[scale_table, ids], outputs=[row_scales]),
-                    gs.Node("Mul", fresh(f"{out.name}_Dequantize"),
-                            inputs=[as_float, row_scales], outputs=[out]),
-                ])
-                stats["quantized:Gather"] += 1
-                done.append(_label(node))
-        return done
 
     # ---- find and decline ----
 

@@ -283,3 +283,24 @@ def test_conv_is_left_alone_by_default() -> None:
     _, report = optimize(model, passes=[PASS])
     assert report.stats(PASS) == {}
     assert not report.records[-1].changed
+
+
+def test_embedding_table_and_projection_both_quantized() -> None:
+    """A transformer's input: Gather(word table) -> MatMul. The table is int8 with per-row scales."""
+    rng = np.random.default_rng(0)
+    table = (rng.standard_normal((2000, 32)) * rng.uniform(0.05, 2.0, (2000, 1))).astype(np.float32)
+    w = rng.standard_normal((32, 16)).astype(np.float32)
+    model = make_model(
+        [helper.make_node("Gather", ["table", "ids"], ["e"], name="embed"),
+         helper.make_node("MatMul", ["e", "W"], ["y"], name="proj")],
+        [vi("ids", ["N", "T"], TensorProto.INT64)], [vi("y", ["N", "T", 16])], {"table": table, "W": w},
+    )
+    q, report = optimize(model, passes=[PASS])
+    assert report.stats(PASS) == {"quantized-gather": 1, "quantized-matmul": 1}
+    stored = {t.name: numpy_helper.to_array(t) for t in q.graph.initializer}
+    assert "table" not in stored and sorted(v.shape for v in stored.values() if v.dtype == np.int8 and v.size > 16) == [(32, 16), (2000, 32)]
+    assert q.ByteSize() < 0.3 * model.ByteSize()
+    feeds = [{"ids": rng.integers(0, 2000, (2, int(t))).astype(np.int64)} for t in (3, 7)]
+    assert cosine(outputs(model, feeds), outputs(q, feeds)) > 0.999
+    _, off = optimize(model, passes=[(PASS, {"gather": False})])
+    assert off.stats(PASS) == {"quantized-matmul": 1}
