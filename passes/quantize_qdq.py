@@ -66,17 +66,19 @@ from onnxopt.passes._qdq import Plan, QDQRewriter
 
 from onnxopt.calibration import METHODS, collect_ranges, qrange
 from onnxopt.errors import PreconditionError
-from onnxopt.graph_utils import constant_value, is_default_domain, is_graph_output, iter_graphs
+from onnxopt.graph_utils import (
+    constant_value,
+    is_default_domain,
+    is_graph_output,
+    iter_graphs,
+    layer_key,
+)
 from onnxopt.pass_base import Pass, PassContext, PassResult, Requirement
 
 logger = logging.getLogger(__name__)
 
 SHARE_SCALE = frozenset({"MaxPool", "Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze"})
 OWN_SCALE = frozenset({"Add", "Concat", "AveragePool", "GlobalAveragePool"})
-
-
-def _label(node: gs.Node) -> str:
-    return node.name or (node.outputs[0].name if node.outputs else node.op)
 
 
 def _producer_op(t: gs.Tensor) -> str | None:
@@ -139,7 +141,7 @@ class QuantizeQDQPass(Pass):
             for node in sub.nodes:
                 if node.op in o.op_types and is_default_domain(node):
                     stats["skipped:subgraph"] += 1
-                    skipped[_label(node)] = "subgraph"
+                    skipped[layer_key(node)] = "subgraph"
         graph.toposort()
         plans = self._select(graph, stats, skipped)
         qspec, chain, folds = self._propagate(graph, plans)
@@ -166,10 +168,10 @@ class QuantizeQDQPass(Pass):
         ).apply(plans, qspec, folds)
         for p in plans:
             stats[f"quantized:{p.node.op}"] += 1
-            notes["quantized"].append(_label(p.node))
+            notes["quantized"].append(layer_key(p.node))
         for node in chain:
             stats[f"quantized:{node.op}"] += 1
-            notes["quantized"].append(_label(node))
+            notes["quantized"].append(layer_key(node))
         stats["folded-activations"] += len(folds)
         if not stats["folded-activations"]:
             del stats["folded-activations"]
@@ -186,11 +188,11 @@ class QuantizeQDQPass(Pass):
                 continue
             plan = self._plan(node)
             reason = plan if isinstance(plan, str) else None
-            if reason is None and (node.name in o.exclude or _label(node) in o.exclude):
+            if reason is None and (node.name in o.exclude or layer_key(node) in o.exclude):
                 reason = "excluded"
             if reason is not None:
                 stats[f"skipped:{reason}"] += 1
-                skipped[_label(node)] = reason
+                skipped[layer_key(node)] = reason
             else:
                 plans.append(plan)
         # a weight is quantized once, so all its readers must be quantized along one axis
@@ -216,7 +218,7 @@ class QuantizeQDQPass(Pass):
         for p in plans:
             if id(p) in declined:
                 stats["skipped:shared-weight"] += 1
-                skipped[_label(p.node)] = "shared-weight"
+                skipped[layer_key(p.node)] = "shared-weight"
             else:
                 kept.append(p)
         return kept
@@ -301,7 +303,7 @@ class QuantizeQDQPass(Pass):
                 if not _already_quantized(target[id(node)]):
                     qspec[target[id(node)].name] = target[id(node)].name
                 continue
-            if not is_default_domain(node) or _label(node) in excluded or not node.outputs:
+            if not is_default_domain(node) or layer_key(node) in excluded or not node.outputs:
                 continue
             if node.op in SHARE_SCALE and node.inputs and node.inputs[0].name in qspec:
                 if node.op == "MaxPool" and len(node.outputs) > 1 and node.outputs[1].outputs:
