@@ -304,3 +304,22 @@ def test_embedding_table_and_projection_both_quantized() -> None:
     assert cosine(outputs(model, feeds), outputs(q, feeds)) > 0.999
     _, off = optimize(model, passes=[(PASS, {"gather": False})])
     assert off.stats(PASS) == {"quantized-matmul": 1}
+
+
+def test_embedding_table_also_read_inside_an_if_branch_stays_float() -> None:
+    """The table feeds a Gather in the main graph and, by outer scope, one in an If branch."""
+    table = np.random.default_rng(0).standard_normal((1000, 16)).astype(np.float32)
+    out = [helper.make_tensor_value_info("b_out", TensorProto.FLOAT, ["M", 16])]
+    then_g = helper.make_graph([helper.make_node("Gather", ["table", "ids"], ["b_out"])], "then", [], out)
+    else_g = helper.make_graph([helper.make_node("Identity", ["e"], ["b_out"])], "else", [], out)
+    model = make_model(
+        [helper.make_node("Gather", ["table", "ids"], ["e"], name="embed"),
+         helper.make_node("If", ["cond"], ["y"], then_branch=then_g, else_branch=else_g, name="if")],
+        [vi("ids", ["N"], TensorProto.INT64), vi("cond", [], TensorProto.BOOL)], [vi("y", ["M", 16])],
+        {"table": table},
+    )
+    q, report = optimize(model, passes=[PASS])
+    assert report.stats(PASS) == {"skipped:shared-weight": 1}
+    for cond in (True, False):
+        feed = {"ids": np.array([1, 5, 999], np.int64), "cond": np.array(cond)}
+        np.testing.assert_array_equal(run_model(model, [feed])[0][0], run_model(q, [feed])[0][0])
