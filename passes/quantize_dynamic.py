@@ -121,7 +121,7 @@ class QuantizeDynamicPass(Pass):
                 )
                 stats[f"quantized-{node.op.lower()}"] += 1
                 quantized.append(layer_key(node))
-        if opts.gather:
+        if opts.gather and ctx.opset >= 6:  # Cast's ``to`` is a string attribute before opset 6
             quantized += quantize_embedding_tables(
                 graph, ctx.names, opts.gather_min_elements, exclude, stats, skipped, "quantized-gather"
             )
