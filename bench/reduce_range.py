@@ -22,11 +22,6 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 
 
-def _cos(a: np.ndarray, b: np.ndarray) -> float:
-    a, b = a.astype(np.float64).ravel(), b.astype(np.float64).ravel()
-    return float(a @ b / np.linalg.norm(a) / np.linalg.norm(b))
-
-
 def _cpu() -> str:
     info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
     name = next((ln.split(":", 1)[1].strip() for ln in info.splitlines() if ln.startswith("model name")),
@@ -68,8 +63,8 @@ def main() -> int:
             fused, plain = session(q, optimize=True), session(q, optimize=False)
             a = np.concatenate([fused.run(None, f)[0] for f in efeeds])
             b = np.concatenate([plain.run(None, f)[0] for f in efeeds])
-            lines.append(f"| {name} | {'±64 (default)' if reduce else '±127'} | {_cos(a, b):.6f} | "
-                         f"{_cos(a, r):.5f} | {np.mean(a.argmax(1) == r.argmax(1)):.1%} |")
+            lines.append(f"| {name} | {'±64 (default)' if reduce else '±127'} | {bench._cos(a, b):.6f} | "
+                         f"{bench._cos(a, r):.5f} | {np.mean(a.argmax(1) == r.argmax(1)):.1%} |")
     out = REPO / "bench" / "REDUCE_RANGE.md"
     out.write_text("\n".join(lines) + "\n")
     print(out.read_text())

@@ -144,16 +144,22 @@ def print_result(result: Any) -> None:
         out.print(f"note: {w}", markup=False)
 
 
+def _bounded(value: float | None, low: float | None, fmt: str) -> str:
+    """``value (>= low)``: an estimate and the lower confidence bound the floor checks."""
+    if value is None:
+        return "-"
+    return format(value, fmt) + ("" if low is None else f" (>= {format(low, fmt)})")
+
+
 def _print_validation(v: Any) -> None:
     table = Table(title=f"Validation on {v.samples} feeds from {v.source}", title_justify="left")
     for col in ("output", "max abs", "max rel", "cosine", "top-1 agree", "expected", "result"):
         table.add_column(col, justify="left" if col == "output" else "right")
     for o in v.outputs:
         table.add_row(o.name, f"{o.max_abs:.3g}", f"{o.max_rel:.3g}",
-                      f"{o.cosine:.6f}" + ("" if o.cosine_low is None else f" (>= {o.cosine_low:.6f})"),
+                      _bounded(o.cosine, o.cosine_low, ".6f"),
                       "-" if o.top1_agreement is None else f"{o.top1_agreement:.2%}",
-                      "-" if o.top1_expected is None
-                      else f"{o.top1_expected:.2%} (>= {o.top1_expected_low:.2%})",
+                      _bounded(o.top1_expected, o.top1_expected_low, ".2%"),
                       "ok" if o.passed else "FAIL")
     out.print(table)
 
@@ -279,11 +285,9 @@ def print_compress_result(result: Any) -> None:
         table.add_row(
             c.label, "-" if c.accuracy is None else f"{c.accuracy:.2%}",
             "-" if c.accuracy_drop_pp is None else f"{c.accuracy_drop_pp:+.2f} pt",
-            "-" if c.min_cosine is None else f"{c.min_cosine:.5f}"
-            + ("" if c.min_cosine_low is None else f" (>= {c.min_cosine_low:.5f})"),
+            _bounded(c.min_cosine, c.min_cosine_low, ".5f"),
             "-" if c.min_top1 is None else f"{c.min_top1:.2%}",
-            "-" if c.min_top1_expected is None
-            else f"{c.min_top1_expected:.2%} (>= {c.min_top1_expected_low:.2%})",
+            _bounded(c.min_top1_expected, c.min_top1_expected_low, ".2%"),
             "-" if c.latency_ms is None else f"{c.latency_ms:.3f} ms", _fmt_bytes(c.size_bytes), c.verdict,
         )
     out.print(table)

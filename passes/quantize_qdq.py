@@ -147,34 +147,27 @@ class QuantizeQDQPass(Pass):
         qspec, chain, folds = self._propagate(graph, plans)
         notes: dict[str, Any] = {"quantized": [], "skipped": skipped, "ranges": {}}
         ctx.notes[self.name] = notes
-        gathered = (
-            quantize_embedding_tables(
+        if plans:  # calibrate before any rewrite: ranges (and the driver's cache) are the float graph's
+            own = [name for name, src in qspec.items() if src == name]
+            ranges = self._calibrate(graph, ctx, own)
+            notes["ranges"] = {n: ranges.get(n, (0.0, 0.0)) for n in own}
+        if o.gather:  # before Q/DQ insertion, which would make a table's rows look already quantized
+            notes["quantized"] += quantize_embedding_tables(
                 graph, ctx.names, o.gather_min_elements, o.exclude, stats, skipped, "quantized:Gather"
             )
-            if o.gather
-            else []
-        )
-        notes["quantized"].extend(gathered)
-        if not plans:
-            if gathered:
-                graph.cleanup().toposort()
-            return PassResult(changed=bool(gathered), stats=dict(stats))
-        own = [name for name, src in qspec.items() if src == name]
-        ranges = self._calibrate(graph, ctx, own)
-        notes["ranges"] = {n: ranges.get(n, (0.0, 0.0)) for n in own}
-        QDQRewriter(
-            graph, ctx, o.activation_type, o.activation_symmetric, notes["ranges"], stats,
-            weight_qmax=64 if o.reduce_range else 127,
-        ).apply(plans, qspec, folds)
-        for p in plans:
-            stats[f"quantized:{p.node.op}"] += 1
-            notes["quantized"].append(layer_key(p.node))
-        for node in chain:
-            stats[f"quantized:{node.op}"] += 1
-            notes["quantized"].append(layer_key(node))
-        stats["folded-activations"] += len(folds)
-        if not stats["folded-activations"]:
-            del stats["folded-activations"]
+        if plans:
+            QDQRewriter(
+                graph, ctx, o.activation_type, o.activation_symmetric, notes["ranges"], stats,
+                weight_qmax=64 if o.reduce_range else 127,
+            ).apply(plans, qspec, folds)
+            for node in [p.node for p in plans] + chain:
+                stats[f"quantized:{node.op}"] += 1
+                notes["quantized"].append(layer_key(node))
+            stats["folded-activations"] += len(folds)
+            if not stats["folded-activations"]:
+                del stats["folded-activations"]
+        if not notes["quantized"]:
+            return PassResult(changed=False, stats=dict(stats))
         graph.cleanup().toposort()
         return PassResult(changed=True, stats=dict(stats))
 

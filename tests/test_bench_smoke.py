@@ -32,6 +32,10 @@ def test_quick_bench_on_mlp_writes_results(tmp_path: Path) -> None:
     for needed in ("- date: ", "- machine: ", "cores", "- versions: ", "onnxruntime", "- command: `python bench/run.py --quick",
                    "## Summary", "## mlp-tiny", "| contender | status | 1t median | 1t p90 | 1t ratio | 2t median"):
         assert needed in text
+    summary = text[text.index("## Summary"):text.index("## mlp-tiny")]
+    assert "| min cosine | set cosine | min agree | below floor |" in summary
+    # the lossless level keeps the outputs: it is never below the quantization floor
+    assert next(ln for ln in summary.splitlines() if ln.startswith("| onnxopt-l1 |")).endswith("| 0 |")
     section = text[text.index("## mlp-tiny"):].splitlines()
     rows = {cells[1].strip(): [c.strip() for c in cells[1:-1]] for cells in (ln.split("|") for ln in section)
             if len(cells) > 10 and cells[1].strip() not in ("contender", "---")}
@@ -50,3 +54,41 @@ def test_quick_bench_on_mlp_writes_results(tmp_path: Path) -> None:
     assert set(lat) == {"1", "2"}
     assert lat["1"]["repeats"] >= 3
     assert (tmp_path / "zoo" / "mlp-tiny.onnx").exists()  # artifacts go to the cache, not the repo
+
+
+def _bench_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_run_for_tests", RUN)
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_summary_counts_models_below_the_floor_as_the_driver_defines_it() -> None:
+    """Set cosine < 0.99 or, for classifiers only, agreement < 98%: the per-input minimum does not count."""
+    bench = _bench_module()
+    workloads = [bench.Workload("cls", Path(), "cnn", "classify", [], []),
+                 bench.Workload("emb", Path(), "encoder", "embed", [], [])]
+    rows = [
+        bench.Row("cls", "original", "ok", cosine=1.0, cosine_all=1.0, agreement=1.0),
+        bench.Row("emb", "original", "ok", cosine=1.0, cosine_all=1.0, agreement=1.0),
+        # low per-input minimum, set cosine and agreement within the floor: not below
+        bench.Row("cls", "a", "ok", cosine=0.9, cosine_all=0.995, agreement=0.99),
+        # an embedding's neighbour agreement is reported, not part of the floor
+        bench.Row("emb", "a", "ok", cosine=0.99, cosine_all=0.995, agreement=0.9),
+        bench.Row("cls", "b", "ok", cosine=0.99, cosine_all=0.999, agreement=0.97),  # agreement
+        bench.Row("emb", "b", "ok", cosine=0.98, cosine_all=0.985, agreement=1.0),  # set cosine
+    ]
+    bench.CONTENDERS = {"original": bench.CONTENDERS["original"], "a": bench.CONTENDERS["original"],
+                        "b": bench.CONTENDERS["original"]}
+    meta = {"date": "d", "machine": "m", "load_start": "0", "load_end": "0", "versions": {}, "command": "c",
+            "seconds": 60, "repeats": 1}
+    text = bench.render(rows, workloads, meta, [])
+    summary = text[text.index("## Summary"):text.index("## cls")]
+    lines = {ln.split("|")[1].strip(): ln for ln in summary.splitlines() if ln.startswith("| ")}
+    assert lines["original"].endswith("| 0 |")
+    assert lines["a"].endswith("| 0 |")
+    assert lines["b"].endswith("| 2 (cls, emb) |")

@@ -768,3 +768,14 @@ def test_embedding_declines_small_tables_other_axes_and_exclusions() -> None:
     assert report.stats("quantize-qdq") == {"skipped:excluded": 1}
     off, _ = quantize(embedding_model(), id_feeds(2), gather=False)
     assert inits(off)["table"].dtype == np.float32
+
+
+def test_embedding_table_feeding_a_quantized_matmul_is_quantized_too() -> None:
+    """The transformer input: the looked-up rows get the MatMul's Q/DQ pair after the table's rewrite."""
+    model = embedding_model()
+    q, report = quantize(model, id_feeds(4))
+    assert report.stats("quantize-qdq") == {"quantized:Gather": 1, "quantized:MatMul": 1}
+    assert inits(q).get("table") is None
+    for feed in id_feeds(2):
+        ref, got = run_model(model, [feed])[0][0], run_model(q, [feed])[0][0]
+        assert float(np.sum(ref * got) / np.linalg.norm(ref) / np.linalg.norm(got)) > 0.999
