@@ -256,10 +256,11 @@ def _random_feeds(name: str, shape: tuple[int, ...], count: int, seed: int) -> l
 
 
 def zoo_workload(name: str, cache: Path, tiny: bool, n_calib: int, n_eval: int, rebuild: bool) -> Workload:
-    """A zoo model with digits data: calibration from the training split, evaluation held out.
+    """A zoo model with digits data: the first ``n_calib`` validation digits calibrate, the rest evaluate.
 
-    Full-size models are trained on digits (images: upsampled), so the held-out feeds have
-    labels and logits have real margins. The tiny variants (tests) are untrained: random inputs.
+    Full-size models are trained on the training digits (images: upsampled), so the held-out
+    feeds have labels and logits have real margins. The tiny variants (tests) other than the
+    MLP are untrained, on random inputs.
     """
     zoo = _load_models_module("zoo")
     spec = zoo.ZOO[name]
