@@ -11,7 +11,7 @@ Declined, and counted in stats:
 - ``skipped:graph-output``: ``y`` is a graph output and ``x`` cannot take over its
   name (``x`` is a graph input, another output, a constant, or an outer-scope value).
 - ``skipped:training-mode``: Dropout in training mode, or a non-constant mode.
-- ``skipped:mask-used``: the Dropout mask output is read.
+- ``skipped:mask-used``: the Dropout mask output is read, or is a graph output.
 Works inside If/Loop/Scan bodies too; outer-scope values are never renamed.
 """
 
@@ -22,18 +22,24 @@ from collections import Counter
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from onnxopt.graph_utils import bypass, constant_value, is_default_domain, iter_graphs
+from onnxopt.graph_utils import (
+    bypass,
+    constant_value,
+    is_default_domain,
+    is_graph_output,
+    iter_graphs,
+)
 from onnxopt.pass_base import Pass, PassContext, PassResult
 
 
-def _dropout_decline(node: gs.Node, opset: int) -> str | None:
+def _dropout_decline(graph: gs.Graph, node: gs.Node, opset: int) -> str | None:
     if opset < 7 and int(node.attrs.get("is_test", 0)) == 0:
         return "training-mode"
     if len(node.inputs) > 2 and node.inputs[2].name:
         mode = constant_value(node.inputs[2])
         if mode is None or bool(np.asarray(mode).any()):
             return "training-mode"
-    if len(node.outputs) > 1 and node.outputs[1].outputs:
+    if len(node.outputs) > 1 and (node.outputs[1].outputs or is_graph_output(graph, node.outputs[1])):
         return "mask-used"
     return None
 
@@ -52,7 +58,7 @@ class EliminateIdentityPass(Pass):
                     continue
                 if not node.inputs or not node.outputs:
                     continue
-                if node.op == "Dropout" and (reason := _dropout_decline(node, ctx.opset)):
+                if node.op == "Dropout" and (reason := _dropout_decline(g, node, ctx.opset)):
                     stats[f"skipped:{reason}"] += 1
                     continue
                 src, dst = node.inputs[0], node.outputs[0]

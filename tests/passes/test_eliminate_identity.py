@@ -161,3 +161,16 @@ def test_nothing_to_do_and_idempotent() -> None:
     _, report = optimize(once, passes=[NAME])
     assert not report.records[0].changed
     assert report.stats(NAME) == {}
+
+
+@pytest.mark.parametrize("opset", [10, 13])
+def test_declines_dropout_whose_mask_is_a_graph_output(opset: int) -> None:
+    # removing it would leave graph output 'mask' with no producer: the checker rejects that
+    nodes = [helper.make_node("Dropout", ["x"], ["d", "mask"]), helper.make_node("Relu", ["d"], ["y"])]
+    model = make_model(nodes, [vi("x", [2, 3])], [vi("y", [2, 3]), vi("mask", [2, 3], TensorProto.BOOL)],
+                       opset=opset)
+    optimized, report = optimize(model, passes=[NAME])
+    onnx.checker.check_model(optimized)
+    assert op_histogram(optimized) == {"Dropout": 1, "Relu": 1}
+    assert report.stats(NAME) == {"skipped:mask-used": 1}
+    assert_equivalent(model, optimized)
