@@ -83,13 +83,8 @@ class PipelineReport:
         return [r.name for r in self.records]
 
     def stats(self, name: str) -> dict[str, int]:
-        """Stats of pass ``name`` summed over all its runs."""
-        total: dict[str, int] = {}
-        for r in self.records:
-            if r.name == name:
-                for k, v in r.stats.items():
-                    total[k] = total.get(k, 0) + v
-        return total
+        """Stats of pass ``name`` over all its runs (see ``merge_stats``)."""
+        return merge_stats([r.stats for r in self.records if r.name == name])
 
     def summary(self) -> list[dict[str, Any]]:
         """Per pass (first-run order): runs, changed, summed stats and seconds, node/param delta."""
@@ -104,13 +99,27 @@ class PipelineReport:
             row["seconds"] += r.seconds
             row["nodes_removed"] += r.nodes_before - r.nodes_after
             row["params_removed"] += r.params_before - r.params_after
-            for k, v in r.stats.items():
-                row["stats"][k] = row["stats"].get(k, 0) + v
+        for row in rows.values():
+            row["stats"] = self.stats(row["name"])
         return list(rows.values())
 
     def to_dict(self) -> dict[str, Any]:
         return {"pipeline": list(self.pipeline), "passes": [r.to_dict() for r in self.records],
                 "summary": self.summary()}
+
+
+def merge_stats(runs: Sequence[Mapping[str, int]]) -> dict[str, int]:
+    """One pass's counters over its runs: what it did adds up, what it declined does not.
+
+    A preset pass reruns on the same graph at every fixpoint iteration and meets the nodes
+    it declined again, so ``skipped:*`` counters take the largest count of any run (each
+    node once); the others (``folded``, ``removed-*``) are summed.
+    """
+    total: dict[str, int] = {}
+    for stats in runs:
+        for k, v in stats.items():
+            total[k] = max(total.get(k, 0), v) if k.startswith("skipped:") else total.get(k, 0) + v
+    return total
 
 
 PassSpec = str | Pass | type[Pass] | tuple[str, Mapping[str, Any]]

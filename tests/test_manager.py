@@ -162,3 +162,27 @@ def test_parse_pass_spec_options_and_errors() -> None:
         parse_pass_spec("eliminate-identiy")
     with pytest.raises(PassOptionError, match="must be key=value"):
         parse_pass_spec("eliminate-identity:oops")
+
+
+def test_skip_counters_count_each_node_once_over_fixpoint_iterations() -> None:
+    # 12 batched (rank-3) MatMul+Add that fuse-matmul-add declines, and a chain of Identity
+    # that keeps the fixpoint going for several iterations: the decline is one per node
+    x = ["i2"]
+    nodes = [helper.make_node("Identity", ["x"], ["i0"]), helper.make_node("Identity", ["i0"], ["i1"]),
+             helper.make_node("Identity", ["i1"], ["i2"])]
+    inits = {}
+    for i in range(12):
+        inits[f"w{i}"] = np.ones((4, 4), np.float32)
+        inits[f"b{i}"] = np.ones(4, np.float32)
+        nodes += [helper.make_node("MatMul", [x[-1], f"w{i}"], [f"m{i}"]),
+                  helper.make_node("Add", [f"m{i}", f"b{i}"], [f"a{i}"])]
+        x.append(f"a{i}")
+    nodes.append(helper.make_node("Relu", [x[-1]], ["y"]))
+    model = make_model(nodes, [vi("x", [2, 3, 4])], [vi("y", [2, 3, 4])], inits)
+    counting = _CountingPass()
+    _, report = PassManager(preset=[counting, parse_pass_spec("fuse-matmul-add")],
+                            max_iterations=10).run(model)
+    assert len([r for r in report.records if r.name == "fuse-matmul-add"]) >= 2
+    assert report.stats("fuse-matmul-add") == {"skipped:rank": 12}
+    row = next(r for r in report.summary() if r["name"] == "fuse-matmul-add")
+    assert row["stats"] == {"skipped:rank": 12}
