@@ -114,6 +114,7 @@ def optimize_file(
     seed: int = 0,
     progress: Callable[[str], None] | None = None,
     on_result: Callable[[OptimizeResult], None] | None = None,
+    tick: Callable[[int, int], None] | None = None,
 ) -> OptimizeResult:
     """Optimize the model at ``model_path`` and write it to ``output`` (atomically, validated)."""
     src = Path(model_path)
@@ -172,7 +173,7 @@ def optimize_file(
             try:
                 result.latency = measure_latency(
                     {"before": src, "after": staged}, dataset.feeds, threads=threads,
-                    repeats=bench_repeats,
+                    repeats=bench_repeats, tick=tick,
                 )
             except OnnxoptError as e:  # a measurement, not a check: the model is still written
                 result.warnings.append(f"latency not measured: {e}")

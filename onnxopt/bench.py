@@ -43,9 +43,13 @@ def measure_latency(
     repeats: int = 30,
     warmup: int = 3,
     max_seconds: float = 30.0,
-    progress: Callable[[int, int], None] | None = None,
+    tick: Callable[[int, int], None] | None = None,
 ) -> dict[str, Latency]:
-    """Median and p90 milliseconds per feed for each model, interleaved round-robin."""
+    """Median and p90 milliseconds per feed for each model, interleaved round-robin.
+
+    ``tick(done, total)`` is called after each round (one run of every model); the
+    last call has ``done == total``, also when ``max_seconds`` ends the rounds early.
+    """
     sessions = {k: session(m, optimize=True, threads=threads) for k, m in models.items()}
     clock = time.thread_time if threads == 1 else time.perf_counter
     feeds = list(feeds)[:4] or [{}]
@@ -61,9 +65,10 @@ def measure_latency(
             t0 = clock()
             sess.run(None, f)
             samples[k].append((clock() - t0) * 1e3)
-        if progress:
-            progress(r + 1, repeats)
-        if r >= 4 and time.perf_counter() - start > max_seconds:
+        stop = r >= 4 and time.perf_counter() - start > max_seconds
+        if tick:
+            tick(r + 1, r + 1 if stop else repeats)
+        if stop:
             break
     out = {}
     for k, s in samples.items():

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import logging
 import tempfile
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -265,12 +265,15 @@ def collect_stats(
     histogram: bool = False,
     bins: int = DEFAULT_BINS,
     max_samples: int = 256,
+    tick: Callable[[int, int], None] | None = None,
 ) -> dict[str, TensorStats]:
     """Run the model with ``tensor_names`` exposed as outputs and stream their statistics.
 
     ``model`` gets the extra outputs only while its session is built; they are removed
     again before returning. Pass a throwaway export: a model over the protobuf limit is
     written to a temporary directory with external data, which converts it in place.
+    ``tick(done, total)`` is called after each run; ``total`` is 0 when ``feeds`` is not
+    a sequence (a stream has no known length).
     """
     inits = {t.name for t in model.graph.initializer}
     inputs = [i for i in model.graph.input if i.name not in inits]
@@ -292,12 +295,19 @@ def collect_stats(
         i.type.tensor_type.shape.dim and not i.type.tensor_type.shape.dim[0].HasField("dim_value")
         for i in inputs
     )
+    runs_iter: Iterable[dict[str, np.ndarray]] = iter_runs(feeds, input_names, dynamic, max_samples)
+    total = 0
+    if tick is not None and isinstance(feeds, Sequence):
+        runs_iter = list(runs_iter)  # slices are views: counting the runs copies no data
+        total = len(runs_iter)
     runs = 0
-    for feed in iter_runs(feeds, input_names, dynamic, max_samples):
+    for feed in runs_iter:
         values = dict(zip(fetch, sess.run(fetch, feed), strict=False)) if fetch else {}
         for name in wanted:
             stats[name].add(feed[name] if name in input_names else values[name])
         runs += 1
+        if tick is not None:
+            tick(runs, total)
     logger.info("calibration: %d run(s), %d tensor(s)", runs, len(wanted))
     if runs == 0:
         raise InputDataError("calibration data is empty")
@@ -324,9 +334,10 @@ def collect_ranges(
     levels: int = 255,
     bins: int = DEFAULT_BINS,
     max_samples: int = 256,
+    tick: Callable[[int, int], None] | None = None,
 ) -> dict[str, tuple[float, float]]:
     """Tensor name -> calibrated ``(lo, hi)``; tensors that never held a finite value are absent."""
     if method not in METHODS:
         raise ValueError(f"calibration method must be one of {METHODS}, not '{method}'")
-    stats = collect_stats(model, feeds, tensor_names, method != "minmax", bins, max_samples)
+    stats = collect_stats(model, feeds, tensor_names, method != "minmax", bins, max_samples, tick)
     return {name: s.range(method, percentile, levels) for name, s in stats.items() if s.seen}

@@ -17,6 +17,7 @@ import logging
 import os
 import shutil
 import tempfile
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -50,13 +51,12 @@ def load_model(path: str | os.PathLike[str], load_external_data: bool = True) ->
     try:
         model = onnx.load(str(path), load_external_data=False)
     except (DecodeError, RuntimeError, ValueError, UnicodeDecodeError) as e:
-        raise ModelLoadError(
-            f"{path}: not a valid ONNX protobuf (truncated or not ONNX): {_first_line(e)}"
-        ) from None
+        detail = f"not a valid ONNX protobuf (truncated or not ONNX): {_first_line(e)}"
+        raise ModelLoadError(_torch_hint(path) or f"{path}: {detail}") from None
     except OSError as e:
         raise ModelLoadError(f"{path}: cannot read ({e.strerror})") from None
     if not model.HasField("graph") or (not model.graph.node and not model.graph.output):
-        raise ModelLoadError(f"{path}: not an ONNX model (no graph found)")
+        raise ModelLoadError(_torch_hint(path) or f"{path}: not an ONNX model (no graph found)")
     check_versions(model, str(path))
     if load_external_data:
         try:
@@ -92,6 +92,19 @@ def check_versions(model: onnx.ModelProto, where: str = "model") -> None:
                 f"{where}: opset {imp.version} is newer than this onnx ({onnx.__version__}) "
                 f"supports (opset {newest}); upgrade onnx"
             )
+
+
+def _torch_hint(path: Path) -> str | None:
+    """The error for a PyTorch checkpoint (by suffix, or torch.save's zip layout) given as a model."""
+    torch_zip = False
+    with contextlib.suppress(OSError, zipfile.BadZipFile):
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as z:
+                torch_zip = any(n.endswith("/data.pkl") for n in z.namelist())
+    if not torch_zip and path.suffix.lower() not in (".pt", ".pth", ".ckpt"):
+        return None
+    return (f"{path}: this is a PyTorch file; convert it with "
+            "`onnxopt export MODULE:FACTORY -o model.onnx --input-shape ...`")
 
 
 def _first_line(e: BaseException) -> str:
