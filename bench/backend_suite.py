@@ -3,25 +3,30 @@
 onnx builds its node tests in memory (``onnx.backend.test.loader.load_node_model_tests``:
 about 1,900 small models, each with input and expected output data). For each case:
 
-1. the original model runs in onnxruntime (graph optimizations off) and is compared
-   with the expected outputs at the case's tolerance (onnx's default: rtol 1e-3,
-   atol 1e-7). If onnxruntime cannot run it the case is ``ort-unsupported``, if it
-   disagrees with the expectation ``ort-mismatch``; either way onnxopt is not judged.
-2. onnxopt rewrites it (level 1: the preset run to a fixpoint; passes of the preset
-   that are not registered yet are left out and listed by ``level1_passes``).
+1. the original model runs in onnxruntime (``onnxopt.runtime``: graph optimizations off)
+   and is compared with the expected outputs at the case's tolerance (onnx's default:
+   rtol 1e-3, atol 1e-7). If onnxruntime cannot run it the case is ``ort-unsupported``,
+   if it disagrees with the expectation ``ort-mismatch``; either way onnxopt is not judged.
+2. onnxopt rewrites it, in one of two modes:
+   - ``data``: the pass manager alone (level 1: the preset run to a fixpoint; passes of
+     the preset that are not registered yet are left out and listed by ``level1_passes``);
+   - ``no-data``: as a user runs the tool, without the case's inputs: the model is written
+     to a file and ``onnxopt.api.optimize_file`` optimizes, validates on inputs it
+     generates itself, and writes it (latency not measured).
 3. the rewritten model is checked (``onnx.checker`` when the original passes it) and
-   run in onnxruntime against the same expected outputs.
+   run in onnxruntime against the same expected outputs, on the case's own inputs.
 
-Inputs are fed positionally (graph inputs minus initializers); bfloat16 and float8
-tensors go through OrtValues as raw bytes, since onnxruntime's Python API takes no
-ml_dtypes arrays (4-bit and 2-bit types stay ``ort-unsupported``).
+Inputs are fed positionally (graph inputs minus initializers); ``onnxopt.runtime.run``
+passes bfloat16 and float8 tensors through OrtValues (4-bit and 2-bit types stay
+``ort-unsupported``).
 
 Outcomes: ``preserved`` (no pass changed the graph, outputs match), ``changed-but-correct``,
 ``refused`` (an ``OnnxoptError`` the user can act on), and the two bugs: ``CRASH`` (any
 other exception, including ``PassFailedError``, which wraps a pass's own exception)
 and ``WRONG`` (the rewritten model is invalid, fails in onnxruntime, or its outputs,
 names, dtypes or shapes differ; the reason ends with the first pass of the pipeline
-whose prefix is already wrong).
+whose prefix is already wrong). In no-data mode a written case also says whether
+onnxopt validated it or skipped validation (``CaseResult.validation``).
 """
 
 from __future__ import annotations
@@ -30,10 +35,11 @@ import contextlib
 import dataclasses
 import importlib
 import multiprocessing
-import re
 import signal
+import tempfile
 import threading
 import time
+import traceback
 import warnings
 from collections import Counter
 from collections.abc import Callable, Collection, Iterator, Sequence
@@ -42,9 +48,10 @@ from typing import Any
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 
-from onnxopt.errors import OnnxoptError, PassFailedError
+from onnxopt import runtime
+from onnxopt.api import optimize_file
+from onnxopt.errors import OnnxoptError, PassFailedError, ValidationError
 from onnxopt.manager import PRESETS, PassManager, PassSpec, instantiate
 from onnxopt.registry import registry
 
@@ -57,6 +64,14 @@ ORT_UNSUPPORTED = "ort-unsupported"
 ORT_MISMATCH = "ort-mismatch"
 OUTCOMES = (PRESERVED, CHANGED, REFUSED, CRASH, WRONG, ORT_UNSUPPORTED, ORT_MISMATCH)
 BUGS = (CRASH, WRONG)
+WRITTEN = (PRESERVED, CHANGED)
+
+DATA = "data"
+NO_DATA = "no-data"
+MODES = (DATA, NO_DATA)
+
+VALIDATED = "validated"
+SKIPPED = "validation skipped"
 
 _NODE_CASES = "onnx.backend.test.case.node"
 
@@ -70,6 +85,8 @@ class CaseResult:
     outcome: str
     reason: str = ""
     seconds: float = 0.0
+    # no-data mode, written cases: VALIDATED, or SKIPPED followed by ": <why>"
+    validation: str = ""
 
 
 def load_cases(
@@ -114,32 +131,53 @@ def case_ops(model: onnx.ModelProto) -> str:
 
 
 def run_case(
-    case: Any, passes: Sequence[PassSpec] | None = None, timeout: float = 120.0
+    case: Any, passes: Sequence[PassSpec] | None = None, timeout: float = 120.0,
+    mode: str = DATA,
 ) -> CaseResult:
-    """Judge one case; ``passes`` (run as a preset, to a fixpoint) defaults to level 1."""
+    """Judge one case; ``passes`` (data mode, run as a preset to a fixpoint) default to level 1.
+
+    No-data mode runs ``optimize_file`` at its default level and ignores ``passes``.
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode {mode!r}; modes are {', '.join(MODES)}")
     t0 = time.perf_counter()
     ops = case_ops(case.model)
+    validation = ""
     try:
         with _deadline(timeout):
-            outcome, reason = _judge(case, passes)
+            if mode == DATA:
+                outcome, reason = _judge(case, passes)
+            else:
+                outcome, reason, validation = _judge_no_data(case)
     except TimeoutError:
         outcome, reason = CRASH, f"timeout after {timeout:g} s"
-    return CaseResult(case.name, ops, outcome, reason, time.perf_counter() - t0)
+    return CaseResult(case.name, ops, outcome, reason, time.perf_counter() - t0, validation)
+
+
+def _datasets(case: Any) -> list[tuple[list[Any], list[Any]]]:
+    return [([_to_value(v) for v in ins], [_to_value(v) for v in outs])
+            for ins, outs in case.data_sets]
+
+
+def _screen(model: onnx.ModelProto, datasets: Sequence[Any], rtol: float, atol: float
+            ) -> tuple[str, str] | None:
+    """(ort-unsupported or ort-mismatch, why) when onnxruntime cannot be the judge, else None."""
+    try:
+        got = _run_ort(model, [ins for ins, _ in datasets])
+    except OnnxoptError as e:
+        return ORT_UNSUPPORTED, str(e)
+    for (_, expected), actual in zip(datasets, got, strict=False):
+        if why := mismatch(expected, actual, rtol, atol):
+            return ORT_MISMATCH, why
+    return None
 
 
 def _judge(case: Any, passes: Sequence[PassSpec] | None) -> tuple[str, str]:
     model = case.model
     rtol, atol = case.rtol, case.atol
-    datasets = [
-        ([_to_value(v) for v in ins], [_to_value(v) for v in outs]) for ins, outs in case.data_sets
-    ]
-    try:
-        got = _run_ort(model, [ins for ins, _ in datasets])
-    except OrtError as e:
-        return ORT_UNSUPPORTED, str(e)
-    for (_, expected), actual in zip(datasets, got, strict=False):
-        if why := mismatch(expected, actual, rtol, atol):
-            return ORT_MISMATCH, why
+    datasets = _datasets(case)
+    if screened := _screen(model, datasets, rtol, atol):
+        return screened
 
     specs = list(passes) if passes is not None else level1_passes()[0]
     try:
@@ -153,7 +191,41 @@ def _judge(case: Any, passes: Sequence[PassSpec] | None) -> tuple[str, str]:
 
     if why := _wrongness(model, optimized, datasets, rtol, atol):
         return WRONG, why + _blame(model, datasets, specs, rtol, atol)
-    changed = [r for r in report.summary() if r["changed"]]
+    return _written(report.summary())
+
+
+def _judge_no_data(case: Any) -> tuple[str, str, str]:
+    """(outcome, reason, validation) of ``optimize_file`` run on the case's model alone."""
+    model = case.model
+    rtol, atol = case.rtol, case.atol
+    datasets = _datasets(case)
+    if screened := _screen(model, datasets, rtol, atol):
+        return (*screened, "")
+
+    with tempfile.TemporaryDirectory(prefix="onnxopt-backend-") as tmp:
+        src, dst = Path(tmp) / f"{case.name}.onnx", Path(tmp) / f"{case.name}.opt.onnx"
+        onnx.save_model(model, src)
+        try:
+            result = optimize_file(src, dst, bench=False)
+        except PassFailedError as e:
+            return CRASH, _first_line(e) + _cause(e), ""
+        except OnnxoptError as e:
+            return REFUSED, f"{type(e).__name__}: {_refusal(e)}", ""
+        except Exception as e:
+            return CRASH, f"{type(e).__name__}: {_first_line(e)}" + _cause(e, own=True), ""
+        if not dst.exists():
+            return WRONG, f"optimize_file returned but wrote nothing to {dst.name}", ""
+        optimized = onnx.load_model(dst)
+    if why := _wrongness(model, optimized, datasets, rtol, atol):
+        return WRONG, why + _blame(model, datasets, level1_passes()[0], rtol, atol), ""
+    skipped = getattr(result, "validation_skipped", None)  # set by the API once it can skip
+    validation = f"{SKIPPED}: {skipped}" if skipped else VALIDATED
+    return (*_written(result.pipeline.summary()), validation)
+
+
+def _written(summary: Sequence[dict[str, Any]]) -> tuple[str, str]:
+    """(preserved or changed-but-correct, what the passes did) from a pipeline summary."""
+    changed = [r for r in summary if r["changed"]]
     if not changed:
         return PRESERVED, ""
     return CHANGED, "; ".join(
@@ -175,8 +247,8 @@ def _wrongness(
         return f"onnx.checker rejects the optimized model: {err}"
     try:
         got = _run_ort(optimized, [ins for ins, _ in datasets])
-    except OrtError as e:
-        return f"optimized model fails in onnxruntime: {e}"
+    except OnnxoptError as e:
+        return f"optimized model fails: {e}"
     for (_, expected), actual in zip(datasets, got, strict=False):
         if why := mismatch(expected, actual, rtol, atol):
             return why
@@ -200,86 +272,9 @@ def _blame(
 
 
 def _run_ort(model: onnx.ModelProto, feeds: Sequence[Sequence[Any]]) -> list[list[Any]]:
-    """Run ``model`` as written on positional inputs (graph inputs minus initializers).
-
-    Raises ``OrtError`` with onnxruntime's message, shortened to its informative part.
-    """
-    try:
-        sess = ort.InferenceSession(model.SerializeToString(), _session_options(),
-                                    providers=["CPUExecutionProvider"])
-    except Exception as e:
-        raise OrtError(f"load: {_ort_message(e)}") from None
-    inits = {t.name for t in model.graph.initializer}
-    names = [i.name for i in model.graph.input if i.name not in inits]
-    outputs = [o.type for o in sess.get_outputs()]
-    results = []
-    for values in feeds:
-        feed = {n: v for n, v in zip(names, values, strict=False) if v is not None}
-        try:
-            if any(_byte_exotic(v) for v in feed.values()) or any(map(_EXOTIC.get, outputs)):
-                results.append(_run_exotic(sess, feed, outputs))
-            else:
-                results.append(list(sess.run(None, feed)))
-        except Exception as e:
-            raise OrtError(f"run: {_ort_message(e)}") from None
-    return results
-
-
-# onnxruntime's Python API takes and returns no ml_dtypes arrays: these element types go
-# through OrtValues as raw bytes (one element per byte or two; 4-bit and 2-bit types,
-# which onnxruntime packs, are left unsupported)
-_EXOTIC = {
-    f"tensor({name})": onnx.helper.tensor_dtype_to_np_dtype(getattr(onnx.TensorProto, name.upper()))
-    for name in ("bfloat16", "float8e4m3fn", "float8e4m3fnuz", "float8e5m2", "float8e5m2fnuz")
-}
-
-
-def _byte_exotic(v: Any) -> bool:
-    return isinstance(v, np.ndarray) and any(v.dtype == dt for dt in _EXOTIC.values())
-
-
-def _run_exotic(sess: ort.InferenceSession, feed: dict[str, Any], outputs: list[str]) -> list[Any]:
-    import ctypes
-
-    values = {}
-    for name, v in feed.items():
-        if _byte_exotic(v):
-            raw = np.ascontiguousarray(v).view(np.uint8 if v.dtype.itemsize == 1 else np.uint16)
-            elem = onnx.helper.np_dtype_to_tensor_dtype(v.dtype)
-            values[name] = ort.OrtValue.ortvalue_from_numpy_with_onnx_type(raw, elem)
-        else:
-            values[name] = ort.OrtValue.ortvalue_from_numpy(np.asarray(v))
-    results = []
-    for value, type_name in zip(sess.run_with_ort_values(None, values), outputs, strict=True):
-        dtype = _EXOTIC.get(type_name)
-        if dtype is None:
-            results.append(value.numpy())
-            continue
-        size = value.tensor_size_in_bytes()
-        raw = bytes((ctypes.c_char * size).from_address(value.data_ptr())) if size else b""
-        results.append(np.frombuffer(raw, dtype=dtype).reshape(value.shape()).copy())
-    return results
-
-
-class OrtError(Exception):
-    """onnxruntime could not load or run a model."""
-
-
-def _session_options() -> ort.SessionOptions:
-    so = ort.SessionOptions()  # as onnxopt.runtime.session(optimize=False): the graph as written
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    so.intra_op_num_threads = 1
-    so.inter_op_num_threads = 1
-    so.log_severity_level = 4  # failures are reported, not logged
-    return so
-
-
-def _ort_message(e: BaseException) -> str:
-    text = " ".join(str(e).split())
-    text = re.sub(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ", "", text)
-    # source location and C++ signature: "/onnxruntime_src/x.cc:52 void f(int) const "
-    text = re.sub(r"/onnxruntime_src/\S+:\d+ [^(]*\([^)]*\)( const)? ", "", text)
-    return text[:240] or type(e).__name__
+    """Run ``model`` as written on positional inputs; an ``OnnxoptError`` when ORT fails."""
+    sess = runtime.session(model)
+    return [runtime.run(sess, runtime.positional_feed(sess, values)) for values in feeds]
 
 
 def _to_value(v: Any) -> Any:
@@ -347,17 +342,27 @@ def _checker_error(model: onnx.ModelProto) -> str | None:
 
 def _first_line(e: BaseException) -> str:
     text = str(e).strip() or type(e).__name__
-    return text.splitlines()[0][:240]
+    return text.splitlines()[0]
 
 
-def _cause(e: BaseException) -> str:
-    """Where the wrapped exception was raised: the innermost frame in onnxopt's code."""
-    cause = e.__cause__
-    if cause is None or cause.__traceback__ is None:
+def _refusal(e: OnnxoptError) -> str:
+    """The first line of a refusal; for a failed validation, the outputs that failed."""
+    if not isinstance(e, ValidationError):
+        return _first_line(e)
+    details = [ln.strip() for ln in str(e).splitlines()[1:] if ln.startswith("  ")]
+    failures = [d for d in details if not d.startswith("nothing was written")]
+    return "validation failed: " + "; ".join(failures or [_first_line(e)])
+
+
+def _cause(e: BaseException, own: bool = False) -> str:
+    """Where the exception was raised: the innermost frame in onnxopt's code.
+
+    ``own``: the frame of ``e`` itself, else of the exception it wraps (``PassFailedError``).
+    """
+    err = e if own else e.__cause__
+    if err is None or err.__traceback__ is None:
         return ""
-    import traceback
-
-    frames = traceback.extract_tb(cause.__traceback__)
+    frames = traceback.extract_tb(err.__traceback__)
     ours = [f for f in frames if "/onnxopt/" in f.filename or "/passes/" in f.filename] or frames
     frame = ours[-1]
     return f" [at {Path(frame.filename).name}:{frame.lineno} in {frame.name}]"
@@ -387,7 +392,8 @@ _SHARED: dict[str, Any] = {}
 
 
 def _work(index: int) -> CaseResult:
-    return run_case(_SHARED["cases"][index], _SHARED["passes"], _SHARED["timeout"])
+    return run_case(_SHARED["cases"][index], _SHARED["passes"], _SHARED["timeout"],
+                    _SHARED["mode"])
 
 
 def run_suite(
@@ -396,6 +402,7 @@ def run_suite(
     processes: int = 2,
     timeout: float = 120.0,
     progress: Callable[[CaseResult], None] | None = None,
+    mode: str = DATA,
 ) -> list[CaseResult]:
     """Judge every case, over up to ``processes`` forked workers; results in case order."""
     passes = list(passes) if passes is not None else level1_passes()[0]
@@ -403,11 +410,11 @@ def run_suite(
     results: dict[int, CaseResult] = {}
     if processes == 1:
         for i, case in enumerate(cases):
-            results[i] = run_case(case, passes, timeout)
+            results[i] = run_case(case, passes, timeout, mode)
             if progress:
                 progress(results[i])
     else:
-        _SHARED.update(cases=cases, passes=passes, timeout=timeout)
+        _SHARED.update(cases=cases, passes=passes, timeout=timeout, mode=mode)
         ctx = multiprocessing.get_context("fork")
         try:
             with ctx.Pool(processes, maxtasksperchild=200) as pool:
@@ -425,3 +432,12 @@ def counts(results: Sequence[CaseResult]) -> dict[str, int]:
     """Outcome -> number of cases, every outcome listed."""
     c = Counter(r.outcome for r in results)
     return {o: c.get(o, 0) for o in OUTCOMES}
+
+
+def validation_counts(results: Sequence[CaseResult]) -> dict[str, dict[str, int]]:
+    """No-data mode: written outcome -> {validated: n, validation skipped: m}."""
+    return {
+        o: {v: sum(r.outcome == o and r.validation.startswith(v) for r in results)
+            for v in (VALIDATED, SKIPPED)}
+        for o in WRITTEN
+    }

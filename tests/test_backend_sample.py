@@ -1,21 +1,28 @@
 """onnx backend node tests through level 1: a fixed sample here, the full suite when slow.
 
-The sample spreads over op types and leans on the cases level 1 rewrites (expanded
-functions with Identity, CastLike, constant subgraphs, shape computations). The
-classification itself is tested with passes that crash, refuse and miscompute.
+The harness lives beside the benchmarks (``bench/backend_suite.py``). The sample spreads
+over op types and leans on the cases level 1 rewrites (expanded functions with Identity,
+CastLike, constant subgraphs, shape computations). The classification itself is tested
+with passes that crash, refuse and miscompute. A second sample runs in no-data mode (the
+tool as users run it): cases whose inputs must be chosen with care (indices, divisors,
+``k``, target shapes, float16).
 """
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import onnx_graphsurgeon as gs
 import pytest
 
-from onnxopt import backend_suite as bs
 from onnxopt.errors import PreconditionError
 from onnxopt.pass_base import Pass, PassContext, PassResult
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+import backend_suite as bs  # noqa: E402
 
 # module of onnx.backend.test.case.node -> case names (importing only these is fast)
 SAMPLE: dict[str, list[str]] = {
@@ -208,6 +215,48 @@ def test_mismatch_rules() -> None:
     assert bs.mismatch([s], [s.copy()], 1e-3, 1e-7) is None
     assert bs.mismatch([s], [np.array(["a", "c"], dtype=object)], 1e-3, 1e-7) == (
         "output 0: strings differ")
+
+
+# ---- no-data mode: optimize_file on the model file alone ----
+
+# cases whose generated inputs must respect the graph: indices within the indexed dim
+# (Gather, GatherElements, OneHot), non-zero divisors (Mod), TopK's k within its axis,
+# Reshape targets that fit the input, and float16 outputs compared at float16 precision
+NO_DATA_SAMPLE: dict[str, list[str]] = {
+    "castlike": ["test_castlike_FLOAT_to_FLOAT16"],
+    "gather": ["test_gather_0"],
+    "gatherelements": ["test_gather_elements_0"],
+    "mod": ["test_mod_mixed_sign_int32", "test_mod_mixed_sign_int64"],
+    "onehot": ["test_onehot_with_axis", "test_onehot_without_axis"],
+    "reshape": ["test_reshape_negative_dim", "test_reshape_reordered_all_dims"],
+    "topk": ["test_top_k"],
+}
+NO_DATA_NAMES = [n for names in NO_DATA_SAMPLE.values() for n in names]
+
+
+def test_no_data_mode_sample() -> None:
+    cases = bs.load_cases(list(NO_DATA_SAMPLE), NO_DATA_NAMES)
+    assert sorted(c.name for c in cases) == sorted(NO_DATA_NAMES)
+    results = bs.run_suite(cases, processes=1, mode=bs.NO_DATA)
+    # written (preserved or changed) and right on the case's own inputs and expected outputs
+    not_written = [f"{r.outcome} {r.name}: {r.reason}" for r in results
+                   if r.outcome not in bs.WRITTEN]
+    assert not_written == []
+    assert all(r.validation for r in results)
+
+
+def test_no_data_mode_classifies_like_data_mode(sample_cases: list) -> None:
+    cases = [_one(sample_cases, n) for n in ("test_shape", "test_relu", "test_identity_opt")]
+    results = {r.name: r for r in bs.run_suite(cases, processes=1, mode=bs.NO_DATA)}
+    assert results["test_shape"].outcome == bs.CHANGED
+    assert "fold-constants" in results["test_shape"].reason
+    assert results["test_relu"].outcome == bs.PRESERVED
+    for r in (results["test_shape"], results["test_relu"]):
+        assert r.validation == bs.VALIDATED or r.validation.startswith(bs.SKIPPED)
+    assert results["test_identity_opt"].outcome in (bs.REFUSED, *bs.WRITTEN)
+    assert bs.validation_counts(list(results.values()))[bs.PRESERVED][bs.VALIDATED] >= 0
+    with pytest.raises(ValueError, match="modes are data, no-data"):
+        bs.run_case(cases[0], mode="no-such-mode")
 
 
 @pytest.mark.slow
