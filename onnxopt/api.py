@@ -24,6 +24,7 @@ from onnxopt.bench import Latency, ModelStats, measure_latency, model_stats
 from onnxopt.errors import ModelSaveError, OnnxoptError, ValidationError
 from onnxopt.io import check_model_file, load_model, staged_output, write_model
 from onnxopt.manager import DEFAULT_LEVEL, PassManager, PassSpec, PipelineReport, resolve
+from onnxopt.runtime import ModelRef
 from onnxopt.validate import Tolerance, ValidationReport, compare, failure_message
 
 logger = logging.getLogger(__name__)
@@ -68,12 +69,24 @@ class OptimizeResult:
     latency: dict[str, Latency] = dataclasses.field(default_factory=dict)
     data_source: str = ""
     warnings: list[str] = dataclasses.field(default_factory=list)
+    # why validation / latency did not run (--no-validate, or the original model fails on
+    # generated inputs); None when they ran
+    validation_skipped: str | None = None
+    bench_skipped: str | None = None
+    inputs: dict[str, list[int]] = dataclasses.field(default_factory=dict)  # shapes fed
+    input_notes: list[str] = dataclasses.field(default_factory=list)  # how dynamic dims were chosen
+    checks: list[str] = dataclasses.field(default_factory=list)  # what gated the write instead
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "output": str(self.output) if self.output else None,
             "pipeline": self.pipeline.to_dict(),
             "validation": self.validation.to_dict() if self.validation else None,
+            "validation_skipped": self.validation_skipped,
+            "bench_skipped": self.bench_skipped,
+            "inputs": self.inputs,
+            "input_notes": self.input_notes,
+            "checks": self.checks,
             "before": self.before.to_dict(),
             "after": self.after.to_dict(),
             "latency": {k: v.to_dict() for k, v in self.latency.items()},
@@ -89,9 +102,13 @@ def default_output(path: Path) -> Path:
 def load_data(
     model: onnx.ModelProto, data: str | os.PathLike[str] | None,
     input_shapes: Mapping[str, Sequence[int]] | None, seed: int = 0, count: int = 8,
+    reference: ModelRef | None = None,
 ) -> data_mod.Dataset:
+    """The user's data, else generated inputs (probed on ``reference``, the original model, if given)."""
     if data is not None:
         return data_mod.load(data, model)
+    if reference is not None:
+        return data_mod.synthesize(model, reference, count=count, pins=input_shapes, seed=seed)
     return data_mod.generate(model, count=count, pins=input_shapes, seed=seed)
 
 
@@ -115,8 +132,15 @@ def optimize_file(
     progress: Callable[[str], None] | None = None,
     on_result: Callable[[OptimizeResult], None] | None = None,
     tick: Callable[[int, int], None] | None = None,
+    require_validation: bool = False,
 ) -> OptimizeResult:
-    """Optimize the model at ``model_path`` and write it to ``output`` (atomically, validated)."""
+    """Optimize the model at ``model_path`` and write it to ``output`` (atomically, validated).
+
+    Without ``data``, inputs are generated to fit the model and probed on it. When the original
+    model runs on none of them, the lossless result is still written, gated by ``onnx.checker``,
+    strict shape inference and an onnxruntime load, and ``validation_skipped`` says why;
+    ``require_validation=True`` makes that an error instead.
+    """
     src = Path(model_path)
     dst = Path(output) if output is not None else default_output(src)
     say = progress or (lambda _msg: None)
@@ -130,10 +154,14 @@ def optimize_file(
         raise ModelSaveError(f"{dst}: directory '{dst.parent}' does not exist")
     pins = dict(input_shapes or {})
     dataset = None
+    skipped: str | None = None if validate else "--no-validate"
     if validate or bench:
-        dataset = load_data(model, data, pins, seed)
-        if dataset.generated:
-            logger.info("validating on generated inputs (seed %d); pass --data for real ones", seed)
+        say("choosing inputs" if data is None else f"loading {data}")
+        dataset = load_data(model, data, pins, seed, reference=src)
+        if dataset.unusable and validate:
+            skipped = dataset.unusable
+    if skipped and require_validation:
+        raise ValidationError(f"--require-validation: {_skip_message(skipped)}")
     calibration = None
     if calibration_data is not None:
         calibration = data_mod.load(calibration_data, model).feeds
@@ -142,6 +170,7 @@ def optimize_file(
     optimized, report = manager.run(model, calibration=calibration, input_shapes=pins, seed=seed)
     shapes = _shapes_of(dataset) if dataset else pins
     before = model_stats(model, shapes, size_bytes=_file_size(src))
+    source_checks = _write_gates(model, src) if skipped else None
     # from here on only files are used: drop the weights before onnxruntime loads both models
     # (collect: the pipeline's graph is cyclic and its constants still point into ``model``)
     del model, calibration
@@ -151,24 +180,35 @@ def optimize_file(
         say("writing")
         write_model(optimized, staged, restore_data=False)
         after = model_stats(optimized, shapes, size_bytes=_file_size(staged))
-        del optimized
         result = OptimizeResult(dst, report, None, before, after,
                                 data_source=dataset.source if dataset else "")
-        if dataset is not None and dataset.generated:
+        if dataset is not None:
+            result.inputs = {k: list(v) for k, v in shapes.items()}
+            result.input_notes = list(dataset.notes)
+        if skipped:
+            assert source_checks is not None
+            say("checking the model (validation skipped)")
+            result.checks = _gate(optimized, staged, source_checks)
+        del optimized
+        if dataset is not None and dataset.generated and not dataset.unusable:
             result.warnings.append(f"validated on {dataset.source} inputs, not on real data")
-        if validate:
+        if validate and not skipped:
             say("validating")
-            tol = tolerance or Tolerance(exact=report.exact)
-            try:
-                result.validation = compare(src, staged, dataset, tol)
-            except OnnxoptError as e:
-                # e.g. a custom-domain op onnxruntime does not know: say how to go on without it
-                raise OnnxoptError(f"cannot validate: {e}; rerun with --no-validate to write "
-                                   "the model without checking it") from e
-            if not result.validation:
-                raise ValidationError(failure_message(result.validation, report.passes_run),
-                                      result.validation)
-        if bench:
+            assert dataset is not None
+            result.validation, skipped = _validate(src, staged, dataset, report, tolerance)
+            if skipped:  # the original fails on some generated feed: not the rewrite's fault
+                if require_validation:
+                    raise ValidationError(f"--require-validation: {_skip_message(skipped)}")
+                result.checks = _gate(load_model(staged), staged, _write_gates(load_model(src), src))
+        result.validation_skipped = skipped
+        if skipped and skipped != "--no-validate":
+            result.warnings.insert(0, "validation skipped: " + _skip_message(skipped))
+        if not bench:
+            result.bench_skipped = "--no-bench"
+        elif dataset is not None and (dataset.unusable or skipped and skipped != "--no-validate"):
+            result.bench_skipped = "the original model does not run on the generated inputs"
+        else:
+            assert dataset is not None
             say("measuring latency")
             try:
                 result.latency = measure_latency(
@@ -176,12 +216,120 @@ def optimize_file(
                     repeats=bench_repeats, tick=tick,
                 )
             except OnnxoptError as e:  # a measurement, not a check: the model is still written
+                result.bench_skipped = str(e)
                 result.warnings.append(f"latency not measured: {e}")
         if report_path is not None:
             _write_json(Path(report_path), result.to_dict())
         if on_result:
             on_result(result)
     return result
+
+
+def _skip_message(reason: str) -> str:
+    if reason == "--no-validate":
+        return "--no-validate was given"
+    if "cannot load" in reason:  # no data helps: onnxruntime cannot run the original at all
+        return reason
+    return f"{reason}; pass --data FILE.npz (arrays named after the model inputs) to validate"
+
+
+def _validate(
+    src: Path, staged: Path, dataset: data_mod.Dataset, report: PipelineReport,
+    tolerance: Tolerance | None,
+) -> tuple[ValidationReport | None, str | None]:
+    """(report, None), or (None, why) when the original model fails on a generated feed.
+
+    A pipeline with lossy passes is judged as onnxruntime runs it (its graph rewrites on, so
+    quantized models run in the fused integer kernels), like the ``--quantize`` driver does.
+    """
+    tol = tolerance or Tolerance(exact=report.exact)
+    try:
+        validation = compare(src, staged, dataset, tol, optimize_candidate=not report.exact)
+    except OnnxoptError as e:
+        original = _original_error(src, dataset)
+        if original is not None and dataset.generated:
+            return None, f"the original model fails on generated inputs: {original}"
+        if original is not None:
+            raise OnnxoptError(f"the original model fails on {dataset.source}: {original}") from e
+        raise ValidationError(f"the optimized model fails in onnxruntime where the original runs: "
+                              f"{e}; nothing was written") from e
+    if not validation:
+        raise ValidationError(failure_message(validation, report.passes_run), validation)
+    return validation, None
+
+
+def _original_error(src: Path, dataset: data_mod.Dataset) -> str | None:
+    from onnxopt.runtime import run, session
+
+    try:
+        sess = session(src)
+        for feed in dataset.feeds:
+            run(sess, feed)
+    except OnnxoptError as e:
+        return str(e)
+    return None
+
+
+def _write_gates(model: onnx.ModelProto, src: Path) -> dict[str, str | None]:
+    """What the source model fails of the checks that gate an unvalidated write (None: passes)."""
+    from onnxopt.runtime import session
+
+    try:
+        session(src)
+        loads = None
+    except OnnxoptError as e:
+        loads = str(e)
+    return {"onnx.checker": _checker(model), "strict shape inference": _strict_shapes(model),
+            "onnxruntime load": loads}
+
+
+def _gate(model: onnx.ModelProto, staged: Path, source: Mapping[str, str | None]) -> list[str]:
+    """Checks an unvalidated model must pass before it is written (those the source passes)."""
+    from onnxopt.runtime import session
+
+    done = []
+    for name, error in (("onnx.checker", _checker(model)),
+                        ("strict shape inference", _strict_shapes(model))):
+        if error is None:
+            done.append(f"{name}: ok")
+        elif source.get(name) is not None:
+            done.append(f"{name}: fails on the original model too ({source[name]})")
+        else:
+            raise ValidationError(f"the optimized model fails {name}, which the original passes: "
+                                  f"{error}; nothing was written")
+    try:
+        session(staged)
+        done.append("onnxruntime load: ok")
+    except OnnxoptError as e:
+        original = source.get("onnxruntime load")
+        if original is None:
+            raise ValidationError(f"the optimized model does not load in onnxruntime: {e}; "
+                                  "nothing was written") from None
+        done.append(f"onnxruntime load: fails on the original model too ({original})")
+    return done
+
+
+def _checker(model: onnx.ModelProto) -> str | None:
+    from onnxopt.io import over_protobuf_limit
+
+    try:
+        if not over_protobuf_limit(model):
+            onnx.checker.check_model(model)
+    except Exception as e:
+        return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return None
+
+
+def _strict_shapes(model: onnx.ModelProto) -> str | None:
+    from onnxopt.shapes import copy_structure
+
+    light = onnx.ModelProto()
+    copy_structure(model, light)
+    try:
+        onnx.shape_inference.infer_shapes(light, check_type=True, strict_mode=True)
+    except Exception as e:
+        return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return None
 
 
 def _shapes_of(dataset: data_mod.Dataset) -> dict[str, tuple[int, ...]]:

@@ -2,9 +2,9 @@
 
 An ``.npz`` holds one array per model input, named after it, samples on the first
 axis, plus an optional ``labels`` array. A directory holds ``.npz`` files that are
-each one complete feed (for inputs whose shapes vary, like sentences). Generated
-inputs honour each input's dtype, static dims and ``--input-shape`` pins; a dynamic
-dim that cannot be guessed is an error that names it.
+each one complete feed (for inputs whose shapes vary, like sentences). Without data,
+inputs are generated to fit the model (``onnxopt.synthesize``: dims probed on the
+original model, values that fit the ops that read them).
 """
 
 from __future__ import annotations
@@ -15,22 +15,21 @@ import re
 import zipfile
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
 
-from onnxopt.errors import InputDataError
+from onnxopt.errors import InputDataError, OnnxoptError
+from onnxopt.synthesize import feeds_for, model_inputs, resolve_shapes
+from onnxopt.synthesize import synthesize as synthesize_inputs
+
+if TYPE_CHECKING:
+    from onnxopt.runtime import ModelRef
 
 logger = logging.getLogger(__name__)
 
 Feed = dict[str, np.ndarray]
-
-
-@dataclasses.dataclass(frozen=True)
-class InputSpec:
-    name: str
-    dtype: np.dtype
-    shape: tuple[int | str | None, ...] | None  # None: rank unknown
 
 
 @dataclasses.dataclass
@@ -41,6 +40,10 @@ class Dataset:
     labels: np.ndarray | None = None
     generated: bool = False
     source: str = ""
+    # generated inputs only: how dynamic dims were chosen, and why the original model does not
+    # run on these feeds (None: it does); see ``onnxopt.synthesize``
+    notes: list[str] = dataclasses.field(default_factory=list)
+    unusable: str | None = None
 
     def __len__(self) -> int:
         return len(self.feeds)
@@ -69,26 +72,6 @@ def _batch_of(feed: Feed) -> int:
     return int(first.shape[0]) if first.ndim else 1
 
 
-def model_inputs(model: onnx.ModelProto) -> list[InputSpec]:
-    """Graph inputs that must be fed (initializers with the same name excluded)."""
-    inits = {t.name for t in model.graph.initializer}
-    specs = []
-    for vi in model.graph.input:
-        if vi.name in inits:
-            continue
-        tt = vi.type.tensor_type
-        if vi.type.WhichOneof("value") != "tensor_type":
-            raise InputDataError(f"input '{vi.name}' is not a tensor; feed it with your own harness")
-        dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type)) if tt.elem_type else np.dtype(np.float32)
-        shape = None
-        if tt.HasField("shape"):
-            shape = tuple(
-                d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tt.shape.dim
-            )
-        specs.append(InputSpec(vi.name, dtype, shape))
-    return specs
-
-
 def parse_input_shapes(items: Sequence[str] | None) -> dict[str, tuple[int, ...]]:
     """``["x=1,3,224,224", "mask=1,128"]`` -> dict; one clear error for a malformed item."""
     shapes: dict[str, tuple[int, ...]] = {}
@@ -97,81 +80,14 @@ def parse_input_shapes(items: Sequence[str] | None) -> dict[str, tuple[int, ...]
         if not eq or not name:
             raise InputDataError(f"--input-shape '{item}' must look like NAME=1,3,224,224")
         try:
-            shapes[name] = tuple(int(d) for d in re.split(r"[,x]", dims) if d.strip())
+            shape = tuple(int(d) for d in re.split(r"[,x]", dims) if d.strip())
         except ValueError:
             raise InputDataError(f"--input-shape '{item}': dims must be integers") from None
+        if any(d <= 0 for d in shape):
+            raise InputDataError(f"--input-shape '{item}': dims must be positive sizes (a shape to "
+                                 "run the model at; leave out --input-shape to let onnxopt choose)")
+        shapes[name] = shape
     return shapes
-
-
-def _check_pins(specs: Sequence[InputSpec], pins: Mapping[str, Sequence[int]]) -> None:
-    names = {s.name for s in specs}
-    for name in pins:
-        if name not in names:
-            raise InputDataError(
-                f"--input-shape names '{name}', but the model's inputs are: {', '.join(sorted(names))}"
-            )
-
-
-_BATCH = re.compile(r"batch|^n$|^b$|^bs$|^N$", re.IGNORECASE)
-_SEQ = re.compile(r"seq|len|token|time|^t$|^s$", re.IGNORECASE)
-
-
-def concrete_shape(spec: InputSpec, pins: Mapping[str, Sequence[int]], symbols: dict[str, int]) -> tuple[int, ...]:
-    """Resolve one input's shape from pins, static dims and guessable symbolic dims."""
-    if spec.name in pins:
-        pinned = tuple(int(d) for d in pins[spec.name])
-        if spec.shape is not None:
-            if len(pinned) != len(spec.shape):
-                raise InputDataError(
-                    f"--input-shape {spec.name}: rank {len(pinned)} but the model declares rank {len(spec.shape)}"
-                )
-            for i, (p, d) in enumerate(zip(pinned, spec.shape)):
-                if isinstance(d, int) and d > 0 and p != d:
-                    raise InputDataError(
-                        f"--input-shape {spec.name}: dim {i} is {p} but the model fixes it to {d}"
-                    )
-                if isinstance(d, str):
-                    symbols.setdefault(d, p)
-        return pinned
-    if spec.shape is None:
-        raise InputDataError(
-            f"input '{spec.name}' has no declared shape; pin it with --input-shape {spec.name}=..."
-        )
-    dims: list[int] = []
-    for axis, d in enumerate(spec.shape):
-        if isinstance(d, int) and d > 0:
-            dims.append(d)
-            continue
-        if isinstance(d, str) and d in symbols:
-            dims.append(symbols[d])
-            continue
-        label = d if isinstance(d, str) else "?"
-        if axis == 0 or (isinstance(d, str) and _BATCH.search(d)):
-            value = 1
-        elif isinstance(d, str) and _SEQ.search(d):
-            value = 32
-        else:
-            raise InputDataError(
-                f"input '{spec.name}' dim {axis} ('{label}') is dynamic and cannot be guessed; "
-                f"pin it with --input-shape {spec.name}="
-                + ",".join(str(x) if isinstance(x, int) and x > 0 else "N" for x in spec.shape)
-            )
-        if isinstance(d, str):
-            symbols[d] = value
-        dims.append(value)
-    return tuple(dims)
-
-
-def _int_upper_bound(model: onnx.ModelProto, name: str) -> int | None:
-    """Largest safe index for an integer input that feeds Gather indices (an embedding table)."""
-    inits = {t.name: t for t in model.graph.initializer}
-    for node in model.graph.node:
-        if node.op_type == "Gather" and len(node.input) > 1 and node.input[1] == name:
-            table = inits.get(node.input[0])
-            if table is not None and table.dims:
-                axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
-                return int(table.dims[axis])
-    return None
 
 
 def generate(
@@ -180,37 +96,40 @@ def generate(
     pins: Mapping[str, Sequence[int]] | None = None,
     seed: int = 0,
 ) -> Dataset:
-    """Random feeds honouring dtypes, static dims and pins; integer ids stay in vocabulary."""
+    """Feeds that fit the model's use of its inputs, at the first candidate shape (nothing run).
+
+    ``synthesize`` (what ``optimize`` uses) also probes the shape on the original model.
+    """
     pins = dict(pins or {})
-    specs = model_inputs(model)
-    _check_pins(specs, pins)
-    symbols: dict[str, int] = {}
-    shapes = {s.name: concrete_shape(s, pins, symbols) for s in specs}
-    rng = np.random.default_rng(seed)
-    feeds = []
-    for _ in range(count):
-        feed: Feed = {}
-        for s in specs:
-            shape = shapes[s.name]
-            if np.issubdtype(s.dtype, np.floating):
-                feed[s.name] = rng.standard_normal(shape).astype(s.dtype)
-            elif s.dtype == np.bool_:
-                feed[s.name] = rng.random(shape) > 0.5
-            elif np.issubdtype(s.dtype, np.integer):
-                if "mask" in s.name.lower():
-                    feed[s.name] = np.ones(shape, dtype=s.dtype)
-                else:
-                    high = _int_upper_bound(model, s.name) or 10
-                    low = 0 if np.issubdtype(s.dtype, np.unsignedinteger) or high != 10 else 0
-                    feed[s.name] = rng.integers(low, high, size=shape).astype(s.dtype)
-            elif s.dtype.kind in "US":
-                feed[s.name] = np.array(
-                    [f"s{i}" for i in range(int(np.prod(shape)))], dtype=object
-                ).reshape(shape)
-            else:
-                raise InputDataError(f"input '{s.name}': cannot generate data of type {s.dtype}")
-        feeds.append(feed)
-    return Dataset(feeds, generated=True, source=f"generated (seed {seed})")
+    shapes, notes = resolve_shapes(model, pins)
+    feeds = feeds_for(model, model_inputs(model), shapes, count, seed)
+    return Dataset(feeds, generated=True, source=f"generated (seed {seed})", notes=notes)
+
+
+def synthesize(
+    model: onnx.ModelProto,
+    reference: ModelRef,
+    count: int = 8,
+    pins: Mapping[str, Sequence[int]] | None = None,
+    seed: int = 0,
+) -> Dataset:
+    """Generated feeds on which ``reference`` (the original model) runs in onnxruntime.
+
+    Dynamic dims are probed on it; when no candidate runs, the dataset says why in
+    ``unusable`` (the original model's own error), and callers skip what needs real outputs.
+    """
+    from onnxopt.runtime import run, session
+
+    try:
+        sess = session(reference)
+    except OnnxoptError as e:
+        shapes, notes = resolve_shapes(model, pins)
+        feeds = feeds_for(model, model_inputs(model), shapes, count, seed)
+        return Dataset(feeds, generated=True, source=f"generated (seed {seed})", notes=notes,
+                       unusable=f"{e} (the original model: no input can validate it here)")
+    found = synthesize_inputs(model, lambda feed: run(sess, feed), pins, count=count, seed=seed)
+    return Dataset(found.feeds, generated=True, source=f"generated (seed {seed})", notes=found.notes,
+                   unusable=found.unusable)
 
 
 def _cast(name: str, arr: np.ndarray, dtype: np.dtype, where: str) -> np.ndarray:

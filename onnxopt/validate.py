@@ -11,7 +11,11 @@ all have unit L2 norm with negative entries (normalized sentence or image embedd
 confident softmax also has norm near 1, but no negative entry). Their argmax means nothing.
 
 Pass rule: exact pipelines need every element within ``atol + rtol * |ref|`` and
-integer/bool outputs equal; lossy pipelines need the lower confidence bound of the cosine
+integer/bool outputs equal. The tolerance follows the output's dtype: float32/float64 use
+``atol``/``rtol`` as given; float16, bfloat16 and the float8 types, whose last bit is worth
+far more, are allowed ``ULPS`` units in the last place at magnitude 1 (float16: atol and rtol
+``4 * 2**-10``), or the given tolerance when that is looser; each output's report names
+the tolerance that applied. Lossy pipelines need lossy pipelines need the lower confidence bound of the cosine
 ``>= min_cosine`` (and, for classifier outputs, both the observed top-1 agreement and the
 lower bound of the expected one ``>= min_top1``).
 
@@ -56,6 +60,10 @@ CONFIDENCE_Z = 2.0  # standard errors below the estimates (cosine, expected top-
 EXACT_ATOL = 1e-4
 EXACT_RTOL = 1e-3
 LOSSY_MIN_COSINE = 0.99
+ULPS = 4  # units in the last place allowed to float16/bfloat16/float8 outputs of exact pipelines
+# machine epsilon of the float types numpy's finfo does not know (ml_dtypes' types)
+_EPS = {"float16": 2.0**-10, "bfloat16": 2.0**-7, "float8_e4m3fn": 2.0**-3, "float8_e4m3fnuz": 2.0**-3,
+        "float8_e5m2": 2.0**-2, "float8_e5m2fnuz": 2.0**-2}
 EMBEDDING_NAME_PARTS = ("embed", "pool", "hidden", "feature")
 
 
@@ -81,6 +89,7 @@ class OutputDiff:
     top1_expected: float | None = None  # modelled from margins and error spread (module doc)
     top1_expected_low: float | None = None  # its lower confidence bound, which the pass rule checks
     cosine_low: float | None = None  # lower confidence bound of the cosine (lossy pass rule)
+    tolerance: str = ""  # the rule that applied to this output, e.g. "float16: atol 0.0039, ..."
 
     def describe(self, tol: Tolerance) -> str:
         parts = [f"max |diff| {self.max_abs:.3g}", f"max rel {self.max_rel:.3g}",
@@ -92,7 +101,7 @@ class OutputDiff:
             parts.append(f"expected top-1 agreement {self.top1_expected:.2%} "
                          f"(lower bound {self.top1_expected_low:.2%})")
         if tol.exact:
-            parts.append(f"{self.mismatches}/{self.elements} elements beyond atol {tol.atol:g} rtol {tol.rtol:g}")
+            parts.append(f"{self.mismatches}/{self.elements} elements beyond {self.tolerance or tol}")
         return f"output '{self.name}': " + ", ".join(parts)
 
 
@@ -140,6 +149,24 @@ class _Acc:
         self.classifier = True
         self.unit_rows = True  # every reference row so far has L2 norm 1: an embedding ...
         self.negative = False  # ... if some entry is negative (softmax rows are not)
+        self.dtype = ""  # the reference's element type, which sets the exact tolerance
+
+    def tolerance(self, tol: Tolerance) -> tuple[float, float]:
+        """(atol, rtol) for this output's dtype (module doc)."""
+        eps = _EPS.get(self.dtype)
+        if eps is None:
+            return tol.atol, tol.rtol
+        return max(tol.atol, ULPS * eps), max(tol.rtol, ULPS * eps)
+
+    def describe_tolerance(self, tol: Tolerance) -> str:
+        if not tol.exact and self.is_float:
+            return (f"cosine >= {tol.min_cosine:g} at its lower bound"
+                    + (f", top-1 >= {tol.min_top1:.0%}" if tol.min_top1 and self.top1_total else ""))
+        if not self.is_float:
+            return f"{self.dtype or 'non-float'}: exact"
+        atol, rtol = self.tolerance(tol)
+        ulp = f" ({ULPS} ulp)" if self.dtype in _EPS and (atol, rtol) != (tol.atol, tol.rtol) else ""
+        return f"{self.dtype}: atol {atol:.2g}, rtol {rtol:.2g}{ulp}"
 
     def add(self, a: Any, b: Any, tol: Tolerance) -> None:
         if isinstance(a, list):  # sequence outputs: compare element by element
@@ -153,6 +180,9 @@ class _Acc:
                 self.add(x, y, tol)
             return
         a, b = np.asarray(a), np.asarray(b)
+        self.dtype = self.dtype or a.dtype.name
+        if a.dtype.name in _EPS and a.dtype.kind != "f":  # ml_dtypes floats: compare as float32
+            a, b = a.astype(np.float32), b.astype(np.float32)
         if a.shape != b.shape:
             self.nan_mismatch = True
             self.mismatches += max(a.size, 1)
@@ -180,7 +210,8 @@ class _Acc:
             d = np.abs(fa - fb)
             self.max_abs = max(self.max_abs, float(d.max()))
             self.max_rel = max(self.max_rel, float((d / np.maximum(np.abs(fa), 1e-12)).max()) if np.any(d > 0) else 0.0)
-            self.mismatches += int(np.sum(d > tol.atol + tol.rtol * np.abs(fa)))
+            atol, rtol = self.tolerance(tol)
+            self.mismatches += int(np.sum(d > atol + rtol * np.abs(fa)))
             self.dot += float(fa @ fb)
             self.sample_err.append(float(d @ d))
             self.sample_ref.append(float(fa @ fa))
@@ -256,7 +287,7 @@ class _Acc:
                 tol.min_top1 is None or top1 is None or top1 >= tol.min_top1
             ) and (tol.min_top1 is None or top1_low is None or top1_low >= tol.min_top1)
         return OutputDiff(name, self.max_abs, self.max_rel, cosine, top1, self.mismatches,
-                          self.elements, passed, expected, top1_low, low)
+                          self.elements, passed, expected, top1_low, low, self.describe_tolerance(tol))
 
 
 def _accuracy(outputs: Sequence[Any], labels: np.ndarray) -> float | None:

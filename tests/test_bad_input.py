@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import json
 import os
 import signal
 import subprocess
@@ -172,12 +173,25 @@ def _custom_op_model() -> onnx.ModelProto:
     return make_model(nodes, [vi("x", [2, 3])], [vi("y", [2, 3])], extra_opsets={"com.example": 1})
 
 
-def test_custom_domain_op_cannot_be_validated(tmp_path: Path) -> None:
+def test_custom_domain_op_cannot_be_validated_so_validation_is_skipped(tmp_path: Path) -> None:
     src = tmp_path / "model.onnx"
     onnx.save(_custom_op_model(), src)
-    out = tmp_path / "out.onnx"
-    code, output = _run("optimize", src, "-o", out, *FAST)
-    _assert_user_error(code, output, "cannot validate", "com.example:Frobnicate", "--no-validate")
+    out, report = tmp_path / "out.onnx", tmp_path / "r.json"
+    code, output = _run("optimize", src, "-o", out, "--report", report, *FAST)
+    assert code == 0, output
+    saved = json.loads(report.read_text())
+    assert saved["validation"] is None
+    assert "onnxruntime cannot load the model" in saved["validation_skipped"]
+    assert "com.example:Frobnicate" in saved["validation_skipped"]
+    # the advice must be right: no data makes onnxruntime run an op it does not know
+    assert "--data" not in saved["warnings"][0]
+    assert saved["checks"][:2] == ["onnx.checker: ok", "strict shape inference: ok"]
+    assert saved["checks"][2].startswith("onnxruntime load: fails on the original model too")
+    assert op_histogram(onnx.load(out)) == {"Relu": 1, "com.example::Frobnicate": 1}
+    # and scripts that need the guarantee get an error, with nothing written
+    out.unlink()
+    code, output = _run("optimize", src, "-o", out, "--require-validation", *FAST)
+    _assert_user_error(code, output, "--require-validation", "com.example:Frobnicate")
     _assert_nothing_written(tmp_path, out)
 
 
@@ -187,9 +201,12 @@ def test_custom_domain_op_is_kept_with_no_validate(tmp_path: Path) -> None:
     onnx.save(model, src)
     out = tmp_path / "out.onnx"
     # benchmarking is on: it cannot run either, which is a note, not a failure
-    code, output = _run("optimize", src, "-o", out, "--level", "0", "--no-validate", "--repeats", "3")
+    code, output = _run("optimize", src, "-o", out, "--level", "0", "--no-validate", "--repeats", "3",
+                        "--report", tmp_path / "r.json")
     assert code == 0, output
-    assert "latency not measured" in output
+    saved = json.loads((tmp_path / "r.json").read_text())
+    assert saved["validation_skipped"] == "--no-validate"
+    assert saved["bench_skipped"] == "the original model does not run on the generated inputs"
     written = onnx.load(out)
     assert op_histogram(written) == {"Relu": 1, "com.example::Frobnicate": 1}
     custom = next(n for n in written.graph.node if n.domain == "com.example")
@@ -342,7 +359,8 @@ def test_failed_validation_leaves_input_and_output_alone(
     from onnxopt import api
     from onnxopt.validate import OutputDiff, Tolerance, ValidationReport
 
-    def failing(reference: object, candidate: object, data: object, tol: Tolerance) -> ValidationReport:
+    def failing(reference: object, candidate: object, data: object, tol: Tolerance,
+                **_: object) -> ValidationReport:
         diff = OutputDiff("y", 1.0, 1.0, 0.5, None, 3, 64, False)
         return ValidationReport((diff,), 1, "test", tol)
 

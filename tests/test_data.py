@@ -64,11 +64,15 @@ def test_generated_inputs_honour_dtypes_pins_and_vocab() -> None:
     assert pinned.feeds[0]["ids"].shape == (2, 9)
 
 
-def test_dynamic_dim_that_cannot_be_guessed_is_named() -> None:
+def test_dynamic_dim_with_no_name_rule_gets_a_usual_size_and_a_note() -> None:
     m = make_model([helper.make_node("Relu", ["x"], ["y"])], [vi("x", [1, "channels"])], [vi("y", [1, "channels"])])
-    with pytest.raises(InputDataError, match=r"input 'x' dim 1 \('channels'\) is dynamic.*--input-shape x=1,N"):
-        generate(m)
+    ds = generate(m)
+    assert ds.feeds[0]["x"].shape == (1, 32)
+    assert ds.notes[0] == "input 'x' dim 1 ('channels') = 32 (a usual size)"
+    assert ds.notes[-1] == "pin other sizes with --input-shape x=1,channels"
     with pytest.raises(InputDataError, match="names 'nope'"):
         generate(m, pins={"nope": (1,)})
     with pytest.raises(InputDataError, match="must look like NAME=1,3,224,224"):
         parse_input_shapes(["1,2,3"])
+    with pytest.raises(InputDataError, match="dims must be positive sizes"):
+        parse_input_shapes(["x=1,3,48,-1"])
