@@ -215,7 +215,8 @@ def optimize(
                 raise OnnxoptError("--quantize runs its own pipeline (level 1, then the quantizer); "
                                    "use --quantize or --pass, not both")
             _compress(model, output, quantize, data, calibration_data, shapes, level, max_accuracy_drop,
-                      min_cosine, force, threads, repeats, report, seed, dry_run)
+                      min_cosine, force, threads, repeats, report, seed, dry_run, validate=validate,
+                      bench=bench, verify_each=verify_each, atol=atol, rtol=rtol)
             return
         preset, explicit = resolve(level, passes)
         if dry_run:
@@ -247,14 +248,25 @@ def _compress(
     model: Path, output: Path | None, method: str, data: Path | None, calibration_data: Path | None,
     shapes: dict[str, tuple[int, ...]], level: int | None, max_accuracy_drop: float | None,
     min_cosine: float | None, force: bool, threads: int, repeats: int, report: Path | None,
-    seed: int, dry_run: bool,
+    seed: int, dry_run: bool, *, validate: bool = True, bench: bool = True,
+    verify_each: bool = False, atol: float | None = None, rtol: float | None = None,
 ) -> None:
     from onnxopt.api import _write_json, default_output
     from onnxopt.compress import DEFAULT_MIN_COSINE, METHODS, compress
     from onnxopt.manager import DEFAULT_LEVEL
+    from onnxopt.validate import EXACT_ATOL, EXACT_RTOL, Tolerance
 
     if method not in METHODS:
         raise OnnxoptError(f"--quantize '{method}': choose one of {', '.join(METHODS)}")
+    if not validate:
+        raise OnnxoptError("--quantize needs validation: a lossy method is never kept unjudged; "
+                           "drop --no-validate")
+    if not bench and not force:
+        raise OnnxoptError("--no-bench: with --quantize the latency verdict decides whether the "
+                           "quantized model is kept; add --force to write it without measuring")
+    # --atol/--rtol apply to the lossless step's check against the source
+    exact = Tolerance(atol=EXACT_ATOL if atol is None else atol,
+                      rtol=EXACT_RTOL if rtol is None else rtol)
     if dry_run:
         out.print(f"compress: level {DEFAULT_LEVEL if level is None else level}, then "
                   f"{METHODS[method][0]}; budget, per-layer fallback and latency check; nothing run")
@@ -264,8 +276,10 @@ def _compress(
             model, output or default_output(model), method, calibration_data=calibration_data,
             eval_data=data, max_accuracy_drop=max_accuracy_drop,
             min_cosine=min_cosine if min_cosine is not None else DEFAULT_MIN_COSINE, force=force,
-            threads=threads, repeats=repeats, level=DEFAULT_LEVEL if level is None else level,
-            input_shapes=shapes, seed=seed, progress=lambda msg: status.update(msg),
+            bench=bench, threads=threads, repeats=repeats,
+            level=DEFAULT_LEVEL if level is None else level, input_shapes=shapes,
+            exact_tolerance=exact, verify_each=verify_each, seed=seed,
+            progress=lambda msg: status.update(msg),
         )
     for w in result.warnings:
         err.print(f"[bold yellow]WARNING:[/bold yellow] {w}", soft_wrap=True)

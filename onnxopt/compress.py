@@ -4,10 +4,14 @@
 
 1. load the model; upgrade its opset when the method needs a newer one (int8 QDQ:
    13 for per-channel DequantizeLinear; dynamic: 11), and say so;
-2. run the lossless level-1 preset: this is the *float* candidate;
+2. run the lossless level-1 preset: this is the *float* candidate. It is checked against
+   the source model with the exact tolerance ``optimize`` uses, and nothing is written
+   when it differs: every later step only compares against the float candidate;
 3. quantize it with the method's pass;
 4. evaluate on inputs kept apart from the calibration inputs (one dataset given:
-   the first half calibrates, the second half evaluates). With labels the budget is
+   the first half calibrates, the second half evaluates). Generated inputs that the
+   source model itself fails on are refused: a lossy method is never judged on inputs
+   the model does not accept. With labels the budget is
    the task accuracy drop in percentage points (``max_accuracy_drop``, default 1.0);
    without labels it is a fidelity floor against the float model on every output:
    cosine >= ``min_cosine`` (0.99) at its lower confidence bound over the evaluation
@@ -23,7 +27,9 @@
    (interleaved medians, 1 thread by default); the quantized model is written only if
    it is within budget *and* at least ``min_speedup`` times faster. Otherwise the
    float model is written, and the result says why. ``force=True`` writes the
-   quantized model anyway.
+   quantized model anyway (and, with ``bench=False``, without timing it);
+7. the written file is compared with the source model under the same budget before it
+   is moved into place (``CompressResult.validation``).
 
 Single-layer sensitivity costs one quantization and one short evaluation per layer,
 the same as leave-one-out, but it ranks layers by the error each one causes on its
@@ -46,9 +52,10 @@ import onnx
 from onnxopt import data as data_mod
 from onnxopt.bench import Latency, measure_latency
 from onnxopt.data import Dataset, Feed
-from onnxopt.errors import InputDataError, OnnxoptError
-from onnxopt.io import load_model, opset_of, save_model
-from onnxopt.manager import DEFAULT_LEVEL, PassManager, resolve
+from onnxopt.errors import InputDataError, OnnxoptError, ValidationError
+from onnxopt.io import load_model, opset_of, staged_output, write_model
+from onnxopt.manager import DEFAULT_LEVEL, PassManager, PipelineReport, resolve
+from onnxopt.runtime import run, session
 from onnxopt.validate import Tolerance, ValidationReport, compare
 
 logger = logging.getLogger(__name__)
@@ -89,6 +96,8 @@ class Candidate:
     min_top1_expected_low: float | None = None  # its lower confidence bound (the budget checks it)
     latency_ms: float | None = None
     size_bytes: int = 0
+    # short: "written", "replaced", "over budget", "not faster", "within budget, not chosen";
+    # why is said once, in ``CompressResult.reason``
     verdict: str = ""
 
     def to_dict(self) -> dict[str, Any]:
@@ -113,10 +122,20 @@ class CompressResult:
     evaluation_samples: int
     warnings: list[str] = dataclasses.field(default_factory=list)
     notes: list[str] = dataclasses.field(default_factory=list)
+    budget: str = ""
+    lossless_validation: ValidationReport | None = None  # float candidate vs source, exact
+    validation: ValidationReport | None = None  # written file vs source (see ``write``)
+    validation_passed: bool | None = None  # met the lossless tolerance (float) or the budget
+    validation_detail: str = ""
 
     def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
+        d = dataclasses.asdict(
+            dataclasses.replace(self, lossless_validation=None, validation=None)
+        )
         d["output"] = str(self.output)
+        for key in ("lossless_validation", "validation"):
+            report = getattr(self, key)
+            d[key] = report.to_dict() if report is not None else None
         return d
 
 
@@ -124,6 +143,14 @@ class CompressResult:
 class _Budget:
     max_accuracy_drop: float | None  # pp; None: fidelity floor
     tolerance: Tolerance
+
+    def describe(self) -> str:
+        if self.max_accuracy_drop is not None:
+            return f"task accuracy drop <= {self.max_accuracy_drop:g} pt"
+        top1 = self.tolerance.min_top1
+        return f"cosine >= {self.tolerance.min_cosine:g}" + (
+            f", top-1 agreement >= {top1:.0%}" if top1 else ""
+        ) + " (lower confidence bounds)"
 
     def judge(self, report: ValidationReport) -> tuple[bool, str, float | None, float | None]:
         """(within budget, why, accuracy after, drop in pp)."""
@@ -179,11 +206,14 @@ def compress(
     min_top1: float = DEFAULT_MIN_TOP1,
     min_speedup: float = 1.03,
     force: bool = False,
+    bench: bool = True,
     threads: int = 1,
     repeats: int = 100,  # interleaved timings per model (at most 30 s): the verdict turns on a few %
     level: int = DEFAULT_LEVEL,
     pass_options: Mapping[str, Any] | None = None,
     input_shapes: Mapping[str, Sequence[int]] | None = None,
+    exact_tolerance: Tolerance | None = None,
+    verify_each: bool = False,
     seed: int = 0,
     measure: Measure | None = None,
     progress: Callable[[str], None] | None = None,
@@ -196,12 +226,24 @@ def compress(
             is split, first half calibration, second half evaluation. None: generated inputs.
         max_accuracy_drop: budget in percentage points of task accuracy (needs labels).
         min_speedup: the quantized model must be this many times faster than the float one.
+        bench: False skips the latency verdict; only with ``force`` (it decides what is kept).
+        exact_tolerance: checks the lossless step against the source (default: ``optimize``'s).
+        verify_each: run ``onnx.checker`` after every pass that changed the graph.
         measure: ``measure(models, feeds) -> {name: Latency}``; the default times the models
             in onnxruntime (interleaved medians).
+
+    Raises:
+        ValidationError: the lossless step changed the source model's outputs, or the written
+            file is over budget against the source; nothing is written.
     """
     if method not in METHODS:
         raise OnnxoptError(
             f"unknown quantization method '{method}'; choose one of {', '.join(METHODS)}"
+        )
+    if not bench and not force:
+        raise OnnxoptError(
+            "--no-bench: the latency verdict decides whether the quantized model is kept; "
+            "add --force to write it without measuring"
         )
     say = progress or (lambda _msg: None)
     src = Path(model_path)
@@ -222,10 +264,18 @@ def compress(
     calib, evaluation, warnings = _datasets(
         model, method, calibration_data, eval_data, input_shapes, seed
     )
+    _require_usable(src, (calib, evaluation))
 
     say("lossless passes")
     preset, _ = resolve(level, None)
-    float_model, _ = PassManager(preset).run(model, input_shapes=input_shapes, seed=seed)
+    float_model, lossless = PassManager(preset, verify_each=verify_each).run(
+        model, input_shapes=input_shapes, seed=seed
+    )
+    say(f"validating the lossless passes against {src.name}")
+    lossless_report = compare(src, float_model, evaluation, exact_tolerance or Tolerance())
+    if not lossless_report:
+        raise ValidationError(_lossless_failure(lossless_report, level, lossless, notes),
+                              lossless_report)
     tol = Tolerance(exact=False, min_cosine=min_cosine, min_top1=min_top1)
     if max_accuracy_drop is None and evaluation.labels is not None:
         max_accuracy_drop = DEFAULT_MAX_ACCURACY_DROP
@@ -234,6 +284,7 @@ def compress(
             "--max-accuracy-drop needs labels in the evaluation data ('labels' array); "
             "judging by the fidelity floor instead"
         )
+        max_accuracy_drop = None
     budget = _Budget(max_accuracy_drop, tol)
     calib_feeds = calib.feeds if calib is not None else None
     ranges: dict[Any, Any] = {}  # every candidate quantizes the same float model: calibrate once
@@ -243,7 +294,7 @@ def compress(
         if exclude:
             opts["exclude"] = tuple(exclude)
         p = resolve(None, [(pass_name, opts)])[1]
-        qmodel, report = PassManager((), p).run(
+        qmodel, report = PassManager((), p, verify_each=verify_each).run(
             float_model, calibration=calib_feeds, input_shapes=input_shapes, seed=seed,
             calibration_cache=ranges,
         )
@@ -272,6 +323,38 @@ def compress(
             size_bytes=qmodel.ByteSize(),
         )
 
+    def write(written: onnx.ModelProto) -> CompressResult:
+        """Stage the file, check it against the source, then move it into place.
+
+        The float model is held to the lossless step's tolerance; a quantized one to the
+        budget, run as onnxruntime will run it (fused integer kernels).
+        """
+        lossy = result.written == "quantized"
+        with staged_output(dst) as staged:
+            say(f"writing {dst}")
+            write_model(written, staged)
+            say(f"validating {dst.name} against {src.name}")
+            report = compare(src, staged, evaluation, tol if lossy else lossless_report.tolerance,
+                             optimize_candidate=lossy)
+            if lossy:
+                ok, why = budget.judge(report)[:2]
+            else:
+                ok = bool(report)
+                t = report.tolerance
+                why = (f"outputs within atol {t.atol:g} rtol {t.rtol:g}" if ok
+                       else "; ".join(o.describe(t) for o in report.failures))
+            result.validation, result.validation_passed, result.validation_detail = report, ok, why
+            if not ok and not (force and lossy):
+                raise ValidationError(
+                    f"the {result.written} model differs from the source model beyond its "
+                    f"tolerance ({why}); nothing was written", report,
+                )
+            if not ok:
+                result.warnings.append(
+                    f"the written model is over budget against the source: {why}"
+                )
+        return result
+
     say(f"quantizing ({pass_name})")
     qmodel, qnotes = quantize(())
     layers = list(qnotes.get("quantized", []))
@@ -283,6 +366,7 @@ def compress(
         "reference",
         min_cosine=1.0,
         size_bytes=float_model.ByteSize(),
+        verdict="written",
     )
     result = CompressResult(
         dst,
@@ -299,12 +383,12 @@ def compress(
         len(evaluation),
         warnings,
         notes,
+        budget.describe(),
+        lossless_report,
     )
     if not layers:
-        result.reason = f"{pass_name} found nothing to quantize"
-        float_cand.verdict = "written (see below)"
-        _write(float_model, dst, say)
-        return result
+        result.reason = f"{pass_name} found nothing to quantize; wrote the float model"
+        return write(float_model)
 
     candidates = [evaluate(method, qmodel, [])]
     chosen: tuple[onnx.ModelProto, Candidate] | None = (
@@ -319,8 +403,7 @@ def compress(
         )
     result.candidates += candidates
     for cand in candidates:
-        if not cand.within_budget:
-            cand.verdict = "rolled back: over budget: " + cand.budget_detail
+        cand.verdict = "within budget, not chosen" if cand.within_budget else "over budget"
 
     if chosen is None:
         result.reason = (
@@ -328,12 +411,15 @@ def compress(
             f"({candidates[-1].budget_detail}); wrote the float model after the lossless passes"
         )
         if force:
-            return _forced(result, last_tried, float_cand, dst, say)
-        float_cand.verdict = "written (see below)"
-        _write(float_model, dst, say)
-        return result
+            return _forced(result, last_tried, float_cand, write)
+        return write(float_model)
 
     qbest, cand = chosen
+    if not bench:  # only with force (checked above)
+        return _forced(result, chosen, float_cand, write, (
+            f"--force: wrote {cand.label}, within budget ({cand.budget_detail}); "
+            "latency not measured (--no-bench)"
+        ))
     say("measuring latency")
     lat = measure({"float": float_model, "quantized": qbest}, evaluation.feeds[:SENSITIVITY_FEEDS])
     float_cand.latency_ms, cand.latency_ms = lat["float"].median_ms, lat["quantized"].median_ms
@@ -344,22 +430,18 @@ def compress(
             f"{cand.label} is within budget ({cand.budget_detail}) and {speedup:.2f}x "
             f"faster than float ({cand.latency_ms:.3f} vs {float_cand.latency_ms:.3f} ms)"
         )
-        cand.verdict = "kept: " + result.reason
-        float_cand.verdict = "replaced by " + cand.label
-        _write(qbest, dst, say)
-        return result
+        cand.verdict, float_cand.verdict = "written", "replaced"
+        return write(qbest)
     result.reason = (
         f"{cand.label} is within budget but not faster on this machine: "
         f"{cand.latency_ms:.3f} ms vs {float_cand.latency_ms:.3f} ms float "
         f"({speedup:.2f}x, needs >= {min_speedup:g}x); "
         "wrote the float model after the lossless passes"
     )
+    cand.verdict = "not faster"
     if force:
-        return _forced(result, chosen, float_cand, dst, say)
-    cand.verdict = "rolled back: not faster than float"
-    float_cand.verdict = "written (see below)"
-    _write(float_model, dst, say)
-    return result
+        return _forced(result, chosen, float_cand, write)
+    return write(float_model)
 
 
 def _fewest_float_layers(
@@ -409,16 +491,17 @@ def _forced(
     result: CompressResult,
     chosen: tuple[onnx.ModelProto, Candidate],
     float_cand: Candidate,
-    dst: Path,
-    say: Callable[[str], None],
+    write: Callable[[onnx.ModelProto], CompressResult],
+    reason: str | None = None,
 ) -> CompressResult:
+    """``--force``: write the candidate that the budget or the latency verdict turned down."""
     qmodel, cand = chosen
     result.written, result.float_layers = "quantized", cand.float_layers
-    result.reason = f"--force: wrote {cand.label} although " + result.reason.split("; wrote")[0]
-    cand.verdict = "kept (--force)"
-    float_cand.verdict = "not written (--force)"
-    _write(qmodel, dst, say)
-    return result
+    result.reason = reason or (
+        f"--force: wrote {cand.label} although " + result.reason.split("; wrote")[0]
+    )
+    cand.verdict, float_cand.verdict = "written (--force)", "replaced (--force)"
+    return write(qmodel)
 
 
 def _sensitivity(
@@ -487,6 +570,46 @@ def _datasets(
     return first, second, warnings
 
 
-def _write(model: onnx.ModelProto, dst: Path, say: Callable[[str], None]) -> None:
-    say(f"writing {dst}")
-    save_model(model, dst)
+def _require_usable(src: Path, datasets: Sequence[Dataset | None]) -> None:
+    """Refuse generated inputs that the source model fails on: lossy methods are judged on them."""
+    checked: list[Dataset] = []
+    sess = None
+    for ds in datasets:
+        if ds is None or not ds.generated or any(ds is c for c in checked):
+            continue
+        checked.append(ds)
+        # onnxopt.data.synthesize says why the source fails on its feeds; None may also mean
+        # "not checked" (``generate`` does not run the model), so run the source to be sure
+        why = getattr(ds, "unusable", None)
+        if why is None:
+            sess = sess or session(src)
+            try:
+                for feed in ds.feeds:
+                    run(sess, feed)
+            except OnnxoptError as e:
+                why = str(e)
+        if why:
+            reason = " ".join(str(why).split())  # one line, nothing cut
+            if not reason.startswith("the original model fails"):
+                reason = f"the original model fails on the generated inputs ({reason})"
+            raise InputDataError(
+                f"{reason}; lossy methods are only judged on inputs it accepts: pass real ones "
+                "with --calibration-data/--data"
+            )
+
+
+def _lossless_failure(
+    report: ValidationReport, level: int, pipeline: PipelineReport, notes: Sequence[str]
+) -> str:
+    changed = list(dict.fromkeys(r.name for r in pipeline.records if r.changed))
+    upgraded = [n for n in notes if n.startswith("upgraded")]
+    lines = [
+        f"the lossless passes (level {level}; changed the graph: {', '.join(changed) or 'none'}"
+        + (f"; {upgraded[0]}" if upgraded else "")
+        + ") changed the outputs against the source model:"
+    ]
+    lines += ["  " + o.describe(report.tolerance) for o in report.failures]
+    lines.append(
+        "  nothing was written; --level 0 runs only the cleanups, --atol/--rtol loosen the check"
+    )
+    return "\n".join(lines)

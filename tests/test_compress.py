@@ -22,6 +22,10 @@ ROOT = Path(__file__).resolve().parents[1]
 runner = CliRunner()
 
 
+def never_measure(models: Any, feeds: Any) -> dict[str, Latency]:
+    raise AssertionError("latency must not be measured on this path")
+
+
 def fake_measure(float_ms: float, quantized_ms: float):
     def measure(models: Mapping[str, onnx.ModelProto], feeds: Sequence[Any]) -> dict[str, Latency]:
         assert set(models) == {"float", "quantized"}
@@ -42,6 +46,16 @@ def mlp(tmp_path: Path) -> tuple[Path, Path]:
     data = tmp_path / "calib.npz"
     np.savez(data, x=np.random.default_rng(0).uniform(0, 1, (64, 32)).astype(np.float32))
     return path, data
+
+
+@pytest.fixture
+def labelled(mlp: tuple[Path, Path], tmp_path: Path) -> Path:
+    """The calibration samples with labels (the source's own argmax): the budget is accuracy."""
+    model, data = mlp
+    x = np.load(data)["x"]
+    path = tmp_path / "labelled.npz"
+    np.savez(path, x=x, labels=session(model).run(None, {"x": x})[0].argmax(-1))
+    return path
 
 
 # random logits have near-ties, so a flip or two among 64 samples says nothing: the
@@ -66,10 +80,9 @@ def test_rolls_back_to_float_when_quantized_is_not_faster(
     assert "wrote the float model" in result.reason
     assert "MatMulInteger" not in ops(out)
     assert "Gemm" in ops(out)
-    assert [c.verdict for c in result.candidates] == [
-        "written (see below)",
-        "rolled back: not faster than float",
-    ]
+    assert result.candidates[1].within_budget  # rolled back for latency, not for accuracy
+    assert result.candidates[1].latency_ms == 1.2
+    assert [c.verdict for c in result.candidates] == ["written", "not faster"]
 
 
 def test_keeps_quantized_when_faster_and_within_budget(
@@ -88,17 +101,26 @@ def test_keeps_quantized_when_faster_and_within_budget(
     assert "2.00x faster" in result.reason
 
 
-def test_min_speedup_margin_is_required(mlp: tuple[Path, Path], tmp_path: Path) -> None:
+@pytest.mark.parametrize(("quantized_ms", "written"), [(0.99, "float"), (0.96, "quantized")])
+def test_min_speedup_margin_is_required(
+    mlp: tuple[Path, Path], tmp_path: Path, quantized_ms: float, written: str
+) -> None:
     model, data = mlp
     result = compress(
         model,
         tmp_path / "o.onnx",
         "dynamic",
         calibration_data=data,
-        measure=fake_measure(1.0, 0.99),
+        measure=fake_measure(1.0, quantized_ms),
         **LOOSE,
-    )  # 1% faster: within noise
-    assert result.written == "float"
+    )  # 1% faster is within noise (needs 1.03x); 4% is not
+    assert result.candidates[1].within_budget  # the latency verdict alone decides
+    assert result.written == written
+    if written == "float":
+        assert "not faster on this machine" in result.reason
+        assert "1.01x, needs >= 1.03x" in result.reason
+    else:
+        assert "1.04x faster than float" in result.reason
 
 
 @pytest.mark.parametrize("method", ["dynamic", "int8"])
@@ -177,7 +199,10 @@ def test_force_writes_the_quantized_model_anyway(mlp: tuple[Path, Path], tmp_pat
         **LOOSE,
     )
     assert result.written == "quantized"
-    assert result.reason.startswith("--force")
+    assert result.candidates[1].within_budget
+    assert result.reason.startswith("--force: wrote dynamic although dynamic is within budget but")
+    assert "not faster on this machine" in result.reason
+    assert result.candidates[1].verdict == "written (--force)"
     assert ops(out)["MatMulInteger"] == 3
 
 
@@ -190,11 +215,12 @@ def test_over_budget_everywhere_writes_float_and_says_so(tmp_path: Path) -> None
         "int4",
         min_cosine=0.999999,
         min_top1=1.0,
-        measure=fake_measure(1.0, 0.5),
+        measure=never_measure,
     )
     assert result.written == "float"
     assert result.reason.startswith("no int4 variant is within the accuracy budget")
     assert all(not c.within_budget for c in result.candidates[1:])
+    assert all(c.latency_ms is None for c in result.candidates)  # never timed
     assert any("GENERATED" in w for w in result.warnings)
 
 
@@ -204,6 +230,9 @@ def test_fp16_keeps_float32_io(tmp_path: Path) -> None:
     out = tmp_path / "o.onnx"
     result = compress(path, out, "fp16", force=True, measure=fake_measure(1.0, 3.0))
     assert result.written == "quantized"
+    assert result.candidates[1].within_budget
+    assert result.candidates[1].latency_ms == 3.0
+    assert result.reason.startswith("--force: wrote fp16 although")
     written = onnx.load(out)
     assert [
         v.type.tensor_type.elem_type for v in list(written.graph.input) + list(written.graph.output)
@@ -227,13 +256,18 @@ def test_weight_only_methods_write_packed_weights(mlp: tuple[Path, Path], tmp_pa
         model, out, "int8-weight", eval_data=data, measure=fake_measure(1.0, 0.5), **LOOSE
     )
     assert result.written == "quantized"
+    assert result.candidates[1].within_budget
+    assert result.candidates[1].latency_ms == 0.5
     assert ops(out) == {"Relu": 2, "com.microsoft::MatMulNBits": 3}
     assert result.calibration_source.startswith("none")
     assert result.evaluation_samples == 4
 
 
-def test_cli_quantize_end_to_end(mlp: tuple[Path, Path], tmp_path: Path) -> None:
-    model, data = mlp
+def test_cli_quantize_end_to_end(
+    mlp: tuple[Path, Path], labelled: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model, data = mlp[0], labelled
+    monkeypatch.setattr(compress_mod, "_default_measure", lambda *_: fake_measure(1, 0.5))
     out, report = tmp_path / "out.onnx", tmp_path / "report.json"
     res = runner.invoke(
         app,
@@ -245,7 +279,7 @@ def test_cli_quantize_end_to_end(mlp: tuple[Path, Path], tmp_path: Path) -> None
             "--calibration-data",
             str(data),
             "--max-accuracy-drop",
-            "0.5",
+            "10",  # a flip among 32 evaluation rows is 3.1 pt
             "-o",
             str(out),
             "--report",
@@ -260,12 +294,18 @@ def test_cli_quantize_end_to_end(mlp: tuple[Path, Path], tmp_path: Path) -> None
     assert "Compression (dynamic)" in res.output
     payload = json.loads(report.read_text())
     assert payload["method"] == "dynamic"
-    assert payload["written"] in ("float", "quantized")
-    assert payload["candidates"][0]["label"] == "float (lossless passes)"
-    assert (
-        all(c["latency_ms"] is not None for c in payload["candidates"] if c["within_budget"])
-        or payload["written"] == "float"
-    )
+    assert payload["written"] == "quantized"
+    assert payload["reason"].startswith("dynamic is within budget (accuracy ")
+    assert payload["budget"] == "task accuracy drop <= 10 pt"
+    assert [c["label"] for c in payload["candidates"]] == ["float (lossless passes)", "dynamic"]
+    assert [c["latency_ms"] for c in payload["candidates"]] == [1.0, 0.5]
+    assert payload["lossless_validation"]["passed"] is True
+    assert payload["lossless_validation"]["tolerance"]["exact"] is True
+    # the written file against the source, under the same budget
+    assert payload["validation_passed"] is True
+    assert payload["validation_detail"].startswith("accuracy ")
+    assert payload["validation"]["accuracy_before"] == 1.0  # labels are the source's argmax
+    assert ops(out)["MatMulInteger"] == 3
 
 
 def test_cli_refuses_quantize_with_pass_and_unknown_methods(
@@ -318,8 +358,10 @@ def test_cli_warns_loudly_without_data(mlp: tuple[Path, Path], tmp_path: Path) -
 @pytest.mark.skipif(
     not (ROOT / "models" / "digits_cnn.onnx").exists(), reason="demo model not built"
 )
-def test_demo_model_int8_within_one_point(tmp_path: Path) -> None:
+def test_demo_model_int8_within_one_point(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     model, data = ROOT / "models" / "digits_cnn.onnx", ROOT / "models" / "digits_val.npz"
+    # as if int8 were faster here: the quantized path is the one under test
+    monkeypatch.setattr(compress_mod, "_default_measure", lambda *_: fake_measure(1, 0.5))
     out, report = tmp_path / "digits.int8.onnx", tmp_path / "r.json"
     res = runner.invoke(
         app,
@@ -340,7 +382,7 @@ def test_demo_model_int8_within_one_point(tmp_path: Path) -> None:
     )
     assert res.exit_code == 0, res.output
     payload = json.loads(report.read_text())
-    # whatever was written is within budget: measure its accuracy on the held-out half ourselves
+    # the written model is within budget: measure its accuracy on the held-out half ourselves
     dataset = load(data, onnx.load(model))
     _, held_out = dataset.split(0.5)
 
@@ -349,10 +391,10 @@ def test_demo_model_int8_within_one_point(tmp_path: Path) -> None:
         logits = np.concatenate([sess.run(None, f)[0] for f in held_out.feeds])
         return float(np.mean(logits.argmax(-1) == held_out.labels))
 
+    assert payload["written"] == "quantized"
+    assert any(n.op_type == "QuantizeLinear" for n in onnx.load(out).graph.node)
     drop = (accuracy(model) - accuracy(out)) * 100
     assert drop <= 1.0
-    if payload["written"] == "quantized":
-        assert any(n.op_type == "QuantizeLinear" for n in onnx.load(out).graph.node)
 
 
 @pytest.mark.parametrize(("n", "needed"), [(20, 5), (20, 1), (20, 19), (2, 1), (33, 16)])
@@ -387,3 +429,209 @@ def test_fallback_search_gives_up_when_only_float_would_do() -> None:
                                         evaluate, candidates, "int8", (None, None))
     assert chosen is None and last[0] == 8
     assert [c.float_layers.__len__() for c in candidates] == [1, 2, 4, 8]
+
+
+def _flip_a_weight_in(monkeypatch: pytest.MonkeyPatch, cls: type) -> None:
+    """Make a level-1 pass miscompile: negate the first 2-D weight, once."""
+    import onnx_graphsurgeon as gs
+
+    real_run = cls.run
+    done: list[bool] = []
+
+    def run(self: Any, graph: Any, ctx: Any) -> Any:
+        result = real_run(self, graph, ctx)
+        if not done:
+            w = next(
+                t for t in graph.tensors().values()
+                if isinstance(t, gs.Constant) and t.values.ndim == 2
+            )
+            w.values = -w.values
+            done.append(True)
+        return result
+
+    monkeypatch.setattr(cls, "run", run)
+
+
+def test_lossless_miscompile_is_refused_and_nothing_written(
+    mlp: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from onnxopt.passes.fuse_matmul_add import FuseMatMulAddPass
+
+    from onnxopt.errors import ValidationError
+
+    _flip_a_weight_in(monkeypatch, FuseMatMulAddPass)
+    model, data = mlp
+    out = tmp_path / "o.onnx"
+    with pytest.raises(ValidationError, match="lossless passes") as err:
+        compress(model, out, "dynamic", calibration_data=data, measure=never_measure, **LOOSE)
+    assert "against the source model" in str(err.value)
+    assert "nothing was written" in str(err.value)
+    assert not out.exists()
+    assert not list(tmp_path.glob(".onnxopt-*"))
+
+
+def test_written_model_is_validated_against_the_source(
+    mlp: tuple[Path, Path], tmp_path: Path
+) -> None:
+    model, data = mlp
+    result = compress(
+        model, tmp_path / "o.onnx", "dynamic", calibration_data=data,
+        measure=fake_measure(1.0, 0.5), **LOOSE,
+    )
+    assert result.written == "quantized"
+    assert result.lossless_validation is not None
+    assert result.lossless_validation.tolerance.exact
+    assert result.validation is not None
+    assert not result.validation.tolerance.exact
+    assert result.validation_passed  # within budget against the source, not only the float model
+    assert result.validation_detail == "fidelity floor holds on every output"
+    assert result.validation.samples == result.evaluation_samples
+
+
+def test_written_float_model_is_checked_with_the_lossless_tolerance(
+    mlp: tuple[Path, Path], tmp_path: Path
+) -> None:
+    model, data = mlp
+    result = compress(
+        model, tmp_path / "o.onnx", "dynamic", calibration_data=data,
+        measure=fake_measure(1.0, 2.0), **LOOSE,
+    )
+    assert result.written == "float"
+    assert result.validation is not None
+    assert result.validation.tolerance.exact
+    assert result.validation_passed
+    assert result.validation_detail == "outputs within atol 0.0001 rtol 0.001"
+
+
+@pytest.mark.parametrize(
+    "unusable",
+    [
+        None,  # not checked by onnxopt.data: compress runs the source itself
+        "input 'x': generated [2, 31] but the model needs 32 columns",
+        "the original model fails on generated inputs (x=2x31): the model needs 32 columns",
+    ],
+)
+def test_lossy_methods_refuse_generated_inputs_the_source_fails_on(
+    mlp: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, unusable: str | None
+) -> None:
+    from onnxopt.data import Dataset
+    from onnxopt.errors import OnnxoptError
+
+    def generate(model: Any, count: int = 8, pins: Any = None, seed: int = 0) -> Dataset:
+        # one column short of x's 32: the source model itself cannot run on these
+        feeds = [{"x": np.zeros((2, 31), np.float32)} for _ in range(count)]
+        ds = Dataset(feeds, generated=True, source=f"generated (seed {seed})")
+        ds.unusable = unusable  # what onnxopt.data found when it ran the model on them
+        return ds
+
+    monkeypatch.setattr(compress_mod.data_mod, "generate", generate)
+    model, _ = mlp
+    out = tmp_path / "o.onnx"
+    with pytest.raises(OnnxoptError) as err:
+        compress(model, out, "int8", measure=never_measure)
+    message = str(err.value)
+    assert "\n" not in message
+    assert message.startswith("the original model fails on")
+    assert message.count("the original model fails") == 1
+    assert "generated inputs" in message
+    assert "--calibration-data/--data" in message
+    assert "needs 32 columns" in message or "Expected: 32" in message
+    assert not out.exists()
+    res = runner.invoke(app, ["optimize", str(model), "--quantize", "dynamic", "-o", str(out)])
+    assert res.exit_code == 1
+    assert res.output.startswith("onnxopt: error: the original model fails on")
+    assert len(res.output.strip().splitlines()) == 1
+    assert not out.exists()
+
+
+def _quantize_cli(model: Path, data: Path, out: Path, *extra: str) -> Any:
+    """``--quantize dynamic`` on labelled data with a budget the quantized model meets."""
+    return runner.invoke(
+        app,
+        ["optimize", str(model), "--quantize", "dynamic", "--data", str(data),
+         "--max-accuracy-drop", "10", "-o", str(out), "--repeats", "3", *extra],
+    )
+
+
+def test_cli_quantize_rejects_no_validate(
+    mlp: tuple[Path, Path], labelled: Path, tmp_path: Path
+) -> None:
+    model, data = mlp[0], labelled
+    out = tmp_path / "o.onnx"
+    res = _quantize_cli(model, data, out, "--no-validate")
+    assert res.exit_code == 1
+    assert res.output.startswith("onnxopt: error: --quantize needs validation")
+    assert len(res.output.strip().splitlines()) == 1
+    assert not out.exists()
+
+
+def test_cli_quantize_no_bench_needs_force(
+    mlp: tuple[Path, Path], labelled: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model, data = mlp[0], labelled
+    out, report = tmp_path / "o.onnx", tmp_path / "r.json"
+    monkeypatch.setattr(compress_mod, "_default_measure", lambda *_: never_measure)
+    res = _quantize_cli(model, data, out, "--no-bench")
+    assert res.exit_code == 1
+    assert res.output.startswith("onnxopt: error: --no-bench")
+    assert "--force" in res.output
+    assert len(res.output.strip().splitlines()) == 1
+    assert not out.exists()
+    res = _quantize_cli(model, data, out, "--no-bench", "--force", "--report", str(report))
+    assert res.exit_code == 0, res.output
+    payload = json.loads(report.read_text())
+    assert payload["written"] == "quantized"
+    assert "latency not measured (--no-bench)" in payload["reason"]
+    assert all(c["latency_ms"] is None for c in payload["candidates"])
+    assert ops(out)["MatMulInteger"] == 3
+
+
+def test_cli_quantize_honours_verify_each(
+    mlp: tuple[Path, Path], labelled: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model, data = mlp[0], labelled
+    seen: list[tuple[tuple[str, ...], bool]] = []
+    real_init = compress_mod.PassManager.__init__
+
+    def init(self: Any, *args: Any, **kw: Any) -> None:
+        real_init(self, *args, **kw)
+        seen.append((self.pipeline, self.verify_each))
+
+    monkeypatch.setattr(compress_mod.PassManager, "__init__", init)
+    monkeypatch.setattr(compress_mod, "_default_measure", lambda *_: fake_measure(1, 0.5))
+    res = _quantize_cli(model, data, tmp_path / "o.onnx", "--verify-each")
+    assert res.exit_code == 0, res.output
+    assert seen[0][0][0] == "eliminate-identity"  # the lossless preset comes first
+    assert all(verify for _, verify in seen)
+
+
+def test_cli_quantize_honours_atol_rtol_for_the_lossless_step(
+    mlp: tuple[Path, Path], labelled: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model, data = mlp[0], labelled
+    real_run = compress_mod.PassManager.run
+
+    def nudging_run(self: Any, m: onnx.ModelProto, **kw: Any) -> Any:
+        result, report = real_run(self, m, **kw)
+        if self.preset:  # the lossless step: move every bias by 2e-3
+            for t in result.graph.initializer:
+                if t.name.startswith("b"):
+                    arr = onnx.numpy_helper.to_array(t) + np.float32(2e-3)
+                    t.CopyFrom(onnx.numpy_helper.from_array(arr, t.name))
+        return result, report
+
+    monkeypatch.setattr(compress_mod.PassManager, "run", nudging_run)
+    monkeypatch.setattr(compress_mod, "_default_measure", lambda *_: fake_measure(1, 0.5))
+    out, report = tmp_path / "o.onnx", tmp_path / "r.json"
+    strict = _quantize_cli(model, data, out)
+    assert strict.exit_code == 1
+    assert "onnxopt: error: the lossless passes" in strict.output
+    assert "atol 0.0001" in strict.output
+    assert "rtol 0.001" in strict.output
+    assert not out.exists()
+    loose = _quantize_cli(
+        model, data, out, "--atol", "0.05", "--rtol", "0.002", "--report", str(report)
+    )
+    assert loose.exit_code == 0, loose.output
+    tol = json.loads(report.read_text())["lossless_validation"]["tolerance"]
+    assert (tol["exact"], tol["atol"], tol["rtol"]) == (True, 0.05, 0.002)
