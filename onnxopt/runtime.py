@@ -103,7 +103,8 @@ def run_model(model: ModelRef, feeds: Sequence[dict[str, Any]]) -> list[list[Any
 def ort_message(e: BaseException) -> str:
     """onnxruntime's message on one line, whole, without its code prefix and C++ locations."""
     text = " ".join(str(e).split())
-    text = re.sub(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ", "", text)
+    # the code prefix also appears inside a message ("Exception during initialization: [...")
+    text = re.sub(r"\[ONNXRuntimeError\] : \d+ : \w+ : ", "", text)
     return _strip_source_locations(text) or type(e).__name__
 
 

@@ -267,3 +267,16 @@ def test_full_backend_suite_has_no_crash_or_wrong() -> None:
     assert counts[bs.PRESERVED] + counts[bs.CHANGED] > 1000
     bugs = [f"{r.outcome} {r.name}: {r.reason}" for r in results if r.outcome in bs.BUGS]
     assert bugs == []
+
+
+@pytest.mark.slow
+def test_full_backend_suite_no_data_mode() -> None:
+    # the bar: >= 99% of the cases onnxruntime runs are written with no data at all
+    results = bs.run_suite(bs.load_cases(), processes=2, mode=bs.NO_DATA)
+    counts = bs.counts(results)
+    bugs = [f"{r.outcome} {r.name}: {r.reason}" for r in results if r.outcome in bs.BUGS]
+    assert bugs == []
+    runnable = len(results) - counts[bs.ORT_UNSUPPORTED] - counts[bs.ORT_MISMATCH]
+    written = counts[bs.PRESERVED] + counts[bs.CHANGED]
+    refused = [f"{r.name}: {r.reason}" for r in results if r.outcome == bs.REFUSED]
+    assert written >= 0.99 * runnable, refused

@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import ml_dtypes
 import numpy as np
@@ -119,6 +120,44 @@ def test_failing_run_logs_nothing_to_stderr() -> None:
     assert done.stdout.count("raised: onnxruntime failed to run the model") == 2
     assert "[E:onnxruntime" not in done.stderr
     assert "\x1b[" not in done.stderr
+
+
+def _failing_for_any_input(op: str) -> onnx.ModelProto:
+    """Gather at a constant index out of range (fails at run), Mod by a constant 0 (at load)."""
+    if op == "Gather":
+        const = onnx.numpy_helper.from_array(np.array([10], np.int64), "c")
+        dtype, out_shape = TensorProto.FLOAT, [1, 3]
+    else:
+        const = onnx.numpy_helper.from_array(np.zeros(3, np.int32), "c")
+        dtype, out_shape = TensorProto.INT32, [2, 3]
+    return _model(
+        [helper.make_node(op, ["x", "c"], ["y"])],
+        [helper.make_tensor_value_info("x", dtype, [2, 3])],
+        [helper.make_tensor_value_info("y", dtype, out_shape)],
+        initializers=[const],
+    )
+
+
+@pytest.mark.parametrize("op", ["Gather", "Mod"])
+def test_cli_on_a_failing_model_keeps_ort_logs_off_the_console(tmp_path: Path, op: str) -> None:
+    # the whole product path (fold-constants' own sessions, validation, measurement)
+    path = tmp_path / "bad.onnx"
+    onnx.save_model(_failing_for_any_input(op), path)
+    done = subprocess.run(
+        [sys.executable, "-m", "onnxopt", "optimize", str(path), "-o", str(tmp_path / "out.onnx")],
+        capture_output=True, text=True, timeout=300,
+    )
+    console = done.stdout + done.stderr
+    assert "[E:onnxruntime" not in console
+    assert "\x1b[1;31m" not in console
+    assert "[ONNXRuntimeError]" not in console
+
+
+def test_code_prefix_inside_a_message_is_dropped() -> None:
+    with pytest.raises(OnnxoptError) as info:
+        runtime.session(_failing_for_any_input("Mod"))
+    assert str(info.value) == ("onnxruntime cannot load the model: "
+                               "Exception during initialization: Integer modulo by zero")
 
 
 def test_bfloat16_inputs_and_outputs() -> None:
