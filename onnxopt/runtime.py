@@ -36,8 +36,9 @@ _RUN_OPTIONS.log_severity_level = _FATAL
 
 # element types that go through OrtValues as raw bytes: onnx type string -> ml_dtypes dtype
 _BYTE_TYPES = {
-    f"tensor({name})": np.dtype(onnx.helper.tensor_dtype_to_np_dtype(getattr(onnx.TensorProto, name.upper())))
-    for name in ("bfloat16", "float8e4m3fn", "float8e4m3fnuz", "float8e5m2", "float8e5m2fnuz")
+    f"tensor({name.lower()})": np.dtype(
+        onnx.helper.tensor_dtype_to_np_dtype(getattr(onnx.TensorProto, name)))
+    for name in ("BFLOAT16", "FLOAT8E4M3FN", "FLOAT8E4M3FNUZ", "FLOAT8E5M2", "FLOAT8E5M2FNUZ")
 }
 _BYTE_DTYPES = frozenset(_BYTE_TYPES.values())
 
@@ -161,9 +162,9 @@ def _run_ort_values(sess: ort.InferenceSession, feed: dict[str, Any]) -> list[An
             values[name] = ort.OrtValue.ortvalue_from_numpy_with_onnx_type(raw, elem)
         else:
             values[name] = ort.OrtValue.ortvalue_from_numpy(np.asarray(v))
-    outputs = sess.get_outputs()
+    outputs = sess.run_with_ort_values(None, values, _RUN_OPTIONS)
     results = []
-    for value, out in zip(sess.run_with_ort_values(None, values, _RUN_OPTIONS), outputs, strict=True):
+    for value, out in zip(outputs, sess.get_outputs(), strict=True):
         dtype = _BYTE_TYPES.get(out.type)
         if dtype is None:
             results.append(value.numpy())
