@@ -261,10 +261,10 @@ def compress(
             f"upgraded the model from opset {opset_of(model)} to {min_opset} ({pass_name} needs it)"
         )
         model = upgrade_opset(model, min_opset)
-    calib, evaluation, warnings = _datasets(
-        model, method, calibration_data, eval_data, input_shapes, seed
+    calib, evaluation, warnings, input_notes = _datasets(
+        model, src, method, calibration_data, eval_data, input_shapes, seed
     )
-    _require_usable(src, (calib, evaluation))
+    notes += input_notes
 
     say("lossless passes")
     preset, _ = resolve(level, None)
@@ -528,13 +528,18 @@ def _sensitivity(
 
 def _datasets(
     model: onnx.ModelProto,
+    src: Path,
     method: str,
     calibration_data: Any,
     eval_data: Any,
     input_shapes: Mapping[str, Sequence[int]] | None,
     seed: int,
-) -> tuple[Dataset | None, Dataset, list[str]]:
-    """(calibration, evaluation, warnings): disjoint whenever the method calibrates."""
+) -> tuple[Dataset | None, Dataset, list[str], list[str]]:
+    """(calibration, evaluation, warnings, notes): disjoint whenever the method calibrates.
+
+    Generated inputs are synthesized on the source model (dynamic dims probed on it); the
+    notes say which shapes were chosen.
+    """
     warnings: list[str] = []
 
     def load(d: Any) -> Dataset | None:
@@ -550,15 +555,20 @@ def _datasets(
             "budget is only a fidelity check on noise. Pass --calibration-data (and --data with "
             "labels) from your real inputs."
         )
-        generated = data_mod.generate(model, count=16, pins=input_shapes, seed=seed)
-        evaluation = data_mod.generate(model, count=16, pins=input_shapes, seed=seed + 1)
-        return (generated if needs_calib else None), evaluation, warnings
+        generated = data_mod.synthesize(
+            model, src, count=32 if needs_calib else 16, pins=input_shapes, seed=seed
+        )
+        _require_usable(src, generated)
+        if not needs_calib:
+            return None, generated, warnings, list(generated.notes)
+        first, second = generated.split(0.5)
+        return first, second, warnings, list(generated.notes)
     if not needs_calib:
         # nothing is fitted to the data, so every given sample can evaluate
         merged = evaluation if evaluation is not None else calib
-        return None, merged, warnings
+        return None, merged, warnings, []
     if calib is not None and evaluation is not None:
-        return calib, evaluation, warnings
+        return calib, evaluation, warnings, []
     single = calib if calib is not None else evaluation
     if len(single) < 2:
         raise InputDataError(
@@ -567,35 +577,31 @@ def _datasets(
         )
     first, second = single.split(0.5)
     warnings.append(f"split {single.source}: {len(first)} feeds calibrate, {len(second)} evaluate")
-    return first, second, warnings
+    return first, second, warnings, []
 
 
-def _require_usable(src: Path, datasets: Sequence[Dataset | None]) -> None:
-    """Refuse generated inputs that the source model fails on: lossy methods are judged on them."""
-    checked: list[Dataset] = []
-    sess = None
-    for ds in datasets:
-        if ds is None or not ds.generated or any(ds is c for c in checked):
-            continue
-        checked.append(ds)
-        # onnxopt.data.synthesize says why the source fails on its feeds; None may also mean
-        # "not checked" (``generate`` does not run the model), so run the source to be sure
-        why = getattr(ds, "unusable", None)
-        if why is None:
-            sess = sess or session(src)
-            try:
-                for feed in ds.feeds:
-                    run(sess, feed)
-            except OnnxoptError as e:
-                why = str(e)
-        if why:
-            reason = " ".join(str(why).split())  # one line, nothing cut
-            if not reason.startswith("the original model fails"):
-                reason = f"the original model fails on the generated inputs ({reason})"
-            raise InputDataError(
-                f"{reason}; lossy methods are only judged on inputs it accepts: pass real ones "
-                "with --calibration-data/--data"
-            )
+def _require_usable(src: Path, ds: Dataset) -> None:
+    """Refuse generated inputs that the source model fails on: lossy methods are judged on them.
+
+    ``synthesize`` runs the source on the first feed only (``unusable`` says why it failed);
+    the others are run here, so no later step meets the source's own error.
+    """
+    why = ds.unusable
+    if why is None:
+        sess = session(src)
+        try:
+            for feed in ds.feeds:
+                run(sess, feed)
+        except OnnxoptError as e:
+            why = str(e)
+    if why:
+        reason = " ".join(why.split())  # one line, nothing cut
+        if not reason.startswith("the original model fails"):
+            reason = f"the original model fails on the generated inputs ({reason})"
+        raise InputDataError(
+            f"{reason}; lossy methods are only judged on inputs it accepts: pass real ones "
+            "with --calibration-data/--data"
+        )
 
 
 def _lossless_failure(

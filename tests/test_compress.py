@@ -222,6 +222,7 @@ def test_over_budget_everywhere_writes_float_and_says_so(tmp_path: Path) -> None
     assert all(not c.within_budget for c in result.candidates[1:])
     assert all(c.latency_ms is None for c in result.candidates)  # never timed
     assert any("GENERATED" in w for w in result.warnings)
+    assert any(n.startswith("input 'x' dim 0 ('N') = ") for n in result.notes)  # as probed
 
 
 def test_fp16_keeps_float32_io(tmp_path: Path) -> None:
@@ -506,7 +507,7 @@ def test_written_float_model_is_checked_with_the_lossless_tolerance(
 @pytest.mark.parametrize(
     "unusable",
     [
-        None,  # not checked by onnxopt.data: compress runs the source itself
+        None,  # the first feed ran (as if): compress runs the source on all of them
         "input 'x': generated [2, 31] but the model needs 32 columns",
         "the original model fails on generated inputs (x=2x31): the model needs 32 columns",
     ],
@@ -517,14 +518,15 @@ def test_lossy_methods_refuse_generated_inputs_the_source_fails_on(
     from onnxopt.data import Dataset
     from onnxopt.errors import OnnxoptError
 
-    def generate(model: Any, count: int = 8, pins: Any = None, seed: int = 0) -> Dataset:
+    def synthesize(
+        model: Any, reference: Any, count: int = 8, pins: Any = None, seed: int = 0
+    ) -> Dataset:
         # one column short of x's 32: the source model itself cannot run on these
         feeds = [{"x": np.zeros((2, 31), np.float32)} for _ in range(count)]
-        ds = Dataset(feeds, generated=True, source=f"generated (seed {seed})")
-        ds.unusable = unusable  # what onnxopt.data found when it ran the model on them
-        return ds
+        # unusable: what onnxopt.data found when it ran the model on the first feed
+        return Dataset(feeds, generated=True, source=f"generated (seed {seed})", unusable=unusable)
 
-    monkeypatch.setattr(compress_mod.data_mod, "generate", generate)
+    monkeypatch.setattr(compress_mod.data_mod, "synthesize", synthesize)
     model, _ = mlp
     out = tmp_path / "o.onnx"
     with pytest.raises(OnnxoptError) as err:
