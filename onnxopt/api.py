@@ -333,7 +333,9 @@ def _strict_shapes(model: onnx.ModelProto) -> str | None:
 
 
 def _shapes_of(dataset: data_mod.Dataset) -> dict[str, tuple[int, ...]]:
-    return {k: tuple(v.shape) for k, v in dataset.feeds[0].items()} if dataset.feeds else {}
+    if not dataset.feeds:
+        return {}
+    return {k: tuple(v.shape) for k, v in dataset.feeds[0].items() if isinstance(v, np.ndarray)}
 
 
 def _file_size(path: Path) -> int:

@@ -165,7 +165,7 @@ def check_pins(specs: Sequence[InputSpec], pins: Mapping[str, Sequence[int]]) ->
                 f"--input-shape {name}: rank {len(dims)} but the model declares rank {len(spec.shape)}"
             )
         for i, (p, d) in enumerate(zip(dims, spec.shape)):
-            if isinstance(d, int) and d > 0 and p != d:
+            if isinstance(d, int) and p != d:
                 raise InputDataError(f"--input-shape {name}: dim {i} is {p} but the model fixes it to {d}")
 
 
@@ -176,7 +176,7 @@ def dynamic_dims(specs: Sequence[InputSpec], pins: Mapping[str, Sequence[int]]) 
             continue
         rank = len(s.shape)
         for axis, d in enumerate(s.shape):
-            if isinstance(d, int) and d > 0:
+            if isinstance(d, int):
                 continue
             param = d if isinstance(d, str) else None
             spatial = bool(param and _SPATIAL.search(param)) or (rank >= 3 and axis >= 2 and not (
@@ -270,7 +270,7 @@ def concrete_shapes(specs: Sequence[InputSpec], pins: Mapping[str, Sequence[int]
                 f"pin it with --input-shape {s.name}=1,3,224,224 (its real dims)"
             )
         shapes[s.name] = tuple(
-            d if isinstance(d, int) and d > 0 else choice[_group(Dim(s.name, a, d if isinstance(d, str) else None,
+            d if isinstance(d, int) else choice[_group(Dim(s.name, a, d if isinstance(d, str) else None,
                                                                       False))]
             for a, d in enumerate(s.shape)
         )
@@ -304,9 +304,9 @@ def _notes(specs: Sequence[InputSpec], pins: Mapping[str, Sequence[int]], groups
     if notes:
         notes.append("pin other sizes with " + " ".join(
             f"--input-shape {s.name}=" + ",".join(
-                str(d) if isinstance(d, int) and d > 0 else (d or "N") for d in s.shape)
+                str(d) if isinstance(d, int) else (d or "N") for d in s.shape)
             for s in specs if s.shape is not None and s.name not in pins
-            and any(not (isinstance(d, int) and d > 0) for d in s.shape)))
+            and any(not (isinstance(d, int)) for d in s.shape)))
     return notes
 
 
@@ -380,7 +380,7 @@ def _find_role(model: onnx.ModelProto, name: str, uses: Mapping[str, list[tuple[
                 formal = _formal(model, node, index)
                 if node.op_type in ("Div", "Mod") and formal == "B" and node.domain in ("", "ai.onnx"):
                     return Role("divisor", node.op_type, formal, node, path)
-                role = _ROLE_OF_FORMAL.get(formal)
+                role = _ROLE_OF_FORMAL.get(formal) if formal != "K" or node.op_type == "TopK" else None
                 if role and node.domain in ("", "ai.onnx"):
                     return Role(role, node.op_type, formal, node, path)
                 if node.op_type in _PASS_ON and node.domain in ("", "ai.onnx") and (
