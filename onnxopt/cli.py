@@ -216,7 +216,7 @@ def optimize(
                                    "use --quantize or --pass, not both")
             _compress(model, output, quantize, data, calibration_data, shapes, level, max_accuracy_drop,
                       min_cosine, force, threads, repeats, report, seed, dry_run, validate=validate,
-                      bench=bench, verify_each=verify_each, atol=atol, rtol=rtol)
+                      bench=bench, verify_each=verify_each, atol=atol, rtol=rtol, quiet=quiet)
             return
         preset, explicit = resolve(level, passes)
         if dry_run:
@@ -250,6 +250,7 @@ def _compress(
     min_cosine: float | None, force: bool, threads: int, repeats: int, report: Path | None,
     seed: int, dry_run: bool, *, validate: bool = True, bench: bool = True,
     verify_each: bool = False, atol: float | None = None, rtol: float | None = None,
+    quiet: bool = False,
 ) -> None:
     from onnxopt.api import _write_json, default_output
     from onnxopt.compress import DEFAULT_MIN_COSINE, METHODS, compress
@@ -281,43 +282,78 @@ def _compress(
             exact_tolerance=exact, verify_each=verify_each, seed=seed,
             progress=lambda msg: status.update(msg),
         )
-    for w in result.warnings:
+    for w in dict.fromkeys(result.warnings):
         err.print(f"[bold yellow]WARNING:[/bold yellow] {w}", soft_wrap=True)
-    print_compress_result(result)
+    print_compress_result(result, quiet)
     if report is not None:
         _write_json(report, result.to_dict())
 
 
-def print_compress_result(result: Any) -> None:
-    """Candidates (accuracy, fidelity, latency, size, verdict), sensitivity, and the decision."""
-    table = Table(title=f"Compression ({result.method}): evaluated on {result.evaluation_samples} feeds "
-                  f"from {result.evaluation_source}", title_justify="left")
-    for col in ("candidate", "accuracy", "drop", "min cosine", "top-1 agree", "expected", "latency", "size",
-                "verdict"):
-        table.add_column(col, justify="left" if col in ("candidate", "verdict") else "right")
-    for c in result.candidates:
-        table.add_row(
-            c.label, "-" if c.accuracy is None else f"{c.accuracy:.2%}",
-            "-" if c.accuracy_drop_pp is None else f"{c.accuracy_drop_pp:+.2f} pt",
-            _bounded(c.min_cosine, c.min_cosine_low, ".5f"),
-            "-" if c.min_top1 is None else f"{c.min_top1:.2%}",
-            _bounded(c.min_top1_expected, c.min_top1_expected_low, ".2%"),
-            "-" if c.latency_ms is None else f"{c.latency_ms:.3f} ms", _fmt_bytes(c.size_bytes), c.verdict,
-        )
-    out.print(table)
-    if result.sensitivity:
-        sens = Table(title="Per-layer sensitivity (1 - cosine with only that layer quantized)", title_justify="left")
-        for col in ("layer", "1 - cosine", "kept in float"):
-            sens.add_column(col, justify="left" if col == "layer" else "right")
-        for name, value in sorted(result.sensitivity.items(), key=lambda kv: -kv[1]):
-            sens.add_row(name, f"{value:.3g}", "yes" if name in result.float_layers else "")
-        out.print(sens)
-    for note in result.notes:
-        out.print(f"note: {note}", markup=False)
-    if result.float_layers:
-        out.print("layers kept in float: " + ", ".join(result.float_layers), markup=False)
-    out.print(result.reason, markup=False, soft_wrap=True)
-    out.print(f"wrote {result.output} ({result.written} model)", markup=False)
+def print_compress_result(result: Any, quiet: bool = False) -> None:
+    """One candidates table (only the columns with values), the top sensitivities, the decision."""
+    if not quiet:
+        _print_candidates(result)
+        if result.sensitivity:
+            _print_sensitivity(result.sensitivity, result.float_layers)
+        for note in dict.fromkeys(result.notes):
+            out.print(f"note: {note}", markup=False, soft_wrap=True)
+    out.print(f"decision: {result.reason}", markup=False, soft_wrap=True)
+    check = "" if result.validation_passed is None else (
+        "; against the source: " + ("" if result.validation_passed else "OVER BUDGET: ")
+        + result.validation_detail)
+    out.print(f"wrote {result.output} ({result.written} model){check}",
+              markup=False, soft_wrap=True)
+
+
+SENSITIVITY_ROWS = 10  # the console shows the most sensitive layers; the JSON report has them all
+
+
+def _print_candidates(result: Any) -> None:
+    # titles as plain lines: a table title wraps to the table's width
+    out.print(f"Compression ({result.method}) on {result.evaluation_samples} feeds from "
+              f"{result.evaluation_source}; budget: {result.budget}", markup=False, soft_wrap=True)
+    header = ["candidate", "accuracy", "drop", "min cosine", "top-1 agree", "expected top-1",
+              "latency", "size", "verdict"]
+    rows = [[
+        c.label,
+        "" if c.accuracy is None else f"{c.accuracy:.2%}",
+        "" if c.accuracy_drop_pp is None else f"{c.accuracy_drop_pp:+.2f} pt",
+        _bounded(c.min_cosine, c.min_cosine_low, ".5f"),
+        "" if c.min_top1 is None else f"{c.min_top1:.2%}",
+        "" if c.min_top1_expected is None else
+        _bounded(c.min_top1_expected, c.min_top1_expected_low, ".2%"),
+        "" if c.latency_ms is None else f"{c.latency_ms:.3f} ms",
+        _fmt_bytes(c.size_bytes),
+        c.verdict,
+    ] for c in result.candidates]
+    out.print(_compact_table(header, rows, left=("candidate", "verdict")))
+
+
+def _print_sensitivity(sensitivity: dict[str, float], float_layers: list[str]) -> None:
+    ranked = sorted(sensitivity.items(), key=lambda kv: -kv[1])
+    shown = ranked[:SENSITIVITY_ROWS]
+    more = len(ranked) - len(shown)
+    out.print("Sensitivity: 1 - cosine with only that layer quantized"
+              + (f" (top {len(shown)} of {len(ranked)})" if more else ""), markup=False)
+    rows = [[name, f"{value:.3g}", "yes" if name in float_layers else ""] for name, value in shown]
+    out.print(_compact_table(["layer", "1 - cosine", "kept in float"], rows, left=("layer",)))
+    if more:
+        out.print(f"... {more} more (all in the --report JSON)", markup=False)
+    if set(float_layers) - {name for name, _ in shown}:
+        out.print("kept in float: " + ", ".join(float_layers), markup=False, soft_wrap=True)
+
+
+def _compact_table(header: list[str], rows: list[list[str]], left: tuple[str, ...]) -> Table:
+    """A table without the columns that are empty in every row; cells are plain text, not markup."""
+    from rich.text import Text
+
+    keep = [i for i in range(len(header)) if i == 0 or any(r[i] not in ("", "-") for r in rows)]
+    table = Table()
+    for i in keep:
+        table.add_column(header[i], justify="left" if header[i] in left else "right")
+    for r in rows:
+        table.add_row(*(Text(r[i]) for i in keep))
+    return table
 
 
 @app.command()

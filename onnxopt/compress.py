@@ -406,9 +406,13 @@ def compress(
         cand.verdict = "within budget, not chosen" if cand.within_budget else "over budget"
 
     if chosen is None:
+        # the closest is the last tried; which outputs fail, by how much, is in its budget_detail
+        closest = last_tried[1]
+        short = closest.budget_detail.split("): ")[0] + (
+            ")" if "): " in closest.budget_detail else "")
         result.reason = (
-            f"no {method} variant is within the accuracy budget "
-            f"({candidates[-1].budget_detail}); wrote the float model after the lossless passes"
+            f"no {method} variant is within the accuracy budget (closest: {closest.label}, "
+            f"{short}); wrote the float model after the lossless passes"
         )
         if force:
             return _forced(result, last_tried, float_cand, write)

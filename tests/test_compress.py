@@ -637,3 +637,35 @@ def test_cli_quantize_honours_atol_rtol_for_the_lossless_step(
     assert loose.exit_code == 0, loose.output
     tol = json.loads(report.read_text())["lossless_validation"]["tolerance"]
     assert (tol["exact"], tol["atol"], tol["rtol"]) == (True, 0.05, 0.002)
+
+
+def test_cli_quantize_output_is_short_and_says_the_decision_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path, out, report = tmp_path / "deep.onnx", tmp_path / "o.onnx", tmp_path / "r.json"
+    onnx.save(mlp_model(sizes=(32, *[64] * 12, 10), batch="N"), path)
+    monkeypatch.setattr(compress_mod, "_default_measure", lambda *_: fake_measure(1, 0.5))
+    res = runner.invoke(
+        app,
+        ["optimize", str(path), "--quantize", "int4", "--min-cosine", "0.999", "-o", str(out),
+         "--report", str(report)],
+    )
+    assert res.exit_code == 0, res.output
+    payload = json.loads(report.read_text())
+    assert len(payload["sensitivity"]) == 13  # the report keeps every layer
+    assert payload["written"] == "quantized"
+    lines = res.output.splitlines()
+    assert len(lines) < 45
+    header = next(line for line in lines if "candidate" in line)
+    for empty in ("accuracy", "drop"):  # no labels: those columns have no values
+        assert empty not in header
+    assert sum(f"fc{i}_gemm" in res.output for i in range(13)) == 10  # the top 10 only
+    assert "... 3 more (all in the --report JSON)" in res.output
+    assert "below the fidelity floor" not in res.output  # said per candidate in the report only
+    assert len(payload["candidates"]) > 3
+    assert res.output.count("decision: ") == 1
+    assert [line for line in lines if line.startswith("decision: ")] == [
+        f"decision: {payload['reason']}"
+    ]
+    assert res.output.count("note: input 'x' dim 0") == 1
+    assert lines[-1].startswith(f"wrote {out} (quantized model); against the source: ")
