@@ -11,19 +11,34 @@ import contextlib
 import json
 import logging
 import sys
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
+from rich.console import Console, RenderableType
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    SpinnerColumn,
+    Task,
+    TaskID,
+    TextColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
+from rich.text import Text
 
 from onnxopt import __version__
 from onnxopt.errors import OnnxoptError
 
+# plain help (rich_markup_mode=None): the rich help panels print a type such as <bool> beside
+# every flag, --help included; plain help shows each option with its METAVAR, flags without one
 app = typer.Typer(
     no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+    rich_markup_mode=None, context_settings={"help_option_names": ["-h", "--help"]},
     help="Graph-level optimizer for ONNX models: rewrites, validates against the original "
     "in onnxruntime, and measures before and after.",
 )
@@ -52,8 +67,8 @@ def _user_errors(verbose: bool = False) -> Iterator[None]:
 
 
 def _setup_logging(verbose: int, quiet: bool) -> None:
-    level = logging.WARNING if quiet else (logging.DEBUG if verbose > 1 else
-                                           logging.INFO if verbose else logging.WARNING)
+    level = logging.ERROR if quiet else (logging.DEBUG if verbose > 1 else
+                                         logging.INFO if verbose else logging.WARNING)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     logging.getLogger("onnxopt").setLevel(level)
 
@@ -72,12 +87,18 @@ def _root(
     pass
 
 
-Verbose = Annotated[int, typer.Option("--verbose", "-v", count=True, help="More logging (-vv for debug).")]
-Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="Only errors and the final table.")]
+Verbose = Annotated[int, typer.Option("--verbose", "-v", count=True, show_default=False,
+                                      help="More logging (-vv for debug).")]
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", show_default=False,
+                                     help="Print only the one-line summary, warnings and errors.")]
 InputShape = Annotated[
     list[str] | None,
-    typer.Option("--input-shape", help="Pin an input's shape: NAME=1,3,224,224 (repeatable)."),
+    typer.Option("--input-shape", metavar="NAME=1,3,224,224",
+                 help="Pin an input's shape; every dim a positive integer (repeatable)."),
 ]
+Seed = Annotated[int, typer.Option(metavar="N", help="Seed for generated inputs.")]
+DataOption = Annotated[Path | None, typer.Option(
+    metavar="FILE.npz|DIR", help="Inputs (.npz or a directory of .npz); default: generated.")]
 
 
 def _fmt_bytes(n: int | None) -> str:
@@ -108,40 +129,128 @@ def _pct(before: float | None, after: float | None) -> str:
     return f"{(after - before) / before:+.1%}"
 
 
-def print_result(result: Any) -> None:
-    """Per-pass table, then the before/after table."""
-    passes = Table(title="Passes", title_justify="left")
-    for col in ("pass", "runs", "changed", "what it did", "nodes", "params", "seconds"):
-        passes.add_column(col, justify="right" if col in ("runs", "nodes", "params", "seconds") else "left")
-    for row in result.pipeline.summary():
-        stats = ", ".join(f"{k}={v}" for k, v in sorted(row["stats"].items())) or "-"
-        passes.add_row(row["name"], str(row["runs"]), "yes" if row["changed"] else "no", stats,
-                       f"{-row['nodes_removed']:+d}", f"{-row['params_removed']:+d}", f"{row['seconds']:.3f}")
-    out.print(passes)
+def _table(title: str, header: Sequence[str], rows: Sequence[Sequence[str]],
+           left: Collection[str] = ("",)) -> Table:
+    """``_compact_table`` (no empty columns, cells not markup) with a title kept on one line."""
+    table = _compact_table(list(header), [list(r) for r in rows], tuple(left))
+    table.title, table.title_justify, table.min_width = title, "left", len(title)
+    return table
 
+
+def _signed(n: int) -> str:
+    return "" if n == 0 else ("+" if n > 0 else "") + _fmt_int(n)
+
+
+def _fmt_shape(shape: Sequence[int]) -> str:
+    return "x".join(str(d) for d in shape) if len(shape) else "scalar"
+
+
+def _fmt_shapes(shapes: Mapping[str, Sequence[int]]) -> str:
+    return ", ".join(f"{k}={_fmt_shape(v)}" for k, v in shapes.items())
+
+
+def _fmt_pass(p: Any) -> str:
+    """``name(key=value, ...)``: a pass with its options, as ``--pass`` would spell them."""
+    import dataclasses
+
+    options = getattr(p, "options", None)
+    if options is None or not dataclasses.is_dataclass(options):
+        return str(p.name)
+    fields = ", ".join(f"{f.name}={getattr(options, f.name)}" for f in dataclasses.fields(options))
+    return f"{p.name}({fields})" if fields else str(p.name)
+
+
+_SKIPPED = "validation skipped"  # how optimize_file's warning on a skipped validation begins
+
+
+def print_warnings(result: Any) -> None:
+    """Yellow lines above everything else: validation was asked for and could not run."""
+    for w in result.warnings:
+        if w.startswith(_SKIPPED):
+            err.print(Text.assemble(("WARNING:", "bold yellow"), f" {w}"), soft_wrap=True)
+
+
+def print_result(result: Any) -> None:
+    """Input notes, the passes that did something, before/after, validation, then notes."""
+    if result.input_notes:
+        out.print(f"inputs: {result.data_source or 'generated'}", markup=False)
+        for n in result.input_notes:
+            out.print(f"  {n}", markup=False, soft_wrap=True)
+    _print_passes(result.pipeline)
+    _print_before_after(result)
+    if result.validation is not None:
+        _print_validation(result.validation)
+    if result.validation_skipped == "--no-validate":
+        out.print("note: not validated (--no-validate): the written model was not compared with the "
+                  "original", markup=False, soft_wrap=True)
+    elif result.checks:
+        out.print("note: checked instead of validated: " + "; ".join(result.checks), markup=False,
+                  soft_wrap=True)
+    if result.bench_skipped and not any(w.startswith("latency not measured") for w in result.warnings):
+        out.print(f"note: latency not measured ({result.bench_skipped})", markup=False, soft_wrap=True)
+    for w in result.warnings:
+        if not w.startswith(_SKIPPED):  # already said at the top
+            out.print(f"note: {w}", markup=False, soft_wrap=True)
+
+
+def _print_passes(pipeline: Any) -> None:
+    rows, idle = [], []
+    for r in pipeline.summary():
+        if not r["changed"] and not r["stats"]:
+            idle.append(r["name"])
+            continue
+        rows.append([r["name"], str(r["runs"]), ", ".join(f"{k}={v}" for k, v in sorted(r["stats"].items())),
+                     _signed(-r["nodes_removed"]), _signed(-r["params_removed"]), f"{r['seconds']:.3f}"])
+    if rows:
+        out.print(_table("Passes", ["pass", "runs", "what it did", "nodes", "params", "seconds"], rows,
+                         left=("pass", "what it did")))
+    if idle:
+        out.print(("no change: " if rows else "passes: nothing to change (ran ") + ", ".join(idle)
+                  + ("" if rows else ")"), markup=False)
+
+
+def _print_before_after(result: Any) -> None:
     b, a = result.before, result.after
-    table = Table(title="Before / after", title_justify="left")
-    for col in ("", "before", "after", "change"):
-        table.add_column(col, justify="left" if not col else "right")
-    table.add_row("nodes", str(b.nodes), str(a.nodes), _pct(b.nodes, a.nodes))
-    table.add_row("parameters", _fmt_int(b.parameters), _fmt_int(a.parameters), _pct(b.parameters, a.parameters))
-    table.add_row("file size", _fmt_bytes(b.size_bytes), _fmt_bytes(a.size_bytes), _pct(b.size_bytes, a.size_bytes))
-    table.add_row("MACs (est.)", _fmt_int(b.macs), _fmt_int(a.macs), _pct(b.macs, a.macs))
-    lat = result.latency
-    if lat:
-        lb, la = lat["before"], lat["after"]
-        table.add_row(f"latency median ({lb.clock}, {lb.threads} thr)", f"{lb.median_ms:.3f} ms",
-                      f"{la.median_ms:.3f} ms", _pct(lb.median_ms, la.median_ms))
-        table.add_row("latency p90", f"{lb.p90_ms:.3f} ms", f"{la.p90_ms:.3f} ms", _pct(lb.p90_ms, la.p90_ms))
+    rows = [["nodes", str(b.nodes), str(a.nodes), _pct(b.nodes, a.nodes)]]
+    if b.parameters or a.parameters:
+        rows.append(["parameters", _fmt_int(b.parameters), _fmt_int(a.parameters), _pct(b.parameters, a.parameters)])
+    rows.append(["file size", _fmt_bytes(b.size_bytes), _fmt_bytes(a.size_bytes), _pct(b.size_bytes, a.size_bytes)])
+    if b.macs is not None or a.macs is not None:
+        rows.append(["MACs (est.)", _fmt_int(b.macs), _fmt_int(a.macs), _pct(b.macs, a.macs)])
+    title = "Before / after"
+    if result.latency:
+        lb, la = result.latency["before"], result.latency["after"]
+        rows.append(["latency median", f"{lb.median_ms:.3f} ms", f"{la.median_ms:.3f} ms",
+                     _pct(lb.median_ms, la.median_ms)])
+        rows.append(["latency p90", f"{lb.p90_ms:.3f} ms", f"{la.p90_ms:.3f} ms", _pct(lb.p90_ms, la.p90_ms)])
+        clock = "CPU time" if lb.clock == "thread_time" else "wall clock"
+        title += f" (latency: {lb.repeats} runs, {lb.threads} thread{'s' if lb.threads > 1 else ''}, {clock})"
     v = result.validation
     if v is not None and v.accuracy_before is not None:
-        table.add_row("accuracy (labels)", f"{v.accuracy_before:.2%}", f"{v.accuracy_after:.2%}",
-                      f"{(v.accuracy_after - v.accuracy_before) * 100:+.2f} pt")
-    out.print(table)
+        rows.append(["accuracy (labels)", f"{v.accuracy_before:.2%}", f"{v.accuracy_after:.2%}",
+                     f"{(v.accuracy_after - v.accuracy_before) * 100:+.2f} pt"])
+    out.print(_table(title, ["", "before", "after", "change"], rows))
+
+
+def summary_line(result: Any) -> str:
+    """The run in one line: what was written, what changed, and whether it was validated."""
+    b, a = result.before, result.after
+    parts = [f"nodes {b.nodes} -> {a.nodes}", f"size {_fmt_bytes(b.size_bytes)} -> {_fmt_bytes(a.size_bytes)}"]
+    if result.latency:
+        lb, la = result.latency["before"], result.latency["after"]
+        parts.append(f"latency {lb.median_ms:.3f} -> {la.median_ms:.3f} ms ({_pct(lb.median_ms, la.median_ms)})")
+    else:
+        parts.append("latency not measured" + (" (--no-bench)" if result.bench_skipped == "--no-bench" else ""))
+    v = result.validation
     if v is not None:
-        _print_validation(v)
-    for w in result.warnings:
-        out.print(f"note: {w}", markup=False)
+        parts.append(f"validated on {v.samples} feeds from {v.source}")
+        if v.accuracy_before is not None:
+            parts.append(f"accuracy {v.accuracy_before:.2%} -> {v.accuracy_after:.2%}")
+    elif result.validation_skipped == "--no-validate":
+        parts.append("NOT validated (--no-validate)")
+    else:
+        parts.append("NOT validated (see the warning)")
+    return f"wrote {result.output}: " + ", ".join(parts)
 
 
 def _bounded(value: float | None, low: float | None, fmt: str) -> str:
@@ -152,50 +261,120 @@ def _bounded(value: float | None, low: float | None, fmt: str) -> str:
 
 
 def _print_validation(v: Any) -> None:
-    table = Table(title=f"Validation on {v.samples} feeds from {v.source}", title_justify="left")
-    for col in ("output", "max abs", "max rel", "cosine", "top-1 agree", "expected", "result"):
-        table.add_column(col, justify="left" if col == "output" else "right")
-    for o in v.outputs:
-        table.add_row(o.name, f"{o.max_abs:.3g}", f"{o.max_rel:.3g}",
-                      _bounded(o.cosine, o.cosine_low, ".6f"),
-                      "-" if o.top1_agreement is None else f"{o.top1_agreement:.2%}",
-                      _bounded(o.top1_expected, o.top1_expected_low, ".2%"),
-                      "ok" if o.passed else "FAIL")
-    out.print(table)
+    rows = [
+        [o.name, f"{o.max_abs:.3g}", f"{o.max_rel:.3g}", _bounded(o.cosine, o.cosine_low, ".6f"),
+         "-" if o.top1_agreement is None else f"{o.top1_agreement:.2%}",
+         _bounded(o.top1_expected, o.top1_expected_low, ".2%"), o.tolerance or "",
+         "ok" if o.passed else "FAIL"]
+        for o in v.outputs
+    ]
+    header = ["output", "max abs", "max rel", "cosine", "top-1 agree", "expected", "tolerance", "result"]
+    out.print(_table(f"Validation on {v.samples} feeds from {v.source}", header, rows,
+                     left=("output", "tolerance")))
+
+
+class _IfCounted(ProgressColumn):
+    """Shows ``column`` only while the task has a total: a phase without one is a spinner and text."""
+
+    def __init__(self, column: ProgressColumn) -> None:
+        super().__init__()
+        self.column = column
+
+    def render(self, task: Task) -> RenderableType:
+        return self.column.render(task) if task.total else Text("")
+
+
+class _Activity:
+    """What runs now, on stderr and transient: a spinner, and a bar (count, time left) while a loop ticks.
+
+    Disabled (every call a no-op) when stderr is not a terminal or with -q.
+    """
+
+    def __init__(self, enabled: bool) -> None:
+        self.progress = Progress(
+            SpinnerColumn(), TextColumn("{task.description}"),
+            *(_IfCounted(c) for c in (BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())),
+            console=err, transient=True,
+        ) if enabled else None
+        self.task: TaskID | None = None
+
+    def __enter__(self) -> _Activity:
+        if self.progress is not None:
+            self.progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+
+    def say(self, message: str) -> None:
+        """A new phase: its own line, without a bar until it ticks."""
+        if self.progress is None:
+            return
+        if self.task is not None:
+            self.progress.remove_task(self.task)
+        self.task = self.progress.add_task(message, total=None)
+
+    def tick(self, done: int, total: int) -> None:
+        if self.progress is None:
+            return
+        if self.task is None:
+            self.say("working")
+        self.progress.update(self.task, completed=done, total=total or None)  # type: ignore[arg-type]
 
 
 @app.command()
 def optimize(
-    model: Annotated[Path, typer.Argument(help="Input .onnx file.", show_default=False)],
-    output: Annotated[Path | None, typer.Option("--output", "-o", help="Output path. Default: <model>.opt.onnx.")] = None,
+    model: Annotated[Path, typer.Argument(metavar="MODEL", help="Input .onnx file.", show_default=False)],
+    output: Annotated[Path | None, typer.Option(
+        "--output", "-o", metavar="PATH", help="Output path. Default: <model>.opt.onnx.")] = None,
     level: Annotated[int | None, typer.Option(
+        metavar="0|1",
         help="Preset of exact passes (0: cleanup, 1: all lossless). Default 1 unless --pass is given.")] = None,
     passes: Annotated[list[str] | None, typer.Option(
-        "--pass", help="Run a pass by name, name:key=value,key=value (repeatable, in order, after --level).")] = None,
+        "--pass", metavar="NAME[:KEY=VALUE,...]",
+        help="Run a pass by name, with options (repeatable, in order, after --level).")] = None,
     data: Annotated[Path | None, typer.Option(
+        metavar="FILE.npz|DIR",
         help="Validation inputs: .npz named after the model inputs (first axis = samples; optional "
-        "'labels'), or a directory of .npz feeds.")] = None,
-    calibration_data: Annotated[Path | None, typer.Option(help="Calibration inputs for lossy passes (.npz or directory).")] = None,
+        "'labels'), or a directory of .npz feeds. Default: generated.")] = None,
+    calibration_data: Annotated[Path | None, typer.Option(
+        metavar="FILE.npz|DIR", help="Calibration inputs for lossy passes (.npz or directory).")] = None,
     input_shape: InputShape = None,
-    atol: Annotated[float | None, typer.Option(help="Absolute tolerance for exact pipelines (default 1e-4).")] = None,
-    rtol: Annotated[float | None, typer.Option(help="Relative tolerance for exact pipelines (default 1e-3).")] = None,
-    min_cosine: Annotated[float | None, typer.Option(help="Cosine floor for lossy pipelines (default 0.99).")] = None,
-    validate: Annotated[bool, typer.Option(help="Compare outputs with the original in onnxruntime before writing.")] = True,
-    bench: Annotated[bool, typer.Option(help="Measure latency before and after.")] = True,
-    repeats: Annotated[int, typer.Option(min=3, help="Latency repetitions per model.")] = 100,
-    threads: Annotated[int, typer.Option(min=1, help="onnxruntime intra-op threads for latency.")] = 1,
-    verify_each: Annotated[bool, typer.Option(help="Run onnx.checker after every pass to blame the one that breaks a graph.")] = False,
-    report: Annotated[Path | None, typer.Option(help="Write the full report as JSON.")] = None,
-    dry_run: Annotated[bool, typer.Option(help="Print the resolved pipeline and checks; run nothing.")] = False,
-    seed: Annotated[int, typer.Option(help="Seed for generated inputs.")] = 0,
+    atol: Annotated[float | None, typer.Option(
+        metavar="FLOAT", help="Absolute tolerance for exact pipelines (default 1e-4).")] = None,
+    rtol: Annotated[float | None, typer.Option(
+        metavar="FLOAT", help="Relative tolerance for exact pipelines (default 1e-3).")] = None,
+    min_cosine: Annotated[float | None, typer.Option(
+        metavar="FLOAT", help="Cosine floor for lossy pipelines (default 0.99).")] = None,
+    validate: Annotated[bool, typer.Option(
+        "--validate/--no-validate", show_default=False,
+        help="Compare outputs with the original in onnxruntime before writing (default: on).")] = True,
+    require_validation: Annotated[bool, typer.Option(
+        "--require-validation", show_default=False,
+        help="Fail, writing nothing, when validation cannot run (e.g. generated inputs do not fit "
+        "the model) instead of writing with a warning.")] = False,
+    bench: Annotated[bool, typer.Option(
+        "--bench/--no-bench", show_default=False,
+        help="Measure latency before and after (default: on).")] = True,
+    repeats: Annotated[int, typer.Option(min=3, metavar="N", help="Latency repetitions per model.")] = 100,
+    threads: Annotated[int, typer.Option(min=1, metavar="N", help="onnxruntime intra-op threads for latency.")] = 1,
+    verify_each: Annotated[bool, typer.Option(
+        "--verify-each", show_default=False,
+        help="Run onnx.checker after every pass to blame the one that breaks a graph.")] = False,
+    report: Annotated[Path | None, typer.Option(metavar="FILE.json", help="Write the full report as JSON.")] = None,
+    dry_run: Annotated[bool, typer.Option(
+        "--dry-run", show_default=False,
+        help="Check the model, output directory, pipeline, requirements and input shapes; run nothing.")] = False,
+    seed: Seed = 0,
     quantize: Annotated[str | None, typer.Option(
-        help="Compress: int8 (static QDQ, calibrated), dynamic, int8-weight, int4 or fp16. Kept only "
+        metavar="METHOD", help="Compress: int8 (static QDQ, calibrated), dynamic, int8-weight, int4 or fp16. Kept only "
         "when within the accuracy budget and faster than the float model on this machine.")] = None,
     max_accuracy_drop: Annotated[float | None, typer.Option(
-        help="With --quantize: allowed task-accuracy drop in percentage points (needs 'labels' in the "
+        metavar="POINTS", help="With --quantize: allowed task-accuracy drop in percentage points (needs 'labels' in the "
         "data; default 1.0). Without labels: cosine >= --min-cosine and top-1 agreement >= 98%.")] = None,
     force: Annotated[bool, typer.Option(
-        help="With --quantize: write the quantized model even when it is slower or over budget.")] = False,
+        "--force", show_default=False, help="With --quantize: write the quantized model even when it is slower or over budget.")] = False,
     verbose: Verbose = 0,
     quiet: Quiet = False,
 ) -> None:
@@ -219,13 +398,11 @@ def optimize(
                       bench=bench, verify_each=verify_each, atol=atol, rtol=rtol, quiet=quiet)
             return
         preset, explicit = resolve(level, passes)
+        if require_validation and not validate:
+            raise OnnxoptError("--require-validation and --no-validate contradict each other; drop one")
         if dry_run:
-            out.print("preset (to fixpoint): " + (", ".join(p.name for p in preset) or "none"))
-            out.print("explicit (once each): " + (", ".join(f"{p.name}{p.options}" for p in explicit) or "none"))
-            from onnxopt.manager import check_requirements
-
-            check_requirements(preset + explicit, calibration_data, shapes)
-            out.print("requirements: ok")
+            _dry_run(model, output, preset, explicit, data, calibration_data, shapes,
+                     needs_inputs=validate or bench, quiet=quiet)
             return
         exact = all(p.exact for p in explicit)
         tolerance = Tolerance(
@@ -233,15 +410,78 @@ def optimize(
             rtol=rtol if rtol is not None else EXACT_RTOL,
             min_cosine=min_cosine if min_cosine is not None else LOSSY_MIN_COSINE,
         )
-        with err.status("optimizing", spinner="dots") as status:
+        with _Activity(err.is_terminal and not quiet) as activity:
             result = optimize_file(
                 model, output, level, passes, data=data, calibration_data=calibration_data,
                 input_shapes=shapes, tolerance=tolerance, validate=validate, bench=bench,
                 bench_repeats=repeats, threads=threads, verify_each=verify_each, report_path=report,
-                seed=seed, progress=lambda msg: status.update(msg),
+                seed=seed, progress=activity.say, tick=activity.tick,
+                require_validation=require_validation,
             )
-        print_result(result)
-        out.print(f"wrote {result.output}", markup=False)
+        print_warnings(result)
+        if not quiet:
+            print_result(result)
+        out.print(summary_line(result), markup=False, soft_wrap=True)
+
+
+def _dry_run(
+    model: Path, output: Path | None, preset: Sequence[Any], explicit: Sequence[Any], data: Path | None,
+    calibration_data: Path | None, shapes: Mapping[str, Sequence[int]], needs_inputs: bool, quiet: bool,
+) -> None:
+    """Check all that needs no model run and name every problem at once."""
+    from onnxopt import data as data_mod
+    from onnxopt.api import default_output
+    from onnxopt.graph_utils import node_count
+    from onnxopt.io import load_model, opset_of
+    from onnxopt.manager import check_requirements
+
+    lines: list[str] = []
+    problems: list[str] = []
+
+    def check(fn: Any) -> Any:
+        try:
+            return fn()
+        except OnnxoptError as e:
+            problems.append(str(e))
+            return None
+
+    m = check(lambda: load_model(model))
+    if m is not None:
+        n = node_count(m)
+        lines.append(f"model: {model} ({n} node{'' if n == 1 else 's'}, opset {opset_of(m)})")
+    dst = output or default_output(model)
+    if dst.is_dir():
+        problems.append(f"{dst}: is a directory")
+    elif not dst.parent.exists():
+        problems.append(f"{dst}: directory '{dst.parent}' does not exist")
+    lines.append(f"output: {dst}")
+    if preset:
+        lines.append("passes (to fixpoint): " + ", ".join(p.name for p in preset))
+    if explicit:
+        lines.append(f"passes (once each{', after' if preset else ''}): "
+                     + ", ".join(_fmt_pass(p) for p in explicit))
+    check(lambda: check_requirements([*preset, *explicit], calibration_data, shapes))
+    for flag, path in (("--data", data), ("--calibration-data", calibration_data)):
+        if path is not None and not path.exists():
+            problems.append(f"{flag} {path}: no such file or directory")
+    if m is not None and data is not None and data.exists():
+        dataset = check(lambda: data_mod.load(data, m))
+        if dataset is not None:
+            lines.append(f"inputs: {len(dataset)} feeds from {data}")
+    elif m is not None and needs_inputs:
+        # the dims a run would probe must at least have candidates; say which are tried first
+        resolved = check(lambda: data_mod.resolve_shapes(m, shapes))
+        if resolved is not None:
+            lines.append(f"inputs: generated at {_fmt_shapes(resolved[0]) or 'no inputs'}")
+            lines.extend(f"  {n}" for n in resolved[1])
+    if not quiet:
+        for line in lines:
+            out.print(line, markup=False, soft_wrap=True)
+    if problems:
+        detail = "\n".join("  " + line for p in problems for line in p.splitlines())
+        raise OnnxoptError(f"--dry-run found {len(problems)} problem{'s' if len(problems) > 1 else ''}; "
+                           f"nothing was run\n{detail}")
+    out.print("dry run: ok; nothing was run", markup=False)
 
 
 def _compress(
@@ -358,28 +598,33 @@ def _compact_table(header: list[str], rows: list[list[str]], left: tuple[str, ..
 
 @app.command()
 def inspect(
-    model: Annotated[Path, typer.Argument(help="The .onnx file.", show_default=False)],
+    model: Annotated[Path, typer.Argument(metavar="MODEL", help="The .onnx file.", show_default=False)],
     input_shape: InputShape = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", show_default=False, help="Machine-readable output.")] = False,
 ) -> None:
     """Show MODEL's inputs, outputs, opsets, op histogram, parameters, size and MACs."""
     with _user_errors():
         from onnxopt.bench import model_stats
-        from onnxopt.data import concrete_shape, model_inputs, parse_input_shapes
+        from onnxopt.data import model_inputs, parse_input_shapes, resolve_shapes
         from onnxopt.io import load_model
 
         m = load_model(model)
         pins = parse_input_shapes(input_shape)
-        symbols: dict[str, int] = {}
-        shapes = {}
-        for spec in model_inputs(m):
-            with contextlib.suppress(OnnxoptError):
-                shapes[spec.name] = concrete_shape(spec, pins, symbols)
+        shapes: dict[str, tuple[int, ...]] = {}
+        unresolved = ""
+        try:
+            shapes = resolve_shapes(m, pins)[0]
+        except OnnxoptError as e:
+            if pins:  # the shapes asked for do not fit: say why
+                raise
+            unresolved = str(e)
         size = model.stat().st_size
         data_file = model.with_name(model.name + ".data")
-        stats = model_stats(m, shapes, size_bytes=size)
+        stats = model_stats(m, shapes if not unresolved else {}, size_bytes=size)
+        macs = stats.macs if not unresolved else None
+        inits = {t.name for t in m.graph.initializer}
         info = {
-            "inputs": [_vi(v) for v in m.graph.input if v.name not in {t.name for t in m.graph.initializer}],
+            "inputs": [_vi(v) for v in m.graph.input if v.name not in inits],
             "outputs": [_vi(v) for v in m.graph.output],
             "opsets": {(i.domain or "ai.onnx"): i.version for i in m.opset_import},
             "ir_version": m.ir_version,
@@ -387,31 +632,50 @@ def inspect(
             "functions": [f"{f.domain}::{f.name}" for f in m.functions],
             "metadata": {p.key: p.value for p in m.metadata_props},
             **stats.to_dict(),
+            "macs": macs,
+            "macs_input_shapes": {k: list(v) for k, v in shapes.items()} if macs is not None else None,
             "file_bytes": size,
             "external_data_bytes": data_file.stat().st_size if data_file.exists() else 0,
         }
         if as_json:
             out.print_json(json.dumps(info))
             return
-        out.print(f"[bold]{model}[/bold]  IR {m.ir_version}, opsets "
+        out.print(Text.assemble((str(model), "bold"), f"  IR {m.ir_version}, opsets "
                   + ", ".join(f"{k} {v}" for k, v in info["opsets"].items())
-                  + (f", producer {info['producer']}" if info["producer"] else ""))
-        io_table = Table(title="Inputs and outputs", title_justify="left")
-        for col in ("", "name", "dtype", "shape"):
-            io_table.add_column(col)
-        for kind, items in (("in", info["inputs"]), ("out", info["outputs"])):
-            for v in items:
-                io_table.add_row(kind, v["name"], v["dtype"], v["shape"])
-        out.print(io_table)
+                  + (f", producer {info['producer']}" if info["producer"] else "")))
+        rows = [[kind, v["name"], v["dtype"], v["shape"]]
+                for kind, items in (("in", info["inputs"]), ("out", info["outputs"])) for v in items]
+        out.print(_table("Inputs and outputs", ["", "name", "dtype", "shape"], rows,
+                         left=("", "name", "dtype", "shape")))
         out.print(f"nodes {stats.nodes}, parameters {_fmt_int(stats.parameters)}, size "
-                  f"{_fmt_bytes(size + info['external_data_bytes'])}, MACs "
-                  f"{_fmt_int(stats.macs)}" + (f" at {shapes}" if shapes else ""))
-        ops = Table(title="Ops", title_justify="left")
-        ops.add_column("op")
-        ops.add_column("count", justify="right")
-        for op, n in sorted(stats.ops.items(), key=lambda kv: -kv[1]):
-            ops.add_row(op, str(n))
-        out.print(ops)
+                  f"{_fmt_bytes(size + info['external_data_bytes'])}", markup=False)
+        sized_ops = {"Conv", "ConvTranspose", "QLinearConv", "ConvInteger", "MatMul", "MatMulInteger",
+                     "QLinearMatMul", "Gemm", "MatMulNBits"}
+        if macs is not None:
+            line = f"MACs {_fmt_int(macs)}" + (f" at {_fmt_shapes(shapes)}" if shapes else "")
+        elif unresolved:
+            line = f"MACs: unknown (dynamic dims: pin them with {_pin_hint(model_inputs(m), pins)})"
+        elif sized_ops & set(stats.ops):
+            line = "MACs: unknown (shape inference could not size the Conv/MatMul/Gemm nodes)"
+        else:
+            line = "MACs: none counted (no Conv, MatMul or Gemm)"
+        out.print(line, markup=False, soft_wrap=True)
+        rows = [[op, str(n)] for op, n in sorted(stats.ops.items(), key=lambda kv: -kv[1])]
+        out.print(_table("Ops", ["op", "count"], rows, left=("op",)))
+
+
+def _pin_hint(specs: Sequence[Any], pins: Mapping[str, Sequence[int]]) -> str:
+    """``--input-shape x=1,3,H,W`` for each input with a dynamic dim: letters where a size is needed."""
+    hints = []
+    for spec in specs:
+        if spec.name in pins or spec.shape is None or all(isinstance(d, int) and d > 0 for d in spec.shape):
+            continue
+        dims = [str(d) if isinstance(d, int) and d > 0 else
+                "1" if i == 0 or (isinstance(d, str) and "batch" in d.lower()) else
+                (d[0].upper() if isinstance(d, str) and d[:1].isalpha() else "N")
+                for i, d in enumerate(spec.shape)]
+        hints.append(f"--input-shape {spec.name}={','.join(dims)}")
+    return " ".join(hints) or "--input-shape NAME=1,3,224,224"
 
 
 def _vi(v: Any) -> dict[str, str]:
@@ -429,15 +693,16 @@ def _vi(v: Any) -> dict[str, str]:
 
 @app.command()
 def validate(
-    reference: Annotated[Path, typer.Argument(help="The original model.", show_default=False)],
-    candidate: Annotated[Path, typer.Argument(help="The model to check against it.", show_default=False)],
-    data: Annotated[Path | None, typer.Option(help="Inputs (.npz or directory); default: generated.")] = None,
+    reference: Annotated[Path, typer.Argument(metavar="REFERENCE", help="The original model.", show_default=False)],
+    candidate: Annotated[Path, typer.Argument(
+        metavar="CANDIDATE", help="The model to check against it.", show_default=False)],
+    data: DataOption = None,
     input_shape: InputShape = None,
-    atol: Annotated[float, typer.Option(help="Absolute tolerance.")] = 1e-4,
-    rtol: Annotated[float, typer.Option(help="Relative tolerance.")] = 1e-3,
+    atol: Annotated[float, typer.Option(metavar="FLOAT", help="Absolute tolerance.")] = 1e-4,
+    rtol: Annotated[float, typer.Option(metavar="FLOAT", help="Relative tolerance.")] = 1e-3,
     min_cosine: Annotated[float | None, typer.Option(
-        help="Judge by cosine similarity (lossy models) instead of elementwise tolerance.")] = None,
-    seed: Annotated[int, typer.Option(help="Seed for generated inputs.")] = 0,
+        metavar="FLOAT", help="Judge by cosine similarity (lossy models) instead of elementwise tolerance.")] = None,
+    seed: Seed = 0,
 ) -> None:
     """Compare two models' outputs in onnxruntime; exit 1 if they differ beyond tolerance."""
     with _user_errors():
@@ -464,12 +729,13 @@ def validate(
 
 @app.command()
 def bench(
-    models: Annotated[list[Path], typer.Argument(help="One or more .onnx files, timed interleaved.", show_default=False)],
-    data: Annotated[Path | None, typer.Option(help="Inputs (.npz or directory); default: generated.")] = None,
+    models: Annotated[list[Path], typer.Argument(
+        metavar="MODEL...", help="One or more .onnx files, timed interleaved.", show_default=False)],
+    data: DataOption = None,
     input_shape: InputShape = None,
-    threads: Annotated[int, typer.Option(min=1, help="onnxruntime intra-op threads.")] = 1,
-    repeats: Annotated[int, typer.Option(min=3, help="Repetitions per model.")] = 50,
-    seed: Annotated[int, typer.Option(help="Seed for generated inputs.")] = 0,
+    threads: Annotated[int, typer.Option(min=1, metavar="N", help="onnxruntime intra-op threads.")] = 1,
+    repeats: Annotated[int, typer.Option(min=3, metavar="N", help="Repetitions per model.")] = 50,
+    seed: Seed = 0,
 ) -> None:
     """Measure latency (median, p90) of one or more models in onnxruntime, interleaved."""
     with _user_errors():
@@ -482,14 +748,15 @@ def bench(
         for m in models[1:]:
             load_model(m)
         dataset = load_data(first, data, parse_input_shapes(input_shape), seed, count=4)
-        lat = measure_latency({str(m): m for m in models}, dataset.feeds, threads=threads, repeats=repeats)
-        table = Table(title=f"Latency, {threads} thread(s), {repeats} interleaved repeats", title_justify="left")
-        for col in ("model", "median ms", "p90 ms", "min ms", "vs first"):
-            table.add_column(col, justify="left" if col == "model" else "right")
+        with _Activity(err.is_terminal) as activity:
+            activity.say("measuring latency")
+            lat = measure_latency({str(m): m for m in models}, dataset.feeds, threads=threads,
+                                  repeats=repeats, tick=activity.tick)
         base = lat[str(models[0])].median_ms
-        for name, v in lat.items():
-            table.add_row(name, f"{v.median_ms:.3f}", f"{v.p90_ms:.3f}", f"{v.min_ms:.3f}", f"{v.median_ms / base:.3f}x")
-        out.print(table)
+        rows = [[name, f"{v.median_ms:.3f}", f"{v.p90_ms:.3f}", f"{v.min_ms:.3f}", f"{v.median_ms / base:.3f}x"]
+                for name, v in lat.items()]
+        out.print(_table(f"Latency, {threads} thread(s), {repeats} interleaved repeats",
+                         ["model", "median ms", "p90 ms", "min ms", "vs first"], rows, left=("model",)))
 
 
 @app.command(name="passes")
@@ -498,37 +765,39 @@ def list_passes() -> None:
     from onnxopt.manager import PRESETS
     from onnxopt.registry import registry
 
-    table = Table(title="Passes", title_justify="left")
-    for col in ("name", "kind", "levels", "needs", "options", "description"):
-        table.add_column(col)
+    import dataclasses
+
+    header = ["name", "kind", "levels", "needs", "options", "description"]
+    rows = []
     for name, cls in registry().items():
         levels = ",".join(str(lv) for lv, names in PRESETS.items() if name in names) or "-"
         needs = ", ".join(r.value for r in cls.requires) or "-"
-        import dataclasses
-
         opts = ", ".join(f"{f.name}={f.default}" for f in dataclasses.fields(cls.Options)) or "-"
-        table.add_row(name, "exact" if cls.exact else "lossy", levels, needs, opts, cls.summary())
-    out.print(table)
+        rows.append([name, "exact" if cls.exact else "lossy", levels, needs, opts, cls.summary()])
+    out.print(_table("Passes", header, rows, left=header))
 
 
 @app.command()
 def export(
     factory: Annotated[str, typer.Argument(
-        help="MODULE:FACTORY, where MODULE is a file (models/zoo.py:resnet18) or an importable "
+        metavar="MODULE:FACTORY", help="MODULE:FACTORY, where MODULE is a file (models/zoo.py:resnet18) or an importable "
         "module (mypkg.nets:build) and FACTORY() returns a torch.nn.Module.", show_default=False)],
-    output: Annotated[Path, typer.Option("--output", "-o", help="Output .onnx path.", show_default=False)],
+    output: Annotated[Path, typer.Option(
+        "--output", "-o", metavar="PATH", help="Output .onnx path.", show_default=False)],
     input_shape: Annotated[list[str], typer.Option(
-        "--input-shape", help="One per forward() argument, in order: NAME=1,3,224,224, or "
+        "--input-shape", metavar="NAME=1,3,224,224[:DTYPE]", help="One per forward() argument, in order: NAME=1,3,224,224, or "
         "NAME=1,128:int64 for an integer input (repeatable).", show_default=False)],
-    dynamic_batch: Annotated[bool, typer.Option(help="Make dim 0 of every input and output dynamic.")] = False,
-    opset: Annotated[int | None, typer.Option(help="ONNX opset (default: the exporter's).")] = None,
+    dynamic_batch: Annotated[bool, typer.Option(
+        "--dynamic-batch", show_default=False, help="Make dim 0 of every input and output dynamic.")] = False,
+    opset: Annotated[int | None, typer.Option(metavar="N", help="ONNX opset (default: the exporter's).")] = None,
     keep_batchnorm: Annotated[bool, typer.Option(
+        "--keep-batchnorm", show_default=False,
         help="Leave BatchNormalization unfolded, for `onnxopt optimize` to fold.")] = False,
     exporter: Annotated[str, typer.Option(
-        help="dynamo (torch.export + onnxscript) or torchscript (legacy tracer, dynamo=False).")] = "dynamo",
-    atol: Annotated[float, typer.Option(help="Absolute tolerance of the check against torch.")] = 1e-4,
-    rtol: Annotated[float, typer.Option(help="Relative tolerance of the check against torch.")] = 1e-3,
-    seed: Annotated[int, typer.Option(help="Seed for the check's random inputs.")] = 0,
+        metavar="dynamo|torchscript", help="dynamo (torch.export + onnxscript) or torchscript (legacy tracer, dynamo=False).")] = "dynamo",
+    atol: Annotated[float, typer.Option(metavar="FLOAT", help="Absolute tolerance of the check against torch.")] = 1e-4,
+    rtol: Annotated[float, typer.Option(metavar="FLOAT", help="Relative tolerance of the check against torch.")] = 1e-3,
+    seed: Annotated[int, typer.Option(metavar="N", help="Seed for the check's random inputs.")] = 0,
     verbose: Verbose = 0,
 ) -> None:
     """Export a PyTorch model to ONNX and check it against torch before writing.
@@ -546,13 +815,10 @@ def export(
             rep = export_model(factory, output, shapes, dynamic_batch=dynamic_batch, opset=opset,
                                keep_batchnorm=keep_batchnorm, input_dtypes=dtypes, exporter=exporter,
                                atol=atol, rtol=rtol, seed=seed)
-        table = Table(title=f"Export check against torch ({rep.exporter} exporter, opset {rep.opset}, "
-                      f"torch {rep.torch_version})", title_justify="left")
-        for col in ("output", "max abs", "cosine", "result"):
-            table.add_column(col, justify="left" if col == "output" else "right")
-        for c in rep.checks:
-            table.add_row(c.name, f"{c.max_abs:.3g}", f"{c.cosine:.6f}", "ok" if c.passed else "FAIL")
-        out.print(table)
+        rows = [[c.name, f"{c.max_abs:.3g}", f"{c.cosine:.6f}", "ok" if c.passed else "FAIL"] for c in rep.checks]
+        out.print(_table(f"Export check against torch ({rep.exporter} exporter, opset {rep.opset}, "
+                         f"torch {rep.torch_version})", ["output", "max abs", "cosine", "result"], rows,
+                         left=("output",)))
         out.print(f"nodes {rep.nodes}, BatchNormalization {rep.batchnorm_nodes}, {rep.seconds:.1f} s", markup=False)
         out.print(f"wrote {rep.output}", markup=False)
 
