@@ -15,10 +15,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnx_graphsurgeon as gs
 import pytest
 
-from onnxopt.errors import PreconditionError
+from onnxopt.errors import PreconditionError, ValidationError
 from onnxopt.pass_base import Pass, PassContext, PassResult
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
@@ -253,10 +254,52 @@ def test_no_data_mode_classifies_like_data_mode(sample_cases: list) -> None:
     assert results["test_relu"].outcome == bs.PRESERVED
     for r in (results["test_shape"], results["test_relu"]):
         assert r.validation == bs.VALIDATED or r.validation.startswith(bs.SKIPPED)
-    assert results["test_identity_opt"].outcome in (bs.REFUSED, *bs.WRITTEN)
-    assert bs.validation_counts(list(results.values()))[bs.PRESERVED][bs.VALIDATED] >= 0
+    # optional values: refused in both modes, before any input is generated
+    assert results["test_identity_opt"].outcome == bs.REFUSED
+    assert "optional type" in results["test_identity_opt"].reason
+    split = bs.validation_counts(list(results.values()))
+    assert sum(split[bs.PRESERVED].values()) == 1
+    assert sum(split[bs.CHANGED].values()) == 1
     with pytest.raises(ValueError, match="modes are data, no-data"):
         bs.run_case(cases[0], mode="no-such-mode")
+
+
+def test_no_data_classification(sample_cases: list, monkeypatch: pytest.MonkeyPatch) -> None:
+    case = _one(sample_cases, "test_relu")
+    real = bs.optimize_file
+
+    def raising(*args, **kwargs):
+        raise KeyError("boom")
+
+    def refusing(*args, **kwargs):
+        raise ValidationError("validation failed after a, b:\n  y: 3 of 12 differ\n"
+                              "  nothing was written; rerun with ...")
+
+    def negating(src, dst, **kwargs):
+        result = real(src, dst, **kwargs)
+        model = onnx.load_model(dst)
+        model.graph.node[0].op_type = "Neg"
+        onnx.save_model(model, dst)
+        return result
+
+    def skipping(src, dst, **kwargs):
+        result = real(src, dst, **kwargs)
+        result.validation_skipped = "the original model fails on generated inputs"
+        return result
+
+    outcomes = {}
+    for fake in (raising, refusing, negating, skipping):
+        monkeypatch.setattr(bs, "optimize_file", fake)
+        outcomes[fake.__name__] = bs.run_case(case, mode=bs.NO_DATA)
+    assert outcomes["raising"].outcome == bs.CRASH
+    assert outcomes["raising"].reason.startswith("KeyError: 'boom' [at test_backend_sample.py:")
+    assert outcomes["refusing"].outcome == bs.REFUSED
+    assert outcomes["refusing"].reason == "ValidationError: validation failed: y: 3 of 12 differ"
+    assert outcomes["negating"].outcome == bs.WRONG
+    assert outcomes["negating"].reason.startswith("output 0: values differ")
+    assert outcomes["skipping"].outcome == bs.PRESERVED
+    assert outcomes["skipping"].validation == (
+        f"{bs.SKIPPED}: the original model fails on generated inputs")
 
 
 @pytest.mark.slow
