@@ -102,7 +102,9 @@ def model_stats(model: onnx.ModelProto, input_shapes: Mapping[str, Sequence[int]
 
 
 def _dims(tp: onnx.TypeProto | None) -> list[int] | None:
-    if tp is None or tp.WhichOneof("value") != "tensor_type" or not tp.tensor_type.HasField("shape"):
+    if tp is None or tp.WhichOneof("value") != "tensor_type":
+        return None
+    if not tp.tensor_type.HasField("shape"):
         return None
     dims = [d.dim_value if d.HasField("dim_value") else -1 for d in tp.tensor_type.shape.dim]
     return dims if all(d > 0 for d in dims) or not dims else None
@@ -123,7 +125,7 @@ def estimate_macs(model: onnx.ModelProto, input_shapes: Mapping[str, Sequence[in
             dims = vi.type.tensor_type.shape.dim
             shape = list(input_shapes[vi.name])
             if len(dims) == len(shape):
-                for d, v in zip(dims, shape):
+                for d, v in zip(dims, shape, strict=True):
                     d.Clear()
                     d.dim_value = int(v)
     types = infer(pinned)

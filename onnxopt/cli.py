@@ -181,13 +181,15 @@ def print_result(result: Any) -> None:
     if result.validation is not None:
         _print_validation(result.validation)
     if result.validation_skipped == "--no-validate":
-        out.print("note: not validated (--no-validate): the written model was not compared with the "
-                  "original", markup=False, soft_wrap=True)
+        out.print("note: not validated (--no-validate): the written model was not compared with "
+                  "the original", markup=False, soft_wrap=True)
     elif result.checks:
         out.print("note: checked instead of validated: " + "; ".join(result.checks), markup=False,
                   soft_wrap=True)
-    if result.bench_skipped and not any(w.startswith("latency not measured") for w in result.warnings):
-        out.print(f"note: latency not measured ({result.bench_skipped})", markup=False, soft_wrap=True)
+    said = any(w.startswith("latency not measured") for w in result.warnings)
+    if result.bench_skipped and not said:
+        out.print(f"note: latency not measured ({result.bench_skipped})", markup=False,
+                  soft_wrap=True)
     for w in result.warnings:
         if not w.startswith(_SKIPPED):  # already said at the top
             out.print(f"note: {w}", markup=False, soft_wrap=True)
@@ -199,11 +201,12 @@ def _print_passes(pipeline: Any) -> None:
         if not r["changed"] and not r["stats"]:
             idle.append(r["name"])
             continue
-        rows.append([r["name"], str(r["runs"]), ", ".join(f"{k}={v}" for k, v in sorted(r["stats"].items())),
-                     _signed(-r["nodes_removed"]), _signed(-r["params_removed"]), f"{r['seconds']:.3f}"])
+        did = ", ".join(f"{k}={v}" for k, v in sorted(r["stats"].items()))
+        rows.append([r["name"], str(r["runs"]), did, _signed(-r["nodes_removed"]),
+                     _signed(-r["params_removed"]), f"{r['seconds']:.3f}"])
     if rows:
-        out.print(_table("Passes", ["pass", "runs", "what it did", "nodes", "params", "seconds"], rows,
-                         left=("pass", "what it did")))
+        header = ["pass", "runs", "what it did", "nodes", "params", "seconds"]
+        out.print(_table("Passes", header, rows, left=("pass", "what it did")))
     if idle:
         out.print(("no change: " if rows else "passes: nothing to change (ran ") + ", ".join(idle)
                   + ("" if rows else ")"), markup=False)
@@ -213,8 +216,10 @@ def _print_before_after(result: Any) -> None:
     b, a = result.before, result.after
     rows = [["nodes", str(b.nodes), str(a.nodes), _pct(b.nodes, a.nodes)]]
     if b.parameters or a.parameters:
-        rows.append(["parameters", _fmt_int(b.parameters), _fmt_int(a.parameters), _pct(b.parameters, a.parameters)])
-    rows.append(["file size", _fmt_bytes(b.size_bytes), _fmt_bytes(a.size_bytes), _pct(b.size_bytes, a.size_bytes)])
+        rows.append(["parameters", _fmt_int(b.parameters), _fmt_int(a.parameters),
+                     _pct(b.parameters, a.parameters)])
+    rows.append(["file size", _fmt_bytes(b.size_bytes), _fmt_bytes(a.size_bytes),
+                 _pct(b.size_bytes, a.size_bytes)])
     if b.macs is not None or a.macs is not None:
         rows.append(["MACs (est.)", _fmt_int(b.macs), _fmt_int(a.macs), _pct(b.macs, a.macs)])
     title = "Before / after"
@@ -222,9 +227,11 @@ def _print_before_after(result: Any) -> None:
         lb, la = result.latency["before"], result.latency["after"]
         rows.append(["latency median", f"{lb.median_ms:.3f} ms", f"{la.median_ms:.3f} ms",
                      _pct(lb.median_ms, la.median_ms)])
-        rows.append(["latency p90", f"{lb.p90_ms:.3f} ms", f"{la.p90_ms:.3f} ms", _pct(lb.p90_ms, la.p90_ms)])
+        rows.append(["latency p90", f"{lb.p90_ms:.3f} ms", f"{la.p90_ms:.3f} ms",
+                     _pct(lb.p90_ms, la.p90_ms)])
         clock = "CPU time" if lb.clock == "thread_time" else "wall clock"
-        title += f" (latency: {lb.repeats} runs, {lb.threads} thread{'s' if lb.threads > 1 else ''}, {clock})"
+        threads = f"{lb.threads} thread{'s' if lb.threads > 1 else ''}"
+        title += f" (latency: {lb.repeats} runs, {threads}, {clock})"
     v = result.validation
     if v is not None and v.accuracy_before is not None:
         rows.append(["accuracy (labels)", f"{v.accuracy_before:.2%}", f"{v.accuracy_after:.2%}",
@@ -235,12 +242,16 @@ def _print_before_after(result: Any) -> None:
 def summary_line(result: Any) -> str:
     """The run in one line: what was written, what changed, and whether it was validated."""
     b, a = result.before, result.after
-    parts = [f"nodes {b.nodes} -> {a.nodes}", f"size {_fmt_bytes(b.size_bytes)} -> {_fmt_bytes(a.size_bytes)}"]
+    parts = [f"nodes {b.nodes} -> {a.nodes}",
+             f"size {_fmt_bytes(b.size_bytes)} -> {_fmt_bytes(a.size_bytes)}"]
     if result.latency:
         lb, la = result.latency["before"], result.latency["after"]
-        parts.append(f"latency {lb.median_ms:.3f} -> {la.median_ms:.3f} ms ({_pct(lb.median_ms, la.median_ms)})")
+        parts.append(f"latency {lb.median_ms:.3f} -> {la.median_ms:.3f} ms "
+                     f"({_pct(lb.median_ms, la.median_ms)})")
+    elif result.bench_skipped == "--no-bench":
+        parts.append("latency not measured (--no-bench)")
     else:
-        parts.append("latency not measured" + (" (--no-bench)" if result.bench_skipped == "--no-bench" else ""))
+        parts.append("latency not measured")
     v = result.validation
     if v is not None:
         parts.append(f"validated on {v.samples} feeds from {v.source}")
@@ -268,13 +279,14 @@ def _print_validation(v: Any) -> None:
          "ok" if o.passed else "FAIL"]
         for o in v.outputs
     ]
-    header = ["output", "max abs", "max rel", "cosine", "top-1 agree", "expected", "tolerance", "result"]
+    header = ["output", "max abs", "max rel", "cosine", "top-1 agree", "expected", "tolerance",
+              "result"]
     out.print(_table(f"Validation on {v.samples} feeds from {v.source}", header, rows,
                      left=("output", "tolerance")))
 
 
 class _IfCounted(ProgressColumn):
-    """Shows ``column`` only while the task has a total: a phase without one is a spinner and text."""
+    """``column`` while the task has a total; a phase without one is a spinner and text."""
 
     def __init__(self, column: ProgressColumn) -> None:
         super().__init__()
@@ -285,7 +297,7 @@ class _IfCounted(ProgressColumn):
 
 
 class _Activity:
-    """What runs now, on stderr and transient: a spinner, and a bar (count, time left) while a loop ticks.
+    """What runs now, on stderr, transient: a spinner, and a bar (count, time left) while a loop ticks.
 
     Disabled (every call a no-op) when stderr is not a terminal or with -q.
     """
@@ -325,7 +337,8 @@ class _Activity:
 
 @app.command()
 def optimize(
-    model: Annotated[Path, typer.Argument(metavar="MODEL", help="Input .onnx file.", show_default=False)],
+    model: Annotated[Path, typer.Argument(
+        metavar="MODEL", help="Input .onnx file.", show_default=False)],
     output: Annotated[Path | None, typer.Option(
         "--output", "-o", metavar="PATH", help="Output path. Default: <model>.opt.onnx.")] = None,
     level: Annotated[int | None, typer.Option(
@@ -339,7 +352,8 @@ def optimize(
         help="Validation inputs: .npz named after the model inputs (first axis = samples; optional "
         "'labels'), or a directory of .npz feeds. Default: generated.")] = None,
     calibration_data: Annotated[Path | None, typer.Option(
-        metavar="FILE.npz|DIR", help="Calibration inputs for lossy passes (.npz or directory).")] = None,
+        metavar="FILE.npz|DIR",
+        help="Calibration inputs for lossy passes (.npz or directory).")] = None,
     input_shape: InputShape = None,
     atol: Annotated[float | None, typer.Option(
         metavar="FLOAT", help="Absolute tolerance for exact pipelines (default 1e-4).")] = None,
@@ -357,12 +371,15 @@ def optimize(
     bench: Annotated[bool, typer.Option(
         "--bench/--no-bench", show_default=False,
         help="Measure latency before and after (default: on).")] = True,
-    repeats: Annotated[int, typer.Option(min=3, metavar="N", help="Latency repetitions per model.")] = 100,
-    threads: Annotated[int, typer.Option(min=1, metavar="N", help="onnxruntime intra-op threads for latency.")] = 1,
+    repeats: Annotated[int, typer.Option(
+        min=3, metavar="N", help="Latency repetitions per model.")] = 100,
+    threads: Annotated[int, typer.Option(
+        min=1, metavar="N", help="onnxruntime intra-op threads for latency.")] = 1,
     verify_each: Annotated[bool, typer.Option(
         "--verify-each", show_default=False,
         help="Run onnx.checker after every pass to blame the one that breaks a graph.")] = False,
-    report: Annotated[Path | None, typer.Option(metavar="FILE.json", help="Write the full report as JSON.")] = None,
+    report: Annotated[Path | None, typer.Option(
+        metavar="FILE.json", help="Write the full report as JSON.")] = None,
     dry_run: Annotated[bool, typer.Option(
         "--dry-run", show_default=False,
         help="Check the model, output directory, pipeline, requirements and input shapes; run nothing.")] = False,
@@ -399,7 +416,8 @@ def optimize(
             return
         preset, explicit = resolve(level, passes)
         if require_validation and not validate:
-            raise OnnxoptError("--require-validation and --no-validate contradict each other; drop one")
+            raise OnnxoptError("--require-validation and --no-validate contradict each other; "
+                               "drop one")
         if dry_run:
             _dry_run(model, output, preset, explicit, data, calibration_data, shapes,
                      needs_inputs=validate or bench, quiet=quiet)
@@ -425,8 +443,9 @@ def optimize(
 
 
 def _dry_run(
-    model: Path, output: Path | None, preset: Sequence[Any], explicit: Sequence[Any], data: Path | None,
-    calibration_data: Path | None, shapes: Mapping[str, Sequence[int]], needs_inputs: bool, quiet: bool,
+    model: Path, output: Path | None, preset: Sequence[Any], explicit: Sequence[Any],
+    data: Path | None, calibration_data: Path | None, shapes: Mapping[str, Sequence[int]],
+    needs_inputs: bool, quiet: bool,
 ) -> None:
     """Check all that needs no model run and name every problem at once."""
     from onnxopt import data as data_mod
@@ -479,8 +498,8 @@ def _dry_run(
             out.print(line, markup=False, soft_wrap=True)
     if problems:
         detail = "\n".join("  " + line for p in problems for line in p.splitlines())
-        raise OnnxoptError(f"--dry-run found {len(problems)} problem{'s' if len(problems) > 1 else ''}; "
-                           f"nothing was run\n{detail}")
+        count = f"{len(problems)} problem{'s' if len(problems) > 1 else ''}"
+        raise OnnxoptError(f"--dry-run found {count}; nothing was run\n{detail}")
     out.print("dry run: ok; nothing was run", markup=False)
 
 
@@ -598,9 +617,11 @@ def _compact_table(header: list[str], rows: list[list[str]], left: tuple[str, ..
 
 @app.command()
 def inspect(
-    model: Annotated[Path, typer.Argument(metavar="MODEL", help="The .onnx file.", show_default=False)],
+    model: Annotated[Path, typer.Argument(
+        metavar="MODEL", help="The .onnx file.", show_default=False)],
     input_shape: InputShape = None,
-    as_json: Annotated[bool, typer.Option("--json", show_default=False, help="Machine-readable output.")] = False,
+    as_json: Annotated[bool, typer.Option(
+        "--json", show_default=False, help="Machine-readable output.")] = False,
 ) -> None:
     """Show MODEL's inputs, outputs, opsets, op histogram, parameters, size and MACs."""
     with _user_errors():
@@ -633,7 +654,7 @@ def inspect(
             "metadata": {p.key: p.value for p in m.metadata_props},
             **stats.to_dict(),
             "macs": macs,
-            "macs_input_shapes": {k: list(v) for k, v in shapes.items()} if macs is not None else None,
+            "macs_input_shapes": None if macs is None else {k: list(v) for k, v in shapes.items()},
             "file_bytes": size,
             "external_data_bytes": data_file.stat().st_size if data_file.exists() else 0,
         }
@@ -644,13 +665,14 @@ def inspect(
                   + ", ".join(f"{k} {v}" for k, v in info["opsets"].items())
                   + (f", producer {info['producer']}" if info["producer"] else "")))
         rows = [[kind, v["name"], v["dtype"], v["shape"]]
-                for kind, items in (("in", info["inputs"]), ("out", info["outputs"])) for v in items]
+                for kind, items in (("in", info["inputs"]), ("out", info["outputs"]))
+                for v in items]
         out.print(_table("Inputs and outputs", ["", "name", "dtype", "shape"], rows,
                          left=("", "name", "dtype", "shape")))
         out.print(f"nodes {stats.nodes}, parameters {_fmt_int(stats.parameters)}, size "
                   f"{_fmt_bytes(size + info['external_data_bytes'])}", markup=False)
-        sized_ops = {"Conv", "ConvTranspose", "QLinearConv", "ConvInteger", "MatMul", "MatMulInteger",
-                     "QLinearMatMul", "Gemm", "MatMulNBits"}
+        sized_ops = {"Conv", "ConvTranspose", "QLinearConv", "ConvInteger", "MatMul",
+                     "MatMulInteger", "QLinearMatMul", "Gemm", "MatMulNBits"}
         if macs is not None:
             line = f"MACs {_fmt_int(macs)}" + (f" at {_fmt_shapes(shapes)}" if shapes else "")
         elif unresolved:
@@ -665,10 +687,11 @@ def inspect(
 
 
 def _pin_hint(specs: Sequence[Any], pins: Mapping[str, Sequence[int]]) -> str:
-    """``--input-shape x=1,3,H,W`` for each input with a dynamic dim: letters where a size is needed."""
+    """``--input-shape x=1,3,H,W`` per input with a dynamic dim: letters where a size is needed."""
     hints = []
     for spec in specs:
-        if spec.name in pins or spec.shape is None or all(isinstance(d, int) and d > 0 for d in spec.shape):
+        static = spec.shape is not None and all(isinstance(d, int) and d > 0 for d in spec.shape)
+        if spec.name in pins or spec.shape is None or static:
             continue
         dims = [str(d) if isinstance(d, int) and d > 0 else
                 "1" if i == 0 or (isinstance(d, str) and "batch" in d.lower()) else
@@ -693,7 +716,8 @@ def _vi(v: Any) -> dict[str, str]:
 
 @app.command()
 def validate(
-    reference: Annotated[Path, typer.Argument(metavar="REFERENCE", help="The original model.", show_default=False)],
+    reference: Annotated[Path, typer.Argument(
+        metavar="REFERENCE", help="The original model.", show_default=False)],
     candidate: Annotated[Path, typer.Argument(
         metavar="CANDIDATE", help="The model to check against it.", show_default=False)],
     data: DataOption = None,
@@ -701,7 +725,8 @@ def validate(
     atol: Annotated[float, typer.Option(metavar="FLOAT", help="Absolute tolerance.")] = 1e-4,
     rtol: Annotated[float, typer.Option(metavar="FLOAT", help="Relative tolerance.")] = 1e-3,
     min_cosine: Annotated[float | None, typer.Option(
-        metavar="FLOAT", help="Judge by cosine similarity (lossy models) instead of elementwise tolerance.")] = None,
+        metavar="FLOAT",
+        help="Judge by cosine similarity (lossy models) instead of elementwise tolerance.")] = None,
     seed: Seed = 0,
 ) -> None:
     """Compare two models' outputs in onnxruntime; exit 1 if they differ beyond tolerance."""
@@ -730,10 +755,12 @@ def validate(
 @app.command()
 def bench(
     models: Annotated[list[Path], typer.Argument(
-        metavar="MODEL...", help="One or more .onnx files, timed interleaved.", show_default=False)],
+        metavar="MODEL...",
+        help="One or more .onnx files, timed interleaved.", show_default=False)],
     data: DataOption = None,
     input_shape: InputShape = None,
-    threads: Annotated[int, typer.Option(min=1, metavar="N", help="onnxruntime intra-op threads.")] = 1,
+    threads: Annotated[int, typer.Option(
+        min=1, metavar="N", help="onnxruntime intra-op threads.")] = 1,
     repeats: Annotated[int, typer.Option(min=3, metavar="N", help="Repetitions per model.")] = 50,
     seed: Seed = 0,
 ) -> None:
@@ -753,8 +780,8 @@ def bench(
             lat = measure_latency({str(m): m for m in models}, dataset.feeds, threads=threads,
                                   repeats=repeats, tick=activity.tick)
         base = lat[str(models[0])].median_ms
-        rows = [[name, f"{v.median_ms:.3f}", f"{v.p90_ms:.3f}", f"{v.min_ms:.3f}", f"{v.median_ms / base:.3f}x"]
-                for name, v in lat.items()]
+        rows = [[name, f"{v.median_ms:.3f}", f"{v.p90_ms:.3f}", f"{v.min_ms:.3f}",
+                 f"{v.median_ms / base:.3f}x"] for name, v in lat.items()]
         out.print(_table(f"Latency, {threads} thread(s), {repeats} interleaved repeats",
                          ["model", "median ms", "p90 ms", "min ms", "vs first"], rows, left=("model",)))
 
@@ -762,10 +789,10 @@ def bench(
 @app.command(name="passes")
 def list_passes() -> None:
     """List every pass: name, exact or lossy, what it needs, and what it does."""
+    import dataclasses
+
     from onnxopt.manager import PRESETS
     from onnxopt.registry import registry
-
-    import dataclasses
 
     header = ["name", "kind", "levels", "needs", "options", "description"]
     rows = []
@@ -780,23 +807,29 @@ def list_passes() -> None:
 @app.command()
 def export(
     factory: Annotated[str, typer.Argument(
-        metavar="MODULE:FACTORY", help="MODULE:FACTORY, where MODULE is a file (models/zoo.py:resnet18) or an importable "
+        metavar="MODULE:FACTORY",
+        help="MODULE:FACTORY, where MODULE is a file (models/zoo.py:resnet18) or an importable "
         "module (mypkg.nets:build) and FACTORY() returns a torch.nn.Module.", show_default=False)],
     output: Annotated[Path, typer.Option(
         "--output", "-o", metavar="PATH", help="Output .onnx path.", show_default=False)],
     input_shape: Annotated[list[str], typer.Option(
-        "--input-shape", metavar="NAME=1,3,224,224[:DTYPE]", help="One per forward() argument, in order: NAME=1,3,224,224, or "
+        "--input-shape", metavar="NAME=1,3,224,224[:DTYPE]",
+        help="One per forward() argument, in order: NAME=1,3,224,224, or "
         "NAME=1,128:int64 for an integer input (repeatable).", show_default=False)],
     dynamic_batch: Annotated[bool, typer.Option(
         "--dynamic-batch", show_default=False, help="Make dim 0 of every input and output dynamic.")] = False,
-    opset: Annotated[int | None, typer.Option(metavar="N", help="ONNX opset (default: the exporter's).")] = None,
+    opset: Annotated[int | None, typer.Option(
+        metavar="N", help="ONNX opset (default: the exporter's).")] = None,
     keep_batchnorm: Annotated[bool, typer.Option(
         "--keep-batchnorm", show_default=False,
         help="Leave BatchNormalization unfolded, for `onnxopt optimize` to fold.")] = False,
     exporter: Annotated[str, typer.Option(
-        metavar="dynamo|torchscript", help="dynamo (torch.export + onnxscript) or torchscript (legacy tracer, dynamo=False).")] = "dynamo",
-    atol: Annotated[float, typer.Option(metavar="FLOAT", help="Absolute tolerance of the check against torch.")] = 1e-4,
-    rtol: Annotated[float, typer.Option(metavar="FLOAT", help="Relative tolerance of the check against torch.")] = 1e-3,
+        metavar="dynamo|torchscript",
+        help="dynamo (torch.export + onnxscript) or torchscript (legacy tracer, dynamo=False).")] = "dynamo",
+    atol: Annotated[float, typer.Option(
+        metavar="FLOAT", help="Absolute tolerance of the check against torch.")] = 1e-4,
+    rtol: Annotated[float, typer.Option(
+        metavar="FLOAT", help="Relative tolerance of the check against torch.")] = 1e-3,
     seed: Annotated[int, typer.Option(metavar="N", help="Seed for the check's random inputs.")] = 0,
     verbose: Verbose = 0,
 ) -> None:
