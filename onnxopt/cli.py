@@ -755,7 +755,7 @@ def validate(
 @app.command()
 def bench(
     models: Annotated[list[Path], typer.Argument(
-        metavar="MODEL...",
+        metavar="MODEL",
         help="One or more .onnx files, timed interleaved.", show_default=False)],
     data: DataOption = None,
     input_shape: InputShape = None,
