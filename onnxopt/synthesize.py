@@ -54,6 +54,7 @@ Feed = dict[str, Any]
 SPATIAL_SIZES = (224, 256, 320, 128, 64, 640, 32)
 OTHER_SIZES = (32, 64, 128, 16, 8, 4, 2, 1, 256)
 SEQUENCE_SIZES = (32, 16, 64, 128, 8)
+UNKNOWN_RANK_SHAPES: tuple[tuple[int, ...], ...] = ((2, 3), (6,), (1, 3, 32, 32), (1, 16, 8), ())
 MAX_PROBES = 16  # runs of the original model while looking for a shape it accepts
 PROBE_SECONDS = 60.0  # ... and at most this long (a probe that started may finish)
 INT_HIGH = 10  # integers with no role: [0, INT_HIGH)
@@ -231,6 +232,10 @@ def candidates(model: onnx.ModelProto, specs: Sequence[InputSpec], pins: Mapping
     groups: dict[str, list[int]] = {}
     how: dict[str, str] = {}
     by_name = {s.name: s for s in specs}
+    for s in specs:
+        if s.shape is None and s.name not in pins:
+            key = f"{s.name}:*"
+            groups[key], how[key] = list(range(len(UNKNOWN_RANK_SHAPES))), "no shape declared"
     for dim in dynamic_dims(specs, pins):
         key = _group(dim)
         if key in groups:
@@ -264,11 +269,9 @@ def concrete_shapes(specs: Sequence[InputSpec], pins: Mapping[str, Sequence[int]
         if s.name in pins:
             shapes[s.name] = tuple(int(d) for d in pins[s.name])
             continue
-        if s.shape is None:
-            raise InputDataError(
-                f"input '{s.name}' has no declared shape (not even its rank); "
-                f"pin it with --input-shape {s.name}=1,3,224,224 (its real dims)"
-            )
+        if s.shape is None:  # not even the rank is declared: candidate shapes, probed like dims
+            shapes[s.name] = UNKNOWN_RANK_SHAPES[choice[f"{s.name}:*"]]
+            continue
         shapes[s.name] = tuple(
             d if isinstance(d, int) else choice[_group(Dim(s.name, a, d if isinstance(d, str) else None,
                                                                       False))]
@@ -301,7 +304,14 @@ def _notes(specs: Sequence[InputSpec], pins: Mapping[str, Sequence[int]], groups
         source = how[key] if value == groups[key][0] else "the first size the original model runs on"
         notes.append(f"input {dim.label} = {value} ({source}"
                      + ("; the original model runs on it)" if probed else ")"))
-    if notes:
+    for s in specs:
+        if s.shape is None and s.name not in pins:
+            shape = "x".join(map(str, UNKNOWN_RANK_SHAPES[choice[f"{s.name}:*"]]))
+            notes.append(f"input '{s.name}' declares no shape: {shape}"
+                         + (" (the original model runs on it)" if probed else " (a guess)")
+                         + f"; pin its real shape with --input-shape {s.name}=...")
+    if any(s.shape is not None and s.name not in pins and any(not isinstance(d, int) for d in s.shape)
+           for s in specs):
         notes.append("pin other sizes with " + " ".join(
             f"--input-shape {s.name}=" + ",".join(
                 str(d) if isinstance(d, int) else (d or "N") for d in s.shape)
@@ -357,6 +367,7 @@ _ROLE_OF_FORMAL = {
     "depth": "positive-count", "M": "positive-count", "cond": "true", "condition": "true",
     "start": "shape-like", "limit": "shape-like", "delta": "shape-like", "axis": "shape-like",
     "max_output_boxes_per_class": "positive-count", "sequence_lens": "shape-like",
+    "position": "shape-like",
 }
 
 

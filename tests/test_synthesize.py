@@ -249,3 +249,15 @@ def test_lossy_explicit_passes_are_validated_as_onnxruntime_runs_them(tmp_path: 
     optimize_file(src, tmp_path / "q.onnx", passes=["quantize-dynamic"], bench=False,
                   tolerance=Tolerance(exact=False, min_cosine=0.9))
     assert seen == [False, True]
+
+
+def test_an_input_without_even_a_rank_gets_probed_candidate_shapes() -> None:
+    # Reshape to [1, 3, 32, 32] accepts only 3072 elements: the third candidate shape
+    x = helper.make_tensor_value_info("x", F32, None)
+    m = _model([helper.make_node("Reshape", ["x", "t"], ["y"])], [x], [vi("y", [1, 3, 32, 32])],
+               {"t": np.array([1, 3, 32, 32], np.int64)})
+    assert generate(m).feeds[0]["x"].shape == (2, 3)
+    ds = synthesize(m, m, count=1)
+    assert ds.unusable is None and ds.feeds[0]["x"].shape == (1, 3, 32, 32)
+    assert ds.notes == ["input 'x' declares no shape: 1x3x32x32 (the original model runs on it); "
+                        "pin its real shape with --input-shape x=..."]
