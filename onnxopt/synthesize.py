@@ -59,7 +59,8 @@ MAX_PROBES = 16  # runs of the original model while looking for a shape it accep
 PROBE_SECONDS = 60.0  # ... and at most this long (a probe that started may finish)
 INT_HIGH = 10  # integers with no role: [0, INT_HIGH)
 
-_BATCH = re.compile(r"batch|^n$|^b$|^bs$|^N$", re.IGNORECASE)
+_BATCH = re.compile(r"batch|^bs$", re.IGNORECASE)
+_LEADING_BATCH = re.compile(r"^[nb]$", re.IGNORECASE)  # 'N' or 'b' means batch as the first dim only
 _SEQ = re.compile(r"seq|len|token|time|^t$|^s$", re.IGNORECASE)
 _SPATIAL = re.compile(r"height|width|^h$|^w$|^h_|^w_|_h$|_w$|size|spatial|^x$|^y$", re.IGNORECASE)
 _MASK = re.compile(r"mask", re.IGNORECASE)
@@ -182,12 +183,14 @@ def dynamic_dims(specs: Sequence[InputSpec], pins: Mapping[str, Sequence[int]]) 
             param = d if isinstance(d, str) else None
             spatial = bool(param and _SPATIAL.search(param)) or (rank >= 3 and axis >= 2 and not (
                 param and (_BATCH.search(param) or _SEQ.search(param))))
+            if axis == 0 and param and _LEADING_BATCH.search(param):
+                spatial = False
             dims.append(Dim(s.name, axis, param, spatial))
     return dims
 
 
 def _name_rule(dim: Dim) -> int | None:
-    if dim.param and _BATCH.search(dim.param):
+    if dim.param and (_BATCH.search(dim.param) or (dim.axis == 0 and _LEADING_BATCH.search(dim.param))):
         return 1
     if dim.axis == 0 and not dim.spatial:
         return 1  # a leading dynamic dim is a batch, whatever its name

@@ -261,3 +261,11 @@ def test_an_input_without_even_a_rank_gets_probed_candidate_shapes() -> None:
     assert ds.unusable is None and ds.feeds[0]["x"].shape == (1, 3, 32, 32)
     assert ds.notes == ["input 'x' declares no shape: 1x3x32x32 (the original model runs on it); "
                         "pin its real shape with --input-shape x=..."]
+
+
+def test_single_letter_batch_names_count_only_as_the_first_dim() -> None:
+    conv = _model([helper.make_node("Conv", ["x", "w"], ["y"])], [vi("x", ["a", 3, "b", "c"])], [_out("y")],
+                  {"w": np.ones((4, 3, 3, 3), np.float32)})
+    assert generate(conv).feeds[0]["x"].shape == (1, 3, 224, 224)
+    lead = _model([helper.make_node("Relu", ["x"], ["y"])], [vi("x", ["N", "n"])], [_out("y")])
+    assert generate(lead).feeds[0]["x"].shape == (1, 32)
