@@ -639,6 +639,9 @@ def inspect(
             if pins:  # the shapes asked for do not fit: say why
                 raise
             unresolved = str(e)
+        unranked = [s.name for s in model_inputs(m) if s.shape is None and s.name not in pins]
+        if unranked:  # MACs at a guessed rank would mislead
+            unresolved = f"input '{unranked[0]}' declares no shape: pin it with --input-shape {unranked[0]}=..."
         size = model.stat().st_size
         data_file = model.with_name(model.name + ".data")
         stats = model_stats(m, shapes if not unresolved else {}, size_bytes=size)
@@ -675,6 +678,8 @@ def inspect(
                      "MatMulInteger", "QLinearMatMul", "Gemm", "MatMulNBits"}
         if macs is not None:
             line = f"MACs {_fmt_int(macs)}" + (f" at {_fmt_shapes(shapes)}" if shapes else "")
+        elif unranked:
+            line = f"MACs: unknown ({unresolved})"
         elif unresolved:
             line = f"MACs: unknown (dynamic dims: pin them with {_pin_hint(model_inputs(m), pins)})"
         elif sized_ops & set(stats.ops):
