@@ -55,12 +55,13 @@ def main() -> int:
     command = "python bench/backend_node_tests.py" + "".join(
         f" {shlex.quote(a)}" for a in sys.argv[1:])
     sections = _read_sections(args.out)
+    commit = _commit()  # the code the workers run was imported before the cases were loaded
     bugs = 0
     for mode in bs.MODES if args.mode == "both" else (args.mode,):
         results, seconds = _run(cases, passes, mode, args)
         counts = bs.counts(results)
         bugs += sum(counts[b] for b in bs.BUGS)
-        sections[mode] = render(mode, results, passes, missing, command, seconds)
+        sections[mode] = render(mode, results, passes, missing, command, seconds, commit)
         args.out.write_text(_document(sections))
         print(f"wrote the {mode} section of {args.out}")
     return 1 if bugs else 0
@@ -93,7 +94,7 @@ def _run(cases: list, passes: list[str], mode: str, args: argparse.Namespace
 
 
 def render(mode: str, results: list[bs.CaseResult], passes: list[str], missing: list[str],
-           command: str, seconds: float) -> str:
+           command: str, seconds: float, commit: str) -> str:
     """One mode's section of the report (starts with its ``## `` heading)."""
     counts = bs.counts(results)
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
@@ -103,7 +104,7 @@ def render(mode: str, results: list[bs.CaseResult], passes: list[str], missing: 
         f"{SECTIONS[mode]}: {what}",
         "",
         f"- command: `{command}` ({seconds:.0f} s for {len(results)} cases)",
-        f"- date: {now}; onnxopt {__version__} (commit {_commit()})",
+        f"- date: {now}; onnxopt {__version__} (commit {commit})",
         f"- versions: onnx {onnx.__version__}, onnxruntime {onnxruntime.__version__}, "
         f"Python {sys.version.split()[0]}",
         f"- CPU: {_cpu_model()}",
@@ -223,12 +224,15 @@ def _cpu_model() -> str:
 
 
 def _commit() -> str:
+    """HEAD, and whether the product's code differs from it in the working tree."""
     try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, check=True,
-                             capture_output=True, text=True)
-        return out.stdout.strip()
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, check=True,
+                              capture_output=True, text=True).stdout.strip()
+        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "onnxopt", "passes"],
+                               cwd=HERE.parent, capture_output=True).returncode != 0
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
+    return head + (" with uncommitted changes in onnxopt/ or passes/" if dirty else "")
 
 
 if __name__ == "__main__":
