@@ -321,13 +321,19 @@ def _text(b: bytes | str | None) -> str:
 
 
 def error_line(console: str) -> str:
-    """The CLI's one-line error, else the last line that looks like one, else the last line."""
+    """The CLI's one-line error, else the last line that looks like one, else the last line.
+
+    A Python traceback gets the innermost onnxopt frame appended: ``(onnxopt/io.py:137 in to_graph)``.
+    """
     lines = [ln.strip() for ln in console.splitlines() if ln.strip()]
-    for pat in (r"^onnxopt: error:", r"\berror:", r"Error\b"):
-        hit = next((ln for ln in lines if re.search(pat, ln)), None)
-        if hit:
-            return hit
-    return lines[-1] if lines else "(no output)"
+    line = next((ln for pat in (r"^onnxopt: error:", r"\berror:", r"Error\b")
+                 for ln in lines if re.search(pat, ln)), lines[-1] if lines else "(no output)")
+    if "Traceback (most recent call last)" in console:
+        frames = re.findall(r'File "[^"]*/((?:onnxopt|passes)/[^"]+)", line (\d+), in (\w+)', console)
+        if frames:
+            path, lineno, func = frames[-1]
+            line += f" (traceback; innermost onnxopt frame {path}:{lineno} in {func})"
+    return line
 
 
 def _from_report(row: Row, rep: dict[str, Any] | None) -> None:
@@ -397,7 +403,8 @@ def cpu() -> str:
 def _shape_text(row: Row) -> str:
     if not row.inputs:
         return "-"
-    return "; ".join(f"{k}={'x'.join(map(str, v)) if isinstance(v, list) else v}" for k, v in row.inputs.items())
+    return "; ".join(f"{k}={('x'.join(map(str, v)) or 'scalar') if isinstance(v, list) else v}"
+                     for k, v in row.inputs.items())
 
 
 def _num(v: float | int | None, fmt: str = "") -> str:
