@@ -134,9 +134,26 @@ def to_graph(model: onnx.ModelProto) -> gs.Graph:
     Optional-typed values are refused: graphsurgeon imports them but cannot export them.
     """
     _refuse_optional_types(model)
-    graph = gs.import_onnx(model)
+    try:
+        graph = gs.import_onnx(model)
+    except UnicodeDecodeError:
+        # a binary STRING attribute (a tokenizer's model bytes) is legal ONNX that graphsurgeon
+        # decodes as text
+        owner = next((f"{n.op_type} node '{n.name}'" for n in model.graph.node for a in n.attribute
+                      if a.type == onnx.AttributeProto.STRING and not _utf8(a.s)), "a node")
+        raise PreconditionError(
+            f"{owner} has a binary string attribute, which onnx-graphsurgeon cannot import; "
+            "onnxopt cannot rewrite this model yet") from None
     _restore_overridable_inputs(graph, model)
     return graph
+
+
+def _utf8(raw: bytes) -> bool:
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 def _overridable_names(model: onnx.ModelProto) -> set[str]:

@@ -39,7 +39,7 @@ import logging
 import math
 import re
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -145,7 +145,9 @@ def _np_dtype(elem: int) -> np.dtype:
 def _shape(tt: onnx.TypeProto.Tensor) -> tuple[int | str | None, ...] | None:
     if not tt.HasField("shape"):
         return None
-    return tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tt.shape.dim)
+    # a negative dim_value (Paddle2ONNX writes -1) means dynamic, like an empty dim
+    return tuple(d.dim_value if d.HasField("dim_value") and d.dim_value >= 0 else (d.dim_param or None)
+                 for d in tt.shape.dim)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -304,8 +306,10 @@ def _notes(specs: Sequence[InputSpec], pins: Mapping[str, Sequence[int]], groups
             continue
         seen.add(key)
         value = choice[key]
-        source = how[key] if value == groups[key][0] else "the first size the original model runs on"
-        notes.append(f"input {dim.label} = {value} ({source}"
+        if value != groups[key][0]:
+            notes.append(f"input {dim.label} = {value} (the first size the original model runs on)")
+            continue
+        notes.append(f"input {dim.label} = {value} ({how[key]}"
                      + ("; the original model runs on it)" if probed else ")"))
     for s in specs:
         if s.shape is None and s.name not in pins:
@@ -605,16 +609,21 @@ class Synthesis:
     probes: int = 0
 
 
-def _assignments(groups: Mapping[str, list[int]]) -> Iterator[dict[str, int]]:
-    """Every guessed dim moved together, then one dim at a time (others at their first value)."""
+def _assignments(groups: Mapping[str, list[int]], late: Collection[str] = ()) -> Iterator[dict[str, int]]:
+    """Every guessed dim moved together, then one dim at a time (others at their first value).
+
+    ``late`` groups (batch dims) stay at their first value while the others move together:
+    a batch of 1 is what a user runs, and rarely why a model refuses a shape.
+    """
     keys = list(groups)
     first = {k: groups[k][0] for k in keys}
     yield dict(first)
     multi = [k for k in keys if len(groups[k]) > 1]
+    moving = [k for k in multi if k not in late]
     for i in itertools.count(1):
-        if not any(i < len(groups[k]) for k in multi):
+        if not any(i < len(groups[k]) for k in moving):
             break
-        together = {k: groups[k][min(i, len(groups[k]) - 1)] for k in keys}
+        together = {**first, **{k: groups[k][min(i, len(groups[k]) - 1)] for k in moving}}
         yield together
     if len(multi) > 1:
         for k in multi:
@@ -640,7 +649,8 @@ def synthesize(model: onnx.ModelProto, run: Any, pins: Mapping[str, Sequence[int
     t0 = time.perf_counter()
     probes = 0
     tried: set[tuple[tuple[str, int], ...]] = set()
-    for choice in _assignments(groups):
+    late = {k for k, why in how.items() if why == "a batch dim"}
+    for choice in _assignments(groups, late):
         key = tuple(sorted(choice.items()))
         if key in tried:
             continue

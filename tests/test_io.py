@@ -128,3 +128,21 @@ def test_initializer_backed_inputs_stay_overridable_and_are_not_folded() -> None
     x = np.zeros((2, 3), np.float32)
     for feed in ({"x": x}, {"x": x, "w": np.full((2, 3), 5, np.float32)}):
         np.testing.assert_array_equal(run_model(out, [feed])[0][0], run_model(m, [feed])[0][0])
+
+
+def test_binary_string_attribute_is_a_one_line_refusal(tmp_path: Path) -> None:
+    from onnx import helper
+
+    from onnxopt.api import optimize_file
+    from onnxopt.errors import PreconditionError
+
+    node = helper.make_node("Tokenize", ["x"], ["y"], domain="ai.onnx.contrib", model=b"\xba\xff\x00spm")
+    model = helper.make_model(helper.make_graph(
+        [node], "g", [helper.make_tensor_value_info("x", onnx.TensorProto.STRING, [1])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.INT64, [1, None])]),
+        opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("ai.onnx.contrib", 1)])
+    src = tmp_path / "tok.onnx"
+    onnx.save(model, src)
+    with pytest.raises(PreconditionError, match="^Tokenize node '' has a binary string attribute"):
+        optimize_file(src, tmp_path / "o.onnx", validate=False, bench=False)
+    assert not (tmp_path / "o.onnx").exists()

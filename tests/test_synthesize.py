@@ -129,7 +129,7 @@ def test_dims_are_probed_on_the_original_model_until_it_runs() -> None:
     ds = synthesize(m, m, count=2)
     assert ds.unusable is None
     assert ds.feeds[0]["x"].shape == (1, 3, 64, 64) and ds.feeds[1]["x"].shape == (1, 3, 64, 64)
-    assert "input 'x' dim 2 ('height') = 64 (the first size the original model runs on" in ds.notes[0]
+    assert ds.notes[0] == "input 'x' dim 2 ('height') = 64 (the first size the original model runs on)"
     assert ds.notes[-1] == "pin other sizes with --input-shape x=1,3,height,width"
     # generate (no model run) keeps the first candidate
     assert generate(m).feeds[0]["x"].shape == (1, 3, 224, 224)
@@ -269,3 +269,10 @@ def test_single_letter_batch_names_count_only_as_the_first_dim() -> None:
     assert generate(conv).feeds[0]["x"].shape == (1, 3, 224, 224)
     lead = _model([helper.make_node("Relu", ["x"], ["y"])], [vi("x", ["N", "n"])], [_out("y")])
     assert generate(lead).feeds[0]["x"].shape == (1, 32)
+
+
+def test_negative_dims_are_dynamic_and_batch_stays_one_while_other_dims_are_probed() -> None:
+    m = _reshape_to([1, 3, 64, 64], ["N", 3, "height", "width"])
+    m.graph.input[0].type.tensor_type.shape.dim[0].dim_value = -1  # as Paddle2ONNX writes it
+    ds = synthesize(m, m, count=1)
+    assert ds.unusable is None and ds.feeds[0]["x"].shape == (1, 3, 64, 64)
