@@ -2,7 +2,8 @@
 
 An augmented copy of the model exposes the tensors of interest as extra graph
 outputs (what onnxruntime's calibrator does) and runs, with onnxruntime's graph
-optimizations off, over the calibration feeds one at a time. Per tensor we keep:
+optimizations off, over the calibration feeds one at a time (``onnxopt.capture``'s
+``run_exposed``, shared with activation capture). Per tensor we keep:
 
 - ``minmax``: the running minimum and maximum;
 - ``percentile``, ``entropy``, ``mse``: also a histogram of a fixed number of bins
@@ -29,23 +30,19 @@ Quantization parameters (``scale_zero_point``), in float64, scale stored as floa
 from __future__ import annotations
 
 import logging
-import tempfile
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from pathlib import Path
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import onnx
 
+from onnxopt.capture import run_exposed
 from onnxopt.errors import InputDataError
-from onnxopt.io import PROTOBUF_LIMIT
-from onnxopt.runtime import session
 
 logger = logging.getLogger(__name__)
 
 METHODS = ("minmax", "percentile", "entropy", "mse")
 QTYPES = {"uint8": (0, 255), "int8": (-128, 127)}
 DEFAULT_BINS = 2048
-_CHUNK = 32  # samples per run when a batched feed can be split (dynamic first axis)
 
 
 def qrange(qtype: str) -> tuple[int, int]:
@@ -234,30 +231,6 @@ def _mse_range(hist: Histogram, lo: float, hi: float, levels: int) -> tuple[floa
     return best
 
 
-def iter_runs(
-    feeds: Iterable[Mapping[str, np.ndarray]],
-    input_names: Sequence[str],
-    dynamic_batch: bool,
-    max_samples: int,
-) -> Iterator[dict[str, np.ndarray]]:
-    """Feeds cut to the model inputs, big batches split into chunks, up to ``max_samples``."""
-    seen = 0
-    for feed in feeds:
-        missing = [n for n in input_names if n not in feed]
-        if missing:
-            raise InputDataError(f"calibration feed lacks model input(s): {', '.join(missing)}")
-        feed = {n: np.asarray(feed[n]) for n in input_names}
-        batch = {a.shape[0] if a.ndim else 1 for a in feed.values()}
-        n = batch.pop() if len(batch) == 1 else 1
-        step = _CHUNK if dynamic_batch and n > _CHUNK and all(a.ndim for a in feed.values()) else n
-        for start in range(0, n, step):
-            if seen >= max_samples:
-                return
-            part = feed if step == n else {k: a[start : start + step] for k, a in feed.items()}
-            seen += min(step, n - start)
-            yield part
-
-
 def collect_stats(
     model: onnx.ModelProto,
     feeds: Iterable[Mapping[str, np.ndarray]],
@@ -269,60 +242,23 @@ def collect_stats(
 ) -> dict[str, TensorStats]:
     """Run the model with ``tensor_names`` exposed as outputs and stream their statistics.
 
-    ``model`` gets the extra outputs only while its session is built; they are removed
-    again before returning. Pass a throwaway export: a model over the protobuf limit is
-    written to a temporary directory with external data, which converts it in place.
+    The expose-and-run loop is ``onnxopt.capture.run_exposed``: ``model`` gets the extra
+    outputs only while its session is built and is left as it was (a model over the
+    protobuf limit is written to a temporary directory with external data first).
     ``tick(done, total)`` is called after each run; ``total`` is 0 when ``feeds`` is not
     a sequence (a stream has no known length).
     """
-    inits = {t.name for t in model.graph.initializer}
-    inputs = [i for i in model.graph.input if i.name not in inits]
-    input_names = [i.name for i in inputs]
-    outputs = [o.name for o in model.graph.output]
     wanted = list(dict.fromkeys(tensor_names))
-    added = [n for n in wanted if n not in outputs and n not in input_names]
     stats = {n: TensorStats(histogram, bins) for n in wanted}
-    n_declared = len(model.graph.output)
-    model.graph.output.extend(
-        onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None) for n in added
-    )
-    try:
-        sess = _session(model)
-    finally:
-        del model.graph.output[n_declared:]
-    fetch = [n for n in wanted if n not in input_names]
-    dynamic = all(
-        i.type.tensor_type.shape.dim and not i.type.tensor_type.shape.dim[0].HasField("dim_value")
-        for i in inputs
-    )
-    runs_iter: Iterable[dict[str, np.ndarray]] = iter_runs(feeds, input_names, dynamic, max_samples)
-    total = 0
-    if tick is not None and isinstance(feeds, Sequence):
-        runs_iter = list(runs_iter)  # slices are views: counting the runs copies no data
-        total = len(runs_iter)
     runs = 0
-    for feed in runs_iter:
-        values = dict(zip(fetch, sess.run(fetch, feed), strict=False)) if fetch else {}
+    for values in run_exposed(model, feeds, wanted, max_samples, tick):
         for name in wanted:
-            stats[name].add(feed[name] if name in input_names else values[name])
+            stats[name].add(values[name])
         runs += 1
-        if tick is not None:
-            tick(runs, total)
     logger.info("calibration: %d run(s), %d tensor(s)", runs, len(wanted))
     if runs == 0:
         raise InputDataError("calibration data is empty")
     return stats
-
-
-def _session(model: onnx.ModelProto):
-    if model.ByteSize() < PROTOBUF_LIMIT:
-        return session(model.SerializeToString(), optimize=False)
-    with tempfile.TemporaryDirectory(prefix="onnxopt-calib-") as tmp:
-        path = Path(tmp) / "augmented.onnx"
-        onnx.save_model(
-            model, str(path), save_as_external_data=True, location="augmented.onnx.data"
-        )
-        return session(path, optimize=False)
 
 
 def collect_ranges(
