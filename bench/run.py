@@ -22,7 +22,7 @@ Contenders are a registry: ``CONTENDERS[name] = Contender(build, applies, about)
 where ``build(src, calib, dst, workload)`` writes ``dst`` (or returns another path)
 and may raise ``Skip`` (recorded as skipped) or anything else (recorded as a
 failure row). Later lossy pipelines add rows by adding entries. ``onnxopt-int8``
-runs the accuracy- and latency-aware driver (``onnxopt.compress``); ``onnxopt-qdq``
+runs the accuracy- and latency-aware driver (``onnxopt.lossy``); ``onnxopt-qdq``
 is the bare static int8 pass, to show what the driver guards against.
 """
 
@@ -142,12 +142,12 @@ def _onnxopt_auto_int8(src: Path, calib: Sequence[Feed], dst: Path, w: Workload)
     It gets only the calibration feeds (it splits them itself into calibration and its own
     evaluation); the benchmark's held-out inputs stay unseen.
     """
-    from onnxopt.compress import compress
+    from onnxopt.lossy import compress
     from onnxopt.data import Dataset
 
     result = compress(src, dst, "int8", calibration_data=Dataset(list(calib), source="calib"))
     floats = len(result.float_layers)
-    _NOTES[dst] = (f"kept int8 ({floats} layers float)" if result.written == "quantized"
+    _NOTES[dst] = (f"kept int8 ({floats} layers float)" if result.written == "compressed"
                    else f"rolled back to float: {result.reason}")[:160]
 
 
@@ -466,8 +466,8 @@ def _geomean(values: Sequence[float]) -> float | None:
 
 
 def render(rows: list[Row], workloads: list[Workload], meta: dict[str, Any], threads: Sequence[int]) -> str:
-    from onnxopt.compress import DEFAULT_MIN_COSINE as FLOOR_COSINE
-    from onnxopt.compress import DEFAULT_MIN_TOP1 as FLOOR_AGREE
+    from onnxopt.lossy import DEFAULT_MIN_COSINE as FLOOR_COSINE
+    from onnxopt.lossy import DEFAULT_MIN_TOP1 as FLOOR_AGREE
 
     lines = [
         "# Benchmark: onnxopt beside its peers", "",

@@ -116,6 +116,12 @@ def estimate_macs(model: onnx.ModelProto, input_shapes: Mapping[str, Sequence[in
     Shapes come from onnx shape inference with the given input shapes pinned; returns
     None when no such op could be sized.
     """
+    per_node = macs_per_node(model, input_shapes)
+    return sum(per_node.values()) if per_node else None
+
+
+def macs_per_node(model: onnx.ModelProto, input_shapes: Mapping[str, Sequence[int]]) -> dict[str, int]:
+    """Layer key (node name, else first output) -> MACs, for the ops ``estimate_macs`` sizes."""
     # structure only: shape inference does not need weight values beyond small ones
     pinned = onnx.ModelProto()
     copy_structure(model, pinned)
@@ -131,8 +137,9 @@ def estimate_macs(model: onnx.ModelProto, input_shapes: Mapping[str, Sequence[in
     types = infer(pinned)
     for t in model.graph.initializer:
         types.setdefault(t.name, onnx.helper.make_tensor_type_proto(t.data_type, list(t.dims)))
-    total, sized = 0, False
+    macs: dict[str, int] = {}
     for node in model.graph.node:
+        key = node.name or (node.output[0] if node.output else "")
         op = node.op_type
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
         if op in ("Conv", "QLinearConv", "ConvInteger", "ConvTranspose"):
@@ -146,10 +153,9 @@ def estimate_macs(model: onnx.ModelProto, input_shapes: Mapping[str, Sequence[in
             if op == "ConvTranspose":
                 if not inp:
                     continue
-                total += int(np.prod(inp)) * int(np.prod(w[1:]))
+                macs[key] = int(np.prod(inp)) * int(np.prod(w[1:]))
             else:
-                total += int(np.prod(out)) * int(np.prod(w[1:]))
-            sized = True
+                macs[key] = int(np.prod(out)) * int(np.prod(w[1:]))
         elif op in ("MatMul", "MatMulInteger", "QLinearMatMul", "Gemm", "MatMulNBits"):
             a_idx = 0
             a = _dims(types.get(node.input[a_idx]))
@@ -157,6 +163,5 @@ def estimate_macs(model: onnx.ModelProto, input_shapes: Mapping[str, Sequence[in
             if not a or not out:
                 continue
             k = a[-1] if not (op == "Gemm" and attrs.get("transA", 0)) else a[0]
-            total += int(np.prod(out)) * int(k)
-            sized = True
-    return total if sized else None
+            macs[key] = int(np.prod(out)) * int(k)
+    return macs

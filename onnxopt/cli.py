@@ -387,11 +387,16 @@ def optimize(
     quantize: Annotated[str | None, typer.Option(
         metavar="METHOD", help="Compress: int8 (static QDQ, calibrated), dynamic, int8-weight, int4 or fp16. Kept only "
         "when within the accuracy budget and faster than the float model on this machine.")] = None,
+    prune: Annotated[float | None, typer.Option(
+        metavar="FRACTION", min=0.0, max=0.95, help="Compress: remove about FRACTION of the prunable "
+        "channels, heads and hidden units (structured pruning, refit by least squares on the "
+        "calibration data), where it costs least accuracy; composes with --quantize in one budget. "
+        "Kept only when within the budget and faster.")] = None,
     max_accuracy_drop: Annotated[float | None, typer.Option(
         metavar="POINTS", help="With --quantize: allowed task-accuracy drop in percentage points (needs 'labels' in the "
         "data; default 1.0). Without labels: cosine >= --min-cosine and top-1 agreement >= 98%.")] = None,
     force: Annotated[bool, typer.Option(
-        "--force", show_default=False, help="With --quantize: write the quantized model even when it is slower or over budget.")] = False,
+        "--force", show_default=False, help="With --quantize/--prune: write the compressed model even when it is slower or over budget.")] = False,
     verbose: Verbose = 0,
     quiet: Quiet = False,
 ) -> None:
@@ -406,11 +411,13 @@ def optimize(
         if level is None and not passes:
             level = DEFAULT_LEVEL
         shapes = parse_input_shapes(input_shape)
-        if quantize is not None:
+        if quantize is not None or prune is not None:
             if passes:
-                raise OnnxoptError("--quantize runs its own pipeline (level 1, then the quantizer); "
-                                   "use --quantize or --pass, not both")
-            _compress(model, output, quantize, data, calibration_data, shapes, level, max_accuracy_drop,
+                raise OnnxoptError("--quantize/--prune run their own pipeline (level 1, then the lossy "
+                                   "methods); use them or --pass, not both")
+            methods = ([f"prune:{prune:g}"] if prune is not None else []) + (
+                [quantize] if quantize is not None else [])
+            _compress(model, output, methods, data, calibration_data, shapes, level, max_accuracy_drop,
                       min_cosine, force, threads, repeats, report, seed, dry_run, validate=validate,
                       bench=bench, verify_each=verify_each, atol=atol, rtol=rtol, quiet=quiet)
             return
@@ -504,7 +511,7 @@ def _dry_run(
 
 
 def _compress(
-    model: Path, output: Path | None, method: str, data: Path | None, calibration_data: Path | None,
+    model: Path, output: Path | None, methods: list[str], data: Path | None, calibration_data: Path | None,
     shapes: dict[str, tuple[int, ...]], level: int | None, max_accuracy_drop: float | None,
     min_cosine: float | None, force: bool, threads: int, repeats: int, report: Path | None,
     seed: int, dry_run: bool, *, validate: bool = True, bench: bool = True,
@@ -512,34 +519,38 @@ def _compress(
     quiet: bool = False,
 ) -> None:
     from onnxopt.api import _write_json, default_output
-    from onnxopt.compress import DEFAULT_MIN_COSINE, METHODS, compress
+    from onnxopt.lossy import DEFAULT_MIN_COSINE, QUANTIZERS, compress, resolve_methods
     from onnxopt.manager import DEFAULT_LEVEL
     from onnxopt.validate import EXACT_ATOL, EXACT_RTOL, Tolerance
 
-    if method not in METHODS:
-        raise OnnxoptError(f"--quantize '{method}': choose one of {', '.join(METHODS)}")
+    flag = "--quantize" if not any(m.startswith("prune:") for m in methods) else "--prune"
+    for method in methods:
+        if not method.startswith("prune:") and method not in QUANTIZERS:
+            raise OnnxoptError(f"--quantize '{method}': choose one of {', '.join(QUANTIZERS)}")
+    resolved = resolve_methods(methods)
     if not validate:
-        raise OnnxoptError("--quantize needs validation: a lossy method is never kept unjudged; "
+        raise OnnxoptError(f"{flag} needs validation: a lossy method is never kept unjudged; "
                            "drop --no-validate")
     if not bench and not force:
-        raise OnnxoptError("--no-bench: with --quantize the latency verdict decides whether the "
-                           "quantized model is kept; add --force to write it without measuring")
+        raise OnnxoptError(f"--no-bench: with {flag} the latency verdict decides whether the "
+                           "compressed model is kept; add --force to write it without measuring")
     # --atol/--rtol apply to the lossless step's check against the source
     exact = Tolerance(atol=EXACT_ATOL if atol is None else atol,
                       rtol=EXACT_RTOL if rtol is None else rtol)
     if dry_run:
         out.print(f"compress: level {DEFAULT_LEVEL if level is None else level}, then "
-                  f"{METHODS[method][0]}; budget, per-layer fallback and latency check; nothing run")
+                  + ", then ".join(m.pass_name for m in resolved)
+                  + "; one budget, per-layer sensitivity and allocation, latency check; nothing run")
         return
-    with err.status("compressing", spinner="dots") as status:
+    with _Activity(err.is_terminal and not quiet) as activity:
         result = compress(
-            model, output or default_output(model), method, calibration_data=calibration_data,
+            model, output or default_output(model), resolved, calibration_data=calibration_data,
             eval_data=data, max_accuracy_drop=max_accuracy_drop,
             min_cosine=min_cosine if min_cosine is not None else DEFAULT_MIN_COSINE, force=force,
             bench=bench, threads=threads, repeats=repeats,
             level=DEFAULT_LEVEL if level is None else level, input_shapes=shapes,
             exact_tolerance=exact, verify_each=verify_each, seed=seed,
-            progress=lambda msg: status.update(msg),
+            progress=activity.say, tick=activity.tick,
         )
     for w in dict.fromkeys(result.warnings):
         err.print(f"[bold yellow]WARNING:[/bold yellow] {w}", soft_wrap=True)
@@ -554,6 +565,8 @@ def print_compress_result(result: Any, quiet: bool = False) -> None:
         _print_candidates(result)
         if result.sensitivity:
             _print_sensitivity(result.sensitivity, result.float_layers)
+        for step in result.steps:
+            _print_step(step)
         for note in dict.fromkeys(result.notes):
             out.print(f"note: {note}", markup=False, soft_wrap=True)
     out.print(f"decision: {result.reason}", markup=False, soft_wrap=True)
@@ -565,6 +578,21 @@ def print_compress_result(result: Any, quiet: bool = False) -> None:
 
 
 SENSITIVITY_ROWS = 10  # the console shows the most sensitive layers; the JSON report has them all
+
+
+def _print_step(step: Any) -> None:
+    """One line per composed step: what it changed, per layer (the JSON report has every figure)."""
+    if not step.applied:
+        out.print(f"{step.step} ({step.method}): not applied: {step.reason}", markup=False, soft_wrap=True)
+        return
+    changed = {k: v for k, v in step.layers.items()}
+    levels: dict[str, int] = {}
+    for info in changed.values():
+        key = str(info["level"]) if step.step != "prune" else f"keep {float(info['level']):.0%}"
+        levels[key] = levels.get(key, 0) + 1
+    out.print(f"{step.step} ({step.method}): {len(changed)} layer(s) changed ("
+              + ", ".join(f"{n} at {lv}" for lv, n in levels.items()) + f"); {step.reason}"
+              + (f"; {len(step.skipped)} left alone" if step.skipped else ""), markup=False, soft_wrap=True)
 
 
 def _print_candidates(result: Any) -> None:
@@ -592,7 +620,7 @@ def _print_sensitivity(sensitivity: dict[str, float], float_layers: list[str]) -
     ranked = sorted(sensitivity.items(), key=lambda kv: -kv[1])
     shown = ranked[:SENSITIVITY_ROWS]
     more = len(ranked) - len(shown)
-    out.print("Sensitivity: 1 - cosine with only that layer quantized"
+    out.print("Sensitivity: 1 - cosine with only that layer changed"
               + (f" (top {len(shown)} of {len(ranked)})" if more else ""), markup=False)
     rows = [[name, f"{value:.3g}", "yes" if name in float_layers else ""] for name, value in shown]
     out.print(_compact_table(["layer", "1 - cosine", "kept in float"], rows, left=("layer",)))

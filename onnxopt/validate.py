@@ -65,6 +65,8 @@ ULPS = 4  # units in the last place allowed to float16/bfloat16/float8 outputs o
 _EPS = {"float16": 2.0**-10, "bfloat16": 2.0**-7, "float8_e4m3fn": 2.0**-3, "float8_e4m3fnuz": 2.0**-3,
         "float8_e5m2": 2.0**-2, "float8_e5m2fnuz": 2.0**-2}
 EMBEDDING_NAME_PARTS = ("embed", "pool", "hidden", "feature")
+# rank-3 outputs are sequences of class scores when their rows are distributions or named so
+SEQUENCE_NAME_PARTS = ("logit", "score", "prob", "ctc", "token", "char")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,6 +92,10 @@ class OutputDiff:
     top1_expected_low: float | None = None  # its lower confidence bound, which the pass rule checks
     cosine_low: float | None = None  # lower confidence bound of the cosine (lossy pass rule)
     tolerance: str = ""  # the rule that applied to this output, e.g. "float16: atol 0.0039, ..."
+    # sequence outputs (class scores [samples, positions, classes]: CTC frames, token logits):
+    # argmax agreement per position, and the share of samples whose whole argmax sequence agrees
+    position_agreement: float | None = None
+    sequence_agreement: float | None = None
 
     def describe(self, tol: Tolerance) -> str:
         parts = [f"max |diff| {self.max_abs:.3g}", f"max rel {self.max_rel:.3g}",
@@ -97,6 +103,9 @@ class OutputDiff:
                                                 if self.cosine_low is not None else "")]
         if self.top1_agreement is not None:
             parts.append(f"top-1 agreement {self.top1_agreement:.2%}")
+        if self.sequence_agreement is not None:
+            parts.append(f"per-position agreement {self.position_agreement:.2%}, whole sequences "
+                         f"{self.sequence_agreement:.2%}")
         if self.top1_expected is not None:
             parts.append(f"expected top-1 agreement {self.top1_expected:.2%} "
                          f"(lower bound {self.top1_expected_low:.2%})")
@@ -113,6 +122,9 @@ class ValidationReport:
     tolerance: Tolerance
     accuracy_before: float | None = None
     accuracy_after: float | None = None
+    # standard error of the accuracy drop, from the per-sample differences (paired samples)
+    accuracy_drop_stderr: float | None = None
+    accuracy_output: str | None = None  # the output the labels were scored on
 
     def __bool__(self) -> bool:
         return all(o.passed for o in self.outputs)
@@ -150,6 +162,9 @@ class _Acc:
         self.unit_rows = True  # every reference row so far has L2 norm 1: an embedding ...
         self.negative = False  # ... if some entry is negative (softmax rows are not)
         self.dtype = ""  # the reference's element type, which sets the exact tolerance
+        self.seq_positions = self.seq_positions_same = 0  # rank-3 class scores (module doc)
+        self.seq_samples = self.seq_samples_same = 0
+        self.seq_probabilities = True  # every reference row so far is a distribution
 
     def tolerance(self, tol: Tolerance) -> tuple[float, float]:
         """(atol, rtol) for this output's dtype (module doc)."""
@@ -217,6 +232,8 @@ class _Acc:
             self.sample_ref.append(float(fa @ fa))
             self.na += float(fa @ fa)
             self.nb += float(fb @ fb)
+        if a.ndim == 3 and a.shape[-1] > 1 and np.all(np.isfinite(a)) and np.all(np.isfinite(b)):
+            self._add_sequences(a, b)
         if a.ndim == 2 and a.shape[-1] > 1:
             self.top1_same += int(np.sum(np.argmax(a, -1) == np.argmax(b, -1)))
             self.top1_total += a.shape[0]
@@ -228,6 +245,16 @@ class _Acc:
                 self._add_margins(a2, b.astype(np.float64))
         else:
             self.classifier = False
+
+    def _add_sequences(self, a: np.ndarray, b: np.ndarray) -> None:
+        same = np.argmax(a, -1) == np.argmax(b, -1)
+        self.seq_positions += same.size
+        self.seq_positions_same += int(same.sum())
+        self.seq_samples += same.shape[0]
+        self.seq_samples_same += int(np.all(same, axis=1).sum())
+        if self.seq_probabilities:
+            a64 = a.astype(np.float64)
+            self.seq_probabilities = bool(np.all(a64 >= -1e-6) and np.all(np.abs(a64.sum(-1) - 1) < 1e-3))
 
     def _add_margins(self, a: np.ndarray, b: np.ndarray) -> None:
         rows = np.all(np.isfinite(a), 1) & np.all(np.isfinite(b), 1)
@@ -278,6 +305,10 @@ class _Acc:
         top1 = self.top1_same / self.top1_total if classifier and self.top1_total else None
         expected, top1_low = self._expected_top1() if top1 is not None and not tol.exact else (None, None)
         low = self._cosine_low(cosine) if self.is_float and not tol.exact else None
+        sequence = self.seq_samples and not embedding and (
+            self.seq_probabilities or any(part in name.lower() for part in SEQUENCE_NAME_PARTS))
+        positions = self.seq_positions_same / self.seq_positions if sequence else None
+        sequences = self.seq_samples_same / self.seq_samples if sequence else None
         if self.nan_mismatch:
             passed = False
         elif tol.exact or not self.is_float:
@@ -285,17 +316,20 @@ class _Acc:
         else:
             passed = (low if low is not None else cosine) >= tol.min_cosine and (
                 tol.min_top1 is None or top1 is None or top1 >= tol.min_top1
-            ) and (tol.min_top1 is None or top1_low is None or top1_low >= tol.min_top1)
+            ) and (tol.min_top1 is None or top1_low is None or top1_low >= tol.min_top1) and (
+                tol.min_top1 is None or sequences is None
+                or (positions >= tol.min_top1 and sequences >= tol.min_top1))
         return OutputDiff(name, self.max_abs, self.max_rel, cosine, top1, self.mismatches,
-                          self.elements, passed, expected, top1_low, low, self.describe_tolerance(tol))
+                          self.elements, passed, expected, top1_low, low, self.describe_tolerance(tol),
+                          positions, sequences)
 
 
-def _accuracy(outputs: Sequence[Any], labels: np.ndarray) -> float | None:
-    """Top-1 accuracy of the first classifier-like output against ``labels``."""
-    for out in outputs:
+def _correct(outputs: Sequence[Any], labels: np.ndarray) -> tuple[int, np.ndarray] | None:
+    """(index, per sample: is its top-1 the label?) of the first classifier-like output."""
+    for i, out in enumerate(outputs):
         out = np.asarray(out)
         if out.dtype.kind == "f" and out.ndim == 2 and out.shape[-1] > 1 and out.shape[0] == len(labels):
-            return float(np.mean(np.argmax(out, -1) == labels.reshape(-1)))
+            return i, np.argmax(out, -1) == labels.reshape(-1)
     return None
 
 
@@ -350,12 +384,18 @@ def compare(
         if data.labels is not None:
             ref_all.append(a)
             cand_all.append(b)
-    before = after = None
+    before = after = stderr = scored = None
     if data.labels is not None and ref_all:
-        before = _accuracy([np.concatenate([np.asarray(r[i]) for r in ref_all]) for i in range(len(names))], data.labels)
-        after = _accuracy([np.concatenate([np.asarray(r[i]) for r in cand_all]) for i in range(len(names))], data.labels)
+        ref_c = _correct([np.concatenate([np.asarray(r[i]) for r in ref_all]) for i in range(len(names))], data.labels)
+        cand_c = _correct([np.concatenate([np.asarray(r[i]) for r in cand_all]) for i in range(len(names))], data.labels)
+        if ref_c is not None and cand_c is not None:
+            (index, ok_ref), (_, ok_cand) = ref_c, cand_c
+            before, after, scored = float(ok_ref.mean()), float(ok_cand.mean()), names[index]
+            diff = ok_ref.astype(np.float64) - ok_cand.astype(np.float64)
+            stderr = float(diff.std(ddof=1) / math.sqrt(len(diff))) if len(diff) > 1 else 0.0
     return ValidationReport(
-        tuple(accs[n].result(n, tol) for n in names), len(data), data.source, tol, before, after,
+        tuple(accs[n].result(n, tol) for n in names), len(data), data.source, tol, before, after, stderr,
+        scored,
     )
 
 
