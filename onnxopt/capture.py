@@ -328,6 +328,8 @@ def capture(
         model = load_model(model)
     keys: dict[str, tuple] = {}
     if cache is not None:
+        if not isinstance(feeds, Sequence):  # hashed, then run: a stream would be consumed
+            feeds = list(feeds)
         base = (model_fingerprint(model), feeds_fingerprint(feeds), max_rows, seed)
         keys = {n: (*base, n, lay) for n, lay in layouts.items()}
     out = {n: cache[keys[n]] for n in layouts if cache is not None and keys[n] in cache}

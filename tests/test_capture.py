@@ -206,3 +206,37 @@ def test_bad_requests() -> None:
         capture(_mlp(), _feeds([(1, 1, 4)]), {"h": "nhwc"})
     with pytest.raises(ValueError, match="max_rows"):
         capture(_mlp(), _feeds([(1, 1, 4)]), ["h"], max_rows=0)
+
+
+def test_capture_pairs_a_pruned_input_with_the_original_output_for_a_refit() -> None:
+    """The pruning use: r from the pruned model, y from the original, rows paired."""
+    from onnxopt.reconstruct import refit_linear, relative_error
+
+    feeds = _feeds([(3, 20, 4)] * 4)  # 240 rows
+    kept = [0, 2, 3, 5]
+    pruned = _mlp(w1=W1[:, kept].copy(), w2=W2[kept].copy())
+    cache: dict = {}
+    got = capture(pruned, feeds, ["r", "x"], max_rows=64, cache=cache)
+    r, x = got["r"], got["x"]
+    y = capture(_mlp(), feeds, ["y"], max_rows=64, cache=cache)["y"]
+    assert r.shape == (64, 4)
+    assert y.shape == (64, 3)
+    w, b = refit_linear(r, y, ridge=0.0)
+    # judged on every row, from the tensors as real outputs of both models
+    r_all = np.concatenate([o[0].reshape(-1, 4)
+                            for o in _reference(_mlp(W1[:, kept].copy(), W2[kept].copy(),
+                                                     outputs=("r",)), feeds)])
+    y_all = np.concatenate([o[0].reshape(-1, 3) for o in _reference(_mlp(), feeds)])
+    dropped = relative_error(r_all @ W2[kept], y_all)
+    refit = relative_error(r_all @ w + b, y_all)
+    assert refit < 0.5 * dropped
+    # the 64 rows are pairs (found by their inputs, which are unique: Relu rows may not
+    # be): the refit equals lstsq on the rows the reservoir kept
+    x_all = np.concatenate([f["x"].reshape(-1, 4) for f in feeds])
+    idx = [int(np.flatnonzero((x_all == row).all(axis=1))[0]) for row in x]
+    assert len(set(idx)) == 64
+    np.testing.assert_array_equal(r, r_all[idx])
+    np.testing.assert_array_equal(y, y_all[idx])
+    sol = np.linalg.lstsq(np.c_[r_all[idx], np.ones(64)].astype(np.float64),
+                          y_all[idx].astype(np.float64), rcond=None)[0]
+    np.testing.assert_allclose(w, sol[:4], rtol=1e-4, atol=1e-5)
