@@ -15,6 +15,7 @@ from onnxopt.passes.fold_bias import FoldBiasPass
 from onnxopt.passes.fuse_matmul_add import FuseMatMulAddPass
 from onnxopt.passes.fuse_shape_chains import FuseShapeChainsPass
 from onnxopt.passes.quantize_qdq import QuantizeQDQPass
+from onnxopt.passes.prune_channels import PruneChannelsPass
 
 ALL_PASSES = (
     EliminateIdentityPass,
@@ -30,4 +31,5 @@ ALL_PASSES = (
     QuantizeWeightOnlyPass,
     ConvertFp16Pass,
     QuantizeQDQPass,
+    PruneChannelsPass,
 )

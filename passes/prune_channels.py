@@ -1,0 +1,484 @@
+"""Structured pruning: remove whole channels and hidden units, then refit the layers after them.
+
+Channels are removed per dependency group (``passes/_groups.py``): a Conv's output channels
+together with its bias, the BatchNormalization after it, element-wise partners (a residual
+Add loses the same indices on both branches), Concat offsets, and the input channels of
+every consumer; MatMul/Gemm hidden units likewise. Removing channel ``c`` of a group is
+
+    W_producer[c, ...], b[c], BN params[c], per-channel constants[c]   dropped
+    W_consumer[:, c, ...] (Conv), W[c, :] (MatMul rows)                 dropped
+
+so initializers, activations, parameters and MACs all shrink. Depthwise Convs follow the
+kept count (``group``), Split sizes, Slice bounds and literal Reshape targets are rewritten,
+and the shapes of the activations that shrank are inferred again.
+
+Which channels go (``criterion``), per channel summed over the group's members:
+``l1``/``l2``: ``sum |w|`` / ``sum w^2`` over the Conv/MatMul/Gemm weights of the group
+(producer rows and consumer columns); ``bn-gamma``: ``|gamma|`` of its BatchNormalizations
+(before folding; groups without one fall back to ``l1``, counted as
+``criterion-fallback``); ``activation``: mean ``|a|`` of the activations the consumer
+layers read, on the calibration data (``onnxopt.capture``).
+
+How many: ``ratio`` of every prunable group (uniform), or, with ``global_ranking``, the
+``ratio`` of all prunable channels with the lowest importance normalised by its group's
+mean; ``keep`` (JSON: group key -> fraction kept) overrides both for the groups it names.
+Kept counts are rounded to a multiple of ``round_to`` (and of the conv groups of a grouped
+Conv), at least ``min_channels``.
+
+Reconstruction (``reconstruct``, with calibration data): in topological order, every
+Conv/Gemm/MatMul that lost input channels is refit by ridge least squares
+(``onnxopt.reconstruct``) so that, on the calibration rows, the pruned model's actual
+input to that layer (upstream refits included) maps to the output of the same layer in
+the model as it was before pruning (the reference; equal to ``source_model`` when the
+earlier passes are exact, and robust to the tensors they renamed). A refit that does not
+lower the relative error is not applied.
+
+Groups that are not understood are frozen, never guessed (``skipped:<reason>`` once per
+group; the reasons are listed in ``passes/_groups.py``). ``ctx.notes["prune-channels"]``:
+``groups`` (prunable groups: ``channels``, ``kept``, ``params_removed``, ``macs_removed``;
+the figures of a group count it alone against the original shapes), ``frozen``
+(key -> reason), ``reconstruction`` (layer -> ``error_before``, ``error_after``,
+``applied``), and the measured totals ``params_removed``, ``macs_removed``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+from onnxopt.passes._groups import WEIGHT_ROLES, Group, build_groups, remove_channels
+
+from onnxopt.errors import MissingRequirementError, PassOptionError
+from onnxopt.graph_utils import constant_value, make_constant
+from onnxopt.pass_base import Pass, PassContext, PassResult
+from onnxopt.shapes import apply_shapes
+
+logger = logging.getLogger(__name__)
+
+_NCHW_SAMPLES = 256  # samples of a Conv activation kept for refits and importance
+_ROWS = 4096
+
+
+def parse_keep(spec: str) -> dict[str, float]:
+    """``keep``: a JSON object, or a path to a JSON file, of group key -> fraction kept."""
+    if not spec.strip():
+        return {}
+    text = spec
+    if not spec.lstrip().startswith("{"):
+        path = Path(spec)
+        if not path.is_file():
+            raise PassOptionError(
+                f"pass 'prune-channels': keep must be a JSON object or a JSON file; "
+                f"'{spec}' is neither")
+        text = path.read_text()
+    try:
+        raw = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise PassOptionError(f"pass 'prune-channels': keep is not valid JSON: {e}") from None
+    if not isinstance(raw, dict) or not all(isinstance(v, (int, float)) for v in raw.values()):
+        raise PassOptionError("pass 'prune-channels': keep must map group keys to numbers")
+    bad = {k: v for k, v in raw.items() if not 0.0 < float(v) <= 1.0}
+    if bad:
+        raise PassOptionError(f"pass 'prune-channels': kept fractions must be in (0, 1]: {bad}")
+    return {str(k): float(v) for k, v in raw.items()}
+
+
+def kept_count(channels: int, fraction: float, multiple: int, min_channels: int) -> int:
+    """Channels kept: ``fraction`` of ``channels`` rounded to ``multiple``, at least
+    ``min_channels`` (rounded up), at most all."""
+    k = multiple * math.floor(channels * fraction / multiple + 0.5)
+    floor = multiple * math.ceil(max(min_channels, 1) / multiple)
+    return min(max(k, floor), channels)
+
+
+def select_removed(importance: np.ndarray, kept: int, chunks: int = 1) -> np.ndarray:
+    """Indices of the channels to remove: the least important, the same count per chunk."""
+    c = len(importance)
+    size, per = c // chunks, kept // chunks
+    keep: list[int] = []
+    for i in range(chunks):
+        part = importance[i * size:(i + 1) * size]
+        # stable: among equal importances the lower index stays
+        keep.extend((np.argsort(-part, kind="stable")[:per] + i * size).tolist())
+    return np.setdiff1d(np.arange(c), np.asarray(keep, dtype=np.int64))
+
+
+def magnitude(group: Group, tensors: Mapping[str, gs.Tensor], power: int,
+              roles: frozenset[str] = WEIGHT_ROLES) -> np.ndarray:
+    """Per channel: ``sum |w|^power`` over the group's members with ``roles``."""
+    imp = np.zeros(group.channels)
+    for m in group.members:
+        if m.role not in roles:
+            continue
+        value = constant_value(tensors[m.tensor])
+        if value is None:
+            continue
+        a = np.abs(value.astype(np.float64)) ** power
+        if m.role == "grouped-in":
+            rows, cpg = a.shape[0] // m.conv_groups, a.shape[1]
+            per = a.reshape(m.conv_groups, rows, cpg, -1).sum(axis=(1, 3)).reshape(-1)
+            imp[m.start:m.start + m.length] += per[m.start:m.start + m.length]
+            continue
+        per_pos = a.sum(axis=tuple(i for i in range(a.ndim) if i != m.axis))
+        span = per_pos[m.offset:m.offset + m.length * m.block].reshape(m.length, m.block)
+        imp[m.start:m.start + m.length] += span.sum(axis=1)
+    return imp
+
+
+class PruneChannelsPass(Pass):
+    """Remove whole channels and hidden units by dependency group, refit by least squares."""
+
+    name = "prune-channels"
+    exact = False
+
+    @dataclasses.dataclass(frozen=True)
+    class Options:
+        ratio: float = 0.3
+        keep: str = ""
+        criterion: Literal["l1", "l2", "bn-gamma", "activation"] = "l1"
+        global_ranking: bool = False
+        round_to: int = 1
+        min_channels: int = 1
+        reconstruct: bool = True
+
+    def check(self, graph: gs.Graph, ctx: PassContext) -> None:
+        o = self.options
+        if not 0.0 <= o.ratio < 1.0:
+            raise PassOptionError(f"pass 'prune-channels': ratio must be in [0, 1), got {o.ratio}")
+        if o.round_to < 1 or o.min_channels < 1:
+            raise PassOptionError("pass 'prune-channels': round_to and min_channels must be >= 1")
+        parse_keep(o.keep)
+        if o.criterion == "activation" and not ctx.calibration:
+            raise MissingRequirementError(
+                "pass 'prune-channels' with criterion=activation needs calibration data; "
+                "supply --calibration-data FILE.npz")
+
+    def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
+        o = self.options
+        stats: Counter[str] = Counter()
+        keep = parse_keep(o.keep)
+        groups = build_groups(graph)
+        prunable = [g for g in groups if g.frozen is None]
+        frozen = {g.key: g.frozen for g in groups if g.frozen is not None}
+        for g in groups:
+            if g.frozen is not None:
+                stats[f"skipped:{g.frozen}"] += 1
+        known = {g.key for g in groups}
+        unknown = sorted(set(keep) - known)
+        if unknown:
+            raise PassOptionError(
+                f"pass 'prune-channels': keep names unknown groups {unknown}; the groups are "
+                f"{sorted(g.key for g in prunable)} (onnxopt inspect --groups MODEL)")
+        stats["skipped:keep-frozen"] += sum(1 for k in keep if k in frozen)
+        tensors = graph.tensors()
+        reference = self._snapshot(graph, ctx) if self._refit_wanted(ctx, stats) else None
+        importance = {g.key: self._importance(g, graph, tensors, ctx, stats) for g in prunable}
+        removed = self._choose(prunable, importance, keep)
+        report: dict[str, Any] = {"groups": {}, "frozen": dict(frozen), "reconstruction": {}}
+        for g in prunable:
+            r = len(removed.get(g.key, ()))
+            per_params = sum(m.params_per_channel for m in g.members)
+            per_macs = sum(m.macs_per_channel for m in g.members)
+            report["groups"][g.key] = {
+                "channels": g.channels, "kept": g.channels - r,
+                "params_removed": round(per_params * r), "macs_removed": round(per_macs * r),
+            }
+        removed = {k: v for k, v in removed.items() if len(v)}
+        stats = Counter({k: v for k, v in stats.items() if v})
+        if not removed:
+            report["params_removed"] = report["macs_removed"] = 0
+            ctx.notes[self.name] = report
+            return PassResult(changed=False, stats=dict(stats))
+        before = _counts(graph)
+        remove_channels(graph, prunable, removed, ctx.names, ctx.opset)
+        graph.cleanup()
+        _reinfer(graph)
+        stats["pruned-groups"] = len(removed)
+        stats["pruned-channels"] = sum(len(v) for v in removed.values())
+        if reference is not None:
+            report["reconstruction"] = self._reconstruct(graph, ctx, prunable, removed,
+                                                         reference, stats)
+        after = _counts(graph)
+        report["params_removed"] = before[0] - after[0]
+        report["macs_removed"] = before[1] - after[1]
+        ctx.notes[self.name] = report
+        return PassResult(changed=True, stats=dict(stats))
+
+    # ---- what to remove ----
+    def _importance(self, g: Group, graph: gs.Graph, tensors: Mapping[str, gs.Tensor],
+                    ctx: PassContext, stats: Counter[str]) -> np.ndarray:
+        crit = self.options.criterion
+        if crit == "bn-gamma":
+            if any(m.role == "norm-scale" for m in g.members):
+                return magnitude(g, tensors, 1, frozenset({"norm-scale"}))
+            stats["criterion-fallback"] += 1
+        if crit == "activation":
+            imp = self._activation(g, graph, ctx)
+            if imp is not None:
+                return imp
+            stats["criterion-fallback"] += 1
+        return magnitude(g, tensors, 2 if crit == "l2" else 1)
+
+    def _activation(self, g: Group, graph: gs.Graph, ctx: PassContext) -> np.ndarray | None:
+        from onnxopt.capture import capture
+
+        if not hasattr(self, "_act_model"):
+            self._act_model = _export(graph, ctx)
+            self._act_cache: dict[Any, Any] = {}
+        # what the consumer layers read (after activation functions), else every activation
+        layer_nodes = {m.node for m in g.members if m.role in ("weight-in", "grouped-in")}
+        read = {n.inputs[0].name for n in graph.nodes if n.name in layer_nodes}
+        acts = [m for m in g.members if m.role == "activation"]
+        acts = [m for m in acts if m.tensor in read] or acts
+        tensors = graph.tensors()
+        imp = np.zeros(g.channels)
+        found = False
+        for m in acts:
+            shape = tensors[m.tensor].shape
+            if shape is None:
+                continue
+            rank = len(shape)
+            axis = m.axis + rank if m.axis < 0 else m.axis
+            layout = "nchw" if axis == 1 and rank > 2 else "rows" if axis == rank - 1 else None
+            if layout is None:
+                continue
+            rows = _NCHW_SAMPLES if layout == "nchw" else _ROWS
+            assert ctx.calibration is not None
+            a = capture(self._act_model, ctx.calibration, {m.tensor: layout}, max_rows=rows,
+                        seed=ctx.seed, cache=self._act_cache)[m.tensor]
+            a_axis = 1 if layout == "nchw" else a.ndim - 1
+            per_pos = np.abs(a.astype(np.float64)).mean(
+                axis=tuple(i for i in range(a.ndim) if i != a_axis))
+            span = per_pos[m.offset:m.offset + m.length * m.block].reshape(m.length, m.block)
+            imp[m.start:m.start + m.length] += span.sum(axis=1)
+            found = True
+        return imp if found else None
+
+    def _choose(self, groups: Sequence[Group], importance: Mapping[str, np.ndarray],
+                keep: Mapping[str, float]) -> dict[str, np.ndarray]:
+        o = self.options
+        fraction = {g.key: keep.get(g.key, 1.0 - o.ratio) for g in groups}
+        if o.global_ranking:
+            ranked = [g for g in groups if g.key not in keep]
+            fraction.update(self._global_fractions(ranked, importance))
+        out = {}
+        for g in groups:
+            multiple = math.lcm(max(o.round_to, 1), g.chunks)
+            k = kept_count(g.channels, fraction[g.key], multiple, o.min_channels)
+            out[g.key] = select_removed(importance[g.key], k, g.chunks)
+        return out
+
+    def _global_fractions(self, groups: Sequence[Group],
+                          importance: Mapping[str, np.ndarray]) -> dict[str, float]:
+        """Kept fraction per group when the ``ratio`` least important channels of all groups
+        go, importance divided by its group's mean so that groups compare."""
+        o = self.options
+        entries = []
+        for gi, g in enumerate(groups):
+            imp = importance[g.key]
+            norm = imp / max(float(imp.mean()), 1e-12)
+            entries.extend((float(v), gi) for v in norm)
+        budget = round(o.ratio * sum(g.channels for g in groups))
+        limit = [g.channels - max(o.min_channels, 1) for g in groups]
+        taken = [0] * len(groups)
+        for _, gi in sorted(entries, key=lambda e: e[0]):
+            if budget == 0:
+                break
+            if taken[gi] < limit[gi]:
+                taken[gi] += 1
+                budget -= 1
+        return {g.key: (g.channels - t) / g.channels for g, t in zip(groups, taken, strict=True)}
+
+    # ---- reconstruction ----
+    def _refit_wanted(self, ctx: PassContext, stats: Counter[str]) -> bool:
+        if not self.options.reconstruct or not ctx.calibration:
+            return False
+        try:
+            import onnxopt.capture
+            import onnxopt.reconstruct  # noqa: F401
+        except ImportError:
+            stats["skipped:reconstruct-unavailable"] += 1
+            return False
+        return True
+
+    @staticmethod
+    def _snapshot(graph: gs.Graph, ctx: PassContext) -> onnx.ModelProto:
+        return _export(graph, ctx)
+
+    def _reconstruct(self, graph: gs.Graph, ctx: PassContext, groups: Sequence[Group],
+                     removed: Mapping[str, np.ndarray], reference: onnx.ModelProto,
+                     stats: Counter[str]) -> dict[str, dict[str, Any]]:
+        from onnxopt.capture import capture
+
+        assert ctx.calibration is not None
+        touched = {m.node for g in groups if g.key in removed for m in g.members
+                   if m.role in ("weight-in", "grouped-in")}
+        # output channels kept, per layer output tensor: to compare with the reference
+        out_removed: dict[str, np.ndarray] = {}
+        for g in groups:
+            for m in g.members:
+                if m.role == "activation" and g.key in removed:
+                    sel = removed[g.key]
+                    sel = sel[(sel >= m.start) & (sel < m.start + m.length)] - m.start
+                    pos = (m.offset + sel[:, None] * m.block
+                           + np.arange(m.block)[None, :]).reshape(-1)
+                    prev = out_removed.get(m.tensor, np.zeros(0, np.int64))
+                    out_removed[m.tensor] = np.union1d(prev, pos).astype(np.int64)
+        layers = [n for n in graph.nodes if n.name in touched]
+        ref_cache: dict[Any, Any] = {}
+        result: dict[str, dict[str, Any]] = {}
+        for node in layers:
+            layout = "nchw" if node.op == "Conv" else "rows"
+            rows = _NCHW_SAMPLES if layout == "nchw" else _ROWS
+            x_name, y_name = node.inputs[0].name, node.outputs[0].name
+            reason = _refit_decline(node)
+            if reason is not None:
+                stats[f"skipped:refit-{reason}"] += 1
+                continue
+            if y_name not in {o for n in reference.graph.node for o in n.output}:
+                stats["skipped:refit-no-reference"] += 1
+                continue
+            current = _export(graph, ctx)
+            got = capture(current, ctx.calibration, {x_name: layout, y_name: layout},
+                          max_rows=rows, seed=ctx.seed)
+            y_ref = capture(reference, ctx.calibration, {y_name: layout}, max_rows=rows,
+                            seed=ctx.seed, cache=ref_cache)[y_name]
+            if y_name in out_removed:
+                y_ref = np.delete(y_ref, out_removed[y_name], axis=1 if layout == "nchw" else -1)
+            x, y_now = got[x_name], got[y_name]
+            entry = _refit_layer(node, x, y_now, y_ref, ctx)
+            result[node.name] = entry
+            stats["reconstructed" if entry["applied"] else "skipped:refit-no-gain"] += 1
+        return result
+
+
+def _refit_decline(node: gs.Node) -> str | None:
+    if node.op == "Conv":
+        if node.attrs.get("auto_pad", "NOTSET") not in ("NOTSET", "VALID"):
+            return "auto-pad"
+        w = constant_value(node.inputs[1])
+        if w is None or w.ndim != 4:
+            return "rank"
+    if node.op == "Gemm" and (float(node.attrs.get("alpha", 1.0)) == 0.0):
+        return "alpha"
+    return None
+
+
+def _refit_layer(node: gs.Node, x: np.ndarray, y_now: np.ndarray, y_ref: np.ndarray,
+                 ctx: PassContext) -> dict[str, Any]:
+    """Refit ``node``'s weight (and bias) in place when it lowers the error on the rows."""
+    from onnxopt.reconstruct import refit_conv, refit_linear, relative_error
+
+    before = relative_error(y_now, y_ref)
+    w_t = node.inputs[1]
+    w_old = constant_value(w_t)
+    assert w_old is not None
+    dtype = w_old.dtype
+    if node.op == "Conv":
+        kernel = list(w_old.shape[2:])
+        strides = list(node.attrs.get("strides", [1, 1]))
+        pads = list(node.attrs.get("pads", [0, 0, 0, 0]))
+        dilations = list(node.attrs.get("dilations", [1, 1]))
+        group = int(node.attrs.get("group", 1))
+        w, b = refit_conv(x, y_ref, kernel=kernel, strides=strides, pads=pads,
+                          dilations=dilations, group=group, seed=ctx.seed)
+        pred = _run_conv(x, w, b, node.attrs)
+    else:
+        gemm = node.op == "Gemm"
+        w, b = refit_linear(x, y_ref, bias=gemm)
+        pred = x.astype(np.float64) @ w + (b if b is not None else 0.0)
+        if gemm and int(node.attrs.get("transB", 0)):
+            w = w.T
+    after = relative_error(pred, y_ref)
+    entry = {"error_before": before, "error_after": after, "applied": after < before}
+    if not entry["applied"]:
+        return entry
+    _replace_input(node, 1, w.astype(dtype), ctx)
+    if b is not None:
+        if node.op == "Gemm":
+            node.attrs["alpha"], node.attrs["beta"] = 1.0, 1.0
+        _replace_input(node, 2, b.astype(dtype), ctx)
+    return entry
+
+
+def _replace_input(node: gs.Node, i: int, value: np.ndarray, ctx: PassContext) -> None:
+    """Input ``i`` of ``node`` becomes ``value``: in place when it is an initializer only this
+    node reads (always so for a pruned layer's weight), else a new constant."""
+    old = node.inputs[i] if len(node.inputs) > i and node.inputs[i].name else None
+    if isinstance(old, gs.Constant) and len(old.outputs) == 1:
+        old.values = np.ascontiguousarray(value)
+        return
+    new = make_constant(ctx.names.fresh(f"{node.name or node.op}_refit"), value)
+    if len(node.inputs) > i:
+        node.inputs[i] = new
+    else:
+        node.inputs.append(new)
+
+
+def _run_conv(x: np.ndarray, w: np.ndarray, b: np.ndarray | None,
+              attrs: Mapping[str, Any]) -> np.ndarray:
+    """The refit Conv on ``x`` in onnxruntime (an oracle apart from the refit's im2col)."""
+    from onnx import helper
+
+    from onnxopt.runtime import run_model
+
+    keep = {k: v for k, v in attrs.items() if k in ("strides", "pads", "dilations", "group",
+                                                    "auto_pad", "kernel_shape")}
+    inits = [onnx.numpy_helper.from_array(w.astype(np.float32), "w")]
+    inputs = ["x", "w"]
+    if b is not None:
+        inits.append(onnx.numpy_helper.from_array(b.astype(np.float32), "b"))
+        inputs.append("b")
+    f32 = onnx.TensorProto.FLOAT
+    graph = helper.make_graph(
+        [helper.make_node("Conv", inputs, ["y"], **keep)], "refit",
+        [helper.make_tensor_value_info("x", f32, None)],
+        [helper.make_tensor_value_info("y", f32, None)], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 7
+    return np.asarray(run_model(model, [{"x": np.ascontiguousarray(x, np.float32)}])[0][0])
+
+
+def _export(graph: gs.Graph, ctx: PassContext) -> onnx.ModelProto:
+    from onnxopt.io import to_model
+
+    source = ctx.notes.get("source_model")
+    if isinstance(source, onnx.ModelProto):
+        return to_model(graph, source)
+    model = gs.export_onnx(graph)
+    model.ir_version = min(model.ir_version, 8)
+    return model
+
+
+def _reinfer(graph: gs.Graph) -> None:
+    model = gs.export_onnx(graph, do_type_check=False)
+    apply_shapes(graph, model)
+
+
+def _counts(graph: gs.Graph) -> tuple[int, int]:
+    """(parameters, MACs per sample) of the main graph's Conv/MatMul/Gemm and initializers."""
+    params = sum(math.prod(t.shape) for t in graph.tensors().values()
+                 if isinstance(t, gs.Constant) and t.shape)
+    macs = 0
+    for n in graph.nodes:
+        if n.op not in ("Conv", "MatMul", "Gemm") or len(n.inputs) < 2:
+            continue
+        w, y = constant_value(n.inputs[1]), n.outputs[0].shape
+        if w is None or y is None:
+            continue
+        dims = [d if isinstance(d, int) and d > 0 else 1 for d in y]
+        if n.op == "Conv":
+            macs += math.prod(dims) * math.prod(w.shape[1:])
+        else:
+            k = w.shape[1] if n.op == "Gemm" and int(n.attrs.get("transB", 0)) else w.shape[0]
+            macs += math.prod(dims) * k
+    return params, macs
