@@ -217,6 +217,7 @@ class PassManager:
         input_shapes: Mapping[str, Sequence[int]] | None = None,
         seed: int = 0,
         calibration_cache: dict[Any, Any] | None = None,
+        tick: Callable[[int, int], None] | None = None,
     ) -> tuple[onnx.ModelProto, PipelineReport]:
         """Run the pipeline on ``model``.
 
@@ -235,6 +236,7 @@ class PassManager:
         ctx = PassContext(
             names=NameGenerator(graph), opset=opset_of(model), calibration=calibration,
             input_shapes=dict(input_shapes or {}), seed=seed, calibration_cache=calibration_cache,
+            tick=tick,
         )
         ctx.notes["source_model"] = model
         report = PipelineReport(pipeline=self.pipeline)

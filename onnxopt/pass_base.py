@@ -11,7 +11,7 @@ import abc
 import dataclasses
 import enum
 import typing
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, ClassVar
 
 import numpy as np
@@ -79,6 +79,8 @@ class PassContext:
     # (the compression driver quantizes one model many times, excluding different layers):
     # settings key -> tensor name -> (lo, hi), or None for a tensor that held no finite value
     calibration_cache: dict[Any, dict[str, tuple[float, float] | None]] | None = None
+    # progress of a long loop inside a pass (calibration runs): tick(done, total)
+    tick: Callable[[int, int], None] | None = None
 
 
 class Pass(abc.ABC):

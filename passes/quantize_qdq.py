@@ -390,6 +390,7 @@ class QuantizeQDQPass(Pass):
                 o.percentile,
                 levels=qmax - qmin,
                 max_samples=o.max_calibration_samples,
+                tick=ctx.tick,
             )
             cache.update({n: found.get(n) for n in missing})
         return {n: r for n in names if (r := cache[n]) is not None}

@@ -166,3 +166,18 @@ def test_accuracy_budget_uses_its_confidence_bound_and_every_other_output_counts
     # within the accuracy budget, but another output breaks the floor
     verdict = budget.judge(_report(0.90, 0.90, 0.0, False))
     assert not verdict.ok and "output 'boxes'" in verdict.detail
+
+
+def test_progress_ticks_through_calibration_and_latency(tmp_path: Path) -> None:
+    from onnxopt.testing import mlp_model
+
+    path = tmp_path / "mlp.onnx"
+    onnx.save(mlp_model(sizes=(16, 32, 8), batch="N"), path)
+    rng = np.random.default_rng(0)
+    feeds = [{"x": rng.standard_normal((4, 16)).astype(np.float32)} for _ in range(10)]
+    ticks: list[tuple[int, int]] = []
+    compress(path, tmp_path / "o.onnx", "int8", calibration_data=Dataset(feeds, source="t"),
+             repeats=3, tick=lambda done, total: ticks.append((done, total)))
+    # the first 5 feeds calibrate (one tick per run), then the latency rounds tick to their total
+    assert ticks[:5] == [(i, 5) for i in range(1, 6)]
+    assert ticks[-1][0] == ticks[-1][1] > 0

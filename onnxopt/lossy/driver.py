@@ -381,7 +381,8 @@ def _run_step(
     def build(options: Mapping[str, Any]) -> tuple[onnx.ModelProto, dict[str, Any]]:
         p = instantiate((m.pass_name, dict(options)))
         out, rep = PassManager((), [p], verify_each=verify_each).run(
-            base, calibration=calib_feeds, input_shapes=input_shapes, seed=seed, calibration_cache=ranges)
+            base, calibration=calib_feeds, input_shapes=input_shapes, seed=seed, calibration_cache=ranges,
+            tick=tick if not ranges else None)  # only the first build calibrates
         return out, rep.notes.get(m.pass_name, {})
 
     say(f"{m.step}: {m.pass_name}")
