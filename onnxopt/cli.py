@@ -650,6 +650,10 @@ def inspect(
     input_shape: InputShape = None,
     as_json: Annotated[bool, typer.Option(
         "--json", show_default=False, help="Machine-readable output.")] = False,
+    groups: Annotated[bool, typer.Option(
+        "--groups", show_default=False,
+        help="Also list the channel groups prune-channels sees, and why others are frozen.")
+    ] = False,
 ) -> None:
     """Show MODEL's inputs, outputs, opsets, op histogram, parameters, size and MACs."""
     with _user_errors():
@@ -689,6 +693,9 @@ def inspect(
             "file_bytes": size,
             "external_data_bytes": data_file.stat().st_size if data_file.exists() else 0,
         }
+        group_rows = _channel_groups(m) if groups else None
+        if group_rows is not None:
+            info["groups"] = group_rows
         if as_json:
             out.print_json(json.dumps(info))
             return
@@ -717,6 +724,26 @@ def inspect(
         out.print(line, markup=False, soft_wrap=True)
         rows = [[op, str(n)] for op, n in sorted(stats.ops.items(), key=lambda kv: -kv[1])]
         out.print(_table("Ops", ["op", "count"], rows, left=("op",)))
+        if group_rows is not None:
+            rows = [[g["key"], str(g["channels"]), str(g["members"]), _fmt_int(g["params"]),
+                     _fmt_int(g["macs"]), g["frozen"] or ""] for g in group_rows]
+            prunable = sum(1 for g in group_rows if not g["frozen"])
+            out.print(_table(f"Channel groups ({prunable} prunable of {len(group_rows)})",
+                             ["key", "channels", "members", "params", "MACs", "frozen"], rows,
+                             left=("key", "frozen")))
+
+
+def _channel_groups(m: Any) -> list[dict[str, Any]]:
+    """The dependency groups of ``prune-channels``: key, channels, members, params, MACs per
+    sample (dynamic dims as 1), frozen reason."""
+    from onnxopt.io import to_graph
+    from onnxopt.passes._groups import build_groups
+    from onnxopt.shapes import apply_shapes
+
+    graph = to_graph(m)
+    apply_shapes(graph, m)
+    return [{"key": g.key, "channels": g.channels, "members": len(g.members), "params": g.params,
+             "macs": g.macs, "frozen": g.frozen, "detail": g.detail} for g in build_groups(graph)]
 
 
 def _pin_hint(specs: Sequence[Any], pins: Mapping[str, Sequence[int]]) -> str:
