@@ -181,3 +181,19 @@ def test_progress_ticks_through_calibration_and_latency(tmp_path: Path) -> None:
     # the first 5 feeds calibrate (one tick per run), then the latency rounds tick to their total
     assert ticks[:5] == [(i, 5) for i in range(1, 6)]
     assert ticks[-1][0] == ticks[-1][1] > 0
+
+
+def test_lossy_and_lossless_reports_share_their_top_level_keys(tmp_path: Path) -> None:
+    from onnxopt.api import optimize_file
+    from onnxopt.testing import mlp_model
+
+    path = tmp_path / "mlp.onnx"
+    onnx.save(mlp_model(sizes=(16, 32, 8), batch="N"), path)
+    lossless = optimize_file(path, tmp_path / "a.onnx", bench=False).to_dict()
+    lossy = compress(path, tmp_path / "b.onnx", "dynamic", force=True, bench=False).to_dict()
+    shared = {"output", "pipeline", "validation", "before", "after", "inputs", "input_notes", "warnings"}
+    assert shared <= set(lossless) and shared <= set(lossy)
+    assert lossy["before"]["nodes"] == lossless["before"]["nodes"]
+    assert lossy["after"]["ops"].get("MatMulInteger", 0) + lossy["after"]["ops"].get(
+        "DynamicQuantizeMatMul", 0) > 0
+    assert lossy["inputs"] == lossless["inputs"] == {"x": [1, 16]}

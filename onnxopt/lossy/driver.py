@@ -33,7 +33,7 @@ from typing import Any
 import onnx
 
 from onnxopt import data as data_mod
-from onnxopt.bench import estimate_macs, macs_per_node
+from onnxopt.bench import ModelStats, estimate_macs, macs_per_node, model_stats
 from onnxopt.data import Dataset
 from onnxopt.errors import InputDataError, OnnxoptError, ValidationError
 from onnxopt.io import load_model, opset_of, staged_output, write_model
@@ -124,13 +124,20 @@ class CompressResult:
     validation_detail: str = ""
     steps: list[StepReport] = dataclasses.field(default_factory=list)
     sensitivity_levels: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)
+    # the keys an ``optimize`` report has too (``onnxopt.api.OptimizeResult``)
+    pipeline: PipelineReport | None = None  # the lossless passes
+    before: ModelStats | None = None  # the source
+    after: ModelStats | None = None  # the written model
+    inputs: dict[str, list[int]] = dataclasses.field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(dataclasses.replace(self, lossless_validation=None, validation=None))
+        d = dataclasses.asdict(dataclasses.replace(self, lossless_validation=None, validation=None,
+                                                   pipeline=None, before=None, after=None))
         d["output"] = str(self.output)
-        for key in ("lossless_validation", "validation"):
-            report = getattr(self, key)
-            d[key] = report.to_dict() if report is not None else None
+        for key in ("lossless_validation", "validation", "pipeline", "before", "after"):
+            value = getattr(self, key)
+            d[key] = value.to_dict() if value is not None else None
+        d["input_notes"] = [n for n in self.notes if n.startswith("input ")]
         return d
 
 
@@ -251,7 +258,9 @@ def compress(
     result = CompressResult(
         dst, label, "float", "", [float_cand], {}, [], [], {},
         calib.source if calib is not None else "none (the methods need no calibration)",
-        evaluation.source, len(evaluation), warnings, notes, budget.describe(), lossless_report)
+        evaluation.source, len(evaluation), warnings, notes, budget.describe(), lossless_report,
+        pipeline=lossless, before=model_stats(model, shapes, size_bytes=_file_size(src)),
+        inputs={k: list(v) for k, v in shapes.items()})
 
     def evaluate(name: str, step: str, candidate: onnx.ModelProto, assignment: Mapping[str, Any],
                  float_layers: Sequence[str]) -> Candidate:
@@ -297,6 +306,7 @@ def compress(
         with staged_output(dst) as staged:
             say(f"writing {dst}")
             write_model(written, staged)
+            result.after = model_stats(written, shapes, size_bytes=_file_size(staged))
             say(f"validating {dst.name} against {src.name}")
             report = compare(src, staged, evaluation, tol if lossy else lossless_report.tolerance,
                              optimize_candidate=lossy)
@@ -474,6 +484,11 @@ def _applied(report: StepReport, assignment: Mapping[str, Any], table: Mapping[s
         report.layers[layer] = {"level": lvl, "error": None if probe is None else probe.error,
                                 "saved": None if probe is None else probe.saved}
     return model, cand, report
+
+
+def _file_size(path: Path) -> int:
+    data = path.with_name(path.name + ".data")
+    return path.stat().st_size + (data.stat().st_size if data.exists() else 0)
 
 
 def _removed_share(layers: Mapping[str, Mapping[str, Any]], assignment: Mapping[str, Any]) -> float:
