@@ -651,7 +651,8 @@ class _Builder:
             return
         # the dims before the channel axis stay as they are: [N, C, H, W] -> [N, C, H*W]
         same_lead = len(target) > a and all(
-            t == 0 or (isinstance(d, int) and t == d) for t, d in zip(target[:a], lead, strict=False))
+            t == 0 or (isinstance(d, int) and t == d)
+            for t, d in zip(target[:a], lead, strict=False))
         if same_lead and target[a] in (0, c) and -1 not in target[:a + 1]:
             rest = target[a + 1:]
             tail = shape[a + 1:]
