@@ -250,6 +250,40 @@ def test_flatten_into_gemm(pool: bool) -> None:
     assert _inits(out)["fc.w"].shape == (3 * per, 3)
 
 
+def test_reshape_with_literal_size_into_matmul_is_rewritten() -> None:
+    b = Builder()
+    h = b.op("Relu", [b.conv("x", "ca", 3, 4, k=1)], "ra")
+    b.inits["to2d"] = np.array([0, 4 * 16], np.int64)  # [N, C*H*W] written out
+    flat = b.op("Reshape", [h, "to2d"], "flat")
+    b.w("fc.w", (64, 3))
+    b.op("MatMul", [flat, "fc.w"], "y")
+    b.zero_out("ca", [1])
+    b.inits["fc.w"][16:32] = 0
+    model = b.model([vi("x", ["N", 3, 4, 4])], [vi("y", ["N", 3])])
+    out, _, _ = _prune(model, f"{PASS}:ratio=0.25")
+    _assert_same(model, out, _feeds((2, 3, 4, 4)))
+    assert _inits(out)["fc.w"].shape == (48, 3)
+    target = next(v for k, v in _inits(out).items() if k.startswith("flat") or k == "to2d")
+    assert target.tolist() == [0, 48]
+
+
+def test_inspect_groups_prints_the_groups() -> None:
+    from typer.testing import CliRunner
+
+    from onnxopt.cli import app
+
+    result = CliRunner().invoke(
+        app, ["inspect", "--groups", "--json", str(ROOT / "models" / "digits_cnn.onnx")])
+    assert result.exit_code == 0, result.output
+    groups = {g["key"]: g for g in json.loads(result.output)["groups"]}
+    assert groups["/3/Conv"]["channels"] == 32
+    assert groups["/3/Conv"]["frozen"] is None
+    assert groups["/13/Gemm"]["frozen"] == "graph-output"
+    result = CliRunner().invoke(
+        app, ["inspect", "--groups", str(ROOT / "models" / "digits_cnn.onnx")])
+    assert "Channel groups (3 prunable of 4)" in result.output
+
+
 @pytest.mark.parametrize("opset", [11, 13, 18])
 def test_split_on_channels_rewrites_sizes(opset: int) -> None:
     b = Builder()
