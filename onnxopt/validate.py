@@ -247,6 +247,8 @@ class _Acc:
             self.classifier = False
 
     def _add_sequences(self, a: np.ndarray, b: np.ndarray) -> None:
+        if not a.size:  # empty: no position to agree on
+            return
         same = np.argmax(a, -1) == np.argmax(b, -1)
         self.seq_positions += same.size
         self.seq_positions_same += int(same.sum())
@@ -305,7 +307,7 @@ class _Acc:
         top1 = self.top1_same / self.top1_total if classifier and self.top1_total else None
         expected, top1_low = self._expected_top1() if top1 is not None and not tol.exact else (None, None)
         low = self._cosine_low(cosine) if self.is_float and not tol.exact else None
-        sequence = self.seq_samples and not embedding and (
+        sequence = self.seq_positions and not embedding and (
             self.seq_probabilities or any(part in name.lower() for part in SEQUENCE_NAME_PARTS))
         positions = self.seq_positions_same / self.seq_positions if sequence else None
         sequences = self.seq_samples_same / self.seq_samples if sequence else None

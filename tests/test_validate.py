@@ -177,3 +177,13 @@ def test_cosine_floor_checks_the_lower_bound_over_samples() -> None:
     (even,) = compare(ref, cand, feeds(rng.standard_normal((20, 32)) * 0.12), tol).outputs
     assert 1 - even.cosine > 0.5 * (1 - out.cosine)
     assert even.passed and even.cosine - even.cosine_low < 0.3 * (out.cosine - out.cosine_low)
+
+
+def test_empty_rank3_outputs_have_no_sequence_figures() -> None:
+    from onnxopt.validate import _Acc
+
+    acc = _Acc()
+    empty = np.zeros((2, 0, 5), np.float32)
+    acc.add(empty, empty, Tolerance(exact=True))
+    out = acc.result("scores", Tolerance(exact=True))
+    assert out.passed and out.sequence_agreement is None and out.position_agreement is None
