@@ -582,15 +582,16 @@ SENSITIVITY_ROWS = 10  # the console shows the most sensitive layers; the JSON r
 
 def _print_step(step: Any) -> None:
     """One line per composed step: what it changed, per layer (the JSON report has every figure)."""
+    name = step.step if step.method == step.step else f"{step.step} ({step.method})"
     if not step.applied:
-        out.print(f"{step.step} ({step.method}): not applied: {step.reason}", markup=False, soft_wrap=True)
+        out.print(f"{name}: not applied: {step.reason}", markup=False, soft_wrap=True)
         return
     changed = {k: v for k, v in step.layers.items()}
     levels: dict[str, int] = {}
     for info in changed.values():
         key = str(info["level"]) if step.step != "prune" else f"keep {float(info['level']):.0%}"
         levels[key] = levels.get(key, 0) + 1
-    out.print(f"{step.step} ({step.method}): {len(changed)} layer(s) changed ("
+    out.print(f"{name}: {len(changed)} layer(s) changed ("
               + ", ".join(f"{n} at {lv}" for lv, n in levels.items()) + f"); {step.reason}"
               + (f"; {len(step.skipped)} left alone" if step.skipped else ""), markup=False, soft_wrap=True)
 
