@@ -205,7 +205,7 @@ def optimize_file(
             result.warnings.insert(0, "validation skipped: " + _skip_message(skipped))
         if not bench:
             result.bench_skipped = "--no-bench"
-        elif dataset is not None and (dataset.unusable or skipped and skipped != "--no-validate"):
+        elif dataset is not None and (dataset.unusable or (skipped and skipped != "--no-validate")):
             result.bench_skipped = "the original model does not run on the generated inputs"
         else:
             assert dataset is not None

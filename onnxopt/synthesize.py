@@ -168,7 +168,7 @@ def check_pins(specs: Sequence[InputSpec], pins: Mapping[str, Sequence[int]]) ->
             raise InputDataError(
                 f"--input-shape {name}: rank {len(dims)} but the model declares rank {len(spec.shape)}"
             )
-        for i, (p, d) in enumerate(zip(dims, spec.shape)):
+        for i, (p, d) in enumerate(zip(dims, spec.shape, strict=True)):
             if isinstance(d, int) and p != d:
                 raise InputDataError(f"--input-shape {name}: dim {i} is {p} but the model fixes it to {d}")
 
@@ -231,9 +231,8 @@ def candidates(model: onnx.ModelProto, specs: Sequence[InputSpec], pins: Mapping
         if s.shape is None:
             continue
         for axis, d in enumerate(s.shape):
-            if isinstance(d, str):
-                if s.name in pins:
-                    fixed.setdefault(d, int(pins[s.name][axis]))
+            if isinstance(d, str) and s.name in pins:
+                fixed.setdefault(d, int(pins[s.name][axis]))
     groups: dict[str, list[int]] = {}
     how: dict[str, str] = {}
     by_name = {s.name: s for s in specs}
@@ -490,7 +489,7 @@ def _value(model: onnx.ModelProto, spec: InputSpec, shape: tuple[int, ...], role
         if role.kind == "true" or _MASK.search(spec.name):
             return np.ones(shape, np.bool_)
         return rng.random(shape) > 0.5
-    if dtype.kind in "US" or dtype == object:
+    if dtype.kind in "USO":
         return np.array([f"s{i}" for i in range(math.prod(shape))], dtype=object).reshape(shape)
     integer = np.issubdtype(dtype, np.integer)
     if role.kind == "index":
@@ -671,7 +670,8 @@ def synthesize(model: onnx.ModelProto, run: Any, pins: Mapping[str, Sequence[int
         more = feeds_for(model, specs, shapes, count - 1, seed + 1, input_roles, types) if count > 1 else []
         return Synthesis(feeds + more, shapes, _notes(specs, pins, groups, how, choice, probed=True),
                          None, probes)
-    assert first_shapes is not None and first_error is not None
+    assert first_shapes is not None
+    assert first_error is not None
     guessed = ", ".join(f"{k}={'x'.join(map(str, v))}" for k, v in first_shapes.items())
     roles_said = "; ".join(
         f"'{k}' as {r.kind} of {r.op}" for k, r in input_roles.items() if r.kind != "free")

@@ -84,7 +84,7 @@ def _branches(tmp_path: Path) -> tuple[Path, Dataset]:
     return path, Dataset(feeds, source="test")
 
 
-def test_a_fake_method_with_known_errors_is_allocated_as_expected(tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
+def test_a_fake_method_with_known_errors_is_allocated_as_expected(tmp_path: Path, monkeypatch) -> None:
     from onnxopt import manager
 
     real = manager.get_pass
@@ -199,7 +199,7 @@ def test_lossy_and_lossless_reports_share_their_top_level_keys(tmp_path: Path) -
     assert lossy["inputs"] == lossless["inputs"] == {"x": [1, 16]}
 
 
-def test_cli_prune_then_int8_on_the_demo_model_in_one_budget(tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
+def test_cli_prune_then_int8_on_the_demo_model_in_one_budget(tmp_path: Path, monkeypatch) -> None:
     import json
 
     from typer.testing import CliRunner

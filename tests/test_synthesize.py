@@ -29,7 +29,7 @@ def _out(name: str, dtype: int = F32) -> onnx.ValueInfoProto:
     return helper.make_tensor_value_info(name, dtype, None)
 
 
-def _model(nodes, inputs, outputs, inits=None, opset: int = 17) -> onnx.ModelProto:  # noqa: ANN001
+def _model(nodes, inputs, outputs, inits=None, opset: int = 17) -> onnx.ModelProto:
     return make_model(nodes, inputs, outputs, inits or {}, opset=opset, check=False)
 
 
@@ -116,7 +116,7 @@ def test_masks_and_conditions_are_true_and_sequences_are_lists() -> None:
     assert int(run_model(m, ds.feeds[:1])[0][2]) == 2
 
 
-def _reshape_to(target: list[int], x_shape: list) -> onnx.ModelProto:  # noqa: ANN001
+def _reshape_to(target: list[int], x_shape: list) -> onnx.ModelProto:
     return _model(
         [helper.make_node("Reshape", ["x", "t"], ["r"]), helper.make_node("Relu", ["r"], ["y"])],
         [vi("x", x_shape)], [_out("y")], {"t": np.array(target, np.int64)},
@@ -187,7 +187,7 @@ def test_require_validation_turns_the_skip_into_an_error_and_writes_nothing(tmp_
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
 
 
-def test_the_skipped_path_still_refuses_a_model_that_fails_the_checker(tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
+def test_the_skipped_path_still_refuses_a_model_that_fails_the_checker(tmp_path: Path, monkeypatch) -> None:
     from onnxopt import api
 
     src, out = _unrunnable(tmp_path), tmp_path / "o.onnx"
@@ -230,13 +230,13 @@ def test_integer_outputs_are_compared_exactly() -> None:
     assert not report and report.outputs[0].tolerance == "int32: exact"
 
 
-def test_lossy_explicit_passes_are_validated_as_onnxruntime_runs_them(tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
+def test_lossy_explicit_passes_are_validated_as_onnxruntime_runs_them(tmp_path: Path, monkeypatch) -> None:
     from onnxopt import api
 
     seen = []
     real = api.compare
 
-    def spy(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+    def spy(*args, **kwargs):
         seen.append(kwargs.get("optimize_candidate"))
         return real(*args, **kwargs)
 
