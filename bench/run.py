@@ -24,6 +24,10 @@ and may raise ``Skip`` (recorded as skipped) or anything else (recorded as a
 failure row). Later lossy pipelines add rows by adding entries. ``onnxopt-int8``
 runs the accuracy- and latency-aware driver (``onnxopt.lossy``); ``onnxopt-qdq``
 is the bare static int8 pass, to show what the driver guards against.
+``onnxopt-prune`` and ``onnxopt-prune-int8`` run the same driver with ``prune:0.3``
+(and ``int8``); their note says what it wrote and why, what each step chose, and
+the driver's own parameter and MAC counts. Every row has the variant's parameters
+and estimated MACs (``onnxopt.bench.model_stats``), against the original's.
 """
 
 from __future__ import annotations
@@ -93,6 +97,8 @@ class Row:
     max_abs: float | None = None
     agreement: float | None = None  # top-1 (classify) or nearest neighbour (embed)
     accuracy: float | None = None
+    parameters: int | None = None  # onnxopt.bench.model_stats of the variant, at the eval input shape
+    macs: int | None = None
     path: Path | None = None
 
     def to_dict(self) -> dict[str, Any]:
@@ -149,6 +155,53 @@ def _onnxopt_auto_int8(src: Path, calib: Sequence[Feed], dst: Path, w: Workload)
     floats = len(result.float_layers)
     _NOTES[dst] = (f"kept int8 ({floats} layers float)" if result.written == "compressed"
                    else f"rolled back to float: {result.reason}")[:160]
+
+
+def _onnxopt_lossy(methods: str | list[str]) -> Callable[..., None]:
+    """The driver with ``methods`` (``onnxopt optimize --prune 0.3 [--quantize int8]``).
+
+    Like ``onnxopt-int8``, it sees only the calibration feeds and splits them itself. The note
+    says what it wrote and why, what each step chose (groups per fraction kept, layers in
+    float) and the parameters and MACs of the source and of the written model.
+    """
+
+    def build(src: Path, calib: Sequence[Feed], dst: Path, w: Workload) -> None:
+        from onnxopt.data import Dataset
+        from onnxopt.lossy import compress
+
+        result = compress(src, dst, methods, calibration_data=Dataset(list(calib), source="calib"))
+        _NOTES[dst] = _lossy_note(result)
+
+    return build
+
+
+def _lossy_note(result: Any) -> str:
+    parts = [("wrote " if result.written == "compressed" else "rolled back to float: ") + result.reason]
+    for s in result.steps:
+        if s.step == "prune":
+            if s.applied:
+                kept = {}
+                for info in s.layers.values():
+                    lvl = f"{float(info['level']):.0%}"
+                    kept[lvl] = kept.get(lvl, 0) + 1
+                levels = ", ".join(f"{n} keep {lvl}" for lvl, n in sorted(kept.items(), reverse=True))
+                parts.append(f"prune step: {len(s.layers)} groups pruned ({levels}), "
+                             f"{len(s.skipped)} frozen; {s.reason}")
+            else:
+                parts.append(f"prune step not applied: {s.reason} ({len(s.skipped)} groups frozen)")
+        else:  # the assignment names the quantized layers; the others stayed float
+            floats = max(len(result.quantized_layers) - len(s.layers), 0)
+            parts.append(f"{s.step} step: " + (f"{len(s.layers)} layers quantized, {floats} float; "
+                                               f"{s.reason}" if s.applied else f"not applied: {s.reason}"))
+    b, a = result.before, result.after
+    if b is not None and a is not None:
+        parts.append(f"driver's stats, source -> written: params {_mega(b.parameters)} -> "
+                     f"{_mega(a.parameters)}, MACs {_mega(b.macs)} -> {_mega(a.macs)}")
+    return "; ".join(parts)
+
+
+def _mega(n: int | None) -> str:
+    return "?" if n is None else f"{n / 1e6:.3g}M"
 
 
 class _Reader:
@@ -224,6 +277,14 @@ CONTENDERS: dict[str, Contender] = {
     "onnxopt-int8": Contender(_onnxopt_auto_int8, about="onnxopt optimize --quantize int8: "
                                    "level 1, QDQ int8, per-layer float fallback to the default fidelity "
                                    "floor, kept only if faster (its own calib/eval split of the calibration feeds)"),
+    "onnxopt-prune": Contender(_onnxopt_lossy("prune:0.3"), about="onnxopt optimize --prune 0.3: level 1, "
+                               "structured channel pruning (about 30% of the prunable channels, per group "
+                               "where it costs least), least-squares refit, no fine-tuning; kept only within "
+                               "the default budget and if faster (its own calib/eval split of the "
+                               "calibration feeds)"),
+    "onnxopt-prune-int8": Contender(_onnxopt_lossy(["prune:0.3", "int8"]), about="onnxopt optimize --prune 0.3 "
+                                    "--quantize int8: both steps under one budget; writes the fastest of the "
+                                    "pruned and the pruned+int8 model that beats float, else float"),
     "onnxopt-dynamic": Contender(_onnxopt_level(1, ["quantize-dynamic"]), lambda w: w.kind != "cnn",
                                  about="onnxopt level 1 + quantize-dynamic"),
     "ort-static-qdq": Contender(_ort_static, about="quant_pre_process + quantize_static (QDQ, per-channel, "
@@ -377,6 +438,7 @@ def bench_model(w: Workload, names: Sequence[str], out_dir: Path, repeats: int, 
             row.path = Path(produced) if produced else dst
             row.note = _NOTES.pop(dst, "")
             row.size_bytes = _size(row.path)
+            row.parameters, row.macs = _stats(row.path, w)
             fidelity(row, w, ref)
         except Skip as e:
             row.status, row.note = "skipped", str(e)
@@ -404,6 +466,20 @@ def _inside(directory: Path) -> Iterator[None]:
         yield
     finally:
         os.chdir(before)
+
+
+def _stats(path: Path, w: Workload) -> tuple[int | None, int | None]:
+    """Parameters and estimated MACs (``onnxopt.bench.model_stats``) at the first eval feed's shapes."""
+    from onnxopt.bench import model_stats
+    from onnxopt.io import load_model
+
+    try:
+        shapes = {k: tuple(v.shape) for k, v in w.eval[0].items()} if w.eval else {}
+        st = model_stats(load_model(path), shapes)
+    except Exception as e:  # a figure we cannot compute is a dash, not a failed row
+        logging.getLogger("bench").debug("stats of %s: %s", path, e)
+        return None, None
+    return st.parameters, st.macs
 
 
 def _first_line(e: BaseException) -> str:
@@ -483,7 +559,10 @@ def render(rows: list[Row], workloads: list[Workload], meta: dict[str, Any], thr
         "median (below 1 is faster). Fidelity against the original run as written (ORT optimizations off) on "
         "held-out inputs: *cosine* is the lowest per-input cosine of the output, *agree* is top-1 agreement "
         "(classifiers) or nearest-neighbour agreement (sentence embeddings), *acc* is task accuracy where "
-        "labels exist. *tool s* is the contender's own run time. The image models and the MLP are trained here "
+        "labels exist. *params* and *MACs* (millions; in brackets, against the original) are "
+        "`onnxopt.bench.model_stats` of each variant at the evaluation input shape: quantization keeps both "
+        "(an int8 weight is still a parameter, an int8 MAC still a MAC), only pruning lowers them. "
+        "*tool s* is the contender's own run time. The image models and the MLP are trained here "
         "on sklearn's digits (images upsampled), so their held-out inputs are real digits with labels. "
         "A failed or skipped contender is a row with the reason in *note*.", "",
         "## Contenders", "",
@@ -497,11 +576,27 @@ def render(rows: list[Row], workloads: list[Workload], meta: dict[str, Any], thr
               f">= {FLOOR_COSINE:g}, and for classifiers top-1 agreement >= {FLOOR_AGREE:.0%}), the one "
               "`onnxopt optimize --quantize` holds on its own evaluation split when no budget is given "
               "(sentence embeddings have no top-1: their nearest-neighbour agreement is reported, not part "
-              "of the floor).", "",
+              "of the floor). *params*, *MACs*: geometric mean of the ratio to the original's. *max acc drop*: "
+              "the largest drop in task accuracy against the original over the models with labels, in "
+              "percentage points (negative: a gain).", "",
               "| contender | models ok | failed | skipped | " + " | ".join(f"ratio {t}t" for t in threads)
-              + " | min cosine | set cosine | min agree | below floor |",
-              "|---|---|---|---|" + "---|" * len(threads) + "---|---|---|---|"]
+              + " | params | MACs | max acc drop | min cosine | set cosine | min agree | below floor |",
+              "|---|---|---|---|" + "---|" * len(threads) + "---|---|---|---|---|---|---|"]
     base = {(r.model, t): r.latency[t].median_ms for r in rows if r.contender == "original" for t in r.latency}
+    orig = {r.model: r for r in rows if r.contender == "original" and r.status == "ok"}
+
+    def rel(r: Row, field: str) -> float | None:
+        o = orig.get(r.model)
+        mine, theirs = getattr(r, field), getattr(o, field) if o is not None else None
+        return mine / theirs if mine is not None and theirs else None
+
+    def drop_pp(r: Row) -> float | None:
+        o = orig.get(r.model)
+        return (o.accuracy - r.accuracy) * 100 if o is not None and None not in (o.accuracy, r.accuracy) else None
+
+    def with_rel(r: Row, field: str) -> str:
+        v, q = getattr(r, field), rel(r, field)
+        return "-" if v is None else f"{v / 1e6:.3g}" + (f" ({q:.2f})" if q is not None else "")
     for name in CONTENDERS:
         mine = [r for r in rows if r.contender == name]
         if not mine:
@@ -512,12 +607,17 @@ def render(rows: list[Row], workloads: list[Workload], meta: dict[str, Any], thr
         cos = [r.cosine for r in good if r.cosine is not None]
         agree = [r.agreement for r in good if r.agreement is not None]
         set_cos = [r.cosine_all for r in good if r.cosine_all is not None]
+        p_ratio = _geomean([q for q in (rel(r, "parameters") for r in good) if q is not None])
+        m_ratio = _geomean([q for q in (rel(r, "macs") for r in good) if q is not None])
+        drops = [d for d in map(drop_pp, good) if d is not None]
         classify = {w.name for w in workloads if w.task == "classify"}
         below = [r.model for r in good if (r.cosine_all is not None and r.cosine_all < FLOOR_COSINE)
                  or (r.model in classify and r.agreement is not None and r.agreement < FLOOR_AGREE)]
         lines.append(f"| {name} | {len(good)} | {sum(r.status == 'failed' for r in mine)} | "
                      f"{sum(r.status == 'skipped' for r in mine)} | "
                      + " | ".join(_num(x, ".3f") for x in ratios)
+                     + f" | {_num(p_ratio, '.3f')} | {_num(m_ratio, '.3f')}"
+                     + f" | {_num(max(drops) if drops else None, '+.1f')}"
                      + f" | {_num(min(cos) if cos else None, '.5f')} | {_num(min(set_cos) if set_cos else None, '.5f')}"
                      + f" | {_num(min(agree) if agree else None, '.1%')}"
                      + f" | {len(below)}{' (' + ', '.join(below) + ')' if below else ''} |")
@@ -525,8 +625,9 @@ def render(rows: list[Row], workloads: list[Workload], meta: dict[str, Any], thr
         mine = [r for r in rows if r.model == w.name]
         lines += ["", f"## {w.name}", "", f"{w.description}; built in {w.build_seconds:.0f} s.", ""]
         head = "| contender | status | " + " | ".join(f"{t}t median | {t}t p90 | {t}t ratio" for t in threads)
-        lines.append(head + " | size MB | cosine | max abs err | agree | acc | tool s | note |")
-        lines.append("|---|---|" + "---|---|---|" * len(threads) + "---|---|---|---|---|---|---|")
+        # params and MACs sit before acc so that the columns tests and readers index stay put
+        lines.append(head + " | size MB | cosine | max abs err | agree | params M | MACs M | acc | tool s | note |")
+        lines.append("|---|---|" + "---|---|---|" * len(threads) + "---|---|---|---|---|---|---|---|---|")
         for r in mine:
             cells = []
             for t in threads:
@@ -538,6 +639,7 @@ def render(rows: list[Row], workloads: list[Workload], meta: dict[str, Any], thr
                 f"| {r.contender} | {r.status} | " + " | ".join(cells)
                 + f" | {_num(r.size_bytes / 2**20 if r.size_bytes else None, '.2f')}"
                 f" | {_num(r.cosine, '.5f')} | {_num(r.max_abs, '.2e')} | {_num(r.agreement, '.1%')}"
+                f" | {with_rel(r, 'parameters')} | {with_rel(r, 'macs')}"
                 f" | {_num(r.accuracy, '.1%')} | {_num(r.tool_seconds, '.1f')} | {r.note.replace('|', '/')} |")
     return "\n".join(lines) + "\n"
 
