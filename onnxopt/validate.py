@@ -350,19 +350,41 @@ def _on_disk_bytes(model: ModelRef) -> int:
         return 0
 
 
+class ReferenceOutputs:
+    """A reference model's outputs on a dataset, computed once for many ``compare`` calls.
+
+    The lossy driver compares dozens of candidates against one float model on the same feeds;
+    running the reference again for each would double the cost of every evaluation.
+    """
+
+    def __init__(self, reference: ModelRef, data: Dataset) -> None:
+        sess = session(reference)
+        self.names = output_names(sess)
+        self.data = data
+        self.outputs = [run(sess, feed) for feed in data.feeds]
+
+
 def compare(
-    reference: ModelRef, candidate: ModelRef, data: Dataset, tolerance: Tolerance | None = None,
-    optimize_candidate: bool = False,
+    reference: ModelRef | ReferenceOutputs, candidate: ModelRef, data: Dataset,
+    tolerance: Tolerance | None = None, optimize_candidate: bool = False,
 ) -> ValidationReport:
     """Run both models on every feed of ``data`` and compare their outputs.
 
     ``optimize_candidate`` runs the candidate with onnxruntime's rewrites on, as it will
     be deployed: quantized models then run in ORT's fused integer kernels, whose
     rounding (and, on AVX2, int16 saturation) the unfused QDQ graph does not show.
+    ``reference`` may be a ``ReferenceOutputs`` computed on the same ``data``.
     """
     tol = tolerance or Tolerance()
     if not len(data):
         raise InputDataError("no inputs to validate on")
+    if isinstance(reference, ReferenceOutputs):
+        if reference.data is not data:
+            raise ValueError("ReferenceOutputs were computed on another dataset")
+        names = reference.names
+        cand = session(candidate, optimize=optimize_candidate)
+        pairs = ((a, run(cand, f)) for a, f in zip(reference.outputs, data.feeds, strict=True))
+        return _report(names, cand, pairs, data, tol)
     ref = session(reference)
     names = output_names(ref)
     if _on_disk_bytes(reference) + _on_disk_bytes(candidate) > _ONE_AT_A_TIME:
@@ -375,6 +397,10 @@ def compare(
     else:
         cand = session(candidate, optimize=optimize_candidate)
         pairs = ((run(ref, f), run(cand, f)) for f in data.feeds)
+    return _report(names, cand, pairs, data, tol)
+
+
+def _report(names: list[str], cand: Any, pairs: Any, data: Dataset, tol: Tolerance) -> ValidationReport:
     if output_names(cand) != names:
         raise OnnxoptError(f"the models' outputs differ: {names} vs {output_names(cand)}")
     accs = {n: _Acc() for n in names}

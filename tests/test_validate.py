@@ -187,3 +187,18 @@ def test_empty_rank3_outputs_have_no_sequence_figures() -> None:
     acc.add(empty, empty, Tolerance(exact=True))
     out = acc.result("scores", Tolerance(exact=True))
     assert out.passed and out.sequence_agreement is None and out.position_agreement is None
+
+
+def test_reference_outputs_computed_once_give_the_same_report() -> None:
+    import pytest
+
+    from onnxopt.validate import ReferenceOutputs, compare
+
+    ref, cand = _classifier(), _classifier(shift=0.05)
+    data = generate(ref, count=3, pins={"x": (16, 8)})
+    cached = ReferenceOutputs(ref, data)
+    direct, again = compare(ref, cand, data, Tolerance(exact=False)), compare(cached, cand, data, Tolerance(exact=False))
+    assert again.outputs == direct.outputs
+    assert direct.outputs[0].max_abs > 0.04  # a real difference was compared
+    with pytest.raises(ValueError, match="another dataset"):
+        compare(cached, cand, generate(ref, count=3, pins={"x": (16, 8)}), Tolerance(exact=False))

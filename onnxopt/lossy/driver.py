@@ -50,7 +50,7 @@ from onnxopt.lossy.methods import FLOAT, QUANTIZERS, STEP_ORDER, Method, pruning
 from onnxopt.lossy.verdict import LATENCY_FEEDS, MIN_SPEEDUP, Measure, decide, default_measure
 from onnxopt.manager import DEFAULT_LEVEL, PassManager, PipelineReport, instantiate, resolve
 from onnxopt.runtime import run, session
-from onnxopt.validate import Tolerance, ValidationReport, compare
+from onnxopt.validate import ReferenceOutputs, Tolerance, ValidationReport, compare
 
 logger = logging.getLogger(__name__)
 
@@ -262,10 +262,12 @@ def compress(
         pipeline=lossless, before=model_stats(model, shapes, size_bytes=_file_size(src)),
         inputs={k: list(v) for k, v in shapes.items()})
 
+    float_outputs = ReferenceOutputs(float_model, evaluation)  # every candidate's reference
+
     def evaluate(name: str, step: str, candidate: onnx.ModelProto, assignment: Mapping[str, Any],
                  float_layers: Sequence[str]) -> Candidate:
         say(f"evaluating {name}")
-        report = compare(float_model, candidate, evaluation, tol, optimize_candidate=True)
+        report = compare(float_outputs, candidate, evaluation, tol, optimize_candidate=True)
         v = budget.judge(report)
         if report.accuracy_before is not None:
             float_cand.accuracy, float_cand.accuracy_drop_pp = report.accuracy_before, 0.0
@@ -427,6 +429,7 @@ def _run_step(
         return None, None, report
 
     few = Dataset(evaluation.feeds[:SENSITIVITY_FEEDS], source=evaluation.source)
+    base_outputs = ReferenceOutputs(base, few)
     base_macs = estimate_macs(base, shapes) or 0
     node_macs = macs_per_node(base, shapes) if m.step == "quantize" else {}
     levels = list(m.levels)
@@ -437,7 +440,7 @@ def _run_step(
             # not quantizable on its own (an op that shares its input's scale): it costs
             # nothing alone and moves with the others
             return sens.Probe(layer, lvl, 0.0, node_macs.get(layer, 0) * (1 - QUANTIZED_COST))
-        err = error_of(compare(base, model_l, few, Tolerance(exact=False), optimize_candidate=True))
+        err = error_of(compare(base_outputs, model_l, few, Tolerance(exact=False), optimize_candidate=True))
         if m.step == "quantize":
             saved = node_macs.get(layer, 0) * (1 - QUANTIZED_COST)
         else:
