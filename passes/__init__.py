@@ -16,6 +16,7 @@ from onnxopt.passes.fuse_matmul_add import FuseMatMulAddPass
 from onnxopt.passes.fuse_shape_chains import FuseShapeChainsPass
 from onnxopt.passes.quantize_qdq import QuantizeQDQPass
 from onnxopt.passes.prune_channels import PruneChannelsPass
+from onnxopt.passes.factorize_lowrank import FactorizeLowRankPass
 
 ALL_PASSES = (
     EliminateIdentityPass,
@@ -32,4 +33,5 @@ ALL_PASSES = (
     ConvertFp16Pass,
     QuantizeQDQPass,
     PruneChannelsPass,
+    FactorizeLowRankPass,
 )

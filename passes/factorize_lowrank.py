@@ -1,0 +1,479 @@
+"""Low-rank factorization of MatMul, Gemm and Conv weights: one layer becomes two through rank r.
+
+    MatMul(X, W[K, N])                ->  MatMul(MatMul(X, A[K, r]), B[r, N])
+    Gemm(X, W, C; alpha, beta, transB) ->  Gemm(MatMul(X, A), B, C'; beta, transB)   (alpha folded)
+    Conv(X, W[M, C, kh, kw], b)       ->  Conv1x1(Conv_kxk(X, A[r, C, kh, kw]), B[M, r, 1, 1], b)
+
+A Conv is a linear layer over its im2col patches (``K = C*kh*kw``, ``N = M``): the first Conv
+keeps the window (strides, pads, dilations, auto_pad) and has r output channels, the second is
+a 1x1 Conv to M with the bias; a 1x1 Conv is the same thing with K = C. Activations may have any
+known rank (``[B, S, K]`` tokens of a transformer included).
+
+Factors (``method``):
+- ``svd``: truncated SVD ``W = U S V^T``, ``A = U_r sqrt(S_r)``, ``B = sqrt(S_r) V_r^T``.
+- ``activation`` (``auto`` picks it when calibration data is given): with X the layer's input
+  rows on the calibration data (patches for a Conv) and ``X^T X / n + lam I = L L^T`` (Cholesky;
+  ``lam = whiten_ridge`` times the mean diagonal), ``||X W - X W'||_F = sqrt(n) ||L^T (W - W')||_F``
+  (up to the ridge), so the best rank-r ``W'`` for the layer's *outputs* is the truncated SVD of
+  ``L^T W`` mapped back: ``A = L^-T U_r sqrt(S_r)``, ``B = sqrt(S_r) V_r^T`` (SVD-LLM; ASVD).
+With calibration data, ``B`` and the bias are then refit by ridge least squares
+(``onnxopt.reconstruct.refit_linear``, ``ridge``) from the first factor's outputs ``X A`` to the
+original layer's outputs on the same rows; the refit is kept only when it lowers the error.
+
+Rank r (``full = min(K, N)``): ``keep`` (JSON object or file: layer key -> fraction of full rank)
+wins for the layers it names; otherwise the largest rank asked for by ``rank_fraction``,
+``energy`` (smallest r whose singular values keep this fraction of sum s^2; of the whitened
+spectrum when activation-aware) and ``max_error`` (smallest r whose relative squared output
+error ``||Y' - Y||^2 / ||Y||^2`` on the calibration rows is within budget, after the refit);
+``rank_fraction`` is 0.5 when none is given. r is rounded up to a multiple of ``rank_multiple``.
+
+Declined, counted as ``skipped:<reason>`` and listed in the notes: ``subgraph`` (inside If/Loop/
+Scan bodies: never touched), ``weight-not-constant``, ``weight-not-2d``, ``conv-not-2d``,
+``dtype`` (not float32/float64), ``shared-weight`` (the weight has another reader),
+``graph-output`` / ``graph-input`` (the weight is graph I/O: it would stay, or can be fed),
+``constant-input``, ``gemm-transA``, ``grouped`` (grouped and depthwise Conv),
+``bias-not-constant``, ``bias-shape`` (a Gemm C that is not one row), ``unknown-shape`` (the
+activation's rank is not known), ``full-rank`` (r not below full), ``no-saving``
+(``K N / (r (K + N)) < min_params_saving``), ``error-budget`` (no rank that saves meets
+``max_error``).
+
+``ctx.notes["factorize-lowrank"]``: ``layers`` (key -> ``op``, ``method``, ``rank``, ``full_rank``,
+``energy``, ``params_before``/``params_after`` (weights and bias), ``macs_before``/``macs_after``
+per row (a token, a sample, or a Conv output position), ``rows_per_sample`` (None if unknown),
+``error_before_refit``/``error_after_refit``/``refit_applied`` (None without data)) and
+``skipped`` (key -> reason). Layer keys: ``onnxopt.graph_utils.layer_key``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from collections import Counter
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from onnxopt.errors import MissingRequirementError, PassOptionError
+from onnxopt.graph_utils import (
+    constant_value, is_default_domain, is_graph_input, is_graph_output, iter_graphs, layer_key,
+    make_constant,
+)
+from onnxopt.pass_base import Pass, PassContext, PassResult
+
+NAME = "factorize-lowrank"
+_OPS = ("MatMul", "Gemm", "Conv")
+_DTYPES = (np.float32, np.float64)
+_ROWS = 4096  # calibration rows per MatMul/Gemm layer
+_CONV_SAMPLES = 64  # calibration samples per Conv layer (positions are sampled from them)
+_PATCH_VALUES = 1 << 24  # im2col values per Conv layer (positions = this / K, capped)
+
+
+@dataclasses.dataclass(eq=False)
+class _Layer:
+    node: gs.Node
+    key: str
+    w: np.ndarray  # [K, N] float64: what multiplies the rows (alpha folded, transB undone)
+    bias: np.ndarray | None  # [N] float64 added to every row (Gemm: beta * C), or None
+    dtype: np.dtype
+    rows_per_sample: int | None
+    conv: dict[str, Any] | None = None  # kernel, strides, pads, dilations, auto_pad
+
+
+def parse_keep(spec: str) -> dict[str, float]:
+    """``keep``: a JSON object, or the path of a JSON file, of layer key -> rank fraction."""
+    if not spec.strip():
+        return {}
+    text = spec
+    if not spec.lstrip().startswith("{"):
+        if not Path(spec).is_file():
+            raise PassOptionError(f"pass '{NAME}': keep must be a JSON object or a JSON file; "
+                                  f"'{spec}' is neither")
+        text = Path(spec).read_text()
+    try:
+        raw = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise PassOptionError(f"pass '{NAME}': keep is not valid JSON: {e}") from None
+    if not isinstance(raw, dict) or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) for v in raw.values()):
+        raise PassOptionError(f"pass '{NAME}': keep must map layer keys to numbers")
+    bad = {k: v for k, v in raw.items() if not 0.0 < float(v) <= 1.0}
+    if bad:
+        raise PassOptionError(f"pass '{NAME}': rank fractions must be in (0, 1]: {bad}")
+    return {str(k): float(v) for k, v in raw.items()}
+
+
+def round_rank(r: float, multiple: int) -> int:
+    """``r`` rounded up to a multiple of ``multiple`` (at least one multiple)."""
+    return max(multiple, multiple * math.ceil(r / multiple - 1e-9))
+
+
+def factor_basis(w: np.ndarray, x: np.ndarray | None, whiten_ridge: float
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(A [K, q], B [q, N], s [q])``: ``A[:, :r] @ B[:r]`` is the best rank-r fit of ``w``;
+    plain SVD when ``x`` is None, else in the norm of ``x``'s outputs (whitened)."""
+    w = np.asarray(w, np.float64)
+    gram = None
+    if x is not None and len(x):
+        x = np.asarray(x, np.float64)
+        gram = x.T @ x / len(x)
+        scale = float(np.trace(gram)) / len(gram)
+        if not scale > 0.0:
+            gram = None
+    if gram is None:
+        u, s, vt = np.linalg.svd(w, full_matrices=False)
+        root = np.sqrt(s)
+        return u * root, root[:, None] * vt, s
+    chol = np.linalg.cholesky(gram + whiten_ridge * scale * np.eye(len(gram)))
+    u, s, vt = np.linalg.svd(chol.T @ w, full_matrices=False)
+    root = np.sqrt(s)
+    return np.linalg.solve(chol.T, u * root), root[:, None] * vt, s
+
+
+class FactorizeLowRankPass(Pass):
+    """Factorize MatMul/Gemm/Conv weights into two layers through a lower rank (SVD, activation-aware)."""
+
+    name = NAME
+    exact = False
+
+    @dataclasses.dataclass(frozen=True)
+    class Options:
+        rank_fraction: float | None = None  # of full rank min(K, N); 0.5 when nothing is given
+        energy: float | None = None  # retained fraction of sum s^2
+        max_error: float | None = None  # relative squared output error per layer (needs data)
+        rank_multiple: int = 8
+        keep: str = ""  # JSON object or file: layer key -> rank fraction (wins over the rest)
+        min_params_saving: float = 1.25  # K*N / (r*(K+N)) must reach this
+        method: Literal["auto", "svd", "activation"] = "auto"
+        refit: bool = True  # refit B and the bias on calibration data
+        ridge: float = 1e-4  # of the refit (onnxopt.reconstruct)
+        whiten_ridge: float = 1e-3  # added to X^T X / n, relative to its mean diagonal
+
+    def check(self, graph: gs.Graph, ctx: PassContext) -> None:
+        o = self.options
+        for field, value in (("rank_fraction", o.rank_fraction), ("energy", o.energy)):
+            if value is not None and not 0.0 < value <= 1.0:
+                raise PassOptionError(f"pass '{NAME}': {field} must be in (0, 1], got {value}")
+        if o.max_error is not None and o.max_error < 0.0:
+            raise PassOptionError(f"pass '{NAME}': max_error must be >= 0, got {o.max_error}")
+        if o.rank_multiple < 1 or o.min_params_saving <= 0.0:
+            raise PassOptionError(
+                f"pass '{NAME}': rank_multiple must be >= 1 and min_params_saving > 0")
+        parse_keep(o.keep)
+        if not ctx.calibration and (o.method == "activation" or o.max_error is not None):
+            what = "method=activation" if o.method == "activation" else "max_error"
+            raise MissingRequirementError(f"pass '{NAME}' with {what} needs calibration data; "
+                                          "supply --calibration-data FILE.npz")
+
+    def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
+        o = self.options
+        stats: Counter[str] = Counter()
+        skipped: dict[str, str] = {}
+
+        def decline(key: str, reason: str) -> None:
+            stats[f"skipped:{reason}"] += 1
+            skipped[key] = reason
+
+        for sub in list(iter_graphs(graph))[1:]:
+            for n in sub.nodes:
+                if n.op in _OPS and is_default_domain(n):
+                    decline(layer_key(n), "subgraph")
+        layers: list[_Layer] = []
+        for node in graph.nodes:
+            if node.op not in _OPS or not is_default_domain(node) or len(node.inputs) < 2:
+                continue
+            found = _layer(graph, node)
+            if isinstance(found, str):
+                decline(layer_key(node), found)
+            else:
+                layers.append(found)
+        keep = parse_keep(o.keep)
+        unknown = sorted(set(keep) - {la.key for la in layers} - set(skipped))
+        if unknown:
+            raise PassOptionError(f"pass '{NAME}': keep names unknown layers {unknown}; the "
+                                  f"layers are {sorted(la.key for la in layers)}")
+        # layers whose rank is fixed by a fraction can be declined before any data is read
+        fixed = o.energy is None and o.max_error is None
+        for la in list(layers):
+            if la.key in keep or fixed:
+                r = self._fraction_rank(la, keep.get(la.key, o.rank_fraction or 0.5))
+                if reason := self._rank_decline(la, r):
+                    decline(la.key, reason)
+                    layers.remove(la)
+        data = _capture(graph, ctx, layers) if ctx.calibration and layers else {}
+        aware = o.method == "activation" or (o.method == "auto" and bool(data))
+        report: dict[str, Any] = {}
+        replaced: dict[int, list[gs.Node]] = {}
+        for la in layers:
+            x, y = data.get(la.key, (None, None))
+            a_full, b_full, s = factor_basis(la.w, x if aware else None, o.whiten_ridge)
+            r = self._choose_rank(la, keep, s, a_full, b_full, x, y)
+            if isinstance(r, str):
+                decline(la.key, r)
+                continue
+            a, b, bias, entry = self._fit(la, a_full[:, :r], b_full[:r], x, y)
+            entry.update(method="activation" if aware and x is not None else "svd",
+                         energy=float((s[:r] ** 2).sum() / max((s**2).sum(), 1e-300)))
+            replaced[id(la.node)] = _rewrite(la, a, b, bias, ctx)
+            report[la.key] = entry
+            stats["factorized"] += 1
+        if replaced:
+            graph.nodes = [m for n in graph.nodes for m in replaced.get(id(n), [n])]
+            graph.cleanup()
+        ctx.notes[NAME] = {"layers": report, "skipped": skipped}
+        return PassResult(changed=bool(replaced), stats=dict(stats))
+
+    # ---- rank ----
+    def _fraction_rank(self, la: _Layer, fraction: float) -> int:
+        return round_rank(fraction * min(la.w.shape), self.options.rank_multiple)
+
+    def _rank_decline(self, la: _Layer, r: int) -> str | None:
+        k, n = la.w.shape
+        if r >= min(k, n):
+            return "full-rank"
+        if k * n < self.options.min_params_saving * r * (k + n):
+            return "no-saving"
+        return None
+
+    def _choose_rank(self, la: _Layer, keep: Mapping[str, float], s: np.ndarray,
+                     a_full: np.ndarray, b_full: np.ndarray, x: np.ndarray | None,
+                     y: np.ndarray | None) -> int | str:
+        o = self.options
+        if la.key in keep or (o.energy is None and o.max_error is None):
+            return self._fraction_rank(la, keep.get(la.key, o.rank_fraction or 0.5))
+        ranks = []
+        if o.rank_fraction is not None:
+            ranks.append(self._fraction_rank(la, o.rank_fraction))
+        if o.energy is not None:
+            cum = np.cumsum(s**2) / max(float((s**2).sum()), 1e-300)
+            ranks.append(round_rank(int(np.searchsorted(cum, o.energy - 1e-12)) + 1,
+                                    o.rank_multiple))
+        r = max(ranks, default=o.rank_multiple)
+        if reason := self._rank_decline(la, r):
+            return reason
+        if o.max_error is not None and x is not None and y is not None:
+            # the smallest multiple within budget, by bisection (error falls as r grows)
+            lo, hi = r, r
+            while not self._rank_decline(la, hi + o.rank_multiple):
+                hi += o.rank_multiple
+            if self._error(la, a_full, b_full, hi, x, y) > o.max_error:
+                return "error-budget"
+            while lo < hi:
+                mid = lo + o.rank_multiple * ((hi - lo) // o.rank_multiple // 2)
+                if self._error(la, a_full, b_full, mid, x, y) <= o.max_error:
+                    hi = mid
+                else:
+                    lo = mid + o.rank_multiple
+            r = hi
+        return r
+
+    def _error(self, la: _Layer, a_full: np.ndarray, b_full: np.ndarray, r: int,
+               x: np.ndarray, y: np.ndarray) -> float:
+        entry = self._fit(la, a_full[:, :r], b_full[:r], x, y)[3]
+        return float(entry["error_after_refit"])
+
+    # ---- factors ----
+    def _fit(self, la: _Layer, a: np.ndarray, b: np.ndarray, x: np.ndarray | None,
+             y: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, dict]:
+        """Factors cast to the weight dtype, the bias, and the notes entry (errors on the rows)."""
+        from onnxopt.reconstruct import refit_linear, relative_error
+
+        k, n = la.w.shape
+        r = a.shape[1]
+        nb = 0 if la.bias is None else n
+        entry: dict[str, Any] = {
+            "op": la.node.op, "rank": r, "full_rank": min(k, n),
+            "params_before": k * n + nb, "params_after": r * (k + n) + nb,
+            "macs_before": k * n, "macs_after": r * (k + n),
+            "rows_per_sample": la.rows_per_sample,
+            "error_before_refit": None, "error_after_refit": None, "refit_applied": False,
+        }
+        a = a.astype(la.dtype)
+        b, bias = b.astype(la.dtype), la.bias
+        if x is None or y is None:
+            return a, b, bias, entry
+        h = np.asarray(x, np.float64) @ a.astype(np.float64)
+        offset = 0.0 if bias is None else bias
+        before = relative_error(h @ b.astype(np.float64) + offset, y)
+        entry["error_before_refit"] = entry["error_after_refit"] = before
+        if self.options.refit:
+            b2, bias2 = refit_linear(h, y, ridge=self.options.ridge, bias=bias is not None)
+            after = relative_error(h @ b2.astype(np.float64) + (0.0 if bias2 is None else bias2), y)
+            if after < before:
+                b, bias = b2.astype(la.dtype), None if bias2 is None else bias2.astype(np.float64)
+                entry.update(error_after_refit=after, refit_applied=True)
+        return a, b, bias, entry
+
+
+def _layer(graph: gs.Graph, node: gs.Node) -> _Layer | str:
+    """The layer as a linear map of rows, or why it is declined."""
+    x, wt = node.inputs[0], node.inputs[1]
+    w = constant_value(wt)
+    if w is None:
+        return "weight-not-constant"
+    if constant_value(x) is not None:
+        return "constant-input"
+    if node.op == "Conv" and w.ndim != 4:
+        return "conv-not-2d"
+    if node.op != "Conv" and w.ndim != 2:
+        return "weight-not-2d"
+    if w.dtype.type not in _DTYPES:
+        return "dtype"
+    if len(wt.outputs) != 1:
+        return "shared-weight"
+    if is_graph_output(graph, wt):
+        return "graph-output"
+    if is_graph_input(graph, wt):
+        return "graph-input"
+    bias_t = node.inputs[2] if len(node.inputs) > 2 and node.inputs[2].name else None
+    bias = None
+    if bias_t is not None:
+        bias = constant_value(bias_t)
+        if bias is None:
+            return "bias-not-constant"
+        if len(bias_t.outputs) != 1 or is_graph_output(graph, bias_t):
+            return "shared-weight"
+    shape = x.shape
+    if shape is None:
+        return "unknown-shape"
+    dims = [d if isinstance(d, int) and d > 0 else None for d in shape]
+    key = layer_key(node)
+    if node.op == "MatMul":
+        rows = math.prod(dims[1:-1]) if len(dims) > 2 and None not in dims[1:-1] else None
+        return _Layer(node, key, w.astype(np.float64), None, w.dtype, 1 if len(dims) <= 2 else rows)
+    if node.op == "Gemm":
+        if int(node.attrs.get("transA", 0)):
+            return "gemm-transA"
+        alpha, beta = float(node.attrs.get("alpha", 1.0)), float(node.attrs.get("beta", 1.0))
+        wk = (w.T if int(node.attrs.get("transB", 0)) else w).astype(np.float64) * alpha
+        if bias is not None:
+            if bias.ndim > 2 or (bias.ndim == 2 and bias.shape[0] != 1) or (
+                    bias.ndim and bias.shape[-1] not in (1, wk.shape[1])):
+                return "bias-shape"
+            bias = beta * np.broadcast_to(bias.reshape(-1).astype(np.float64), (wk.shape[1],))
+        return _Layer(node, key, wk, bias, w.dtype, 1)
+    if int(node.attrs.get("group", 1)) != 1:
+        return "grouped"
+    if len(shape) != 4:
+        return "unknown-shape"
+    m = w.shape[0]
+    y_shape = node.outputs[0].shape
+    spatial = [d if isinstance(d, int) and d > 0 else None for d in (y_shape or [None] * 4)[2:]]
+    conv = {"kernel": list(w.shape[2:]), "strides": list(node.attrs.get("strides", [1, 1])),
+            "pads": list(node.attrs.get("pads", [0, 0, 0, 0])),
+            "dilations": list(node.attrs.get("dilations", [1, 1])),
+            "auto_pad": node.attrs.get("auto_pad", "NOTSET")}
+    b = None if bias is None else bias.reshape(-1).astype(np.float64)
+    rows = math.prod(spatial) if len(spatial) == 2 and None not in spatial else None
+    return _Layer(node, key, w.reshape(m, -1).T.astype(np.float64), b, w.dtype, rows, conv)
+
+
+def _capture(graph: gs.Graph, ctx: PassContext, layers: list[_Layer]
+             ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Layer key -> (input rows or patches [n, K], output rows [n, N]) on the calibration data."""
+    from onnxopt.capture import capture
+    from onnxopt.reconstruct import im2col, output_rows
+
+    assert ctx.calibration is not None
+    model = _export(graph, ctx)
+    cache = ctx.calibration_cache  # the driver keeps it across builds of one model
+    rows = {t.name: "rows" for la in layers if la.conv is None
+            for t in (la.node.inputs[0], la.node.outputs[0])}
+    nchw = {t.name: "nchw" for la in layers if la.conv is not None
+            for t in (la.node.inputs[0], la.node.outputs[0])}
+    got = capture(model, ctx.calibration, rows, max_rows=_ROWS, seed=ctx.seed, cache=cache) \
+        if rows else {}
+    got_nchw = capture(model, ctx.calibration, nchw, max_rows=_CONV_SAMPLES, seed=ctx.seed,
+                       cache=cache) if nchw else {}
+    out = {}
+    for la in layers:
+        x_name, y_name = la.node.inputs[0].name, la.node.outputs[0].name
+        if la.conv is None:
+            out[la.key] = (got[x_name], got[y_name])
+            continue
+        x, y = got_nchw[x_name], got_nchw[y_name]
+        c = la.conv
+        pads = _explicit_pads(c, x.shape[2:])
+        positions = min(65536, max(1024, _PATCH_VALUES // la.w.shape[0]))
+        patches, index = im2col(x, c["kernel"], c["strides"], pads, c["dilations"],
+                                positions=positions, seed=ctx.seed)
+        out[la.key] = (patches, output_rows(y, index))
+    return out
+
+
+def _explicit_pads(conv: Mapping[str, Any], hw: tuple[int, ...]) -> list[int]:
+    """ONNX pads (top, left, bottom, right), resolving ``auto_pad`` for an input of size ``hw``."""
+    mode = conv["auto_pad"]
+    if mode in ("NOTSET", ""):
+        return list(conv["pads"])
+    if mode == "VALID":
+        return [0, 0, 0, 0]
+    begin, end = [], []
+    for i in range(2):
+        s, k, d = conv["strides"][i], conv["kernel"][i], conv["dilations"][i]
+        total = max((-(-hw[i] // s) - 1) * s + (k - 1) * d + 1 - hw[i], 0)
+        small = total // 2
+        begin.append(small if mode == "SAME_UPPER" else total - small)
+        end.append(total - begin[-1])
+    return begin + end
+
+
+def _rewrite(la: _Layer, a: np.ndarray, b: np.ndarray, bias: np.ndarray | None,
+             ctx: PassContext) -> list[gs.Node]:
+    """The two nodes that replace ``la.node`` (which is detached); the output tensor is kept."""
+    node, r = la.node, a.shape[1]
+    x, y = node.inputs[0], node.outputs[0]
+    base = la.key or node.op.lower()
+    fresh = ctx.names.fresh
+    a_c = make_constant(fresh(f"{base}_lowrank_a_w"), _conv_a(a, la) if la.conv else a)
+    mid_shape = None
+    if la.conv is not None and y.shape is not None:
+        mid_shape = [y.shape[0], r, *y.shape[2:]]
+    elif la.conv is None and x.shape is not None:
+        mid_shape = [*x.shape[:-1], r]
+    h = gs.Variable(fresh(f"{base}_lowrank_h"), dtype=la.dtype, shape=mid_shape)
+    bias_in = [] if bias is None else [make_constant(fresh(f"{base}_lowrank_bias"),
+                                                     bias.astype(la.dtype))]
+    if node.op == "Conv":
+        attrs = {k: v for k, v in node.attrs.items()
+                 if k in ("strides", "pads", "dilations", "auto_pad")}
+        attrs["kernel_shape"] = list(la.conv["kernel"]) if la.conv else []
+        first = gs.Node("Conv", fresh(f"{base}_lowrank_a"), attrs, [x, a_c], [h])
+        b_w = b.T.reshape(b.shape[1], r, 1, 1)
+        second = gs.Node("Conv", fresh(f"{base}_lowrank_b"), {"kernel_shape": [1, 1]},
+                         [h, make_constant(fresh(f"{base}_lowrank_b_w"), b_w), *bias_in], [y])
+    else:
+        first = gs.Node("MatMul", fresh(f"{base}_lowrank_a"), {}, [x, a_c], [h])
+        if node.op == "MatMul":
+            second = gs.Node("MatMul", fresh(f"{base}_lowrank_b"), {},
+                             [h, make_constant(fresh(f"{base}_lowrank_b_w"), b)], [y])
+        else:
+            trans_b = int(node.attrs.get("transB", 0))
+            b_c = make_constant(fresh(f"{base}_lowrank_b_w"),
+                                np.ascontiguousarray(b.T) if trans_b else b)
+            attrs = {"transB": trans_b} if trans_b else {}
+            second = gs.Node("Gemm", fresh(f"{base}_lowrank_b"), attrs, [h, b_c, *bias_in], [y])
+    node.inputs.clear()
+    node.outputs.clear()
+    return [first, second]
+
+
+def _conv_a(a: np.ndarray, la: _Layer) -> np.ndarray:
+    """First factor ``[K, r]`` as a Conv weight ``[r, C, kh, kw]``."""
+    kh, kw = la.conv["kernel"] if la.conv else (1, 1)
+    return np.ascontiguousarray(a.T.reshape(a.shape[1], -1, kh, kw))
+
+
+def _export(graph: gs.Graph, ctx: PassContext) -> onnx.ModelProto:
+    from onnxopt.io import to_model
+
+    source = ctx.notes.get("source_model")
+    if isinstance(source, onnx.ModelProto):
+        return to_model(graph, source)
+    model = gs.export_onnx(graph)
+    model.ir_version = min(model.ir_version, 8)
+    return model
