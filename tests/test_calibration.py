@@ -2,8 +2,9 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
-from onnx import helper
+from onnx import TensorProto, helper, numpy_helper
 
 from onnxopt.calibration import (
     Histogram,
@@ -16,21 +17,123 @@ from onnxopt.errors import InputDataError, PreconditionError
 from onnxopt.opset import upgrade_opset
 from onnxopt.testing import make_model, run_model, vi
 
+# (lo, hi) -> {(qtype, symmetric): (scale, zero point)}, worked out by hand from
+#   asymmetric: range widened to include 0, scale = (hi - lo) / 255, zp = round(qmin - lo / scale)
+#   symmetric:  scale = max(|lo|, |hi|) / 127, zp = 0 (int8) or 128 (uint8)
+# with ties rounded half to even, as QuantizeLinear and DynamicQuantizeLinear round.
+HAND_QPARAMS = {
+    # 1.5 / (4.75 / 255) = 80.53: zp 81 (uint8), round(-128 + 80.53) = -47 (int8)
+    (-1.5, 3.25): {
+        ("uint8", False): (4.75 / 255, 81),
+        ("int8", False): (4.75 / 255, -47),
+        ("uint8", True): (3.25 / 127, 128),
+        ("int8", True): (3.25 / 127, 0),
+    },
+    # all positive: the range becomes [0, 2]
+    (0.5, 2.0): {
+        ("uint8", False): (2.0 / 255, 0),
+        ("int8", False): (2.0 / 255, -128),
+        ("uint8", True): (2.0 / 127, 128),
+        ("int8", True): (2.0 / 127, 0),
+    },
+    # all negative: the range becomes [-4, 0], zero lands on qmax
+    (-4.0, -1.0): {
+        ("uint8", False): (4.0 / 255, 255),
+        ("int8", False): (4.0 / 255, 127),
+        ("uint8", True): (4.0 / 127, 128),
+        ("int8", True): (4.0 / 127, 0),
+    },
+    (0.0, 6.0): {
+        ("uint8", False): (6.0 / 255, 0),
+        ("int8", False): (6.0 / 255, -128),
+        ("uint8", True): (6.0 / 127, 128),
+        ("int8", True): (6.0 / 127, 0),
+    },
+    # scale exactly 1 and zp on a tie: 2.5 -> 2 (away from zero: 3); -125.5 -> -126
+    (-2.5, 252.5): {
+        ("uint8", False): (1.0, 2),
+        ("int8", False): (1.0, -126),
+        ("uint8", True): (252.5 / 127, 128),
+        ("int8", True): (252.5 / 127, 0),
+    },
+    # 1.5 -> 2; -126.5 -> -126 (away from zero: -127)
+    (-1.5, 253.5): {
+        ("uint8", False): (1.0, 2),
+        ("int8", False): (1.0, -126),
+        ("uint8", True): (253.5 / 127, 128),
+        ("int8", True): (253.5 / 127, 0),
+    },
+}
+QPARAM_CASES = [
+    (lo, hi, qtype, symmetric)
+    for (lo, hi), table in HAND_QPARAMS.items()
+    for qtype, symmetric in table
+]
 
-def _numpy_qparams(lo: float, hi: float, qtype: str, symmetric: bool) -> tuple[np.float32, int]:
-    qmin, qmax = (0, 255) if qtype == "uint8" else (-128, 127)
+
+def _session(nodes: list[onnx.NodeProto], inputs, outputs, inits=()) -> ort.InferenceSession:
+    graph = helper.make_graph(nodes, "oracle", inputs, outputs, list(inits))
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+
+
+def _ort_dynamic_qparams(lo: float, hi: float) -> tuple[np.float32, int]:
+    """onnxruntime's DynamicQuantizeLinear on [lo, hi]: the spec's uint8 asymmetric formula."""
+    sess = _session(
+        [helper.make_node("DynamicQuantizeLinear", ["x"], ["q", "s", "z"])],
+        [vi("x", [2])],
+        [vi("q", [2], TensorProto.UINT8), vi("s", []), vi("z", [], TensorProto.UINT8)],
+    )
+    _, scale, zp = sess.run(None, {"x": np.array([lo, hi], np.float32)})
+    return scale, int(zp)
+
+
+def _ort_quantize(values: list[float], scale: np.float32, zp: int, qtype: str) -> list[int]:
+    """onnxruntime's QuantizeLinear (round half to even, saturate) with the given parameters."""
+    dtype = np.uint8 if qtype == "uint8" else np.int8
+    sess = _session(
+        [helper.make_node("QuantizeLinear", ["x", "s", "z"], ["q"])],
+        [vi("x", [len(values)])],
+        [vi("q", [len(values)], helper.np_dtype_to_tensor_dtype(np.dtype(dtype)))],
+        [
+            numpy_helper.from_array(np.array(scale, np.float32), "s"),
+            numpy_helper.from_array(np.array(zp, dtype), "z"),
+        ],
+    )
+    return sess.run(None, {"x": np.array(values, np.float32)})[0].tolist()
+
+
+@pytest.mark.parametrize(("lo", "hi", "qtype", "symmetric"), QPARAM_CASES)
+def test_scale_zero_point_worked_out_by_hand(
+    lo: float, hi: float, qtype: str, symmetric: bool
+) -> None:
+    scale, zp = HAND_QPARAMS[(lo, hi)][(qtype, symmetric)]
+    assert scale_zero_point(lo, hi, qtype, symmetric) == (np.float32(scale), zp)
+
+
+@pytest.mark.parametrize(("lo", "hi"), list(HAND_QPARAMS))
+def test_uint8_asymmetric_matches_onnxruntime_dynamic_quantize_linear(lo: float, hi: float) -> None:
+    scale, zp = scale_zero_point(lo, hi, "uint8")
+    ort_scale, ort_zp = _ort_dynamic_qparams(lo, hi)
+    assert scale == ort_scale
+    assert zp == ort_zp
+
+
+@pytest.mark.parametrize(("lo", "hi", "qtype", "symmetric"), QPARAM_CASES)
+def test_onnxruntime_quantizes_the_range_without_clipping(
+    lo: float, hi: float, qtype: str, symmetric: bool
+) -> None:
+    """QuantizeLinear with these parameters sends 0 to the zero point exactly, and every point of
+    the range (widened to include 0) to a code whose dequantized value is within half a step."""
+    scale, zp = scale_zero_point(lo, hi, qtype, symmetric)
     lo, hi = min(lo, 0.0), max(hi, 0.0)
+    assert _ort_quantize([0.0], scale, zp, qtype) == [zp]
     if symmetric:
-        return np.float32(max(-lo, hi) / 127), (0 if qtype == "int8" else 128)
-    scale = (hi - lo) / (qmax - qmin)
-    return np.float32(scale), int(np.clip(np.round(qmin - lo / scale), qmin, qmax))
-
-
-@pytest.mark.parametrize("qtype", ["uint8", "int8"])
-@pytest.mark.parametrize("symmetric", [False, True])
-@pytest.mark.parametrize(("lo", "hi"), [(-1.5, 3.25), (0.5, 2.0), (-4.0, -1.0), (0.0, 6.0)])
-def test_scale_zero_point_matches_numpy(lo: float, hi: float, qtype: str, symmetric: bool) -> None:
-    assert scale_zero_point(lo, hi, qtype, symmetric) == _numpy_qparams(lo, hi, qtype, symmetric)
+        lo, hi = -max(-lo, hi), max(-lo, hi)
+    values = [*np.linspace(lo, hi, 101).tolist(), lo, hi]
+    codes = np.array(_ort_quantize(values, scale, zp, qtype))
+    err = np.abs((codes - zp) * np.float64(scale) - np.array(values, np.float32))
+    assert err.max() <= scale / 2 * (1 + 1e-5)
 
 
 def test_scale_zero_point_relu_range_puts_zero_at_qmin() -> None:

@@ -2,9 +2,9 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
-from onnxopt.passes.quantize_dynamic import quantize_weight_int8
 
 from onnxopt import optimize
 from onnxopt.testing import (
@@ -45,15 +45,49 @@ def matmul_model(
     return make_model(nodes, [vi("x", [batch, k])], outputs, inits, opset=opset)
 
 
+def ort_quantize_linear(w: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """onnxruntime's QuantizeLinear to int8 along axis 1 (round half to even, saturate)."""
+    zero = np.zeros_like(scale, np.int8)
+    inits = [numpy_helper.from_array(scale, "s"), numpy_helper.from_array(zero, "z")]
+    graph = helper.make_graph(
+        [helper.make_node("QuantizeLinear", ["w", "s", "z"], ["q"], axis=1)],
+        "quantize",
+        [vi("w", list(w.shape))],
+        [vi("q", list(w.shape), TensorProto.INT8)],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return sess.run(None, {"w": w})[0]
+
+
+def reference_weight(w: np.ndarray, per_channel: bool) -> tuple[np.ndarray, np.ndarray]:
+    """The pass's contract for a [K, N] weight: scale = max|W| / 64 per column (or one), codes
+    by onnxruntime's QuantizeLinear with zero point 0; independent of the pass's helpers."""
+    amax = np.abs(w).max(axis=0) if per_channel else np.abs(w).max()
+    scale = (np.asarray(amax, np.float32) / np.float32(64)).astype(np.float32)
+    return ort_quantize_linear(w, scale), scale
+
+
 def simulate(x: np.ndarray, w: np.ndarray, per_channel: bool = True) -> np.ndarray:
     """DynamicQuantizeLinear + MatMulInteger + scale, as the ONNX spec defines them."""
     lo, hi = min(float(x.min()), 0.0), max(float(x.max()), 0.0)
     xs = np.float32((hi - lo) / 255)
     xz = np.clip(np.rint(-lo / xs), 0, 255)
     xq = np.clip(np.rint(x / xs) + xz, 0, 255)
-    wq, ws = quantize_weight_int8(w, per_channel)
+    wq, ws = reference_weight(w, per_channel)
     acc = (xq - xz).astype(np.int64) @ wq.astype(np.int64)
     return (acc.astype(np.float32) * (xs * ws)).astype(np.float32)
+
+
+def stored_weight(model: onnx.ModelProto) -> tuple[np.ndarray, np.ndarray]:
+    """The quantized model's one int8 [K, N] weight and its one float32 scale."""
+    inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    int8 = [v for v in inits.values() if v.dtype == np.int8 and v.ndim == 2]
+    scales = [v for v in inits.values() if v.dtype == np.float32]
+    assert len(int8) == 1
+    assert len(scales) == 1
+    return int8[0], scales[0]
 
 
 def cosine(a: np.ndarray, b: np.ndarray) -> float:
@@ -71,22 +105,47 @@ def test_matmul_matches_numpy_simulation(per_channel: bool) -> None:
     quantized, report = optimize(model, passes=[f"{PASS}:per_channel={per_channel}"])
     assert op_histogram(quantized) == CHAIN
     assert report.stats(PASS) == {"quantized-matmul": 1}
-    inits = {t.name: numpy_helper.to_array(t) for t in quantized.graph.initializer}
     w = numpy_helper.to_array(model.graph.initializer[0])
-    wq, ws = quantize_weight_int8(w, per_channel)
-    int8 = [v for v in inits.values() if v.dtype == np.int8 and v.ndim == 2]
-    assert len(int8) == 1
-    assert np.array_equal(int8[0], wq)
+    inits = {t.name: numpy_helper.to_array(t) for t in quantized.graph.initializer}
     assert not any(
         v.dtype == np.float32 and v.shape == w.shape for v in inits.values()
     )  # no float copy
-    scales = [v for v in inits.values() if v.dtype == np.float32]
-    assert len(scales) == 1
-    assert np.allclose(scales[0], ws)
-    assert scales[0].shape == ((16,) if per_channel else ())
+    wq, ws = reference_weight(w, per_channel)
+    stored_q, stored_s = stored_weight(quantized)
+    np.testing.assert_array_equal(stored_q, wq)
+    np.testing.assert_allclose(stored_s, ws, rtol=1e-7)
+    assert stored_s.shape == ((16,) if per_channel else ())
     for feed in random_feeds(model, 2):
         got = run_model(quantized, [feed])[0][0]
         np.testing.assert_allclose(got, simulate(feed["x"], w, per_channel), rtol=1e-4, atol=1e-4)
+
+
+# a [K=3, N=2] weight whose codes are worked out by hand: column 0 has max|w| = 32, column 1
+# max|w| = 16, so with Q = 64 the scales are 0.5 and 0.25 and 1.25 / 0.5, -0.75 / 0.5,
+# 0.375 / 0.25, 0.125 / 0.25 land exactly on .5: round half to even gives 2, -2, 2, 0
+HAND_W = np.array([[32.0, -16.0], [1.25, 0.375], [-0.75, 0.125]], np.float32)
+
+
+@pytest.mark.parametrize(
+    ("options", "scale", "codes"),
+    [
+        ({}, [0.5, 0.25], [[64, -64], [2, 2], [-2, 0]]),
+        ({"per_channel": False}, 0.5, [[64, -32], [2, 1], [-2, 0]]),
+        # Q = 127: 1.25 * 127 / 32 = 4.96, -0.75 * 127 / 32 = -2.98, 0.375 * 127 / 16 = 2.98,
+        # 0.125 * 127 / 16 = 0.99
+        ({"reduce_range": False}, [32 / 127, 16 / 127], [[127, -127], [5, 3], [-3, 1]]),
+    ],
+)
+def test_weight_codes_and_scales_worked_out_by_hand(
+    options: dict[str, bool], scale: float | list[float], codes: list[list[int]]
+) -> None:
+    node = helper.make_node("MatMul", ["x", "W"], ["y"], name="mm")
+    model = make_model([node], [vi("x", [1, 3])], [vi("y", [1, 2])], {"W": HAND_W})
+    quantized, report = optimize(model, passes=[(PASS, options)])
+    assert report.stats(PASS) == {"quantized-matmul": 1}
+    stored_q, stored_s = stored_weight(quantized)
+    assert stored_q.tolist() == codes
+    np.testing.assert_array_equal(stored_s, np.asarray(scale, np.float32))
 
 
 @pytest.mark.parametrize("rank", [2, 3])

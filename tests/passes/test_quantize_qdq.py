@@ -155,11 +155,52 @@ def ort_optimized_ops(model: onnx.ModelProto, tmp_path: Path) -> dict[str, int]:
     return op_histogram(onnx.load(so.optimized_model_filepath))
 
 
-def numpy_qparams(lo: float, hi: float) -> tuple[np.float32, int]:
-    """uint8 asymmetric, recomputed independently of onnxopt.calibration."""
-    lo, hi = min(lo, 0.0), max(hi, 0.0)
-    scale = (hi - lo) / 255.0
-    return np.float32(scale), int(np.clip(np.round(0 - lo / scale), 0, 255))
+# ---- oracles independent of onnxopt.calibration and passes/_qdq.py ----
+
+
+def ort_run(
+    nodes: list[onnx.NodeProto],
+    inputs: dict[str, np.ndarray],
+    outputs: list[onnx.ValueInfoProto],
+    consts: dict[str, np.ndarray],
+) -> list[np.ndarray]:
+    graph = helper.make_graph(
+        nodes,
+        "oracle",
+        [vi(k, list(v.shape)) for k, v in inputs.items()],
+        outputs,
+        [numpy_helper.from_array(v, k) for k, v in consts.items()],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return sess.run(None, inputs)
+
+
+def ort_dynamic_qparams(values: np.ndarray) -> tuple[np.float32, int]:
+    """uint8 asymmetric (scale, zero point) of ``values`` by onnxruntime's DynamicQuantizeLinear,
+    whose spec is the minmax formula: range widened to 0, scale = range / 255, zp rounded."""
+    x = np.asarray(values, np.float32).ravel()
+    _, scale, zp = ort_run(
+        [helper.make_node("DynamicQuantizeLinear", ["x"], ["q", "s", "z"])],
+        {"x": x},
+        [
+            vi("q", list(x.shape), onnx.TensorProto.UINT8),
+            vi("s", []),
+            vi("z", [], onnx.TensorProto.UINT8),
+        ],
+        {},
+    )
+    return scale, int(zp)
+
+
+def ort_quantize_int8(w: np.ndarray, scale: np.ndarray, axis: int) -> np.ndarray:
+    """onnxruntime's QuantizeLinear to int8 (zero point 0, round half to even, saturate)."""
+    return ort_run(
+        [helper.make_node("QuantizeLinear", ["w", "s", "z"], ["q"], axis=axis)],
+        {"w": w},
+        [vi("q", list(w.shape), onnx.TensorProto.INT8)],
+        {"s": scale.astype(np.float32), "z": np.zeros(scale.shape, np.int8)},
+    )[0]
 
 
 # ---- tests ----
@@ -204,7 +245,7 @@ def test_conv_net_structure_stats_and_fidelity(tmp_path: Path) -> None:
     assert "Gemm" not in fused
 
 
-def test_scales_and_zero_points_match_numpy() -> None:
+def test_scales_and_zero_points_match_onnxruntime() -> None:
     model, w = mlp()
     calib = seq_feeds(6)
     q, _ = quantize(model, calib)
@@ -212,18 +253,64 @@ def test_scales_and_zero_points_match_numpy() -> None:
     r = np.maximum(x @ w["W1"], 0)
     values = inits(q)
     qx, _ = assert_qdq_input(q, next(n for n in q.graph.node if n.name == "mm1").input[0])
-    assert (values[qx.input[1]], int(values[qx.input[2]])) == numpy_qparams(x.min(), x.max())
+    scale, zp = values[qx.input[1]], int(values[qx.input[2]])
+    ort_scale, ort_zp = ort_dynamic_qparams(x)
+    assert scale == ort_scale
+    assert zp == ort_zp
     qr, _ = assert_qdq_input(q, "r")  # Relu folded: MatMul -> Q(zp 0) -> DQ -> r
     scale, zp = values[qr.input[1]], int(values[qr.input[2]])
-    np.testing.assert_allclose(scale, numpy_qparams(0.0, r.max())[0], rtol=1e-6)
+    np.testing.assert_allclose(scale, ort_dynamic_qparams(r)[0], rtol=1e-6)
     assert zp == 0
     for wname, node in (("W1", "mm1"), ("W2", "mm2")):
         mm = next(n for n in q.graph.node if n.name == node)
         wq, ws, axis = assert_int8_weight(q, mm.input[1])
         assert axis == 1
-        expect = np.abs(w[wname]).max(axis=0) / 64  # reduce_range: 7-bit weights
-        np.testing.assert_allclose(ws, expect.astype(np.float32), rtol=1e-7)
-        np.testing.assert_array_equal(wq, np.round(w[wname] / expect).astype(np.int8))
+        expect = (np.abs(w[wname]).max(axis=0) / 64).astype(np.float32)  # reduce_range: 7 bits
+        np.testing.assert_allclose(ws, expect, rtol=1e-7)
+        np.testing.assert_array_equal(wq, ort_quantize_int8(w[wname], expect, axis=1))
+
+
+# weights whose int8 codes are worked out by hand: each output channel's max|w| is 64 * a power
+# of two, so with reduce_range (Q = 64) the scales are exact and the listed values land on .5
+HAND_CASES = {
+    # MatMul W[K=3, N=2]: channels are columns (axis 1), scales 0.5 and 0.25;
+    # 1.25 / 0.5 = 2.5 -> 2, -0.75 / 0.5 = -1.5 -> -2, 0.375 / 0.25 = 1.5 -> 2, 0.125 / 0.25 -> 0
+    "MatMul": (
+        [[32.0, -16.0], [1.25, 0.375], [-0.75, 0.125]],
+        1,
+        [0.5, 0.25],
+        [[64, -64], [2, 2], [-2, 0]],
+    ),
+    # Conv W[M=2, C=1, 1, 3]: channels are rows (axis 0), scales 0.25 and 1;
+    # 0.625 / 0.25 = 2.5 -> 2, -0.375 / 0.25 = -1.5 -> -2, 3.5 -> 4, -0.5 -> 0
+    "Conv": (
+        [[[[16.0, 0.625, -0.375]]], [[[-64.0, 3.5, -0.5]]]],
+        0,
+        [0.25, 1.0],
+        [[[[64, 2, -2]]], [[[-64, 4, 0]]]],
+    ),
+}
+
+
+@pytest.mark.parametrize("op", list(HAND_CASES))
+def test_weight_codes_and_scales_worked_out_by_hand(op: str) -> None:
+    w_list, axis, scales, codes = HAND_CASES[op]
+    w = np.array(w_list, np.float32)
+    rng = np.random.default_rng(0)
+    if op == "MatMul":
+        node = helper.make_node("MatMul", ["x", "w"], ["y"], name="layer")
+        shapes, x = ([4, 3], [4, 2]), rng.standard_normal((4, 3))
+    else:
+        node = helper.make_node("Conv", ["x", "w"], ["y"], name="layer")
+        shapes, x = ([1, 1, 4, 5], [1, 2, 4, 3]), rng.standard_normal((1, 1, 4, 5))
+    model = make_model([node], [vi("x", shapes[0])], [vi("y", shapes[1])], {"w": w})
+    q, report = quantize(model, [{"x": x.astype(np.float32)}])
+    assert report.stats("quantize-qdq") == {f"quantized:{op}": 1}
+    layer = next(n for n in q.graph.node if n.name == "layer")
+    wq, ws, got_axis = assert_int8_weight(q, layer.input[1])
+    assert got_axis == axis
+    assert ws.tolist() == scales
+    assert wq.tolist() == codes
 
 
 def test_bias_is_int32_at_input_times_weight_scale() -> None:
@@ -254,7 +341,7 @@ def test_percentile_scale_matches_numpy_percentile() -> None:
     qx, _ = assert_qdq_input(q, next(n for n in q.graph.node if n.name == "mm1").input[0])
     lo, hi = np.percentile(x, 0.5), np.percentile(x, 99.5)
     width = (x.max() - x.min()) / 2048
-    scale, zp = numpy_qparams(lo, hi)
+    scale, zp = ort_dynamic_qparams(np.array([lo, hi]))
     np.testing.assert_allclose(inits(q)[qx.input[1]], scale, atol=3 * width / 255)
     assert abs(int(inits(q)[qx.input[2]]) - zp) <= 1
 
@@ -741,6 +828,7 @@ def test_embedding_table_is_stored_int8_with_per_row_scales() -> None:
     table = inits(model)["table"]
     assert qtable.shape == table.shape and scales.shape == (1000, 1)
     np.testing.assert_allclose(scales[:, 0], np.abs(table).max(1) / 127, rtol=1e-6)
+    np.testing.assert_array_equal(qtable, ort_quantize_int8(table, scales[:, 0], axis=0))
     assert op_histogram(q) == {"Gather": 2, "Cast": 1, "Mul": 1, "MatMul": 1}
     # exactly the float model run on the dequantized table, for any ids, lengths included
     dequantized = make_model(list(model.graph.node), list(model.graph.input), list(model.graph.output),

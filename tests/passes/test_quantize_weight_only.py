@@ -2,9 +2,9 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
-from onnxopt.passes.quantize_weight_only import quantize_blockwise
 
 from onnxopt import optimize
 from onnxopt.errors import PreconditionError
@@ -51,6 +51,71 @@ def cosine(a: np.ndarray, b: np.ndarray) -> float:
     return float(a @ b / np.linalg.norm(a) / np.linalg.norm(b))
 
 
+# ---- an oracle independent of passes/quantize_weight_only.py ----
+
+
+def blocks_of(w: np.ndarray, block_size: int) -> np.ndarray:
+    """[K, N] -> [N, blocks, block_size], the last block zero-padded."""
+    k, n = w.shape
+    padded = np.zeros((n, -(-k // block_size) * block_size), np.float32)
+    padded[:, :k] = w.T
+    return padded.reshape(n, -1, block_size)
+
+
+def reference_qparams(
+    w: np.ndarray, bits: int, block_size: int, symmetric: bool
+) -> tuple[np.ndarray, np.ndarray]:
+    """Scales and zero points [N, blocks] as the pass's docstring defines them."""
+    x = blocks_of(w, block_size)
+    if symmetric:  # s = max|w| / (2^(bits-1) - 1), z = 2^(bits-1)
+        scale = np.abs(x).max(axis=2) / np.float32(2 ** (bits - 1) - 1)
+        zero = np.full(scale.shape, 2 ** (bits - 1))
+    else:  # s = (max(w, 0) - min(w, 0)) / (2^bits - 1), z = round(-min(w, 0) / s)
+        lo = np.minimum(x.min(axis=2), np.float32(0))
+        scale = (np.maximum(x.max(axis=2), np.float32(0)) - lo) / np.float32(2**bits - 1)
+        zero = np.rint(-lo / scale).astype(np.int64)
+    return scale.astype(np.float32), zero
+
+
+def ort_quantize_blocks(
+    w: np.ndarray, scale: np.ndarray, zero: np.ndarray, bits: int, block_size: int
+) -> np.ndarray:
+    """Codes [N, blocks * block_size] by onnxruntime's blocked QuantizeLinear (opset 21:
+    round half to even, saturate to uint4 / uint8), read back as uint8."""
+    x = blocks_of(w, block_size).reshape(scale.shape[0], -1)
+    qtype = TensorProto.UINT4 if bits == 4 else TensorProto.UINT8
+    z = helper.make_tensor("z", qtype, list(zero.shape), zero.ravel().tolist())
+    nodes = [
+        helper.make_node("QuantizeLinear", ["x", "s", "z"], ["q"], axis=1, block_size=block_size),
+        helper.make_node("Cast", ["q"], ["codes"], to=TensorProto.UINT8),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "quantize_blocks",
+        [vi("x", list(x.shape))],
+        [vi("codes", list(x.shape), TensorProto.UINT8)],
+        [numpy_helper.from_array(scale, "s"), z],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return sess.run(None, {"x": x})[0]
+
+
+def reference_weight(w: np.ndarray, bits: int, block_size: int, symmetric: bool) -> np.ndarray:
+    """The [K, N] weight the pass's codes should stand for: (codes - z) * s."""
+    scale, zero = reference_qparams(w, bits, block_size, symmetric)
+    codes = ort_quantize_blocks(w, scale, zero, bits, block_size).reshape(*scale.shape, -1)
+    deq = (codes.astype(np.float32) - zero[..., None]) * scale[..., None]
+    return deq.reshape(len(scale), -1)[:, : w.shape[0]].T
+
+
+def unpack_low_bits_first(packed: np.ndarray, bits: int) -> np.ndarray:
+    """MatMulNBits packing: element j of a byte sits at bits [j * bits, (j + 1) * bits)."""
+    shifts = np.arange(8 // bits, dtype=np.uint8) * bits
+    codes = (packed[..., None] >> shifts) & (2**bits - 1)
+    return codes.reshape(*packed.shape[:-1], -1)
+
+
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("symmetric", [False, True])
 @pytest.mark.parametrize("k", [64, 72])  # 72: the last block is zero-padded
@@ -80,30 +145,85 @@ def test_packs_as_the_spec_says_and_runs_the_dequantized_weight(
     assert not any(
         v.dtype == np.float32 and v.shape == (k, 16) for v in inits.values()
     )  # no float copy
-    # the kernel computes x @ (the weight the packed codes stand for), to float rounding
-    bq = quantize_blockwise(weight(model), bits, 32, symmetric)
-    w_hat = bq.dequantize(k, bits, 32)
+    # scales, zero points and codes against the docstring's formulas and onnxruntime's
+    # QuantizeLinear, read back from the packed inputs as the contrib-op spec lays them out
+    w = weight(model)
+    scale, zero = reference_qparams(w, bits, 32, symmetric)
+    np.testing.assert_array_equal(inits[node.input[2]].reshape(16, blocks), scale)
+    if not symmetric:  # symmetric: no input, the spec's default 2^(bits-1) applies
+        stored_zero = unpack_low_bits_first(inits[node.input[3]].reshape(16, -1), bits)
+        np.testing.assert_array_equal(stored_zero[:, :blocks], zero)
+    codes = unpack_low_bits_first(b, bits).reshape(16, -1)
+    np.testing.assert_array_equal(codes, ort_quantize_blocks(w, scale, zero, bits, 32))
+    # the kernel computes x @ (the weight those codes stand for), to float rounding
+    w_hat = reference_weight(w, bits, 32, symmetric)
     feed = random_feeds(model, 1)[0]
     np.testing.assert_allclose(
         run_model(quantized, [feed])[0][0], feed["x"] @ w_hat, rtol=1e-4, atol=1e-4
     )
     # and the dequantized weight is within half a step of the original in every block
-    step = bq.scales.reshape(16, blocks).repeat(32, axis=1)[:, :k].T
-    assert np.all(np.abs(w_hat - weight(model)) <= step / 2 + 1e-6)
+    step = scale.repeat(32, axis=1)[:, :k].T
+    assert np.all(np.abs(w_hat - w) <= step / 2 + 1e-6)
 
 
-def test_int4_codes_low_nibble_first() -> None:
-    # one column, one block: w[k] = k - 8 for k < 16, then zeros -> scale 1, zero point 8,
-    # codes 0, 1, ..., 15, 8, 8, ...
-    w = np.zeros((32, 1), np.float32)
+def test_int4_codes_low_nibble_first_worked_out_by_hand() -> None:
+    # one column, three blocks of 32, 4 bits, asymmetric
+    # block 0: w[k] = k - 8 for k < 16, then 0.5, -0.5, 2.5, zeros -> scale 1, zero point 8;
+    #   codes 0, 1, ..., 15, then 8, 8, 10 (ties round half to even), 8, 8, ...
+    # block 1: -2.5, 12.5, 1.5, zeros -> scale 15 / 15 = 1, zero point round(2.5) = 2;
+    #   codes round(-2.5) + 2 = 0, 12 + 2 = 14, 2 + 2 = 4, then 2, 2, ...
+    # block 2: -1, 14, zeros -> scale 1, zero point 1; codes 0, 15, then 1, 1, ...
+    w = np.zeros((96, 1), np.float32)
     w[:16, 0] = np.arange(16) - 8.0
-    bq = quantize_blockwise(w, 4, 32, symmetric=False)
-    assert bq.scales.tolist() == [1.0]
-    assert bq.packed.shape == (1, 1, 16)
-    assert bq.packed[0, 0, :8].tolist() == [0x10, 0x32, 0x54, 0x76, 0x98, 0xBA, 0xDC, 0xFE]
-    assert bq.packed[0, 0, 8:].tolist() == [0x88] * 8
-    assert bq.zero_points.tolist() == [0x08]  # one block, padded to a byte: high nibble 0
-    assert np.array_equal(bq.dequantize(32, 4, 32), w)
+    w[16:19, 0] = [0.5, -0.5, 2.5]
+    w[32:35, 0] = [-2.5, 12.5, 1.5]
+    w[64:66, 0] = [-1.0, 14.0]
+    model = make_model(
+        [helper.make_node("MatMul", ["x", "W"], ["y"])],
+        [vi("x", [96, 96])],
+        [vi("y", [96, 1])],
+        {"W": w},
+    )
+    quantized, _ = optimize(model, passes=[f"{PASS}:bits=4,symmetric=False,block_size=32"])
+    node = quantized.graph.node[0]
+    inits = {t.name: numpy_helper.to_array(t) for t in quantized.graph.initializer}
+    b = inits[node.input[1]]
+    assert b.shape == (1, 3, 16)
+    low_first = [0x10, 0x32, 0x54, 0x76, 0x98, 0xBA, 0xDC, 0xFE, 0x88, 0x8A]
+    assert b[0, 0].tolist() == low_first + [0x88] * 6
+    assert b[0, 1].tolist() == [0xE0, 0x24] + [0x22] * 14
+    assert b[0, 2].tolist() == [0xF0] + [0x11] * 15
+    assert inits[node.input[2]].tolist() == [1.0, 1.0, 1.0]
+    # block 0's zero point in the low nibble; three blocks padded to two bytes, high nibble 0
+    assert inits[node.input[3]].tolist() == [0x28, 0x01]
+    # onnxruntime reads the same weight back: x = I gives the dequantized column
+    expected = w.copy()
+    expected[16:19, 0] = [0.0, 0.0, 2.0]
+    expected[32:35, 0] = [-2.0, 12.0, 2.0]
+    got = run_model(quantized, [{"x": np.eye(96, dtype=np.float32)}])[0][0]
+    np.testing.assert_array_equal(got, expected)
+
+
+def test_int8_symmetric_codes_worked_out_by_hand() -> None:
+    # max|w| = 127 -> scale 1, implied zero point 128; 0.5 -> 128, 1.5 -> 130, -2.5 -> 126
+    w = np.zeros((32, 1), np.float32)
+    w[:5, 0] = [127.0, -127.0, 0.5, 1.5, -2.5]
+    model = make_model(
+        [helper.make_node("MatMul", ["x", "W"], ["y"])],
+        [vi("x", [32, 32])],
+        [vi("y", [32, 1])],
+        {"W": w},
+    )
+    quantized, _ = optimize(model, passes=[f"{PASS}:bits=8,symmetric=True,block_size=32"])
+    node = quantized.graph.node[0]
+    inits = {t.name: numpy_helper.to_array(t) for t in quantized.graph.initializer}
+    assert len(node.input) == 3
+    assert inits[node.input[1]][0, 0].tolist() == [255, 1, 128, 130, 126] + [128] * 27
+    assert inits[node.input[2]].tolist() == [1.0]
+    got = run_model(quantized, [{"x": np.eye(32, dtype=np.float32)}])[0][0]
+    expected = w.copy()
+    expected[2:5, 0] = [0.0, 2.0, -2.0]
+    np.testing.assert_array_equal(got, expected)
 
 
 @pytest.mark.parametrize(("bits", "floor"), [(8, 0.999), (4, 0.98)])
@@ -131,7 +251,7 @@ def test_gemm_with_trans_b_alpha_beta_bias() -> None:
     assert report.stats(PASS) == {"quantized-8bit": 1}
     assert op_histogram(quantized) == {NBITS: 1}
     feed = random_feeds(model, 1)[0]
-    w_hat = quantize_blockwise(w.T, 8, 32, False).dequantize(64, 8, 32)
+    w_hat = reference_weight(w.T, 8, 32, symmetric=False)
     expected = 0.5 * feed["x"] @ w_hat + 2.0 * c
     np.testing.assert_allclose(run_model(quantized, [feed])[0][0], expected, rtol=1e-4, atol=1e-4)
 
