@@ -30,11 +30,12 @@ error ``||Y' - Y||^2 / ||Y||^2`` on the calibration rows is within budget, after
 Declined, counted as ``skipped:<reason>`` and listed in the notes: ``subgraph`` (inside If/Loop/
 Scan bodies: never touched), ``weight-not-constant``, ``weight-not-2d``, ``conv-not-2d``,
 ``dtype`` (not float32/float64), ``shared-weight`` (the weight has another reader),
-``graph-output`` / ``graph-input`` (the weight is graph I/O: it would stay, or can be fed),
+``graph-output`` (the weight is also a graph output: it would stay; an initializer that is also
+a graph input can be fed, so it is ``weight-not-constant``),
 ``constant-input``, ``gemm-transA``, ``grouped`` (grouped and depthwise Conv),
 ``bias-not-constant``, ``bias-shape`` (a Gemm C that is not one row), ``unknown-shape`` (the
 activation's rank is not known), ``full-rank`` (r not below full), ``no-saving``
-(``K N / (r (K + N)) < min_params_saving``), ``error-budget`` (no rank that saves meets
+(``K N / (r (K + N))`` not above ``min_params_saving``), ``error-budget`` (no rank that saves meets
 ``max_error``).
 
 ``ctx.notes["factorize-lowrank"]``: ``layers`` (key -> ``op``, ``method``, ``rank``, ``full_rank``,
@@ -60,7 +61,7 @@ import onnx_graphsurgeon as gs
 
 from onnxopt.errors import MissingRequirementError, PassOptionError
 from onnxopt.graph_utils import (
-    constant_value, is_default_domain, is_graph_input, is_graph_output, iter_graphs, layer_key,
+    constant_value, is_default_domain, is_graph_output, iter_graphs, layer_key,
     make_constant,
 )
 from onnxopt.pass_base import Pass, PassContext, PassResult
@@ -235,7 +236,7 @@ class FactorizeLowRankPass(Pass):
         k, n = la.w.shape
         if r >= min(k, n):
             return "full-rank"
-        if k * n < self.options.min_params_saving * r * (k + n):
+        if k * n <= self.options.min_params_saving * r * (k + n):
             return "no-saving"
         return None
 
@@ -327,8 +328,6 @@ def _layer(graph: gs.Graph, node: gs.Node) -> _Layer | str:
         return "shared-weight"
     if is_graph_output(graph, wt):
         return "graph-output"
-    if is_graph_input(graph, wt):
-        return "graph-input"
     bias_t = node.inputs[2] if len(node.inputs) > 2 and node.inputs[2].name else None
     bias = None
     if bias_t is not None:
