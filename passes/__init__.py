@@ -17,6 +17,7 @@ from onnxopt.passes.fuse_shape_chains import FuseShapeChainsPass
 from onnxopt.passes.quantize_qdq import QuantizeQDQPass
 from onnxopt.passes.prune_channels import PruneChannelsPass
 from onnxopt.passes.factorize_lowrank import FactorizeLowRankPass
+from onnxopt.passes.sparsify_weights import SparsifyWeightsPass
 
 ALL_PASSES = (
     EliminateIdentityPass,
@@ -34,4 +35,5 @@ ALL_PASSES = (
     QuantizeQDQPass,
     PruneChannelsPass,
     FactorizeLowRankPass,
+    SparsifyWeightsPass,
 )
