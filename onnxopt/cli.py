@@ -392,6 +392,11 @@ def optimize(
         "channels, heads and hidden units (structured pruning, refit by least squares on the "
         "calibration data), where it costs least accuracy; composes with --quantize in one budget. "
         "Kept only when within the budget and faster.")] = None,
+    factorize: Annotated[float | None, typer.Option(
+        metavar="FRACTION", min=0.0, max=0.95, help="Compress: factorize MatMul, Gemm and Conv weights "
+        "through a rank of FRACTION of full rank (activation-aware SVD, refit by least squares on the "
+        "calibration data); composes with --prune and --quantize in one budget. Kept only when within "
+        "the budget and faster.")] = None,
     max_accuracy_drop: Annotated[float | None, typer.Option(
         metavar="POINTS", help="With --quantize: allowed task-accuracy drop in percentage points (needs 'labels' in the "
         "data; default 1.0). Without labels: cosine >= --min-cosine and top-1 agreement >= 98%.")] = None,
@@ -411,11 +416,12 @@ def optimize(
         if level is None and not passes:
             level = DEFAULT_LEVEL
         shapes = parse_input_shapes(input_shape)
-        if quantize is not None or prune is not None:
+        if quantize is not None or prune is not None or factorize is not None:
             if passes:
-                raise OnnxoptError("--quantize/--prune run their own pipeline (level 1, then the lossy "
+                raise OnnxoptError("--quantize/--prune/--factorize run their own pipeline (level 1, then the lossy "
                                    "methods); use them or --pass, not both")
             methods = ([f"prune:{prune:g}"] if prune is not None else []) + (
+                [f"factorize:{factorize:g}"] if factorize is not None else []) + (
                 [quantize] if quantize is not None else [])
             _compress(model, output, methods, data, calibration_data, shapes, level, max_accuracy_drop,
                       min_cosine, force, threads, repeats, report, seed, dry_run, validate=validate,
@@ -523,9 +529,9 @@ def _compress(
     from onnxopt.manager import DEFAULT_LEVEL
     from onnxopt.validate import EXACT_ATOL, EXACT_RTOL, Tolerance
 
-    flag = "--quantize" if not any(m.startswith("prune:") for m in methods) else "--prune"
+    flag = next((f"--{m.split(':')[0]}" for m in methods if ":" in m), "--quantize")
     for method in methods:
-        if not method.startswith("prune:") and method not in QUANTIZERS:
+        if ":" not in method and method not in QUANTIZERS:
             raise OnnxoptError(f"--quantize '{method}': choose one of {', '.join(QUANTIZERS)}")
     resolved = resolve_methods(methods)
     if not validate:
@@ -589,7 +595,9 @@ def _print_step(step: Any) -> None:
     changed = {k: v for k, v in step.layers.items()}
     levels: dict[str, int] = {}
     for info in changed.values():
-        key = str(info["level"]) if step.step != "prune" else f"keep {float(info['level']):.0%}"
+        level = info["level"]
+        key = (f"keep {float(level):.0%}" if step.step == "prune" else
+               f"rank {float(level):.0%}" if step.step == "factorize" else str(level))
         levels[key] = levels.get(key, 0) + 1
     out.print(f"{name}: {len(changed)} layer(s) changed ("
               + ", ".join(f"{n} at {lv}" for lv, n in levels.items()) + f"); {step.reason}"

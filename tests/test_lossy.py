@@ -242,3 +242,37 @@ def test_cli_prune_then_int8_on_the_demo_model_in_one_budget(tmp_path: Path, mon
         acc[name] = float(np.mean(np.argmax(sess.run(None, {"image": x})[0], 1) == labels))
     assert acc["source"] - acc["written"] <= 0.02
     assert f"prune: {len(pruned)} layer(s) changed" in res.output
+
+
+def test_three_methods_compose_in_order_prune_factorize_quantize(tmp_path: Path, monkeypatch) -> None:
+    import json
+
+    from typer.testing import CliRunner
+
+    from onnxopt.cli import app
+    from onnxopt.lossy import driver, factorization
+
+    assert [m.step for m in resolve_methods(["int8", "factorize:0.5", "prune:0.3"])] == [
+        "prune", "factorize", "quantize"]
+    assert factorization(0.5).levels == (1.0, 0.75, 0.5, 0.25)
+
+    def measure(models: Any, feeds: Any) -> dict[str, Latency]:  # each later step faster
+        return {k: Latency(1.0 / (1 + k.count("+") + (k != "float")), 1, 1, 1, 1, "fake") for k in models}
+
+    monkeypatch.setattr(driver, "default_measure", lambda *_: measure)
+    root = Path(__file__).resolve().parents[1]
+    report = tmp_path / "r.json"
+    res = CliRunner().invoke(app, ["optimize", str(root / "models" / "digits_cnn.onnx"), "--prune", "0.3",
+                                   "--factorize", "0.5", "--quantize", "int8", "--data",
+                                   str(root / "models" / "digits_val.npz"), "-o", str(tmp_path / "o.onnx"),
+                                   "--report", str(report)])
+    assert res.exit_code == 0, res.output
+    payload = json.loads(report.read_text())
+    assert [s["step"] for s in payload["steps"]] == ["prune", "factorize", "quantize"]
+    assert payload["method"] == "prune 0.3 + factorize 0.5 + int8"
+    applied = [s["step"] for s in payload["steps"] if s["applied"]]
+    # the written model is the composition of every applied step, in order
+    assert payload["written"] == "compressed"
+    assert payload["reason"].startswith(" + ".join(
+        next(c["label"] for c in payload["candidates"] if c["step"] == step and c["verdict"].startswith(
+            ("written", "within budget"))) for step in applied))

@@ -13,7 +13,7 @@ The parts, each in its own module:
 
 from onnxopt.lossy.budget import DEFAULT_MAX_ACCURACY_DROP, DEFAULT_MIN_COSINE, DEFAULT_MIN_TOP1
 from onnxopt.lossy.driver import Candidate, CompressResult, StepReport, compress, resolve_methods
-from onnxopt.lossy.methods import QUANTIZERS, Method, pruning
+from onnxopt.lossy.methods import QUANTIZERS, Method, factorization, pruning
 
 __all__ = [
     "DEFAULT_MAX_ACCURACY_DROP",
@@ -25,6 +25,7 @@ __all__ = [
     "Method",
     "StepReport",
     "compress",
+    "factorization",
     "pruning",
     "resolve_methods",
 ]

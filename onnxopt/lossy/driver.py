@@ -46,7 +46,15 @@ from onnxopt.lossy.budget import (
     Budget,
     error_of,
 )
-from onnxopt.lossy.methods import FLOAT, QUANTIZERS, STEP_ORDER, Method, pruning, uniform_level
+from onnxopt.lossy.methods import (
+    FLOAT,
+    QUANTIZERS,
+    STEP_ORDER,
+    Method,
+    factorization,
+    pruning,
+    uniform_level,
+)
 from onnxopt.lossy.verdict import LATENCY_FEEDS, MIN_SPEEDUP, Measure, decide, default_measure
 from onnxopt.manager import DEFAULT_LEVEL, PassManager, PipelineReport, instantiate, resolve
 from onnxopt.runtime import run, session
@@ -153,9 +161,11 @@ def resolve_methods(method: str | Method | Sequence[str | Method],
             m = QUANTIZERS[item]
         elif item.startswith("prune:"):
             m = pruning(float(item.split(":", 1)[1]))
+        elif item.startswith("factorize:"):
+            m = factorization(float(item.split(":", 1)[1]))
         else:
-            raise OnnxoptError(f"unknown lossy method '{item}'; choose one of {', '.join(QUANTIZERS)} "
-                               "or prune:FRACTION")
+            raise OnnxoptError(f"unknown lossy method '{item}'; choose one of {', '.join(QUANTIZERS)}, "
+                               "prune:FRACTION or factorize:FRACTION")
         if pass_options:
             m = dataclasses.replace(m, base_options={**m.base_options, **pass_options})
         out.append(m)
@@ -212,7 +222,8 @@ def compress(
             file is over budget against the source; nothing is written.
     """
     methods = resolve_methods(method, pass_options)
-    label = " + ".join(m.name if m.step != "prune" else f"prune {m.target:g}" for m in methods)
+    label = " + ".join(m.name if m.step == "quantize" else
+                       f"{m.step} {m.target if m.target is not None else m.uniform:g}" for m in methods)
     if not bench and not force:
         raise OnnxoptError("--no-bench: the latency verdict decides whether the compressed model is "
                            "kept; add --force to write it without measuring")
@@ -230,7 +241,8 @@ def compress(
         needs = ", ".join(m.pass_name for m in methods if m.min_opset == min_opset)
         notes.append(f"upgraded the model from opset {opset_of(model)} to {min_opset} ({needs} needs it)")
         model = upgrade_opset(model, min_opset)
-    fits = any(m.needs_calibration or m.step == "prune" for m in methods)
+    # pruning and factorization refit weights on calibration data: it must not also evaluate
+    fits = any(m.needs_calibration or m.step in ("prune", "factorize") for m in methods)
     calib, evaluation, warnings, input_notes = _datasets(
         model, src, fits, calibration_data, eval_data, input_shapes, seed)
     notes += input_notes
@@ -298,7 +310,8 @@ def compress(
         result.steps.append(report)
         if step_model is not None and step_cand is not None:
             base = step_model
-            finished.append((" + ".join([*(f[0] for f in finished), step_cand.label]), base, step_cand))
+            so_far = f"{finished[-1][0]} + " if finished else ""  # the name says every step applied
+            finished.append((so_far + step_cand.label, base, step_cand))
     for cand in result.candidates[1:]:
         cand.verdict = "within budget, not chosen" if cand.within_budget else "over budget"
 
@@ -401,6 +414,8 @@ def _run_step(
     first_options = dict(m.base_options)
     if m.step == "prune":
         first_options.update(ratio=m.target)
+    elif m.step == "factorize":
+        first_options.update(rank_fraction=m.uniform)
     model0, notes0 = build(first_options)
     layers = m.layers_of(notes0)
     report = StepReport(m.name, m.step, m.knob, {}, m.skipped_of(notes0))
@@ -418,6 +433,9 @@ def _run_step(
         if m.step == "quantize":
             k = len(floats(assignment))
             return m.name + (f", {k} layer{'s' if k > 1 else ''} in float" if k else "")
+        if m.step == "factorize":
+            changed = [float(v) for k, v in assignment.items() if float(v) < 1.0]
+            return f"factorize, {len(changed)} layer{'s' if len(changed) != 1 else ''} at low rank"
         removed = _removed_share(layers, assignment)
         return f"prune, {removed:.0%} of channels removed"
 

@@ -37,6 +37,7 @@ class Method:
     # a target caps how much of the step's layers the allocation may change (prune 0.3: at most
     # 30% of the prunable channels removed); None: as much as the budget allows
     target: float | None = None
+    uniform: Any = None  # the level of the first candidate, when it is not the target's or ``full``
 
     @property
     def identity(self) -> Any:
@@ -53,6 +54,8 @@ class Method:
     def describe(self, level: Any) -> str:
         if self.step == "prune":
             return f"keep {float(level):.0%}"
+        if self.step == "factorize":
+            return f"rank {float(level):.0%}"
         return str(level)
 
 
@@ -120,8 +123,38 @@ def pruning(target: float, criterion: str = "l1") -> Method:
                   {"criterion": criterion}, 1, False, target)
 
 
+# ---- low-rank factorization: per layer, the fraction of full rank kept
+
+
+def _factorize_options(assignment: Mapping[str, Any], layers: Mapping[str, Any]) -> dict[str, Any]:
+    # every layer named: 1.0 (full rank) is declined by the pass, so it stays as it is
+    keep = {name: float(assignment.get(name, 1.0)) for name in layers}
+    return {"keep": json.dumps(keep, sort_keys=True)}
+
+
+def _factorized_layers(notes: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    return {k: dict(v) for k, v in notes.get("layers", {}).items()}
+
+
+def factorization(fraction: float) -> Method:
+    """``--factorize fraction``: MatMul/Gemm/Conv weights through a rank of ``fraction`` of full rank.
+
+    The first candidate factorizes every layer at ``fraction``; the allocation may keep a
+    sensitive layer at full rank, give it 1.5x the rank, or halve the rank of a robust one.
+    """
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f"factorize fraction {fraction} must be between 0 and 1")
+    levels = sorted({1.0, round(min(0.9, 1.5 * fraction), 4), round(fraction, 4),
+                     round(max(0.05, fraction / 2), 4)}, reverse=True)
+    return Method("factorize", "factorize", "factorize-lowrank", "fraction of rank", tuple(levels),
+                  _factorize_options, _factorized_layers, _quantize_skipped, {}, 1, False,
+                  None, round(fraction, 4))
+
+
 def uniform_level(method: Method) -> Any:
     """The level of the method's first candidate: every layer at the target (or fully lossy)."""
+    if method.uniform is not None:
+        return method.uniform
     if method.target is not None:
         return round(1 - method.target, 4)
     return method.full
