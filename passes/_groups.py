@@ -131,6 +131,7 @@ class Group:
     frozen: str | None = None
     detail: str = ""
     chunks: int = 1  # the channels split into this many equal parts that lose equal counts
+    heads: HeadBlock | None = None  # an attention head group: its channels are heads
 
     @property
     def params(self) -> int:
@@ -139,6 +140,424 @@ class Group:
     @property
     def macs(self) -> int:
         return round(sum(m.macs_per_channel for m in self.members) * self.channels)
+
+
+# ---- attention heads: matched as blocks before the walk ----
+
+@dataclasses.dataclass(frozen=True)
+class HeadBlock:
+    """How a head group's shapes are rewritten: the Reshapes that split the projections into
+    ``[..., (parts,) heads, head_dim]`` and the one that merges the heads back, and the
+    tensors in between whose shapes change."""
+
+    heads: int
+    head_dim: int
+    # (Reshape output, parts: 3 for a fused QKV, leading dims kept): [*lead, (parts,) H, dh]
+    splits: tuple[tuple[str, int, int], ...]
+    merge: tuple[str, int]  # (Reshape output, leading dims kept): [*lead, H*dh]
+    interior: tuple[str, ...]  # activations whose shapes change
+
+
+@dataclasses.dataclass(eq=False)
+class _Source:
+    """A projection ``MatMul(x, W[D, parts*H*dh]) (+ bias)`` split into heads by a Reshape."""
+
+    matmul: gs.Node
+    add: gs.Node | None
+    split: gs.Node
+    parts: int
+    heads: int
+    head_dim: int
+
+
+@dataclasses.dataclass(eq=False)
+class _Block:
+    sources: list[_Source]
+    nodes: list[gs.Node]  # data nodes between the splits and the merge (splits included)
+    exits: list[tuple[gs.Node, gs.Tensor]] = dataclasses.field(default_factory=list)
+    reason: str | None = None
+    detail: str = ""
+    merge: gs.Node | None = None
+    out_proj: gs.Node | None = None
+
+
+# element-wise ops that may sit between the splits and the merge (scaling, masking)
+_HEAD_BINARY = frozenset({"Add", "Sub", "Mul", "Div", "Where", "Pow", "Max", "Min"})
+_HEAD_UNARY = frozenset({"IsNaN", "Cast", "Dropout", "Identity", "Not", "Neg", "Exp", "Relu",
+                         "Tanh", "Sigmoid", "Erf", "Sqrt", "Abs"})
+_Dim = tuple[str, int]  # (tensor name, axis counted from the end): a dim read with Shape
+
+
+def _shape_expr(t: gs.Tensor, depth: int = 0) -> list[int | _Dim] | None:
+    """The elements of a 1-D shape tensor: ints and ``(tensor, axis)`` dims read with Shape,
+    through Gather/Slice/Concat/Unsqueeze/Squeeze/Cast/Reshape (what exporters emit); None
+    when it cannot be followed."""
+    value = constant_value(t)
+    if value is not None:
+        return [int(v) for v in value.reshape(-1)]
+    if depth > 12 or len(t.inputs) != 1:
+        return None
+    n = t.inputs[0]
+    if n.op == "Shape":
+        rank = _rank(n.inputs[0])
+        if rank is None:
+            return None
+        lo, hi = _clamp_range(int(n.attrs.get("start", 0)), int(n.attrs.get("end", rank)), rank)
+        return [(n.inputs[0].name, i - rank) for i in range(lo, hi)]  # axes from the end
+    if n.op in ("Unsqueeze", "Squeeze", "Cast", "Identity", "Reshape"):
+        return _shape_expr(n.inputs[0], depth + 1)
+    if n.op == "Concat":
+        out: list[int | _Dim] = []
+        for i in n.inputs:
+            part = _shape_expr(i, depth + 1)
+            if part is None:
+                return None
+            out.extend(part)
+        return out
+    if n.op == "Gather" and int(n.attrs.get("axis", 0)) == 0:
+        data, idx = _shape_expr(n.inputs[0], depth + 1), constant_value(n.inputs[1])
+        if data is None or idx is None:
+            return None
+        return [data[int(i)] for i in idx.reshape(-1)]
+    if n.op == "Slice":
+        data, spec = _shape_expr(n.inputs[0], depth + 1), slice_spec(n)
+        if data is None or spec is None or spec[2] != [0] or spec[3] != [1]:
+            return None
+        lo, hi = _clamp_range(spec[0][0], spec[1][0], len(data))
+        return data[lo:hi]
+    return None
+
+
+def _projection(x: gs.Tensor) -> tuple[gs.Node, gs.Node | None] | None:
+    """The MatMul with a constant 2-D weight (and its constant bias Add) producing ``x``."""
+    if len(x.inputs) != 1:
+        return None
+    p = x.inputs[0]
+    add = None
+    if p.op == "Add" and is_default_domain(p):
+        consts = [i for i in p.inputs if constant_value(i) is not None]
+        acts = [i for i in p.inputs if constant_value(i) is None]
+        if len(consts) != 1 or len(acts) != 1 or len(acts[0].inputs) != 1:
+            return None
+        add, p = p, acts[0].inputs[0]
+    if p.op != "MatMul" or not is_default_domain(p):
+        return None
+    w = constant_value(p.inputs[1])
+    if w is None or w.ndim != 2 or constant_value(p.inputs[0]) is not None:
+        return None
+    return p, add
+
+
+def _head_source(node: gs.Node) -> _Source | None:
+    """A Reshape ``[..., parts*H*dh] -> [..., (parts,) H, dh]`` of a projection's output."""
+    x = node.inputs[0]
+    proj = _projection(x)
+    rank = _rank(x)
+    target = _shape_expr(node.inputs[1]) if len(node.inputs) > 1 else None
+    if proj is None or rank is None or target is None:
+        return None
+    w = constant_value(proj[0].inputs[1])
+    assert w is not None
+    n = int(w.shape[1])
+    extra = len(target) - rank
+    dh = target[-1]
+    if extra not in (1, 2) or not isinstance(dh, int) or dh <= 0 or n % dh:
+        return None
+    parts = 1
+    if extra == 2:
+        p = target[-3]
+        if not isinstance(p, int) or p <= 0:
+            return None
+        parts = p
+    if n % (parts * dh):
+        return None
+    h = n // (parts * dh)
+    if isinstance(target[-2], int) and target[-2] not in (-1, h):
+        return None
+    lead = target[:rank - 1]
+    if sum(1 for v in target if v == -1) > 1 or (
+            -1 in lead and target[-2] == -1) or (0 in lead and int(node.attrs.get("allowzero", 0))):
+        return None
+    return _Source(proj[0], proj[1], node, parts, h, dh)
+
+
+def match_heads(graph: gs.Graph) -> tuple[list[_Block], list[_Block]]:
+    """Attention blocks over the main graph: (accepted, declined with a reason).
+
+    A block is found from the Reshapes that split a projection into heads, extended forward
+    over every node that reads its tensors (a Shape read is fine: it adapts), up to the
+    MatMul with a constant weight that reads the merged heads (the output projection).
+    Blocks whose closures meet (Q, K and V meet at the two attention MatMuls) are one block.
+    """
+    sources = [s for n in graph.nodes if n.op == "Reshape" and is_default_domain(n)
+               and (s := _head_source(n)) is not None]
+    owner: dict[int, int] = {}  # node id -> block index (union-find over blocks)
+    parent = list(range(len(sources)))
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    closures: list[dict[int, gs.Node]] = []
+    exits: list[list[tuple[gs.Node, gs.Tensor]]] = []
+    outputs: list[bool] = []
+    for i, s in enumerate(sources):
+        seen: dict[int, gs.Node] = {id(s.split): s.split}
+        ex: list[tuple[gs.Node, gs.Tensor]] = []
+        stack = list(s.split.outputs)
+        out = False
+        while stack:
+            t = stack.pop()
+            out |= is_graph_output(graph, t)
+            for c in t.outputs:
+                if c.op == "Shape" or id(c) in seen:
+                    continue
+                if (c.op == "MatMul" and c.inputs[0] is t and constant_value(c.inputs[1]) is not None):
+                    if not any(e[0] is c for e in ex):
+                        ex.append((c, t))
+                    continue
+                seen[id(c)] = c
+                stack.extend(c.outputs)
+        closures.append(seen)
+        exits.append(ex)
+        outputs.append(out)
+        for nid in seen:
+            if nid in owner:
+                a, b = find(owner[nid]), find(i)
+                if a != b:
+                    parent[max(a, b)] = min(a, b)
+            else:
+                owner[nid] = i
+    order = {id(n): k for k, n in enumerate(graph.nodes)}
+    blocks: dict[int, _Block] = {}
+    for i, s in enumerate(sources):
+        r = find(i)
+        b = blocks.setdefault(r, _Block([], []))
+        b.sources.append(s)
+        have = {id(n) for n in b.nodes}
+        b.nodes.extend(n for k, n in closures[i].items() if k not in have)
+        for e in exits[i]:
+            if not any(x[0] is e[0] for x in b.exits):
+                b.exits.append(e)
+        if outputs[i] and b.reason is None:
+            b.reason, b.detail = "attention-graph-output", s.split.name
+    for b in blocks.values():
+        b.nodes.sort(key=lambda n: order[id(n)])
+        if b.reason is None:
+            _check_block(graph, b)
+    done = list(blocks.values())
+    return [b for b in done if b.reason is None], [b for b in done if b.reason is not None]
+
+
+def _check_block(graph: gs.Graph, b: _Block) -> None:  # noqa: C901 (one rule per op)
+    def decline(reason: str, detail: str) -> None:
+        b.reason, b.detail = f"attention-{reason}", detail
+
+    s0 = b.sources[0]
+    h, dh = s0.heads, s0.head_dim
+    if any((s.heads, s.head_dim) != (h, dh) for s in b.sources):
+        decline("head-mismatch", ", ".join(f"{s.split.name}: {s.heads}x{s.head_dim}"
+                                           for s in b.sources))
+        return
+    for s in b.sources:
+        x = s.split.inputs[0]
+        mm_out = s.matmul.outputs[0]
+        if len(x.outputs) != 1 or (s.add is not None and len(mm_out.outputs) != 1):
+            decline("shared-projection", s.matmul.name)
+            return
+        w_t = s.matmul.inputs[1]
+        if len(w_t.outputs) != 1:
+            decline("shared-weight", w_t.name)
+            return
+        if s.add is not None:
+            bias_t = next(i for i in s.add.inputs if constant_value(i) is not None)
+            bias = constant_value(bias_t)
+            assert bias is not None
+            if len(bias_t.outputs) != 1:
+                decline("shared-weight", bias_t.name)
+                return
+            if bias.ndim != 1 or bias.shape[0] != s.parts * h * dh:
+                decline("broadcast", bias_t.name)
+                return
+    if len(b.exits) != 1:
+        decline("no-output-projection" if not b.exits else "several-outputs",
+                ", ".join(e[0].name for e in b.exits) or s0.split.name)
+        return
+    out_proj, merged = b.exits[0]
+    w_o = constant_value(out_proj.inputs[1])
+    assert w_o is not None
+    if w_o.ndim != 2 or w_o.shape[0] != h * dh or len(out_proj.inputs[1].outputs) != 1:
+        decline("output-projection", out_proj.name)
+        return
+    if len(merged.inputs) != 1 or merged.inputs[0].op != "Reshape" or len(merged.outputs) != 1:
+        decline("merge", out_proj.name)
+        return
+    b.merge, b.out_proj = merged.inputs[0], out_proj
+    # the head axis (and the QKV part axis), counted from the end, of every tensor inside
+    axes: dict[str, tuple[int | None, int | None]] = {}
+    splits = {id(s.split): s for s in b.sources}
+    inside = {id(n) for n in b.nodes}
+    for n in b.nodes:
+        ins = [axes.get(t.name) for t in n.inputs]
+        why = _propagate(n, ins, axes, splits, h, dh, n is b.merge)
+        if why is not None:
+            decline(why, f"{n.op} {n.name}")
+            return
+    for n in b.nodes:
+        for o in n.outputs:
+            if any(id(c) not in inside and c.op != "Shape" and c is not out_proj
+                   for c in o.outputs):
+                decline("escape", o.name)
+                return
+
+
+def _propagate(n: gs.Node, ins: list[tuple[int | None, int | None] | None],
+               axes: dict[str, tuple[int | None, int | None]], splits: Mapping[int, _Source],
+               h: int, dh: int, is_merge: bool) -> str | None:
+    """Set the head axis of ``n``'s outputs; a reason when ``n`` mixes or hard-codes heads."""
+    out = n.outputs[0]
+    if id(n) in splits:
+        axes[out.name] = (-2, -3 if splits[id(n)].parts > 1 else None)
+        return None
+    state = ins[0]
+    if state is None and n.op not in _HEAD_BINARY:
+        return "op"
+    if is_merge:
+        rank = _rank(n.inputs[0])
+        if state != (-2, None) or rank is None or rank < 3:
+            return "merge"
+        target = _shape_expr(n.inputs[1])
+        if target is None or len(target) != rank - 1 or int(n.attrs.get("allowzero", 0)) and (
+                0 in target[:-1]):
+            return "merge"
+        return None
+    if n.op == "Transpose":
+        rank = _rank(n.inputs[0])
+        if rank is None:
+            return "unknown-shape"
+        perm = list(n.attrs.get("perm", list(range(rank - 1, -1, -1))))
+        head, part = state
+        def move(a: int | None) -> int | None:
+            return None if a is None else perm.index(rank + a) - rank
+        axes[out.name] = (move(head), move(part))
+        return None
+    if n.op == "Gather":
+        head, part = state
+        idx = constant_value(n.inputs[1])
+        rank = _rank(n.inputs[0])
+        axis = int(n.attrs.get("axis", 0))
+        if rank is None or idx is None or idx.ndim != 0 or part is None or axis - rank != part:
+            return "gather"
+        assert head is not None
+        axes[out.name] = (head + 1 if head > part else head, None)
+        return None
+    if n.op in _HEAD_UNARY:
+        axes[out.name] = state
+        if n.op == "Dropout" and len(n.outputs) > 1 and n.outputs[1].outputs:
+            return "op"
+        return None
+    if n.op in ("Softmax", "LogSoftmax"):
+        head = state[0]
+        rank = _rank(n.inputs[0])
+        axis = int(n.attrs.get("axis", -1))  # opset 13 default; older exports name it
+        if head is None or state[1] is not None or rank is None or axis not in (-1, rank - 1):
+            return "softmax"
+        axes[out.name] = state
+        return None
+    if n.op == "MatMul":
+        if ins[0] is None or ins[1] is None or ins[0] != ins[1] or ins[0][1] is not None:
+            return "matmul"
+        head = ins[0][0]
+        if head is None or head > -3:
+            return "matmul"
+        axes[out.name] = ins[0]
+        return None
+    if n.op in _HEAD_BINARY:
+        known = [s for s in ins if s is not None]
+        if not known or any(s != known[0] for s in known) or known[0][1] is not None:
+            return "elementwise"
+        head = known[0][0]
+        for t, s in zip(n.inputs, ins, strict=True):
+            if s is not None:
+                continue
+            value = constant_value(t)
+            shape = list(value.shape) if value is not None else t.shape
+            if shape is None:
+                return "unknown-shape"
+            if value is None and head is not None and len(shape) >= -head and not isinstance(
+                    shape[len(shape) + head], int):
+                # a mask whose dims inference left symbolic ([B, 1, S, S] built by Expand)
+                if not _head_free(t, h):
+                    return "broadcast"
+                continue
+            if head is None:
+                if math.prod(d if isinstance(d, int) else 2 for d in shape) != 1:
+                    return "broadcast"
+                continue
+            if len(shape) >= -head and shape[len(shape) + head] != 1:
+                return "broadcast"  # e.g. a per-head bias: not sliced yet
+        axes[out.name] = known[0]
+        return None
+    if n.op == "Reshape":
+        return _propagate_reshape(n, state, axes)
+    return "op"
+
+
+def _head_free(t: gs.Tensor, h: int, limit: int = 400) -> bool:
+    """No float constant with a dim of ``h`` among ``t``'s ancestors: it cannot hold one
+    value per head (a per-head bias would), so it broadcasts along the heads."""
+    stack, seen = [t], set()
+    while stack and len(seen) < limit:
+        x = stack.pop()
+        if x.name in seen:
+            continue
+        seen.add(x.name)
+        value = constant_value(x)
+        if value is not None:
+            if np.issubdtype(value.dtype, np.floating) and h > 1 and h in value.shape:
+                return False
+            continue
+        for n in x.inputs:
+            stack.extend(n.inputs)
+    return not stack
+
+
+def _propagate_reshape(n: gs.Node, state: tuple[int | None, int | None],
+                       axes: dict[str, tuple[int | None, int | None]]) -> str | None:
+    """A Reshape between the split and the merge must adapt to the head count by itself: it
+    keeps the head axis (``-1`` or a Shape read in its place), folds it into a leading ``-1``
+    with the batch, or restores it from a Shape read of a tensor inside."""
+    out = n.outputs[0]
+    rank = _rank(n.inputs[0])
+    target = _shape_expr(n.inputs[1])
+    head, part = state
+    if rank is None or target is None or part is not None:
+        return "reshape"
+
+    def is_head(v: int | _Dim) -> bool:
+        if isinstance(v, int):
+            return False
+        s = axes.get(v[0])
+        return s is not None and s[0] is not None and v[1] == s[0]
+
+    if head is not None:
+        a = rank + head
+        if len(target) == rank and (target[a] == -1 or is_head(target[a])) and not any(
+                is_head(v) for i, v in enumerate(target) if i != a):
+            axes[out.name] = (head, None)
+            return None
+        if len(target) == rank - 1 and a == 1 and target[0] == -1 and not any(
+                is_head(v) for v in target):
+            axes[out.name] = (None, None)  # [B, H, ...] -> [B*H, ...]
+            return None
+        return "reshape"
+    heads = [i for i, v in enumerate(target) if is_head(v)]
+    if len(heads) == 1 and -1 not in target:
+        axes[out.name] = (heads[0] - len(target), None)
+        return None
+    return "reshape"
 
 
 class _Builder:
@@ -248,7 +667,19 @@ class _Builder:
 
     # ---- the walk ----
     def run(self) -> list[Group]:
+        blocks, declined = match_heads(self.graph)
+        self.head_skip = {id(n) for b in blocks for n in b.nodes} | {
+            id(s.add) for b in blocks for s in b.sources if s.add is not None}
+        self.head_proj = {id(s.matmul): b for b in blocks for s in b.sources}
+        self.head_declined = {id(s.split): b for b in declined for s in b.sources}
+        self.head_gid: dict[int, int] = {}
+        self.heads: dict[int, HeadBlock] = {}
         for node in self.graph.nodes:
+            if id(node) in self.head_skip:
+                continue
+            if id(node) in self.head_proj:
+                self.head_projection(node, self.head_proj[id(node)])
+                continue
             ins = [self.layout.get(t.name) for t in node.inputs]
             if node_subgraphs(node):
                 self.freeze_inputs(node, "subgraph")
@@ -301,8 +732,74 @@ class _Builder:
                 continue
             fr = self.frozen[r]
             out.append(Group(self.keys[r], self.channels[r], list(self.members[r]),
-                             fr[0] if fr else None, fr[1] if fr else "", self.chunks[r]))
+                             fr[0] if fr else None, fr[1] if fr else "", self.chunks[r],
+                             self.heads.get(r)))
         return out
+
+    # ---- attention heads ----
+    def head_projection(self, node: gs.Node, block: _Block) -> None:
+        """A Q/K/V projection of a matched block: its rows read the input channels (as any
+        MatMul's); its columns belong to the block's head group."""
+        w_t = node.inputs[1]
+        w = constant_value(w_t)
+        assert w is not None
+        lx = self.layout.get(node.inputs[0].name)
+        if lx is not None:
+            if lx.axis != -1 or lx.positions != w.shape[0]:
+                self.freeze(lx, "unknown-op", f"MatMul {node.name} reads a non-channel axis")
+            else:
+                self.add_members(lx, w_t, 0, "weight-in", node, float(w.size),
+                                 float(w.size) * _rows(node.outputs[0]))
+        if id(block) not in self.head_gid:
+            self.head_gid[id(block)] = self.head_group(block)
+
+    def head_group(self, block: _Block) -> int:
+        """One group whose channels are the block's heads, each ``head_dim`` wide: the Q/K/V
+        columns and biases, the output projection's rows."""
+        out_proj, merge = block.out_proj, block.merge
+        assert out_proj is not None and merge is not None
+        s0 = block.sources[0]
+        h, dh = s0.heads, s0.head_dim
+        gid = self.new_group(f"{out_proj.name or out_proj.outputs[0].name}:heads", h)
+        members = self.members[gid]
+        for s in block.sources:
+            w_t = s.matmul.inputs[1]
+            w = constant_value(w_t)
+            assert w is not None
+            k, rows = int(w.shape[0]), _rows(s.matmul.outputs[0])
+            bias_t = None if s.add is None else next(
+                i for i in s.add.inputs if constant_value(i) is not None)
+            acts = [(s.matmul.outputs[0], s.matmul)]
+            if s.add is not None:
+                acts.append((s.add.outputs[0], s.add))
+            for p in range(s.parts):
+                off = p * h * dh
+                members.append(Member(w_t.name, 1, off, 0, h, dh, "weight-out", s.matmul.name,
+                                      params_per_channel=k * dh, macs_per_channel=k * dh * rows))
+                if bias_t is not None and s.add is not None:
+                    members.append(Member(bias_t.name, 0, off, 0, h, dh, "bias", s.add.name,
+                                          params_per_channel=dh))
+                for t, n in acts:
+                    rank = _rank(t)
+                    if rank is not None:
+                        members.append(Member(t.name, rank - 1, off, 0, h, dh, "activation",
+                                              n.name))
+        w_o = constant_value(out_proj.inputs[1])
+        assert w_o is not None
+        d_out, rows = int(w_o.shape[1]), _rows(out_proj.outputs[0])
+        members.append(Member(out_proj.inputs[1].name, 0, 0, 0, h, dh, "weight-in", out_proj.name,
+                              params_per_channel=dh * d_out, macs_per_channel=dh * d_out * rows))
+        merged = merge.outputs[0]
+        rank = _rank(merged)
+        if rank is not None:
+            members.append(Member(merged.name, rank - 1, 0, 0, h, dh, "activation", merge.name))
+        self.heads[gid] = HeadBlock(
+            h, dh,
+            tuple((s.split.outputs[0].name, s.parts, (_rank(s.split.inputs[0]) or 1) - 1)
+                  for s in block.sources),
+            (merged.name, (_rank(merged) or 1) - 1),
+            tuple(o.name for n in block.nodes for o in n.outputs))
+        return gid
 
     # ---- sources: ops that create channels ----
     def source(self, node: gs.Node) -> None:
@@ -636,6 +1133,10 @@ class _Builder:
     def op_Reshape(self, node: gs.Node) -> None:  # noqa: N802
         x = node.inputs[0]
         lx = self.layout[x.name]
+        if id(node) in self.head_declined:  # splits a projection into heads: not matched
+            block = self.head_declined[id(node)]
+            self.freeze(lx, block.reason or "attention", block.detail)
+            return
         target = constant_value(node.inputs[1]) if len(node.inputs) > 1 else None
         shape = x.shape
         if target is None or shape is None:
@@ -889,11 +1390,31 @@ def remove_channels(graph: gs.Graph, groups: Sequence[Group],
             node.attrs["group"] = int(w.shape[0])
         elif node.inputs and node.inputs[0].name in act_removed:
             _fix_node(node, act_removed, names, opset)
+    producer = {o.name: n for n in graph.nodes for o in n.outputs}
+    for g in groups:
+        gone = len(removed.get(g.key, ()))
+        if g.heads is None or not gone:
+            continue
+        hb, kept = g.heads, g.heads.heads - gone
+        for out, parts, lead in hb.splits:
+            _set_target(producer[out], [0] * lead + ([parts] if parts > 1 else [])
+                        + [kept, hb.head_dim], names)
+        _set_target(producer[hb.merge[0]], [0] * hb.merge[1] + [kept * hb.head_dim], names)
+        for name in hb.interior:
+            act_removed.setdefault(name, (-1, np.zeros(0, np.int64)))
     for name in act_removed:
         t = tensors[name]
         if not isinstance(t, gs.Constant) and not is_graph_output(graph, t):
             t.shape = None
     return set(act_removed)
+
+
+def _set_target(node: gs.Node, target: list[int], names: NameGenerator) -> None:
+    """A Reshape's target becomes a constant (``0`` copies the input's dim, so the batch and
+    sequence stay dynamic); the Shape/Concat chain that computed it is left to cleanup."""
+    node.attrs["allowzero"] = 0
+    node.inputs[1] = make_constant(names.fresh(f"{node.name or 'reshape'}_heads"),
+                                   np.asarray(target, dtype=np.int64))
 
 
 def _cut_grouped_in(w: np.ndarray, pos: np.ndarray, groups: int) -> np.ndarray:
