@@ -525,7 +525,16 @@ def _machine() -> str:
         mem = f", {kb / 2**20:.0f} GiB RAM"
     except (OSError, StopIteration, ValueError):
         pass
-    return f"{cpu}, {os.cpu_count()} cores{mem}, {platform.system()} {platform.release()}"
+    flags = ""
+    try:  # the instruction sets the int8 and float kernels pick from
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+        have = set(next((ln.split(":", 1)[1].split() for ln in out.splitlines() if ln.startswith("Flags:")), []))
+        picked = [f for f in ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "avx512_bf16",
+                              "amx_int8") if f in have]
+        flags = f" (lscpu flags: {' '.join(picked) or 'none of avx2/avx512/vnni'})" if have else ""
+    except (OSError, subprocess.CalledProcessError):
+        pass
+    return f"{cpu}{flags}, {os.cpu_count()} cores{mem}, {platform.system()} {platform.release()}"
 
 
 def _ms(lat: Any, field: str) -> str:
@@ -552,6 +561,7 @@ def render(rows: list[Row], workloads: list[Workload], meta: dict[str, Any], thr
         f"start, {meta['load_end']} at the end)",
         "- versions: " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()),
         f"- command: `{meta['command']}`",
+        *([f"- PARTIAL: written while running, {meta['partial']}"] if meta.get("partial") else []),
         f"- total time: {meta['seconds'] / 60:.1f} min; up to {meta['repeats']} interleaved repetitions per "
         "variant and thread count (at most 60 s each)", "",
         "Latency: milliseconds per inference at batch 1, median and p90, all onnxruntime graph optimizations on; "
@@ -702,6 +712,16 @@ def main(argv: list[str] | None = None) -> int:
             continue
         workloads.append(w)
         rows += bench_model(w, names, variants, repeats, threads, say)
+        if len(workloads) < len(models):  # a run stopped half-way still leaves what it measured
+            write(rows, workloads, args, argv, start, repeats, threads, load_start,
+                  partial=f"{len(workloads)} of {len(models)} models so far")
+    write(rows, workloads, args, argv, start, repeats, threads, load_start)
+    say(f"wrote {args.out}")
+    return 0
+
+
+def write(rows: list[Row], workloads: list[Workload], args: argparse.Namespace, argv: list[str] | None,
+          start: float, repeats: int, threads: Sequence[int], load_start: str, partial: str = "") -> None:
     meta = {
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": _machine(), "versions": _versions(), "load_start": load_start,
@@ -709,12 +729,12 @@ def main(argv: list[str] | None = None) -> int:
         "command": " ".join(["python bench/run.py", *map(shlex.quote, argv if argv is not None else sys.argv[1:])]),
         "seconds": time.perf_counter() - start, "repeats": repeats,
     }
+    if partial:
+        meta["partial"] = partial
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(render(rows, workloads, meta, threads))
     args.out.with_suffix(".json").write_text(json.dumps(
         {"meta": meta, "rows": [r.to_dict() for r in rows]}, indent=1, default=str))
-    say(f"wrote {args.out}")
-    return 0
 
 
 if __name__ == "__main__":
