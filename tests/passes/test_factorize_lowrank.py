@@ -28,7 +28,8 @@ def _run(model: onnx.ModelProto, spec: str = PASS, calibration: list | None = No
 
 def _low_rank(k: int, n: int, r: int, seed: int = 0) -> np.ndarray:
     rng = np.random.default_rng(seed)
-    return (rng.standard_normal((k, r)) @ rng.standard_normal((r, n)) / np.sqrt(k)).astype(np.float32)
+    w = rng.standard_normal((k, r)) @ rng.standard_normal((r, n)) / np.sqrt(k)
+    return w.astype(np.float32)
 
 
 def _inits(model: onnx.ModelProto) -> dict[str, np.ndarray]:
@@ -100,12 +101,14 @@ def test_true_rank_weight_is_reproduced(opset: int, calibrated: bool) -> None:
                              calibration=feeds if calibrated else None)
     assert stats == {"factorized": 1}
     layer = notes["layers"]["fc"]
-    assert layer["rank"] == 8 and layer["full_rank"] == 48
+    assert layer["rank"] == 8
+    assert layer["full_rank"] == 48
     assert layer["method"] == ("activation" if calibrated else "svd")
     assert op_histogram(out) == {"MatMul": 2}
     _assert_close(model, out, _feeds((4, 64), seed=9), 1e-5)
     a, b, _ = _factors(out)
-    assert a.shape == (64, 8) and b.shape == (8, 48)
+    assert a.shape == (64, 8)
+    assert b.shape == (8, 48)
     np.testing.assert_allclose(a @ b, w, atol=1e-5 * np.abs(w).max())
     # parameters: counted from the initializers, against K*N and r*(K+N)
     assert _params(model) == 64 * 48 == layer["params_before"]
@@ -114,7 +117,7 @@ def test_true_rank_weight_is_reproduced(opset: int, calibrated: bool) -> None:
 
 
 def test_true_rank_found_by_energy() -> None:
-    out, stats, notes = _run(_matmul(_low_rank(64, 64, 16), [2, 64]), f"{PASS}:energy=0.999999")
+    out, _stats, notes = _run(_matmul(_low_rank(64, 64, 16), [2, 64]), f"{PASS}:energy=0.999999")
     assert notes["layers"]["fc"]["rank"] == 16
     _assert_close(_matmul(_low_rank(64, 64, 16), [2, 64]), out, _feeds((2, 64)), 1e-5)
 
@@ -143,7 +146,8 @@ def test_activation_aware_beats_plain_svd_and_is_optimal_on_the_rows() -> None:
     assert err_aware < 0.5 * err_plain
     assert notes["layers"]["fc"]["error_before_refit"] == pytest.approx(err_aware, rel=1e-3)
     # and on rows it has not seen, from the same distribution
-    held = np.concatenate([f["x"] for f in _feeds((256, k), n=4, seed=7, mix=mix)]).astype(np.float64)
+    held = np.concatenate([f["x"] for f in _feeds((256, k), n=4, seed=7, mix=mix)])
+    held = held.astype(np.float64)
     y_held = held @ w
     assert _rel(held @ a_w @ b_w, y_held) < 0.5 * _rel(held @ a_p @ b_p, y_held)
 
@@ -160,10 +164,11 @@ def test_refit_matches_lstsq_on_the_same_rows(method: str) -> None:
         [helper.make_node("Gemm", ["x", "W", "C"], ["y"], name="g", transB=1, alpha=0.5, beta=2.0)],
         [vi("x", [64, k])], [vi("y", [64, n])], {"W": w, "C": c})
     calib = _feeds((64, k), n=6, mix=_anisotropic(k), mean=0.5)
-    out, stats, notes = _run(model, f"{PASS}:rank_fraction=0.33,ridge=0,method={method}",
+    out, _stats, notes = _run(model, f"{PASS}:rank_fraction=0.33,ridge=0,method={method}",
                              calibration=calib)
     layer = notes["layers"]["g"]
-    assert layer["refit_applied"] and layer["error_after_refit"] < layer["error_before_refit"]
+    assert layer["refit_applied"]
+    assert layer["error_after_refit"] < layer["error_before_refit"]
     a, b, bias = _factors(out)
     x = np.concatenate([f["x"] for f in calib]).astype(np.float64)
     y = 0.5 * x @ w.T.astype(np.float64) + 2.0 * c
@@ -173,7 +178,8 @@ def test_refit_matches_lstsq_on_the_same_rows(method: str) -> None:
     np.testing.assert_allclose(bias, sol[-1], rtol=1e-3, atol=1e-3 * np.abs(sol).max())
     assert layer["error_after_refit"] == pytest.approx(_rel(h @ sol[:-1] + sol[-1], y), rel=1e-3)
     second = out.graph.node[1]
-    assert second.op_type == "Gemm" and {at.name: at for at in second.attribute}["transB"].i == 1
+    assert second.op_type == "Gemm"
+    assert {at.name: at for at in second.attribute}["transB"].i == 1
 
 
 # ---- Gemm, 3-D activations, Conv forms in onnxruntime ----
@@ -187,7 +193,8 @@ def test_gemm_transb_bias_at_true_rank(opset: int) -> None:
         [helper.make_node("Gemm", ["x", "W", "C"], ["y"], name="g", transB=1, alpha=0.7, beta=1.5)],
         [vi("x", [3, k])], [vi("y", [3, n])], {"W": w, "C": c}, opset=opset)
     out, stats, notes = _run(model, f"{PASS}:rank_fraction=0.2")
-    assert stats == {"factorized": 1} and notes["layers"]["g"]["rank"] == 8
+    assert stats == {"factorized": 1}
+    assert notes["layers"]["g"]["rank"] == 8
     assert op_histogram(out) == {"Gemm": 1, "MatMul": 1}
     _assert_close(model, out, _feeds((3, k)), 1e-5)
     assert _params(model) - _params(out) == k * n - 8 * (k + n)
@@ -200,9 +207,10 @@ def test_3d_activations(batch: int | str) -> None:
     w = (_low_rank(k, n, 16, seed=5) + 0.01 * rng.standard_normal((k, n))).astype(np.float32)
     model = _matmul(w, [batch, 8, k])
     calib = _feeds((2, 8, k), n=4, mix=_anisotropic(k))
-    out, stats, notes = _run(model, f"{PASS}:rank_fraction=0.25", calibration=calib)
+    out, _stats, notes = _run(model, f"{PASS}:rank_fraction=0.25", calibration=calib)
     layer = notes["layers"]["fc"]
-    assert layer["rank"] == 16 and layer["rows_per_sample"] == 8
+    assert layer["rank"] == 16
+    assert layer["rows_per_sample"] == 8
     h = next(v for v in onnx.shape_inference.infer_shapes(out).graph.value_info
              if v.name == out.graph.node[0].output[0])
     assert [d.dim_value or d.dim_param for d in h.type.tensor_type.shape.dim][1:] == [8, 16]
@@ -243,17 +251,19 @@ def _conv_model(cin: int, cout: int, k: int, rank: int, opset: int = 17, **attrs
 @pytest.mark.parametrize("calibrated", [False, True])
 def test_conv_channel_factorization_at_true_rank(k: int, attrs: dict, calibrated: bool) -> None:
     cin, cout, r = 32, 48, 8
-    model, w = _conv_model(cin, cout, k, r, **attrs)
+    model, _w = _conv_model(cin, cout, k, r, **attrs)
     calib = _feeds((2, cin, 12, 12), n=3) if calibrated else None
     out, stats, notes = _run(model, f"{PASS}:rank_fraction=0.16", calibration=calib)
     assert stats == {"factorized": 1}
     assert op_histogram(out) == {"Conv": 2}
     _assert_close(model, out, _feeds((2, cin, 12, 12), seed=4), 1e-5)
     a, b = (_inits(out)[out.graph.node[i].input[1]] for i in (0, 1))
-    assert a.shape == (r, cin, k, k) and b.shape == (cout, r, 1, 1)
+    assert a.shape == (r, cin, k, k)
+    assert b.shape == (cout, r, 1, 1)
     kk = cin * k * k
     layer = notes["layers"]["conv"]
-    assert (layer["params_before"], layer["params_after"]) == (kk * cout + cout, r * (kk + cout) + cout)
+    assert layer["params_before"] == kk * cout + cout
+    assert layer["params_after"] == r * (kk + cout) + cout
     assert _params(model) - _params(out) == kk * cout - r * (kk + cout)
 
 
@@ -301,7 +311,8 @@ def test_max_error_picks_the_smallest_rank_within_budget() -> None:
     _, _, notes = _run(model, f"{PASS}:max_error=0.01", calibration=calib)
     layer = notes["layers"]["fc"]
     r = layer["rank"]
-    assert r % 8 == 0 and layer["error_after_refit"] <= 0.01
+    assert r % 8 == 0
+    assert layer["error_after_refit"] <= 0.01
     assert r > 8
     fewer = json.dumps({"fc": (r - 8) / 96})
     _, report = optimize(model, passes=[(PASS, {"keep": fewer})], calibration=calib)
@@ -366,7 +377,8 @@ W64 = np.ones((64, 64), np.float32)
 
 
 @pytest.mark.parametrize(("model", "reason", "spec"), [
-    (_one("MatMul", ["x", "w"], {}, extra_inputs=(vi("w", [64, 64]),)), "weight-not-constant", None),
+    (_one("MatMul", ["x", "w"], {}, extra_inputs=(vi("w", [64, 64]),)), "weight-not-constant",
+     None),
     (_one("MatMul", ["x", "W"], {"W": np.ones((3, 64, 64), np.float32)}, x_shape=(3, 2, 64)),
      "weight-not-2d", None),
     (_one("Conv", ["x", "W"], {"W": np.ones((8, 4, 3), np.float32)}, x_shape=(1, 4, 10)),
@@ -384,7 +396,8 @@ W64 = np.ones((64, 64), np.float32)
           group=64), "grouped", None),
     (_one("Gemm", ["x", "W", "c"], {"W": W64}, extra_inputs=(vi("c", [64]),)), "bias-not-constant",
      None),
-    (_one("Gemm", ["x", "W", "C"], {"W": W64, "C": np.ones((2, 64), np.float32)}), "bias-shape", None),
+    (_one("Gemm", ["x", "W", "C"], {"W": W64, "C": np.ones((2, 64), np.float32)}), "bias-shape",
+     None),
     (_one("MatMul", ["x", "W"], {"W": W64}, x_shape=None), "unknown-shape", None),
     (_one("MatMul", ["x", "W"], {"W": W64}), "full-rank", f"{PASS}:rank_fraction=0.9"),
     (_one("MatMul", ["x", "W"], {"W": W64}), "no-saving", f"{PASS}:rank_fraction=0.5"),
@@ -410,7 +423,8 @@ def test_error_budget_declined_when_no_saving_rank_meets_it() -> None:
     rng = np.random.default_rng(11)
     model = _matmul(rng.standard_normal((64, 64)).astype(np.float32), [32, 64])
     out, stats, notes = _run(model, f"{PASS}:max_error=1e-6", calibration=_feeds((32, 64)))
-    assert stats == {"skipped:error-budget": 1} and notes["skipped"] == {"fc": "error-budget"}
+    assert stats == {"skipped:error-budget": 1}
+    assert notes["skipped"] == {"fc": "error-budget"}
     assert op_histogram(out) == {"MatMul": 1}
 
 
@@ -432,7 +446,8 @@ def _subgraph_model(opset: int) -> onnx.ModelProto:
                  vi("v_in", [2, 64])],
         [vi("cond_out", [], onnx.TensorProto.BOOL), vi("v_out", [2, 64])], [body_w])
     nodes = [
-        helper.make_node("If", ["c"], ["y"], then_branch=branch("then"), else_branch=branch("else")),
+        helper.make_node("If", ["c"], ["y"], then_branch=branch("then"),
+                         else_branch=branch("else")),
         helper.make_node("Loop", ["n", "c", "x"], ["z"], body=body),
     ]
     return make_model(nodes, [vi("x", [2, 64]), vi("c", [], onnx.TensorProto.BOOL),
@@ -462,3 +477,29 @@ def test_weight_read_inside_a_subgraph_is_shared() -> None:
     out, stats, _ = _run(model, f"{PASS}:rank_fraction=0.125")
     assert stats == {"skipped:subgraph": 1, "skipped:shared-weight": 1}
     assert op_histogram(out) == op_histogram(model)
+
+
+def test_sequential_refit_fits_the_input_the_layer_now_reads() -> None:
+    """Two layers: with ``sequential`` the second is refit on its input in the model whose first
+    layer is already factorized, so its noted error is the final output's error in onnxruntime,
+    and no worse than fitting both on the original rows."""
+    rng = np.random.default_rng(13)
+    k = 64
+    nodes = [helper.make_node("MatMul", ["x", "W1"], ["h"], name="fc1"),
+             helper.make_node("Relu", ["h"], ["r"]),
+             helper.make_node("MatMul", ["r", "W2"], ["y"], name="fc2")]
+    inits = {"W1": (rng.standard_normal((k, 96)) / 8).astype(np.float32),
+             "W2": (rng.standard_normal((96, k)) / 10).astype(np.float32)}
+    model = make_model(nodes, [vi("x", [128, k])], [vi("y", [128, k])], inits)
+    calib = _feeds((128, k), n=4, mix=_anisotropic(k))
+    ref = np.concatenate([r[0] for r in run_model(model, calib)]).astype(np.float64)
+    errors = {}
+    for sequential in (False, True):
+        out, _, notes = _run(model, f"{PASS}:rank_fraction=0.25,sequential={sequential}",
+                             calibration=calib)
+        got = np.concatenate([r[0] for r in run_model(out, calib)]).astype(np.float64)
+        errors[sequential] = _rel(got, ref)
+        if sequential:
+            noted = notes["layers"]["fc2"]["error_after_refit"]
+            assert noted == pytest.approx(errors[True], rel=1e-3)
+    assert errors[True] <= errors[False] * 1.001
