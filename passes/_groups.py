@@ -451,7 +451,7 @@ def _propagate(n: gs.Node, ins: list[tuple[int | None, int | None] | None],
         if rank is None or idx is None or idx.ndim != 0 or part is None or axis - rank != part:
             return "gather"
         assert head is not None
-        axes[out.name] = (head + 1 if head > part else head, None)
+        axes[out.name] = (head + 1 if part > head else head, None)  # from the end
         return None
     if n.op in _HEAD_UNARY:
         axes[out.name] = state

@@ -388,7 +388,7 @@ def test_frozen_shared_weight_and_attention_reshape() -> None:
                     [vi("cc", [1, 2, 8, 8]), vi("qh", [1, 5, 2, 4])])
     _, stats, notes = _prune(model)
     assert notes["frozen"]["c1"] == "shared-weight"
-    assert notes["frozen"]["q"] == "attention heads not supported yet"
+    assert notes["frozen"]["q"] == "attention-graph-output"  # split into heads, read outside
     assert stats["skipped:shared-weight"] == 1
 
 
