@@ -140,7 +140,7 @@ def test_dead_heads_are_removed_exactly() -> None:
 
 def test_removing_a_live_head_changes_outputs_and_refit_helps() -> None:
     model = _attention(dead=[])
-    calib = _feeds(8, batch=8)
+    calib = _feeds(32, batch=8)  # a quarter of the feeds is held out to check the refit
     ref = run_model(model, _feeds(3))
     err = {}
     for rec in ("false", "true"):
@@ -347,10 +347,7 @@ def test_minilm_heads_pruned_25_percent_refit_beats_none(tmp_path: Path) -> None
     src_add = next(n for n in model.graph.node if node.output[0] in n.input and n.op_type == "Add")
     old_bias = _inits(model)[next(i for i in src_add.input if i != node.output[0])]
     np.testing.assert_allclose(_inits(out)[bias_name] - old_bias, b_ridge, atol=2e-3, rtol=1e-3)
-    # known gap (issue 10): on MiniLM the layer-wise refit lowers every layer's error on
-    # the calibration sentences (end-to-end cosine there: about 0.91 -> 0.996) but not on
-    # disjoint ones (about 0.89 -> 0.84 here): it overfits; a stronger, validated ridge or
-    # more calibration text is the next step
-    if cos["true"] <= cos["false"]:
-        pytest.xfail(f"refit does not generalise on MiniLM yet: cosine {cos['true']:.4f} "
-                     f"with refit vs {cos['false']:.4f} without")
+    # a refit is applied only where it lowers the error on calibration sentences held out of
+    # the fit: on disjoint sentences the pruned model is then no worse than without it
+    # (fitting on rows of the calibration sentences alone overfit: about 0.89 -> 0.84 here)
+    assert cos["true"] >= cos["false"] - 1e-3, cos
