@@ -64,6 +64,9 @@ _LEADING_BATCH = re.compile(r"^[nb]$", re.IGNORECASE)  # 'N' or 'b' means batch 
 _SEQ = re.compile(r"seq|len|token|time|^t$|^s$", re.IGNORECASE)
 _SPATIAL = re.compile(r"height|width|^h$|^w$|^h_|^w_|_h$|_w$|size|spatial|^x$|^y$", re.IGNORECASE)
 _MASK = re.compile(r"mask", re.IGNORECASE)
+# recurrent states and caches ([layers, batch, hidden], past key/values) carry the batch on a
+# later axis: their dynamic dims start at 1, like a batch
+_STATE = re.compile(r"state|cache|past|^h0$|^c0$|^h_0$|^c_0$", re.IGNORECASE)
 
 # ops that hand the values of their first input on (maybe reshaped or converted)
 _PASS_ON = frozenset({
@@ -196,6 +199,8 @@ def _name_rule(dim: Dim) -> int | None:
         return 1
     if dim.axis == 0 and not dim.spatial:
         return 1  # a leading dynamic dim is a batch, whatever its name
+    if _STATE.search(dim.input) and not (dim.param and _SEQ.search(dim.param)):
+        return 1  # an unnamed dim of a recurrent state: its batch
     return None
 
 
@@ -672,7 +677,7 @@ def synthesize(model: onnx.ModelProto, run: Any, pins: Mapping[str, Sequence[int
                          None, probes)
     assert first_shapes is not None
     assert first_error is not None
-    guessed = ", ".join(f"{k}={'x'.join(map(str, v))}" for k, v in first_shapes.items())
+    guessed = ", ".join(f"{k}={'x'.join(map(str, v)) or 'scalar'}" for k, v in first_shapes.items())
     roles_said = "; ".join(
         f"'{k}' as {r.kind} of {r.op}" for k, r in input_roles.items() if r.kind != "free")
     unusable = (f"the original model fails on generated inputs ({guessed}"

@@ -276,3 +276,15 @@ def test_negative_dims_are_dynamic_and_batch_stays_one_while_other_dims_are_prob
     m.graph.input[0].type.tensor_type.shape.dim[0].dim_value = -1  # as Paddle2ONNX writes it
     ds = synthesize(m, m, count=1)
     assert ds.unusable is None and ds.feeds[0]["x"].shape == (1, 3, 64, 64)
+
+
+def test_a_recurrent_state_carries_the_batch_on_a_later_axis() -> None:
+    # Concat along axis 0 needs the state's dim 1 to equal x's batch: both start at 1
+    m = _model([helper.make_node("Unsqueeze", ["x", "zero"], ["x3"]),
+                helper.make_node("Concat", ["x3", "state"], ["y"], axis=0)],
+               [vi("x", [None, 16]), vi("state", [2, None, 16])], [_out("y")],
+               {"zero": np.array([0], np.int64)}, opset=13)
+    ds = synthesize(m, m, count=1)
+    assert ds.unusable is None
+    assert ds.feeds[0]["state"].shape == (2, 1, 16)
+    assert "input 'state' dim 1 = 1 (a batch dim; the original model runs on it)" in ds.notes
