@@ -503,7 +503,11 @@ def _versions() -> dict[str, str]:
     try:
         rev = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=REPO, capture_output=True,
                              text=True, check=True).stdout.strip()
-        out["onnxopt"] += f" (git {rev})"
+        # the product's own files with uncommitted changes (bench/ and docs are not the product)
+        dirty = [ln[3:] for ln in subprocess.run(
+            ["git", "status", "--porcelain", "--", "onnxopt", "passes"], cwd=REPO, capture_output=True,
+            text=True, check=True).stdout.splitlines()]
+        out["onnxopt"] += f" (git {rev} at the start" + (f"; uncommitted: {', '.join(dirty)}" if dirty else "") + ")"
     except (OSError, subprocess.CalledProcessError):
         pass
     return out
@@ -693,6 +697,7 @@ def main(argv: list[str] | None = None) -> int:
     threads = [int(t) for t in args.threads.split(",")]
     n_calib, n_eval = (8, 8) if args.quick else (64, 64)
     load_start = "/".join(f"{x:.1f}" for x in os.getloadavg())
+    versions = _versions()  # now: the code this process imports, not what is checked out at the end
 
     def say(msg: str) -> None:
         print(f"[{time.perf_counter() - start:6.0f}s] {msg}", file=sys.stderr, flush=True)
@@ -713,18 +718,19 @@ def main(argv: list[str] | None = None) -> int:
         workloads.append(w)
         rows += bench_model(w, names, variants, repeats, threads, say)
         if len(workloads) < len(models):  # a run stopped half-way still leaves what it measured
-            write(rows, workloads, args, argv, start, repeats, threads, load_start,
+            write(rows, workloads, args, argv, start, repeats, threads, load_start, versions,
                   partial=f"{len(workloads)} of {len(models)} models so far")
-    write(rows, workloads, args, argv, start, repeats, threads, load_start)
+    write(rows, workloads, args, argv, start, repeats, threads, load_start, versions)
     say(f"wrote {args.out}")
     return 0
 
 
 def write(rows: list[Row], workloads: list[Workload], args: argparse.Namespace, argv: list[str] | None,
-          start: float, repeats: int, threads: Sequence[int], load_start: str, partial: str = "") -> None:
+          start: float, repeats: int, threads: Sequence[int], load_start: str, versions: dict[str, str],
+          partial: str = "") -> None:
     meta = {
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "machine": _machine(), "versions": _versions(), "load_start": load_start,
+        "machine": _machine(), "versions": versions, "load_start": load_start,
         "load_end": "/".join(f"{x:.1f}" for x in os.getloadavg()),
         "command": " ".join(["python bench/run.py", *map(shlex.quote, argv if argv is not None else sys.argv[1:])]),
         "seconds": time.perf_counter() - start, "repeats": repeats,
