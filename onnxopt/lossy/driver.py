@@ -437,7 +437,7 @@ def _run_step(
             changed = [float(v) for k, v in assignment.items() if float(v) < 1.0]
             return f"factorize, {len(changed)} layer{'s' if len(changed) != 1 else ''} at low rank"
         removed = _removed_share(layers, assignment)
-        return f"prune, {removed:.0%} of channels removed"
+        return f"prune, {removed:.1%} of channels removed"
 
     cand0 = evaluate(name_of(uniform), m.step, model0, uniform, floats(uniform))
     if cand0.within_budget:
@@ -453,7 +453,7 @@ def _run_step(
     levels = list(m.levels)
 
     def probe(layer: str, lvl: Any) -> sens.Probe:
-        model_l, notes_l = build(m.options({layer: lvl}, layers))
+        model_l, notes_l = build({**m.options({layer: lvl}, layers), **m.probe_options})
         if layer not in m.layers_of(notes_l) and m.step == "quantize":
             # not quantizable on its own (an op that shares its input's scale): it costs
             # nothing alone and moves with the others

@@ -38,6 +38,9 @@ class Method:
     # 30% of the prunable channels removed); None: as much as the budget allows
     target: float | None = None
     uniform: Any = None  # the level of the first candidate, when it is not the target's or ``full``
+    # options for the per-layer sensitivity probes only: what is too costly to do once per
+    # (layer, level) and only ranks the layers (pruning's refit: it runs for every candidate)
+    probe_options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
     @property
     def identity(self) -> Any:
@@ -120,7 +123,8 @@ def pruning(target: float, criterion: str = "l1") -> Method:
                      round(max(0.1, 1 - 1.5 * target), 4)}, reverse=True)
     return Method("prune", "prune", "prune-channels", "fraction kept", tuple(levels),
                   _prune_options, _prunable_groups, _prune_skipped,
-                  {"criterion": criterion}, 1, False, target)
+                  {"criterion": criterion}, 1, False, target,
+                  probe_options={"reconstruct": False})
 
 
 # ---- low-rank factorization: per layer, the fraction of full rank kept
