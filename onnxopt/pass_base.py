@@ -166,3 +166,21 @@ def _convert(pass_name: str, key: str, raw: Any, tp: Any) -> Any:
         raise PassOptionError(
             f"pass '{pass_name}': option '{key}' expects {_type_name(tp)}, got '{raw}'"
         ) from None
+
+
+def current_model(graph: gs.Graph, ctx: PassContext) -> Any:
+    """The graph a pass is rewriting, as an ``onnx.ModelProto`` (to run it mid-pass).
+
+    Exported with the source model's opsets, metadata and functions when the manager gave
+    it (``ctx.notes["source_model"]``); else plainly, at an IR onnxruntime reads.
+    """
+    import onnx
+
+    from onnxopt.io import to_model
+
+    source = ctx.notes.get("source_model")
+    if isinstance(source, onnx.ModelProto):
+        return to_model(graph, source)
+    model = gs.export_onnx(graph)
+    model.ir_version = min(model.ir_version, 8)
+    return model

@@ -75,7 +75,7 @@ from onnxopt.graph_utils import (
     layer_key,
     make_constant,
 )
-from onnxopt.pass_base import Pass, PassContext, PassResult
+from onnxopt.pass_base import Pass, PassContext, PassResult, current_model
 
 NAME = "factorize-lowrank"
 _OPS = ("MatMul", "Gemm", "Conv")
@@ -231,7 +231,7 @@ class FactorizeLowRankPass(Pass):
                 if reason := self._rank_decline(la, r):
                     decline(la.key, reason)
                     layers.remove(la)
-        reference = _export(graph, ctx) if ctx.calibration and layers else None
+        reference = current_model(graph, ctx) if ctx.calibration and layers else None
         aware = o.method == "activation" or (o.method == "auto" and reference is not None)
         report: dict[str, Any] = {}
         pending: dict[str, tuple[np.ndarray, np.ndarray | None]] = {}
@@ -248,7 +248,7 @@ class FactorizeLowRankPass(Pass):
                 continue
             if reference is not None and o.sequential and report:
                 # what the layer reads now that the layers before it are factorized
-                x = _capture(_export(graph, ctx), ctx, [la], outputs=False)[la.key][0]
+                x = _capture(current_model(graph, ctx), ctx, [la], outputs=False)[la.key][0]
                 if aware:
                     a_full, b_full, _ = factor_basis(la.w, x, o.whiten_ridge)
             a, b, bias, entry = self._fit(la, a_full[:, :r], b_full[:r], x, y)
@@ -521,12 +521,3 @@ def _conv_a(a: np.ndarray, la: _Layer) -> np.ndarray:
     return np.ascontiguousarray(a.T.reshape(a.shape[1], -1, kh, kw))
 
 
-def _export(graph: gs.Graph, ctx: PassContext) -> onnx.ModelProto:
-    from onnxopt.io import to_model
-
-    source = ctx.notes.get("source_model")
-    if isinstance(source, onnx.ModelProto):
-        return to_model(graph, source)
-    model = gs.export_onnx(graph)
-    model.ir_version = min(model.ir_version, 8)
-    return model

@@ -64,7 +64,7 @@ from onnxopt.passes._groups import WEIGHT_ROLES, Group, build_groups, remove_cha
 
 from onnxopt.errors import MissingRequirementError, PassOptionError
 from onnxopt.graph_utils import constant_value, make_constant
-from onnxopt.pass_base import Pass, PassContext, PassResult
+from onnxopt.pass_base import Pass, PassContext, PassResult, current_model
 from onnxopt.shapes import apply_shapes
 
 logger = logging.getLogger(__name__)
@@ -237,7 +237,7 @@ class PruneChannelsPass(Pass):
         from onnxopt.capture import capture
 
         if not hasattr(self, "_act_model"):
-            self._act_model = _export(graph, ctx)
+            self._act_model = current_model(graph, ctx)
             self._act_cache: dict[Any, Any] = {}
         # what the consumer layers read (after activation functions), else every activation
         layer_nodes = {m.node for m in g.members if m.role in ("weight-in", "grouped-in")}
@@ -317,7 +317,7 @@ class PruneChannelsPass(Pass):
 
     @staticmethod
     def _snapshot(graph: gs.Graph, ctx: PassContext) -> onnx.ModelProto:
-        return _export(graph, ctx)
+        return current_model(graph, ctx)
 
     def _reconstruct(self, graph: gs.Graph, ctx: PassContext, groups: Sequence[Group],
                      removed: Mapping[str, np.ndarray], reference: onnx.ModelProto,
@@ -352,7 +352,7 @@ class PruneChannelsPass(Pass):
             if y_name not in {o for n in reference.graph.node for o in n.output}:
                 stats["skipped:refit-no-reference"] += 1
                 continue
-            current = _export(graph, ctx)
+            current = current_model(graph, ctx)
             parts = []
             for feeds in _fit_and_held_feeds(ctx.calibration):
                 got = capture(current, feeds, {x_name: layout, y_name: layout},
@@ -513,17 +513,6 @@ def _run_conv(x: np.ndarray, w: np.ndarray, b: np.ndarray | None,
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
     model.ir_version = 7
     return np.asarray(run_model(model, [{"x": np.ascontiguousarray(x, np.float32)}])[0][0])
-
-
-def _export(graph: gs.Graph, ctx: PassContext) -> onnx.ModelProto:
-    from onnxopt.io import to_model
-
-    source = ctx.notes.get("source_model")
-    if isinstance(source, onnx.ModelProto):
-        return to_model(graph, source)
-    model = gs.export_onnx(graph)
-    model.ir_version = min(model.ir_version, 8)
-    return model
 
 
 def _reinfer(graph: gs.Graph) -> None:
