@@ -276,3 +276,17 @@ def test_three_methods_compose_in_order_prune_factorize_quantize(tmp_path: Path,
     assert payload["reason"].startswith(" + ".join(
         next(c["label"] for c in payload["candidates"] if c["step"] == step and c["verdict"].startswith(
             ("written", "within budget"))) for step in applied))
+
+
+def test_a_small_evaluation_split_is_said_to_be_weak(tmp_path: Path) -> None:
+    from onnxopt.testing import mlp_model
+
+    path = tmp_path / "mlp.onnx"
+    onnx.save(mlp_model(sizes=(16, 32, 8), batch="N"), path)
+    rng = np.random.default_rng(0)
+    small = Dataset([{"x": rng.standard_normal((4, 16)).astype(np.float32)} for _ in range(5)], source="t")
+    result = compress(path, tmp_path / "o.onnx", "dynamic", eval_data=small, force=True, bench=False)
+    assert any(w.startswith("the budget is judged on 20 evaluation samples") for w in result.warnings)
+    big = Dataset([{"x": rng.standard_normal((16, 16)).astype(np.float32)} for _ in range(5)], source="t")
+    result = compress(path, tmp_path / "o.onnx", "dynamic", eval_data=big, force=True, bench=False)
+    assert not any("evaluation samples" in w for w in result.warnings)

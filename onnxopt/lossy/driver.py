@@ -63,6 +63,7 @@ from onnxopt.validate import ReferenceOutputs, Tolerance, ValidationReport, comp
 logger = logging.getLogger(__name__)
 
 SENSITIVITY_FEEDS = 4
+MIN_EVALUATION_SAMPLES = 64  # fewer: the driver says its verdict is weak (a 2% flip rate can hide)
 QUANTIZED_COST = 0.25  # an int8 MAC against a float one, for ranking only: latency decides
 
 
@@ -246,6 +247,10 @@ def compress(
     calib, evaluation, warnings, input_notes = _datasets(
         model, src, fits, calibration_data, eval_data, input_shapes, seed)
     notes += input_notes
+    rows = sum(_rows(f) for f in evaluation.feeds)
+    if rows < MIN_EVALUATION_SAMPLES:
+        warnings.append(f"the budget is judged on {rows} evaluation samples: a change that alters fewer "
+                        f"than 1 in {rows} outputs goes unseen; give more data (--data) for a firmer verdict")
     shapes = {k: tuple(v.shape) for k, v in evaluation.feeds[0].items() if hasattr(v, "shape")}
 
     say("lossless passes")
@@ -505,6 +510,12 @@ def _applied(report: StepReport, assignment: Mapping[str, Any], table: Mapping[s
         report.layers[layer] = {"level": lvl, "error": None if probe is None else probe.error,
                                 "saved": None if probe is None else probe.saved}
     return model, cand, report
+
+
+def _rows(feed: Mapping[str, Any]) -> int:
+    """Samples in one feed: the first axis of its first tensor input (1 for a scalar)."""
+    first = next((v for v in feed.values() if hasattr(v, "shape")), None)
+    return int(first.shape[0]) if first is not None and first.ndim else 1
 
 
 def _file_size(path: Path) -> int:
