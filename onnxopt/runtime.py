@@ -101,6 +101,15 @@ def run_model(model: ModelRef, feeds: Sequence[dict[str, Any]]) -> list[list[Any
     return [run(sess, f) for f in feeds]
 
 
+def failure(model: ModelRef, feeds: Sequence[dict[str, Any]] = ()) -> str | None:
+    """onnxruntime's own error when ``model`` does not load, or fails on one of ``feeds``; else None."""
+    try:
+        run_model(model, feeds)
+    except OnnxoptError as e:
+        return str(e)
+    return None
+
+
 def ort_message(e: BaseException) -> str:
     """onnxruntime's message on one line, whole, without its code prefix and C++ locations."""
     text = " ".join(str(e).split())

@@ -391,26 +391,21 @@ def compare(
     tol = tolerance or Tolerance()
     if not len(data):
         raise InputDataError("no inputs to validate on")
+    if not isinstance(reference, ReferenceOutputs) and (
+            _on_disk_bytes(reference) + _on_disk_bytes(candidate) > _ONE_AT_A_TIME):
+        # big models: one session at a time (the reference's outputs are kept instead)
+        reference = ReferenceOutputs(reference, data)
+        gc.collect()
     if isinstance(reference, ReferenceOutputs):
         if reference.data is not data:
             raise ValueError("ReferenceOutputs were computed on another dataset")
-        names = reference.names
         cand = session(candidate, optimize=optimize_candidate)
         pairs = ((a, run(cand, f)) for a, f in zip(reference.outputs, data.feeds, strict=True))
-        return _report(names, cand, pairs, data, tol)
+        return _report(reference.names, cand, pairs, data, tol)
     ref = session(reference)
-    names = output_names(ref)
-    if _on_disk_bytes(reference) + _on_disk_bytes(candidate) > _ONE_AT_A_TIME:
-        # big models: one session at a time (the reference's outputs are kept instead)
-        ref_outputs = [run(ref, feed) for feed in data.feeds]
-        del ref
-        gc.collect()
-        cand = session(candidate, optimize=optimize_candidate)
-        pairs = ((a, run(cand, f)) for a, f in zip(ref_outputs, data.feeds, strict=True))
-    else:
-        cand = session(candidate, optimize=optimize_candidate)
-        pairs = ((run(ref, f), run(cand, f)) for f in data.feeds)
-    return _report(names, cand, pairs, data, tol)
+    cand = session(candidate, optimize=optimize_candidate)
+    pairs = ((run(ref, f), run(cand, f)) for f in data.feeds)
+    return _report(output_names(ref), cand, pairs, data, tol)
 
 
 def _report(names: list[str], cand: Any, pairs: Any, data: Dataset, tol: Tolerance) -> ValidationReport:

@@ -57,7 +57,7 @@ from onnxopt.lossy.methods import (
 )
 from onnxopt.lossy.verdict import LATENCY_FEEDS, MIN_SPEEDUP, Measure, decide, default_measure
 from onnxopt.manager import DEFAULT_LEVEL, PassManager, PipelineReport, instantiate, resolve
-from onnxopt.runtime import run, session
+from onnxopt.runtime import failure
 from onnxopt.validate import ReferenceOutputs, Tolerance, ValidationReport, compare
 
 logger = logging.getLogger(__name__)
@@ -578,14 +578,7 @@ def _datasets(
 
 def _require_usable(src: Path, ds: Dataset) -> None:
     """Refuse generated inputs that the source model fails on: lossy methods are judged on them."""
-    why = ds.unusable
-    if why is None:
-        sess = session(src)
-        try:
-            for feed in ds.feeds:
-                run(sess, feed)
-        except OnnxoptError as e:
-            why = str(e)
+    why = ds.unusable or failure(src, ds.feeds)
     if why:
         reason = " ".join(why.split())
         if not reason.startswith("the original model fails"):
