@@ -184,3 +184,33 @@ def current_model(graph: gs.Graph, ctx: PassContext) -> Any:
     model = gs.export_onnx(graph)
     model.ir_version = min(model.ir_version, 8)
     return model
+
+
+def parse_fractions(pass_name: str, spec: str, keys: str, fractions: str) -> dict[str, float]:
+    """A ``keep``-style option: a JSON object, or a JSON file's path, of key -> fraction in (0, 1].
+
+    ``keys`` and ``fractions`` name them in errors ("group", "kept fractions").
+    """
+    import json
+    from pathlib import Path
+
+    if not spec.strip():
+        return {}
+    text = spec
+    if not spec.lstrip().startswith("{"):
+        path = Path(spec)
+        if not path.is_file():
+            raise PassOptionError(f"pass '{pass_name}': keep must be a JSON object or a JSON file; "
+                                  f"'{spec}' is neither")
+        text = path.read_text()
+    try:
+        raw = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise PassOptionError(f"pass '{pass_name}': keep is not valid JSON: {e}") from None
+    if not isinstance(raw, dict) or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) for v in raw.values()):
+        raise PassOptionError(f"pass '{pass_name}': keep must map {keys} keys to numbers")
+    bad = {k: v for k, v in raw.items() if not 0.0 < float(v) <= 1.0}
+    if bad:
+        raise PassOptionError(f"pass '{pass_name}': {fractions} must be in (0, 1]: {bad}")
+    return {str(k): float(v) for k, v in raw.items()}

@@ -55,11 +55,9 @@ per row (a token, a sample, or a Conv output position), ``rows_per_sample`` (Non
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from collections import Counter
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -75,7 +73,7 @@ from onnxopt.graph_utils import (
     layer_key,
     make_constant,
 )
-from onnxopt.pass_base import Pass, PassContext, PassResult, current_model
+from onnxopt.pass_base import Pass, PassContext, PassResult, current_model, parse_fractions
 
 NAME = "factorize-lowrank"
 _OPS = ("MatMul", "Gemm", "Conv")
@@ -99,25 +97,7 @@ class _Layer:
 
 def parse_keep(spec: str) -> dict[str, float]:
     """``keep``: a JSON object, or the path of a JSON file, of layer key -> rank fraction."""
-    if not spec.strip():
-        return {}
-    text = spec
-    if not spec.lstrip().startswith("{"):
-        if not Path(spec).is_file():
-            raise PassOptionError(f"pass '{NAME}': keep must be a JSON object or a JSON file; "
-                                  f"'{spec}' is neither")
-        text = Path(spec).read_text()
-    try:
-        raw = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise PassOptionError(f"pass '{NAME}': keep is not valid JSON: {e}") from None
-    if not isinstance(raw, dict) or not all(
-            isinstance(v, (int, float)) and not isinstance(v, bool) for v in raw.values()):
-        raise PassOptionError(f"pass '{NAME}': keep must map layer keys to numbers")
-    bad = {k: v for k, v in raw.items() if not 0.0 < float(v) <= 1.0}
-    if bad:
-        raise PassOptionError(f"pass '{NAME}': rank fractions must be in (0, 1]: {bad}")
-    return {str(k): float(v) for k, v in raw.items()}
+    return parse_fractions(NAME, spec, "layer", "rank fractions")
 
 
 def round_rank(r: float, multiple: int) -> int:

@@ -49,12 +49,10 @@ the figures of a group count it alone against the original shapes), ``frozen``
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 from collections import Counter
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -64,7 +62,7 @@ from onnxopt.passes._groups import WEIGHT_ROLES, Group, build_groups, remove_cha
 
 from onnxopt.errors import MissingRequirementError, PassOptionError
 from onnxopt.graph_utils import constant_value, make_constant
-from onnxopt.pass_base import Pass, PassContext, PassResult, current_model
+from onnxopt.pass_base import Pass, PassContext, PassResult, current_model, parse_fractions
 from onnxopt.shapes import apply_shapes
 
 logger = logging.getLogger(__name__)
@@ -75,26 +73,7 @@ _ROWS = 4096
 
 def parse_keep(spec: str) -> dict[str, float]:
     """``keep``: a JSON object, or a path to a JSON file, of group key -> fraction kept."""
-    if not spec.strip():
-        return {}
-    text = spec
-    if not spec.lstrip().startswith("{"):
-        path = Path(spec)
-        if not path.is_file():
-            raise PassOptionError(
-                f"pass 'prune-channels': keep must be a JSON object or a JSON file; "
-                f"'{spec}' is neither")
-        text = path.read_text()
-    try:
-        raw = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise PassOptionError(f"pass 'prune-channels': keep is not valid JSON: {e}") from None
-    if not isinstance(raw, dict) or not all(isinstance(v, (int, float)) for v in raw.values()):
-        raise PassOptionError("pass 'prune-channels': keep must map group keys to numbers")
-    bad = {k: v for k, v in raw.items() if not 0.0 < float(v) <= 1.0}
-    if bad:
-        raise PassOptionError(f"pass 'prune-channels': kept fractions must be in (0, 1]: {bad}")
-    return {str(k): float(v) for k, v in raw.items()}
+    return parse_fractions("prune-channels", spec, "group", "kept fractions")
 
 
 def kept_count(channels: int, fraction: float, multiple: int, min_channels: int) -> int:
