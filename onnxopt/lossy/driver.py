@@ -47,7 +47,6 @@ from onnxopt.lossy.budget import (
     error_of,
 )
 from onnxopt.lossy.methods import (
-    FLOAT,
     QUANTIZERS,
     STEP_ORDER,
     Method,
@@ -64,7 +63,6 @@ logger = logging.getLogger(__name__)
 
 SENSITIVITY_FEEDS = 4
 MIN_EVALUATION_SAMPLES = 64  # fewer: the driver says its verdict is weak (a 2% flip rate can hide)
-QUANTIZED_COST = 0.25  # an int8 MAC against a float one, for ranking only: latency decides
 
 
 @dataclasses.dataclass
@@ -243,7 +241,7 @@ def compress(
         notes.append(f"upgraded the model from opset {opset_of(model)} to {min_opset} ({needs} needs it)")
         model = upgrade_opset(model, min_opset)
     # pruning and factorization refit weights on calibration data: it must not also evaluate
-    fits = any(m.needs_calibration or m.step in ("prune", "factorize") for m in methods)
+    fits = any(m.needs_calibration or m.fits_data for m in methods)
     calib, evaluation, warnings, input_notes = _datasets(
         model, src, fits, calibration_data, eval_data, input_shapes, seed)
     notes += input_notes
@@ -416,11 +414,7 @@ def _run_step(
         return out, rep.notes.get(m.pass_name, {})
 
     say(f"{m.step}: {m.pass_name}")
-    first_options = dict(m.base_options)
-    if m.step == "prune":
-        first_options.update(ratio=m.target)
-    elif m.step == "factorize":
-        first_options.update(rank_fraction=m.uniform)
+    first_options = {**m.base_options, **m.first_options}
     model0, notes0 = build(first_options)
     layers = m.layers_of(notes0)
     report = StepReport(m.name, m.step, m.knob, {}, m.skipped_of(notes0))
@@ -432,40 +426,33 @@ def _run_step(
     uniform = {layer: uniform_level(m) for layer in layers}
 
     def floats(assignment: Mapping[str, Any]) -> list[str]:
-        return [x for x in layers if assignment.get(x, m.identity) == FLOAT] if m.step == "quantize" else []
+        return m.float_layers(assignment, layers)
 
     def name_of(assignment: Mapping[str, Any]) -> str:
-        if m.step == "quantize":
-            k = len(floats(assignment))
-            return m.name + (f", {k} layer{'s' if k > 1 else ''} in float" if k else "")
-        if m.step == "factorize":
-            changed = [float(v) for k, v in assignment.items() if float(v) < 1.0]
-            return f"factorize, {len(changed)} layer{'s' if len(changed) != 1 else ''} at low rank"
-        removed = _removed_share(layers, assignment)
-        return f"prune, {removed:.1%} of channels removed"
+        return m.name_of(assignment, layers)
 
     cand0 = evaluate(name_of(uniform), m.step, model0, uniform, floats(uniform))
     if cand0.within_budget:
         return _applied(report, uniform, {}, model0, cand0, "uniform candidate within budget")
-    if m.name == "fp16" or (m.step == "quantize" and len(layers) < 2):
+    if not m.per_layer or (len(layers) < 2 and len(m.levels) < 3):  # nothing to allocate
         report.reason = f"{cand0.label} is over budget"
         return None, None, report
 
     few = Dataset(evaluation.feeds[:SENSITIVITY_FEEDS], source=evaluation.source)
     base_outputs = ReferenceOutputs(base, few)
     base_macs = estimate_macs(base, shapes) or 0
-    node_macs = macs_per_node(base, shapes) if m.step == "quantize" else {}
+    node_macs = macs_per_node(base, shapes) if m.mac_cost is not None else {}
     levels = list(m.levels)
 
     def probe(layer: str, lvl: Any) -> sens.Probe:
         model_l, notes_l = build({**m.options({layer: lvl}, layers), **m.probe_options})
-        if layer not in m.layers_of(notes_l) and m.step == "quantize":
-            # not quantizable on its own (an op that shares its input's scale): it costs
-            # nothing alone and moves with the others
-            return sens.Probe(layer, lvl, 0.0, node_macs.get(layer, 0) * (1 - QUANTIZED_COST))
+        if m.mac_cost is not None and layer not in m.layers_of(notes_l):
+            # not changeable on its own (a quantized op that shares its input's scale): it
+            # costs nothing alone and moves with the others
+            return sens.Probe(layer, lvl, 0.0, node_macs.get(layer, 0) * (1 - m.mac_cost))
         err = error_of(compare(base_outputs, model_l, few, Tolerance(exact=False), optimize_candidate=True))
-        if m.step == "quantize":
-            saved = node_macs.get(layer, 0) * (1 - QUANTIZED_COST)
+        if m.mac_cost is not None:
+            saved = node_macs.get(layer, 0) * (1 - m.mac_cost)
         else:
             saved = base_macs - (estimate_macs(model_l, shapes) or base_macs)
         return sens.Probe(layer, lvl, err, float(saved))
@@ -490,7 +477,8 @@ def _run_step(
         tried[k] = (model_k, cand)
         return cand.within_budget
 
-    known_fail = len(moves) if m.step == "quantize" else None  # the uniform candidate is all moves
+    # the uniform candidate, when it is every layer at the last level, is all the moves: known to fail
+    known_fail = len(moves) if m.target is None and uniform_level(m) == m.full else None
     k = allocation.largest_within_budget(len(moves), attempt, known_fail)
     if k == 0:
         report.reason = "no allocation is within the accuracy budget"
@@ -521,13 +509,6 @@ def _rows(feed: Mapping[str, Any]) -> int:
 def _file_size(path: Path) -> int:
     data = path.with_name(path.name + ".data")
     return path.stat().st_size + (data.stat().st_size if data.exists() else 0)
-
-
-def _removed_share(layers: Mapping[str, Mapping[str, Any]], assignment: Mapping[str, Any]) -> float:
-    total = sum(float(info.get("channels", 0)) for info in layers.values())
-    removed = sum(float(info.get("channels", 0)) * (1 - float(assignment.get(k, 1.0)))
-                  for k, info in layers.items())
-    return removed / total if total else 0.0
 
 
 def _datasets(

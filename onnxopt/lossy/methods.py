@@ -41,6 +41,16 @@ class Method:
     # options for the per-layer sensitivity probes only: what is too costly to do once per
     # (layer, level) and only ranks the layers (pruning's refit: it runs for every candidate)
     probe_options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    # options of the first (uniform) candidate, which also lists the layers the pass can change
+    first_options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    # what a changed layer's MAC costs against a float one, for ranking only (int8: 0.25);
+    # None: the saving is measured as the MACs the rewrite removes from the graph
+    mac_cost: float | None = None
+    per_layer: bool = True  # False: all or nothing (no sensitivity, no allocation)
+    # a candidate's name from its assignment and the method's layers
+    label: Callable[[Method, Mapping[str, Any], Mapping[str, Any]], str] | None = None
+    # fits weights to calibration data (refits), so calibration must not also evaluate
+    fits_data: bool = False
 
     @property
     def identity(self) -> Any:
@@ -53,6 +63,13 @@ class Method:
 
     def options(self, assignment: Mapping[str, Any], layers: Mapping[str, Any]) -> dict[str, Any]:
         return {**self.base_options, **self.to_options(assignment, layers)}
+
+    def name_of(self, assignment: Mapping[str, Any], layers: Mapping[str, Any]) -> str:
+        return self.label(self, assignment, layers) if self.label is not None else self.name
+
+    def float_layers(self, assignment: Mapping[str, Any], layers: Mapping[str, Any]) -> list[str]:
+        """The layers an assignment keeps in float (quantizers; none for the other methods)."""
+        return [x for x in layers if assignment.get(x, self.identity) == FLOAT]
 
     def describe(self, level: Any) -> str:
         if self.step == "prune":
@@ -78,10 +95,19 @@ def _quantize_skipped(notes: Mapping[str, Any]) -> dict[str, str]:
     return dict(notes.get("skipped", {}))
 
 
+QUANTIZED_MAC_COST = 0.25  # an int8 MAC against a float one, for ranking only: latency decides
+
+
+def _quantized_label(m: Method, assignment: Mapping[str, Any], layers: Mapping[str, Any]) -> str:
+    k = len(m.float_layers(assignment, layers))
+    return m.name + (f", {k} layer{'s' if k > 1 else ''} in float" if k else "")
+
+
 def _quantizer(name: str, pass_name: str, options: Mapping[str, Any], min_opset: int,
-               calibrates: bool = False) -> Method:
+               calibrates: bool = False, per_layer: bool = True) -> Method:
     return Method(name, "quantize", pass_name, "precision", (FLOAT, name), _quantize_options,
-                  _quantized_layers, _quantize_skipped, dict(options), min_opset, calibrates)
+                  _quantized_layers, _quantize_skipped, dict(options), min_opset, calibrates,
+                  mac_cost=QUANTIZED_MAC_COST, per_layer=per_layer, label=_quantized_label)
 
 
 QUANTIZERS: dict[str, Method] = {
@@ -91,7 +117,7 @@ QUANTIZERS: dict[str, Method] = {
     # (level 0) measured 18x slower than float MatMul on an AVX2 machine
     "int8-weight": _quantizer("int8-weight", "quantize-weight-only", {"bits": 8, "accuracy_level": 4}, 1),
     "int4": _quantizer("int4", "quantize-weight-only", {"bits": 4, "accuracy_level": 4}, 1),
-    "fp16": _quantizer("fp16", "convert-fp16", {}, 1),
+    "fp16": _quantizer("fp16", "convert-fp16", {}, 1, per_layer=False),
 }
 
 
@@ -124,7 +150,25 @@ def pruning(target: float, criterion: str = "l1") -> Method:
     return Method("prune", "prune", "prune-channels", "fraction kept", tuple(levels),
                   _prune_options, _prunable_groups, _prune_skipped,
                   {"criterion": criterion}, 1, False, target,
-                  probe_options={"reconstruct": False})
+                  probe_options={"reconstruct": False}, first_options={"ratio": target},
+                  label=_pruned_label, fits_data=True)
+
+
+def removed_share(layers: Mapping[str, Mapping[str, Any]], assignment: Mapping[str, Any]) -> float:
+    """Share of the groups' channels an assignment of kept fractions removes."""
+    total = sum(float(info.get("channels", 0)) for info in layers.values())
+    removed = sum(float(info.get("channels", 0)) * (1 - float(assignment.get(k, 1.0)))
+                  for k, info in layers.items())
+    return removed / total if total else 0.0
+
+
+def _pruned_label(_m: Method, assignment: Mapping[str, Any], layers: Mapping[str, Any]) -> str:
+    return f"prune, {removed_share(layers, assignment):.1%} of channels removed"
+
+
+def _factorized_label(_m: Method, assignment: Mapping[str, Any], layers: Mapping[str, Any]) -> str:
+    n = sum(1 for v in assignment.values() if float(v) < 1.0)
+    return f"factorize, {n} layer{'s' if n != 1 else ''} at low rank"
 
 
 # ---- low-rank factorization: per layer, the fraction of full rank kept
@@ -152,7 +196,8 @@ def factorization(fraction: float) -> Method:
                      round(max(0.05, fraction / 2), 4)}, reverse=True)
     return Method("factorize", "factorize", "factorize-lowrank", "fraction of rank", tuple(levels),
                   _factorize_options, _factorized_layers, _quantize_skipped, {}, 1, False,
-                  None, round(fraction, 4))
+                  None, round(fraction, 4), first_options={"rank_fraction": round(fraction, 4)},
+                  label=_factorized_label, fits_data=True)
 
 
 def uniform_level(method: Method) -> Any:
