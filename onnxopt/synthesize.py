@@ -227,9 +227,10 @@ def _implied(model: onnx.ModelProto, spec: InputSpec, dim: Dim, uses: Mapping[st
 
 
 def candidates(model: onnx.ModelProto, specs: Sequence[InputSpec], pins: Mapping[str, Sequence[int]],
+               uses: Mapping[str, list[tuple[onnx.NodeProto, int]]] | None = None,
                ) -> tuple[dict[str, list[int]], dict[str, str]]:
     """Per dim group (its symbol, or input:axis): candidate sizes in order, and how the first was found."""
-    uses = _consumers(model)
+    uses = uses if uses is not None else _consumers(model)
     inits = {t.name: t for t in model.graph.initializer}
     fixed: dict[str, int] = {}
     for s in specs:  # a symbol pinned (or static) on one input fixes it everywhere
@@ -382,9 +383,9 @@ _ROLE_OF_FORMAL = {
 }
 
 
-def roles(model: onnx.ModelProto) -> dict[str, Role]:
+def roles(model: onnx.ModelProto, uses: Mapping[str, list[tuple[onnx.NodeProto, int]]] | None = None) -> dict[str, Role]:
     """Input name -> the role its values play where they are read (``free`` when none)."""
-    uses = _consumers(model)
+    uses = uses if uses is not None else _consumers(model)
     out: dict[str, Role] = {}
     for spec in model_inputs(model):
         out[spec.name] = _find_role(model, spec.name, uses) or Role("free")
@@ -646,8 +647,9 @@ def synthesize(model: onnx.ModelProto, run: Any, pins: Mapping[str, Sequence[int
     pins = dict(pins or {})
     specs = model_inputs(model)
     check_pins(specs, pins)
-    groups, how = candidates(model, specs, pins)
-    input_roles = roles(model)
+    uses = _consumers(model)  # one walk of the graph for the dims and the values
+    groups, how = candidates(model, specs, pins, uses)
+    input_roles = roles(model, uses)
     first_error: str | None = None
     first_shapes: dict[str, tuple[int, ...]] | None = None
     t0 = time.perf_counter()
