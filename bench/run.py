@@ -514,31 +514,8 @@ def _versions() -> dict[str, str]:
 
 
 def _machine() -> str:
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    mem = ""
-    try:
-        kb = int(next(ln for ln in Path("/proc/meminfo").read_text().splitlines()
-                      if ln.startswith("MemTotal")).split()[1])
-        mem = f", {kb / 2**20:.0f} GiB RAM"
-    except (OSError, StopIteration, ValueError):
-        pass
-    flags = ""
-    try:  # the instruction sets the int8 and float kernels pick from
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        have = set(next((ln.split(":", 1)[1].split() for ln in out.splitlines() if ln.startswith("Flags:")), []))
-        picked = [f for f in ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "avx512_bf16",
-                              "amx_int8") if f in have]
-        flags = f" (lscpu flags: {' '.join(picked) or 'none of avx2/avx512/vnni'})" if have else ""
-    except (OSError, subprocess.CalledProcessError):
-        pass
-    return f"{cpu}{flags}, {os.cpu_count()} cores{mem}, {platform.system()} {platform.release()}"
+    from onnxopt import machine
+    return machine.summary()
 
 
 def _ms(lat: Any, field: str) -> str:
