@@ -20,11 +20,22 @@ larger than ``max_growth`` times its inputs (Tile/Expand/ConstantOfShape/Range o
 outputs stay computed at run time; a Transpose or Concat of big weights still folds).
 The cap is checked before evaluation from inferred shapes and again on the real values.
 
+Growth budget, for the whole run: the bytes folding adds to the model (the folded values
+minus the constants that only their computation read) may total ``max_run_growth`` times
+the model's constant bytes when the pipeline started, or 16 KiB if that is more, summed
+over every graph and every fixpoint iteration (``ctx.notes["fold-constants"]``). A
+per-node rule cannot see this: Silero VAD's two LSTMs read each weight through an
+Unsqueeze of their own, and folding both copies grew the file from 2.22 to 3.17 MB
+without any node growing. Past the budget, the largest folded values are declined
+until the rest fits (``skipped:growth-budget``). ``max_run_growth=inf`` (``--allow-growth``)
+lifts it.
+
 Never folded:
 - nondeterministic ops (RandomNormal[Like], RandomUniform[Like], Bernoulli, Multinomial):
   ``skipped:nondeterministic``;
 - custom-domain ops: ``skipped:custom-domain``;
 - ``skipped:size-cap``: the size rule above;
+- ``skipped:growth-budget``: the run's growth budget above;
 - QuantizeLinear/DequantizeLinear/DynamicQuantizeLinear (folding a DequantizeLinear of
   int8 weights would undo the quantization), nodes with subgraphs (If/Loop/Scan), and
   values onnxruntime returns as sequences/optionals;
@@ -36,7 +47,9 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 from collections import Counter
+from collections.abc import Sequence
 
 import numpy as np
 import onnx
@@ -57,6 +70,8 @@ logger = logging.getLogger(__name__)
 
 # folding these undoes what they are for (quantized weights stay quantized)
 KEEP = frozenset({"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear"})
+# the growth budget of a run is at least this: a few folded shape vectors never count
+MIN_RUN_GROWTH_BYTES = 16 << 10
 
 
 def _static_dims(graph: gs.Graph, t: gs.Tensor) -> list[int | None] | None:
@@ -80,6 +95,40 @@ def _nbytes(t: gs.Tensor) -> int | None:
         return None
 
 
+def _stored_bytes(t: gs.Tensor) -> int:
+    """Bytes a constant takes in the file, from its shape and dtype (lazy weights stay unloaded)."""
+    try:
+        return math.prod(t.shape) * np.dtype(t.dtype).itemsize
+    except TypeError:
+        return int(np.asarray(t.values).nbytes)
+
+
+def _constant_bytes(graph: gs.Graph) -> int:
+    """Bytes of every initializer and Constant node value, subgraphs included, each once."""
+    seen: set[int] = set()
+    total = 0
+    for g in iter_graphs(graph):
+        for t in g.tensors().values():
+            if isinstance(t, gs.Constant) and id(t) not in seen:
+                seen.add(id(t))
+                total += _stored_bytes(t)
+        for node in g.nodes:
+            value = node.attrs.get("value") if node.op == "Constant" else None
+            if isinstance(value, gs.Constant):
+                total += _stored_bytes(value)
+    return total
+
+
+def _growth_budget(graph: gs.Graph, ctx: PassContext, fraction: float) -> dict[str, float]:
+    """The run's growth budget, kept in ``ctx.notes`` across graphs and fixpoint iterations."""
+    state = ctx.notes.get(FoldConstantsPass.name)
+    if state is None:
+        allowed = math.inf if math.isinf(fraction) else max(
+            float(MIN_RUN_GROWTH_BYTES), fraction * _constant_bytes(graph))
+        state = ctx.notes[FoldConstantsPass.name] = {"budget_bytes": allowed, "grown_bytes": 0.0}
+    return state
+
+
 class _Folder:
     """Folding state of one graph (walked once, in topological order)."""
 
@@ -97,6 +146,7 @@ class _Folder:
         self.fold: list[gs.Node] = []  # nodes to evaluate, in topological order
         self.candidates: dict[int, gs.Node] = {}  # nodes that folding may have made dead
         self.changed = False
+        self.budget = _growth_budget(graph, ctx, options.max_run_growth)
 
     # ---- analysis ----
 
@@ -235,6 +285,7 @@ class _Folder:
         if values is None:
             self.stats["skipped:fold-error"] += 1
             return
+        folded: list[tuple[gs.Tensor, np.ndarray]] = []
         for t, value in zip(targets, values, strict=True):
             node = producer(t)
             if not isinstance(value, np.ndarray) or value.dtype == object:
@@ -242,8 +293,55 @@ class _Folder:
             if node is not None and self.too_big(node, value.nbytes):
                 self.stats["skipped:size-cap"] += 1
                 continue
+            folded.append((t, value))
+        chosen = {id(t) for t, _ in folded}
+        for t, value in self.within_budget(folded, [t for t in targets if id(t) not in chosen]):
             self.replace(t, value)
         self.candidates.update((id(n), n) for n in nodes)
+
+    def within_budget(
+        self, folded: list[tuple[gs.Tensor, np.ndarray]], computed: list[gs.Tensor],
+    ) -> list[tuple[gs.Tensor, np.ndarray]]:
+        """``folded`` less its largest values until the run's growth stays in budget; charges it.
+
+        ``computed``: targets that stay computed at run time (their computation keeps its constants).
+        Declining is rare (a model over budget), so each decline recomputes the growth exactly.
+        """
+        left = self.budget["budget_bytes"] - self.budget["grown_bytes"]
+        if math.isinf(left):
+            return folded
+        folded = sorted(folded, key=lambda tv: tv[1].nbytes)
+        grown = self.growth(folded, computed)
+        while folded and grown > left:
+            computed.append(folded.pop()[0])
+            self.stats["skipped:growth-budget"] += 1
+            grown = self.growth(folded, computed)
+        self.budget["grown_bytes"] += grown
+        return folded
+
+    def growth(self, folded: Sequence[tuple[gs.Tensor, np.ndarray]], declined: list[gs.Tensor]) -> int:
+        """Bytes the model gains when ``folded`` become constants and ``declined`` stay computed:
+        the new values minus the constants that only the computation of ``folded`` read."""
+        live = {id(n) for n in self.needed(declined)}
+        dead = [n for n in self.needed([t for t, _ in folded]) if id(n) not in live]
+        dead_ids = {id(n) for n in dead}
+        freed, seen = 0, set()
+        for node in dead:
+            for t in node.inputs:
+                if id(t) in seen or not self.is_leaf(t) or is_graph_output(self.g, t):
+                    continue
+                seen.add(id(t))
+                if all(id(c) in dead_ids for c in t.outputs):
+                    freed += _stored_bytes(t) if isinstance(t, gs.Constant) else int(
+                        np.asarray(constant_value(t)).nbytes)
+        return sum(int(v.nbytes) for _, v in folded) - freed
+
+    def is_leaf(self, t: gs.Tensor) -> bool:
+        """A constant the graph stores: an initializer or a Constant node's output."""
+        if isinstance(t, gs.Constant):
+            return True
+        node = producer(t)
+        return node is not None and id(node) in self.leaves
 
     def run(self, nodes: list[gs.Node], targets: list[gs.Tensor]) -> list[object] | None:
         import onnxruntime as ort
@@ -281,6 +379,8 @@ class FoldConstantsPass(Pass):
     class Options:
         max_output_bytes: int = 1 << 20  # outputs above this fold only if not bigger than inputs
         max_growth: float = 1.0  # ... times the node's input bytes
+        # the whole run may grow the model's constant bytes by this fraction (inf: no limit)
+        max_run_growth: float = 0.01
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         stats: Counter[str] = Counter()

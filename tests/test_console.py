@@ -183,7 +183,7 @@ def test_dry_run_prints_pass_options_readably(tmp_path: Path) -> None:
     src = _conv_model(tmp_path / "m.onnx")
     result = _invoke("optimize", src, "--dry-run", "--pass", "fold-constants:max_growth=2")
     assert result.exit_code == 0, result.output
-    assert "fold-constants(max_output_bytes=1048576, max_growth=2.0)" in result.output
+    assert "fold-constants(max_output_bytes=1048576, max_growth=2.0, max_run_growth=0.01)" in result.output
     assert "Options(" not in result.output
     assert "inputs: generated at x=1x3x" in result.output
     assert result.output.strip().endswith("dry run: ok; nothing was run")

@@ -212,8 +212,11 @@ def test_size_cap_keeps_blowups(op: str) -> None:
     assert op_histogram(optimized) == op_histogram(model)
     assert report.stats(NAME) == {"skipped:size-cap": 1}
     assert parameter_count(optimized) == parameter_count(model)
-    # below the cap it folds
-    small, rep = optimize(model, passes=[f"{NAME}:max_output_bytes=4194304"])
+    # below the cap it folds, when the run's growth budget is lifted too (else that declines it)
+    capped, rep = optimize(model, passes=[f"{NAME}:max_output_bytes=4194304"])
+    assert rep.stats(NAME) == {"skipped:growth-budget": 1}
+    assert op_histogram(capped) == op_histogram(model)
+    small, rep = optimize(model, passes=[f"{NAME}:max_output_bytes=4194304,max_run_growth=inf"])
     assert rep.stats(NAME) == {"folded-nodes": 1}
     assert op_histogram(small) == {"Add": 1}
 
