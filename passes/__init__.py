@@ -12,6 +12,7 @@ from onnxopt.passes.eliminate_noop import EliminateNoopPass
 from onnxopt.passes.fold_constants import FoldConstantsPass
 from onnxopt.passes.fold_batchnorm import FoldBatchNormPass
 from onnxopt.passes.fold_bias import FoldBiasPass
+from onnxopt.passes.fold_arithmetic_chains import FoldArithmeticChainsPass
 from onnxopt.passes.fuse_matmul_add import FuseMatMulAddPass
 from onnxopt.passes.fuse_shape_chains import FuseShapeChainsPass
 from onnxopt.passes.quantize_qdq import QuantizeQDQPass
@@ -25,6 +26,7 @@ ALL_PASSES = (
     FoldConstantsPass,
     EliminateCommonSubexpressionsPass,
     FoldBatchNormPass,
+    FoldArithmeticChainsPass,
     FoldBiasPass,
     FuseMatMulAddPass,
     FuseShapeChainsPass,
