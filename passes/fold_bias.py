@@ -1,7 +1,10 @@
-"""Fold a constant Add after Conv, ConvTranspose or Gemm into the producer's bias.
+"""Fold a constant Add or Sub after Conv, ConvTranspose or Gemm into the producer's bias.
 
     Add(Conv(x, W, b), c)          ->  Conv(x, W, b + c[M])      (also ConvTranspose)
     Add(Gemm(A, B, C), c)          ->  Gemm(A, B, beta*C + c), beta = 1
+    Sub(producer(...), c)          ->  as Add with -c            (negation is exact)
+
+``Sub(c, producer(...))`` would negate the weights too and is left alone (not counted).
 
 Conv: the output is [N, M, d...] with rank = rank(W); ``c`` may only vary along the
 channel axis: after left-padding to that rank every dim is 1 except axis 1, which is 1
@@ -12,7 +15,7 @@ that sum and beta becomes 1 (a beta of 0 or a missing C then needs no special ca
 ``c`` must broadcast to the Gemm output [M, N] without enlarging it: rank <= 2, last dim
 1 or N, first dim 1 or M (a static M). Sums are taken in float64 and cast back.
 
-Declined, and counted in stats (an Add with no Conv/ConvTranspose/Gemm input is ignored):
+Declined, and counted in stats (an Add/Sub with no Conv/ConvTranspose/Gemm input is ignored):
 - ``skipped:non-constant``: Add's other input, or the existing bias/C, is not a constant.
 - ``skipped:broadcast``: ``c`` would enlarge the output or is not per output channel.
 - ``skipped:graph-output``: the producer's output is also a graph output.
@@ -61,7 +64,7 @@ def _dim(tensor: gs.Tensor, axis: int) -> int | str | None:
     return shape[axis]
 
 
-def _output_frame(prod: gs.Node) -> tuple[int, int, int | str | None] | None:
+def output_frame(prod: gs.Node) -> tuple[int, int, int | str | None] | None:
     """(output rank, channel count on the broadcast axis, leading dim M for Gemm) or None."""
     w_shape = _static_shape(prod.inputs[1]) if len(prod.inputs) > 1 else None
     if w_shape is None:
@@ -99,7 +102,7 @@ def _decline(graph: gs.Graph, prod: gs.Node, other: gs.Tensor, opset: int) -> st
         return "non-constant"
     if prod.op == "Gemm" and opset < 7:
         return "opset"
-    frame = _output_frame(prod)
+    frame = output_frame(prod)
     if frame is None:
         return "unknown-shape"
     w = constant_value(prod.inputs[1])
@@ -126,7 +129,7 @@ def _fold(prod: gs.Node, add: gs.Node, c: np.ndarray, names: NameGenerator) -> N
         new = c64 if old is None else old.astype(np.float64) * beta + c64
         prod.attrs["beta"] = 1.0
     else:
-        frame = _output_frame(prod)
+        frame = output_frame(prod)
         assert frame is not None
         per_channel = np.broadcast_to(c64.reshape(-1), (frame[1],))
         new = per_channel if old is None else old.astype(np.float64) + per_channel
@@ -145,7 +148,7 @@ def _fold(prod: gs.Node, add: gs.Node, c: np.ndarray, names: NameGenerator) -> N
 
 
 class FoldBiasPass(Pass):
-    """Fold a constant Add after Conv, ConvTranspose or Gemm into its bias."""
+    """Fold a constant Add or Sub after Conv, ConvTranspose or Gemm into its bias."""
 
     name = "fold-bias"
 
@@ -155,11 +158,12 @@ class FoldBiasPass(Pass):
             alive = {id(n) for n in g.nodes}
             removed: set[int] = set()
             for add in list(g.nodes):
-                if add.op != "Add" or not is_default_domain(add) or len(add.inputs) != 2:
+                if add.op not in ("Add", "Sub") or not is_default_domain(add) or len(add.inputs) != 2:
                     continue
                 sides = [
                     (t.inputs[0], add.inputs[1 - i]) for i, t in enumerate(add.inputs)
-                    if len(t.inputs) == 1 and t.inputs[0].op in _PRODUCERS
+                    if (add.op == "Add" or i == 0)  # Sub: only producer - c
+                    and len(t.inputs) == 1 and t.inputs[0].op in _PRODUCERS
                     and is_default_domain(t.inputs[0]) and id(t.inputs[0]) in alive
                 ]
                 if not sides:
@@ -172,7 +176,7 @@ class FoldBiasPass(Pass):
                     continue
                 c = constant_value(other)
                 assert c is not None
-                _fold(prod, add, c, ctx.names)
+                _fold(prod, add, c if add.op == "Add" else np.negative(c), ctx.names)
                 removed.add(id(add))
                 stats["folded"] += 1
             if removed:

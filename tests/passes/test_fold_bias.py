@@ -26,8 +26,9 @@ def add_after(
     constant_node: bool = False,
     swap: bool = False,
     seed: int = 0,
+    add_op: str = "Add",
 ) -> onnx.ModelProto:
-    """x -> op(x, W[, B]) -> z -> Add(z, c) -> y."""
+    """x -> op(x, W[, B]) -> z -> add_op(z, c) -> y."""
     rng = np.random.default_rng(seed)
     np_dt = NP[dtype]
     inits = {"W": rng.standard_normal(w_shape).astype(np_dt)}
@@ -41,7 +42,7 @@ def add_after(
         nodes.append(helper.make_node("Constant", [], ["c"], value=tensor("c_v", c)))
     else:
         inits["c"] = c
-    nodes.append(helper.make_node("Add", ["c", "z"] if swap else ["z", "c"], ["y"]))
+    nodes.append(helper.make_node(add_op, ["c", "z"] if swap else ["z", "c"], ["y"]))
     return make_model(nodes, [vi("x", x_shape, dtype)], [vi("y", y_shape, dtype)], inits,
                       opset=opset)
 
@@ -134,6 +135,34 @@ def test_folds_gemm_with_dynamic_m_and_row_bias(opset: int) -> None:
     assert op_histogram(optimized) == {"Gemm": 1}
     assert stats == {"folded": 1}
     assert_equivalent(model, optimized, shapes={"x": [7, 4]})
+
+
+@pytest.mark.parametrize("op", ["Conv", "ConvTranspose", "Gemm"])
+@pytest.mark.parametrize("opset", [9, 13, 21])
+def test_folds_sub_as_negated_add(op: str, opset: int) -> None:
+    if op == "Gemm":
+        model = add_after(op, [3, 4], (4, 5), [3, 5], (5,), bias_shape=(5,), opset=opset,
+                          add_op="Sub")
+    else:
+        w_shape, y_shape = ((4, 3, 3, 3), [2, 4, 3, 3]) if op == "Conv" else ((3, 4, 3, 3), [2, 4, 7, 7])
+        model = add_after(op, [2, 3, 5, 5], w_shape, y_shape, (4, 1, 1), opset=opset, add_op="Sub")
+    optimized, stats = _fold(model)
+    assert op_histogram(optimized) == {op: 1}
+    assert stats == {"folded": 1}
+    assert_equivalent(model, optimized)
+    # the folded bias is the negated constant (no bias before): an oracle independent of ORT
+    c = onnx.numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == "c"))
+    new_bias = onnx.numpy_helper.to_array(next(t for t in optimized.graph.initializer if t.name != "W"
+                                               and t.name != "B"))
+    if op != "Gemm":
+        np.testing.assert_array_equal(new_bias, -c.reshape(-1))
+
+
+def test_leaves_constant_minus_conv_alone() -> None:
+    model = _conv((4, 1, 1), add_op="Sub", swap=True)
+    optimized, stats = _fold(model)
+    assert op_histogram(optimized) == op_histogram(model)
+    assert stats == {}
 
 
 # ---- declines ----------------------------------------------------------------------------------
