@@ -63,6 +63,7 @@ from typing import Any, Literal
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
+from onnxopt.passes import _lowrank
 
 from onnxopt.errors import MissingRequirementError, PassOptionError
 from onnxopt.graph_utils import (
@@ -92,7 +93,21 @@ class _Layer:
     bias: np.ndarray | None  # [N] float64 added to every row (Gemm: beta * C), or None
     dtype: np.dtype
     rows_per_sample: int | None
-    conv: dict[str, Any] | None = None  # kernel, strides, pads, dilations, auto_pad
+    conv: dict[str, Any] | None = None  # kernel, strides, pads, dilations, auto_pad, channels
+    form: str = "matmul"  # "matmul" (also Gemm), "conv" (channel form) or "spatial"
+    w4: np.ndarray | None = None  # a Conv's weight [M, C, kh, kw] as given
+
+    @property
+    def kernel(self) -> tuple[int, int]:
+        return tuple(self.conv["kernel"]) if self.conv else (1, 1)  # type: ignore[return-value]
+
+    def macs_after(self, r: int) -> int:
+        """The pair's MACs per output row (a token, a sample, a Conv output position). The
+        spatial form's first Conv runs at every input column: ``s_w`` times per output."""
+        k, n = self.w.shape
+        if self.form != "spatial":
+            return r * (k + n)
+        return r * k * int(self.conv["strides"][1]) + r * n
 
 
 def parse_keep(spec: str) -> dict[str, float]:
@@ -151,9 +166,15 @@ class FactorizeLowRankPass(Pass):
         rank_fraction: float | None = None  # of full rank min(K, N); 0.5 when nothing is given
         energy: float | None = None  # retained fraction of sum s^2
         max_error: float | None = None  # relative squared output error per layer (needs data)
-        rank_multiple: int = 8
+        # ranks are rounded up to this; None: the multiple measured to pay on this machine
+        rank_multiple: int | None = None
         keep: str = ""  # JSON object or file: layer key -> rank fraction (wins over the rest)
-        min_params_saving: float = 1.25  # K*N / (r*(K+N)) must reach this
+        min_params_saving: float = 1.0  # K*N / (r*(K+N)) must exceed this
+        # the pair's MACs / the layer's must be at most this; None: the break-even measured on
+        # this machine (``_lowrank``, cached per machine); <= 0: no latency check
+        crossover: float | None = None
+        conv_form: Literal["auto", "channel", "spatial"] = "auto"  # auto: fewer MACs of the two
+        time_layers: bool = True  # time each factorized layer against its pair (tiny models)
         method: Literal["auto", "svd", "activation"] = "auto"
         refit: bool = True  # refit B and the bias on calibration data
         ridge: float = 1e-4  # of the refit (onnxopt.reconstruct)
@@ -167,7 +188,7 @@ class FactorizeLowRankPass(Pass):
                 raise PassOptionError(f"pass '{NAME}': {field} must be in (0, 1], got {value}")
         if o.max_error is not None and o.max_error < 0.0:
             raise PassOptionError(f"pass '{NAME}': max_error must be >= 0, got {o.max_error}")
-        if o.rank_multiple < 1 or o.min_params_saving <= 0.0:
+        if (o.rank_multiple is not None and o.rank_multiple < 1) or o.min_params_saving <= 0.0:
             raise PassOptionError(
                 f"pass '{NAME}': rank_multiple must be >= 1 and min_params_saving > 0")
         parse_keep(o.keep)
@@ -189,63 +210,114 @@ class FactorizeLowRankPass(Pass):
             for n in sub.nodes:
                 if n.op in _OPS and is_default_domain(n):
                     decline(layer_key(n), "subgraph")
-        layers: list[_Layer] = []
+        layers: list[list[_Layer]] = []  # per layer, the forms it may take
         for node in graph.nodes:
             if node.op not in _OPS or not is_default_domain(node) or len(node.inputs) < 2:
                 continue
             found = _layer(graph, node)
-            if isinstance(found, str):
-                decline(layer_key(node), found)
+            views = found if isinstance(found, str) else _forms(found, o.conv_form)
+            if isinstance(views, str):
+                decline(layer_key(node), views)
             else:
-                layers.append(found)
+                layers.append(views)
         keep = parse_keep(o.keep)
-        unknown = sorted(set(keep) - {la.key for la in layers} - set(skipped))
+        known = {views[0].key for views in layers}
+        unknown = sorted(set(keep) - known - set(skipped))
         if unknown:
             raise PassOptionError(f"pass '{NAME}': keep names unknown layers {unknown}; the "
-                                  f"layers are {sorted(la.key for la in layers)}")
+                                  f"layers are {sorted(known)}")
+        self._limits = self._crossover() if layers else None
         # layers whose rank is fixed by a fraction can be declined before any data is read
         fixed = o.energy is None and o.max_error is None
-        for la in list(layers):
-            if la.key in keep or fixed:
-                r = self._fraction_rank(la, keep.get(la.key, o.rank_fraction or 0.5))
-                if reason := self._rank_decline(la, r):
-                    decline(la.key, reason)
-                    layers.remove(la)
+        for views in list(layers):
+            key = views[0].key
+            if key in keep or fixed:
+                reasons = [self._rank_decline(v, self._fraction_rank(v, keep.get(key, o.rank_fraction or 0.5)))
+                           for v in views]
+                if all(reasons):
+                    decline(key, str(reasons[0]))
+                    layers.remove(views)
+                else:
+                    views[:] = [v for v, why in zip(views, reasons, strict=True) if not why]
         reference = current_model(graph, ctx) if ctx.calibration and layers else None
         aware = o.method == "activation" or (o.method == "auto" and reference is not None)
         report: dict[str, Any] = {}
         pending: dict[str, tuple[np.ndarray, np.ndarray | None]] = {}
-        for i, la in enumerate(layers):  # in topological order
+        for i, views in enumerate(layers):  # in topological order
+            la = views[0]
             x = y = None
             if reference is not None:  # the layer's own input and output in the model as given
                 if la.key not in pending:  # the next layers whose rows fit in memory, in one run
-                    pending = _capture(reference, ctx, _chunk(layers[i:]))
+                    pending = _capture(reference, ctx, _chunk([v[0] for v in layers[i:]]))
                 x, y = pending.pop(la.key)
-            a_full, b_full, s = factor_basis(la.w, x if aware else None, o.whiten_ridge)
-            r = self._choose_rank(la, keep, s, a_full, b_full, x, y)
-            if isinstance(r, str):
-                decline(la.key, r)
+            chosen = self._best_form(views, keep, x if aware else None, x, y)
+            if isinstance(chosen, str):
+                decline(la.key, chosen)
                 continue
+            la, r, (a_full, b_full, s) = chosen
             if reference is not None and o.sequential and report:
                 # what the layer reads now that the layers before it are factorized
                 x = _capture(current_model(graph, ctx), ctx, [la], outputs=False)[la.key][0]
                 if aware:
-                    a_full, b_full, _ = factor_basis(la.w, x, o.whiten_ridge)
+                    a_full, b_full, _ = factor_basis(la.w, _whitening_rows(la, x), o.whiten_ridge)
             a, b, bias, entry = self._fit(la, a_full[:, :r], b_full[:r], x, y)
             entry.update(method="activation" if aware else "svd",
                          energy=float((s[:r] ** 2).sum() / max((s**2).sum(), 1e-300)))
+            original = _layer_model(la, [la.node]) if o.time_layers else None
             new = _rewrite(la, a, b, bias, ctx)
+            if original is not None:
+                entry.update(_timing(original, _layer_model(la, new)))
             graph.nodes = [m for n in graph.nodes for m in (new if n is la.node else [n])]
             report[la.key] = entry
             stats["factorized"] += 1
+            if la.form == "spatial":
+                stats["spatial"] += 1
         if report:
             graph.cleanup()
         ctx.notes[NAME] = {"layers": report, "skipped": skipped}
+        if self._limits is not None:
+            c = self._limits
+            ctx.notes[NAME]["crossover"] = {"matmul": c.matmul, "conv": c.conv, "spatial": c.spatial,
+                                            "matmul_multiple": c.matmul_multiple,
+                                            "conv_multiple": c.conv_multiple, "source": c.source}
         return PassResult(changed=bool(report), stats=dict(stats))
 
+    def _crossover(self) -> _lowrank.Crossover:
+        """The options' crossover and multiple, what they leave open measured on this machine."""
+        o = self.options
+        if o.crossover is not None and o.rank_multiple is not None:
+            v = o.crossover
+            return _lowrank.Crossover(v, v, v, o.rank_multiple, o.rank_multiple, "options")
+        m = _lowrank.measured_crossover()
+        if o.crossover is not None:
+            m = dataclasses.replace(m, matmul=o.crossover, conv=o.crossover, spatial=o.crossover)
+        if o.rank_multiple is not None:
+            m = dataclasses.replace(m, matmul_multiple=o.rank_multiple, conv_multiple=o.rank_multiple)
+        return m
+
+    def _best_form(self, views: list[_Layer], keep: Mapping[str, float], whiten: np.ndarray | None,
+                   x: np.ndarray | None, y: np.ndarray | None
+                   ) -> tuple[_Layer, int, tuple[np.ndarray, np.ndarray, np.ndarray]] | str:
+        """The form (of a Conv: channel or spatial) whose chosen rank costs the fewest MACs,
+        with its rank and factor basis; or the first form's decline reason."""
+        best, first_reason = None, ""
+        for v in views:
+            basis = factor_basis(v.w, None if whiten is None else _whitening_rows(v, whiten),
+                                 self.options.whiten_ridge)
+            r = self._choose_rank(v, keep, *basis, x, y)
+            if isinstance(r, str):
+                first_reason = first_reason or r
+            elif best is None or v.macs_after(r) < best[0].macs_after(best[1]):
+                best = (v, r, basis)
+        return best if best is not None else first_reason
+
     # ---- rank ----
+    def _multiple(self, la: _Layer) -> int:
+        assert self._limits is not None
+        return self._limits.multiple(la.form)
+
     def _fraction_rank(self, la: _Layer, fraction: float) -> int:
-        return round_rank(fraction * min(la.w.shape), self.options.rank_multiple)
+        return round_rank(fraction * min(la.w.shape), self._multiple(la))
 
     def _rank_decline(self, la: _Layer, r: int) -> str | None:
         k, n = la.w.shape
@@ -253,37 +325,40 @@ class FactorizeLowRankPass(Pass):
             return "full-rank"
         if k * n <= self.options.min_params_saving * r * (k + n):
             return "no-saving"
+        limit = self._limits.limit(la.form) if self._limits is not None else 0.0
+        if limit > 0.0 and la.macs_after(r) > limit * k * n:
+            return "crossover"
         return None
 
-    def _choose_rank(self, la: _Layer, keep: Mapping[str, float], s: np.ndarray,
-                     a_full: np.ndarray, b_full: np.ndarray, x: np.ndarray | None,
-                     y: np.ndarray | None) -> int | str:
+    def _choose_rank(self, la: _Layer, keep: Mapping[str, float], a_full: np.ndarray, b_full: np.ndarray,
+                     s: np.ndarray, x: np.ndarray | None, y: np.ndarray | None) -> int | str:
         o = self.options
+        step = self._multiple(la)
         if la.key in keep or (o.energy is None and o.max_error is None):
-            return self._fraction_rank(la, keep.get(la.key, o.rank_fraction or 0.5))
+            r = self._fraction_rank(la, keep.get(la.key, o.rank_fraction or 0.5))
+            return self._rank_decline(la, r) or r
         ranks = []
         if o.rank_fraction is not None:
             ranks.append(self._fraction_rank(la, o.rank_fraction))
         if o.energy is not None:
             cum = np.cumsum(s**2) / max(float((s**2).sum()), 1e-300)
-            ranks.append(round_rank(int(np.searchsorted(cum, o.energy - 1e-12)) + 1,
-                                    o.rank_multiple))
-        r = max(ranks, default=o.rank_multiple)
+            ranks.append(round_rank(int(np.searchsorted(cum, o.energy - 1e-12)) + 1, step))
+        r = max(ranks, default=step)
         if reason := self._rank_decline(la, r):
             return reason
         if o.max_error is not None and x is not None and y is not None:
             # the smallest multiple within budget, by bisection (error falls as r grows)
             lo, hi = r, r
-            while not self._rank_decline(la, hi + o.rank_multiple):
-                hi += o.rank_multiple
+            while not self._rank_decline(la, hi + step):
+                hi += step
             if self._error(la, a_full, b_full, hi, x, y) > o.max_error:
                 return "error-budget"
             while lo < hi:
-                mid = lo + o.rank_multiple * ((hi - lo) // o.rank_multiple // 2)
+                mid = lo + step * ((hi - lo) // step // 2)
                 if self._error(la, a_full, b_full, mid, x, y) <= o.max_error:
                     hi = mid
                 else:
-                    lo = mid + o.rank_multiple
+                    lo = mid + step
             r = hi
         return r
 
@@ -295,24 +370,30 @@ class FactorizeLowRankPass(Pass):
     # ---- factors ----
     def _fit(self, la: _Layer, a: np.ndarray, b: np.ndarray, x: np.ndarray | None,
              y: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, dict]:
-        """Factors cast to the weight dtype, the bias, and the notes entry (errors on the rows)."""
+        """The first factor and the second *as a map of the first's outputs* (``B`` itself, or for
+        the spatial form ``B_rows``, see ``_lowrank.spatial_rows``) cast to the weight dtype, the
+        bias, and the notes entry (errors on the calibration rows)."""
         from onnxopt.reconstruct import refit_linear, relative_error
 
         k, n = la.w.shape
         r = a.shape[1]
-        nb = 0 if la.bias is None else n
+        nb = 0 if la.bias is None else la.bias.shape[0]
         entry: dict[str, Any] = {
-            "op": la.node.op, "rank": r, "full_rank": min(k, n),
+            "op": la.node.op, "form": la.form, "rank": r, "full_rank": min(k, n),
             "params_before": k * n + nb, "params_after": r * (k + n) + nb,
-            "macs_before": k * n, "macs_after": r * (k + n),
+            "macs_before": k * n, "macs_after": la.macs_after(r),
             "rows_per_sample": la.rows_per_sample,
             "error_before_refit": None, "error_after_refit": None, "refit_applied": False,
         }
         a = a.astype(la.dtype)
+        if la.form == "spatial":
+            a_rows, b = _lowrank.spatial_rows(a.astype(np.float64), b, la.kernel[1])
+        else:
+            a_rows = a.astype(np.float64)
         b, bias = b.astype(la.dtype), la.bias
         if x is None or y is None:
             return a, b, bias, entry
-        h = np.asarray(x, np.float64) @ a.astype(np.float64)
+        h = np.asarray(x, np.float64) @ a_rows
         offset = 0.0 if bias is None else bias
         before = relative_error(h @ b.astype(np.float64) + offset, y)
         entry["error_before_refit"] = entry["error_after_refit"] = before
@@ -323,6 +404,42 @@ class FactorizeLowRankPass(Pass):
                 b, bias = b2.astype(la.dtype), None if bias2 is None else bias2.astype(np.float64)
                 entry.update(error_after_refit=after, refit_applied=True)
         return a, b, bias, entry
+
+
+def _forms(la: _Layer, conv_form: str) -> list[_Layer] | str:
+    """The forms a layer may take: MatMul/Gemm one; a k x k Conv its channel form, its spatial
+    form (k x 1 then 1 x k), or both (``auto``); a Conv with a side of 1 only the channel form."""
+    if la.conv is None:
+        return [la]
+    kh, kw = la.kernel
+    if kh == 1 or kw == 1:
+        return "spatial-kernel" if conv_form == "spatial" else [la]
+    spatial = _spatial(la)
+    if conv_form == "spatial":
+        return spatial if isinstance(spatial, str) else [spatial]
+    return [la] if conv_form == "channel" or isinstance(spatial, str) else [la, spatial]
+
+
+def _spatial(la: _Layer) -> _Layer | str:
+    """The spatial view of a Conv layer: ``w`` is ``[(C, kh), (kw, M)]``; pads made explicit."""
+    assert la.conv is not None
+    assert la.w4 is not None
+    conv = dict(la.conv)
+    if conv["auto_pad"] not in ("NOTSET", ""):
+        hw = [d if isinstance(d, int) and d > 0 else None for d in (la.node.inputs[0].shape or [])[2:]]
+        if len(hw) != 2 or None in hw:
+            return "unknown-shape"  # SAME padding is split between the two Convs: needs the size
+        conv.update(pads=_explicit_pads(conv, tuple(hw)), auto_pad="NOTSET")
+    return dataclasses.replace(la, w=_lowrank.spatial_matrix(la.w4.astype(np.float64)), conv=conv,
+                               form="spatial")
+
+
+def _whitening_rows(la: _Layer, x: np.ndarray) -> np.ndarray:
+    """The rows the first factor reads: ``x`` itself, or a spatial pair's column strips."""
+    if la.form != "spatial":
+        return x
+    kh, kw = la.kernel
+    return _lowrank.spatial_strips(x, la.conv["channels"], kh, kw)
 
 
 def _layer(graph: gs.Graph, node: gs.Node) -> _Layer | str:
@@ -380,10 +497,10 @@ def _layer(graph: gs.Graph, node: gs.Node) -> _Layer | str:
     conv = {"kernel": list(w.shape[2:]), "strides": list(node.attrs.get("strides", [1, 1])),
             "pads": list(node.attrs.get("pads", [0, 0, 0, 0])),
             "dilations": list(node.attrs.get("dilations", [1, 1])),
-            "auto_pad": node.attrs.get("auto_pad", "NOTSET")}
+            "auto_pad": node.attrs.get("auto_pad", "NOTSET"), "channels": int(w.shape[1])}
     b = None if bias is None else bias.reshape(-1).astype(np.float64)
     rows = math.prod(spatial) if len(spatial) == 2 and None not in spatial else None
-    return _Layer(node, key, w.reshape(m, -1).T.astype(np.float64), b, w.dtype, rows, conv)
+    return _Layer(node, key, w.reshape(m, -1).T.astype(np.float64), b, w.dtype, rows, conv, "conv", w)
 
 
 def _chunk(layers: list[_Layer]) -> list[_Layer]:
@@ -462,21 +579,31 @@ def _rewrite(la: _Layer, a: np.ndarray, b: np.ndarray, bias: np.ndarray | None,
     x, y = node.inputs[0], node.outputs[0]
     base = la.key or node.op.lower()
     fresh = ctx.names.fresh
-    a_c = make_constant(fresh(f"{base}_lowrank_a_w"), _conv_a(a, la) if la.conv else a)
+    if la.form == "spatial":
+        a_w, b_w = _lowrank.spatial_weights(a, b, la.conv["channels"], *la.kernel)
+    else:
+        a_w, b_w = (_conv_a(a, la), b.T.reshape(b.shape[1], r, 1, 1)) if la.conv else (a, b)
+    a_c = make_constant(fresh(f"{base}_lowrank_a_w"), a_w)
     mid_shape = None
-    if la.conv is not None and y.shape is not None:
+    if la.form == "spatial" and y.shape is not None and x.shape is not None:
+        mid_shape = [y.shape[0], r, y.shape[2], x.shape[3]]  # kh x 1: rows as the output, columns as the input
+    elif la.conv is not None and y.shape is not None:
         mid_shape = [y.shape[0], r, *y.shape[2:]]
     elif la.conv is None and x.shape is not None:
         mid_shape = [*x.shape[:-1], r]
     h = gs.Variable(fresh(f"{base}_lowrank_h"), dtype=la.dtype, shape=mid_shape)
     bias_in = [] if bias is None else [make_constant(fresh(f"{base}_lowrank_bias"),
                                                      bias.astype(la.dtype))]
-    if node.op == "Conv":
+    if la.form == "spatial":
+        first_attrs, second_attrs = _spatial_attrs(la.conv)
+        first = gs.Node("Conv", fresh(f"{base}_lowrank_a"), first_attrs, [x, a_c], [h])
+        second = gs.Node("Conv", fresh(f"{base}_lowrank_b"), second_attrs,
+                         [h, make_constant(fresh(f"{base}_lowrank_b_w"), b_w), *bias_in], [y])
+    elif node.op == "Conv":
         attrs = {k: v for k, v in node.attrs.items()
                  if k in ("strides", "pads", "dilations", "auto_pad")}
         attrs["kernel_shape"] = list(la.conv["kernel"]) if la.conv else []
         first = gs.Node("Conv", fresh(f"{base}_lowrank_a"), attrs, [x, a_c], [h])
-        b_w = b.T.reshape(b.shape[1], r, 1, 1)
         second = gs.Node("Conv", fresh(f"{base}_lowrank_b"), {"kernel_shape": [1, 1]},
                          [h, make_constant(fresh(f"{base}_lowrank_b_w"), b_w), *bias_in], [y])
     else:
@@ -501,3 +628,47 @@ def _conv_a(a: np.ndarray, la: _Layer) -> np.ndarray:
     return np.ascontiguousarray(a.T.reshape(a.shape[1], -1, kh, kw))
 
 
+
+
+def _spatial_attrs(conv: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The kh x 1 Conv takes the window's rows (stride, pads, dilation), the 1 x kw its columns."""
+    (kh, kw), (sh, sw), (dh, dw) = conv["kernel"], conv["strides"], conv["dilations"]
+    top, left, bottom, right = conv["pads"]
+    return ({"kernel_shape": [kh, 1], "strides": [sh, 1], "pads": [top, 0, bottom, 0], "dilations": [dh, 1]},
+            {"kernel_shape": [1, kw], "strides": [1, sw], "pads": [0, left, 0, right], "dilations": [1, dw]})
+
+
+def _layer_model(la: _Layer, nodes: list[gs.Node]) -> onnx.ModelProto | None:
+    """``nodes`` (the layer, or its pair) alone as a model for timing: the input's unknown dims
+    pinned (batch 1; other MatMul dims ``_lowrank.SEQ``); None when a Conv's size is unknown."""
+    x, y = nodes[0].inputs[0], nodes[-1].outputs[0]
+    shape = []
+    for i, d in enumerate(x.shape or []):
+        if isinstance(d, int) and d > 0:
+            shape.append(d)
+        elif i == 0:
+            shape.append(1)
+        elif la.conv is None:
+            shape.append(_lowrank.SEQ)
+        else:
+            return None
+    if not shape:
+        return None
+    protos, weights = [], {}
+    for n in nodes:
+        for t in n.inputs:
+            if isinstance(t, gs.Constant):
+                weights[t.name] = np.asarray(constant_value(t))
+        protos.append(onnx.helper.make_node(n.op, [t.name for t in n.inputs], [t.name for t in n.outputs],
+                                            **{k: v for k, v in n.attrs.items()}))
+    elem = onnx.helper.np_dtype_to_tensor_dtype(np.dtype(la.dtype))
+    return _lowrank.single_layer(protos, x.name, shape, y.name, weights, elem)
+
+
+def _timing(original: onnx.ModelProto, pair: onnx.ModelProto | None) -> dict[str, Any]:
+    """The notes' latency fields: the layer and its pair, each timed alone on this machine."""
+    if pair is None:
+        return {}
+    before, after = _lowrank.layer_latency(original, pair)
+    dims = [d.dim_value for d in original.graph.input[0].type.tensor_type.shape.dim]
+    return {"latency_ms_before": round(before, 4), "latency_ms_after": round(after, 4), "latency_input": dims}
