@@ -292,6 +292,176 @@ def test_conv_error_in_notes_is_what_onnxruntime_measures() -> None:
     assert layer["error_after_refit"] <= layer["error_before_refit"]
 
 
+# ---- spatial form: k x k -> k x 1 then 1 x k ----
+
+def _separable_conv(cin: int, cout: int, k: int, rank: int, seed: int = 13, **attrs: object
+                    ) -> tuple[onnx.ModelProto, np.ndarray]:
+    """W[m, c, i, j] = sum_r V[c, i, r] H[r, j, m]: spatial rank ``rank``; channel rank full."""
+    rng = np.random.default_rng(seed)
+    v = rng.standard_normal((cin, k, rank))
+    h = rng.standard_normal((rank, k, cout))
+    w = (np.einsum("cir,rjm->mcij", v, h) / np.sqrt(cin * k * k)).astype(np.float32)
+    b = rng.standard_normal(cout).astype(np.float32)
+    node = helper.make_node("Conv", ["x", "W", "B"], ["y"], name="conv", **attrs)
+    model = make_model([node], [vi("x", [2, cin, 12, 12])], [vi("y", None)], {"W": w, "B": b},
+                       check=False)
+    y = run_model(model, _feeds((2, cin, 12, 12), n=1))[0][0]
+    model.graph.output[0].CopyFrom(vi("y", list(y.shape)))
+    return model, w
+
+
+def _kernel_shapes(model: onnx.ModelProto) -> list[list[int]]:
+    return [list(next(a.ints for a in n.attribute if a.name == "kernel_shape")) for n in model.graph.node]
+
+
+@pytest.mark.parametrize("attrs", [
+    {"pads": [1, 1, 1, 1]},
+    {"strides": [2, 1], "pads": [0, 1, 2, 1], "dilations": [1, 2]},
+    {"auto_pad": "SAME_UPPER", "strides": [2, 2]},
+    {"auto_pad": "VALID", "dilations": [2, 1]},
+])
+@pytest.mark.parametrize("calibrated", [False, True])
+def test_spatial_factorization_at_true_rank(attrs: dict, calibrated: bool) -> None:
+    cin, cout, k, r = 8, 16, 3, 8
+    model, w = _separable_conv(cin, cout, k, r, **attrs)
+    calib = _feeds((2, cin, 12, 12), n=3) if calibrated else None
+    # full spatial rank min(C k, k M) = 24: a third is the true rank
+    out, stats, notes = _run(model, f"{PASS}:rank_fraction=0.33,conv_form=spatial", calibration=calib)
+    assert stats == {"factorized": 1, "spatial": 1}
+    assert _kernel_shapes(out) == [[3, 1], [1, 3]]
+    a, b = (_inits(out)[out.graph.node[i].input[1]] for i in (0, 1))
+    assert a.shape == (r, cin, k, 1)
+    assert b.shape == (cout, r, 1, k)
+    # the pair's weights compose back to W (numpy, independent of the pass's helpers)
+    np.testing.assert_allclose(np.einsum("rci,mrj->mcij", a[..., 0], b[:, :, 0, :]), w,
+                               atol=1e-5 * np.abs(w).max())
+    _assert_close(model, out, _feeds((2, cin, 12, 12), seed=4), 1e-5)
+    layer = notes["layers"]["conv"]
+    assert (layer["form"], layer["rank"], layer["full_rank"]) == ("spatial", r, cin * k)
+    assert layer["params_after"] == r * (cin * k + k * cout) + cout == _params(out)
+    assert layer["params_before"] == _params(model)
+
+
+def test_spatial_error_falls_with_rank_and_is_what_onnxruntime_measures() -> None:
+    """A Conv that is not separable: activation-aware spatial factors at growing rank; the error
+    onnxruntime shows on held-out inputs falls, and the notes' error on the calibration patches
+    (every position used) is onnxruntime's on them."""
+    cin, cout, k = 16, 16, 3
+    rng = np.random.default_rng(14)
+    w = (rng.standard_normal((cout, cin, k, k)) / np.sqrt(cin * k * k)).astype(np.float32)
+    node = helper.make_node("Conv", ["x", "W"], ["y"], name="conv", pads=[1, 1, 1, 1])
+    model = make_model([node], [vi("x", [2, cin, 12, 12])], [vi("y", [2, cout, 12, 12])], {"W": w})
+    mix = _anisotropic(12)  # rows of the image correlated: the whitening has something to use
+    calib = _feeds((2, cin, 12, 12), n=2, mix=mix)
+    held = _feeds((2, cin, 12, 12), n=2, seed=21, mix=mix)
+    ref_held, ref_calib = run_model(model, held), run_model(model, calib)
+    errors = []
+    for r in (8, 16):
+        out, _, notes = _run(model, f"{PASS}:keep={json.dumps({'conv': r / 48})},conv_form=spatial",
+                             calibration=calib)
+        layer = notes["layers"]["conv"]
+        assert (layer["form"], layer["rank"]) == ("spatial", r)
+        got = np.concatenate([g[0] for g in run_model(out, calib)]).astype(np.float64)
+        want = np.concatenate([g[0] for g in ref_calib]).astype(np.float64)
+        assert layer["error_after_refit"] == pytest.approx(_rel(got, want), rel=1e-3)
+        errors.append(_rel(np.concatenate([g[0] for g in run_model(out, held)]),
+                           np.concatenate([g[0] for g in ref_held])))
+    assert errors[1] < 0.7 * errors[0]
+    assert errors[1] > 1e-4  # not separable at rank 16: the test can see a difference
+
+
+def test_auto_form_takes_spatial_where_it_costs_fewer_macs() -> None:
+    """Spatially separable at rank 8 (channel rank full): by energy, the spatial pair is
+    small and taken; on a channel-low-rank Conv the channel pair is."""
+    sep, _ = _separable_conv(16, 16, 3, 8, pads=[1, 1, 1, 1])
+    out, stats, notes = _run(sep, f"{PASS}:energy=0.999999")
+    assert stats == {"factorized": 1, "spatial": 1}
+    assert (notes["layers"]["conv"]["form"], notes["layers"]["conv"]["rank"]) == ("spatial", 8)
+    _assert_close(sep, out, _feeds((2, 16, 12, 12), seed=5), 1e-5)
+    chan, _ = _conv_model(16, 48, 3, 8, pads=[1, 1, 1, 1])
+    out, stats, notes = _run(chan, f"{PASS}:energy=0.999999")
+    assert stats == {"factorized": 1}
+    assert notes["layers"]["conv"]["form"] == "conv"
+    assert _kernel_shapes(out) == [[3, 3], [1, 1]]
+
+
+# ---- the crossover measured on this machine ----
+
+def test_crossover_declines_pairs_that_would_be_slower() -> None:
+    """64 x 128 at rank 16: the pair does 16 * 192 / 8192 = 0.375 of the MACs. A crossover of
+    0.3 declines it, 0.4 takes it; a Conv in spatial form against its own limit."""
+    w = _low_rank(64, 128, 16)
+    _, stats, notes = _run(_matmul(w, [2, 64]), f"{PASS}:rank_fraction=0.25,crossover=0.3")
+    assert (stats, notes["skipped"]) == ({"skipped:crossover": 1}, {"fc": "crossover"})
+    _, stats, notes = _run(_matmul(w, [2, 64]), f"{PASS}:rank_fraction=0.25,crossover=0.4")
+    assert stats == {"factorized": 1}
+    assert notes["layers"]["fc"]["macs_after"] == 16 * 192
+    # the measured one (injected here): spatial at 8 of 24 on 8 -> 16 channels is 0.5 of the MACs
+    model, _ = _separable_conv(8, 16, 3, 8, pads=[1, 1, 1, 1])
+    spec = f"{PASS}:rank_fraction=0.33,conv_form=spatial"
+    _, stats, _ = _run(model, spec)
+    assert stats == {"factorized": 1, "spatial": 1}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(_lowrank, "measured_crossover", lambda: _lowrank.Crossover(1.0, 1.0, 0.45, 8, 8))
+        _, stats, notes = _run(model, spec)
+    assert stats == {"skipped:crossover": 1}
+    assert notes["crossover"]["spatial"] == 0.45
+
+
+def test_measured_multiple_rounds_ranks_and_options_override_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_lowrank, "measured_crossover", lambda: _lowrank.Crossover(1.0, 1.0, 1.0, 16, 32))
+    w = _low_rank(128, 128, 8)
+    _, _, notes = _run(_matmul(w, [2, 128]), f"{PASS}:rank_fraction=0.07")  # 8.96 -> 16
+    assert notes["layers"]["fc"]["rank"] == 16
+    _, _, notes = _run(_matmul(w, [2, 128]), f"{PASS}:rank_fraction=0.07,rank_multiple=4")
+    assert notes["layers"]["fc"]["rank"] == 12
+    model, _ = _conv_model(32, 128, 3, 8, pads=[1, 1, 1, 1])  # channel full rank 128: 8.96 -> 32
+    _, _, notes = _run(model, f"{PASS}:rank_fraction=0.07,conv_form=channel")
+    assert notes["layers"]["conv"]["rank"] == 32
+
+
+def test_spatial_declines() -> None:
+    one, _ = _conv_model(16, 32, 1, 8)
+    _, stats, notes = _run(one, f"{PASS}:conv_form=spatial")
+    assert (stats, notes["skipped"]) == ({"skipped:spatial-kernel": 1}, {"conv": "spatial-kernel"})
+    # SAME padding is split between the two Convs by the input size: unknown, declined
+    node = helper.make_node("Conv", ["x", "W"], ["y"], name="conv", auto_pad="SAME_UPPER")
+    dyn = make_model([node], [vi("x", ["n", 8, "h", "w"])], [vi("y", None)],
+                     {"W": np.ones((16, 8, 3, 3), np.float32)}, check=False)
+    _, stats, notes = _run(dyn, f"{PASS}:conv_form=spatial")
+    assert notes["skipped"] == {"conv": "unknown-shape"}
+
+
+def test_each_layer_is_timed_against_its_pair() -> None:
+    """The notes time the layer and its pair alone, at the layer's input shape (batch pinned)."""
+    w = _low_rank(256, 256, 16)
+    model = _matmul(w, ["b", 32, 256])
+    _, _, notes = _run(model, f"{PASS}:rank_fraction=0.0625")
+    layer = notes["layers"]["fc"]
+    assert layer["latency_input"] == [1, 32, 256]
+    assert layer["latency_ms_before"] > 0.0
+    assert layer["latency_ms_after"] > 0.0
+    _, _, notes = _run(model, f"{PASS}:rank_fraction=0.0625,time_layers=false")
+    assert "latency_ms_before" not in notes["layers"]["fc"]
+
+
+def test_break_even_and_paying_multiple_from_hand_timings() -> None:
+    # dense 1.0 ms; the pair at MAC shares 0.5, 0.75, 1.0 takes 0.6, 0.9, 1.2 ms: equal at 0.8333
+    assert _lowrank.break_even([0.5, 0.75, 1.0], [0.6, 0.9, 1.2], 1.0) == pytest.approx(0.833, abs=1e-3)
+    assert _lowrank.break_even([0.5, 1.0], [0.4, 0.9], 1.0) == 1.0  # faster at every share measured
+    assert _lowrank.break_even([0.5, 1.0], [1.1, 1.2], 1.0) == 0.0  # never faster
+    # steps of 16: 49..64 cost what 64 costs, 33..48 what 48 costs; 8 and 4 do not pay more
+    steps = {40: 1.0, 48: 1.0, 52: 1.5, 56: 1.5, 60: 1.5, 62: 1.5, 63: 1.5, 64: 1.5}
+    assert _lowrank.paying_multiple(steps) == 16
+    linear = {r: r / 64 for r in (40, 48, 52, 56, 60, 62, 63, 64)}
+    assert _lowrank.paying_multiple(linear) == 2  # only 63 -> 64 is within the 3% noise
+    # summarize: the smallest break-even of each form, the measured multiples
+    result = {"matmul": {"a": {"break_even": 0.9}, "b": {"break_even": 0.95}},
+              "conv": {"c": {"break_even": 0.8}}, "spatial": {"d": {"break_even": 0.7}},
+              "multiples": {"matmul": 4, "conv": 16}}
+    assert _lowrank.summarize(result) == _lowrank.Crossover(0.9, 0.8, 0.7, 4, 16)
+
+
 # ---- rank choice ----
 
 def test_energy_picks_the_smallest_rank_that_keeps_it() -> None:
