@@ -37,6 +37,8 @@ PRESETS: dict[int, tuple[str, ...]] = {
         "fold-constants",
         "eliminate-common-subexpressions",
         "fold-batchnorm",
+        "fold-arithmetic-chains",
+        "fold-scale",
         "fold-bias",
         "fuse-matmul-add",
         "fuse-shape-chains",

@@ -13,6 +13,7 @@ from onnxopt.passes.fold_constants import FoldConstantsPass
 from onnxopt.passes.fold_batchnorm import FoldBatchNormPass
 from onnxopt.passes.fold_bias import FoldBiasPass
 from onnxopt.passes.fold_arithmetic_chains import FoldArithmeticChainsPass
+from onnxopt.passes.fold_scale import FoldScalePass
 from onnxopt.passes.fuse_matmul_add import FuseMatMulAddPass
 from onnxopt.passes.fuse_shape_chains import FuseShapeChainsPass
 from onnxopt.passes.quantize_qdq import QuantizeQDQPass
@@ -28,6 +29,7 @@ ALL_PASSES = (
     FoldBatchNormPass,
     FoldArithmeticChainsPass,
     FoldBiasPass,
+    FoldScalePass,
     FuseMatMulAddPass,
     FuseShapeChainsPass,
     EliminateDeadCodePass,
