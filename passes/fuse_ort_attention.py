@@ -1,0 +1,403 @@
+"""Fuse multi-head self-attention into onnxruntime's ``Attention`` / ``MultiHeadAttention`` ops.
+
+The pattern, rooted at each Softmax (per head h, N heads of size d, H = N * d):
+
+    q_h = heads(x @ Wq + bq)   k_h = heads(x @ Wk + bk)   v_h = heads(x @ Wv + bv)
+    p   = Softmax(s * (q_h @ k_h^T) + M)        (optionally NaN -> 0 after the Softmax)
+    out = merge(p @ v_h)                        merge: Transpose(0,2,1,3) + Reshape [B,S,H]
+ -> out = com.microsoft.Attention(x, [Wq|Wk|Wv], [bq|bk|bv], mask, num_heads=N, scale=s)
+
+``heads`` is Reshape [B,S,N,d] + Transpose (0,2,1,3), or, for one packed projection
+``x @ Wqkv``, Reshape [B,S,3,N,d] + Transpose (2,0,3,1,4) + Gather 0/1/2 (ViT style).
+``k_h^T`` is a Transpose (0,1,3,2) of k_h, a Transpose (0,2,3,1) of the Reshape (the
+TorchScript BERT export), or Reshape [-1,S,d] + Transpose (0,2,1) + Reshape (torch's
+decomposed scaled_dot_product_attention). ``s`` is the product of every scalar Mul/Div on
+the q side, the k side and the scores (sdpa splits sqrt(1/d) over q and k).
+
+The mask M may be absent or a key-padding mask computed from a 2-D graph input
+``mask[batch, seq]`` by any ops: it is recognised by evaluating its subgraph in
+onnxruntime on made-up 0/1 masks and checking M == 0 where the mask is 1 and M <= -1000
+where it is 0 (the same value everywhere). The fused op gets ``Cast(mask, int32)`` and
+``mask_filter_value`` = that value (float32's lowest for -inf). Where a row of the mask
+is all zeros the original's Softmax sees -inf everywhere (NaN, or zeros after the NaN
+guard); the fused op returns the mean of v there: padded batch rows with no token at all
+differ, nothing else.
+
+With constant float32 weights and one input x the three projections are packed into
+``Attention``'s weight (``fused-attention``); otherwise (weights computed at run time, or
+q from another input than k and v) the projections stay and ``MultiHeadAttention`` takes
+their outputs (``fused-multihead-attention``).
+
+Declined (``skipped:<reason>``): ``mask-constant`` (a constant additive bias, e.g. causal or
+relative-position), ``mask-not-key-padding`` (its probed values are not a 0/-big key-padding
+mask, or it reads other inputs than a 2-D mask and the batch/sequence shape), ``head-shape``
+(q, k, v disagree on heads or size, or the merge Reshape is not [B,S,N*d]),
+``no-projection`` (q, k or v is not a MatMul of a 3-D input), ``shared-intermediate``
+(a value inside the pattern is read elsewhere, so fusing would compute it twice),
+``packed-runtime-weights`` (one packed projection with weights computed at run time),
+``not-float32``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import Counter
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+from onnxopt.passes._ort_patterns import (
+    REQUIRES,
+    Projection,
+    cast,
+    cone,
+    int_attr,
+    ms_node,
+    op_is,
+    peel_scale,
+    probe,
+    projection,
+    reshape_rank,
+    reshape_tail,
+    resolve_tail,
+)
+
+from onnxopt.graph_utils import constant_value, is_graph_output, make_constant, producer
+from onnxopt.pass_base import Pass, PassContext, PassResult
+
+MASKED_MAX = -1000.0  # a masked logit at or below this is exp() == 0 next to any real score
+
+
+@dataclasses.dataclass(eq=False)
+class _Head:
+    """One of q, k, v: a projection split into ``heads`` heads of ``size``."""
+
+    proj: Projection
+    heads: int
+    size: int
+    part: int | None  # packed projection: which third of its columns; None: its own projection
+    nodes: list[gs.Node]  # from the projection's output to the per-head tensor
+
+
+@dataclasses.dataclass(eq=False)
+class _Match:
+    q: _Head
+    k: _Head
+    v: _Head
+    scale: float
+    mask: gs.Tensor | None
+    out: gs.Tensor
+    nodes: list[gs.Node]  # every node of the pattern after the projections
+
+
+def _heads(t: gs.Tensor) -> _Head | None:
+    """Read a per-head tensor [B, N, S, d] back to its projection."""
+    node = producer(t)
+    if op_is(node, "Transpose") and list(node.attrs.get("perm", [])) == [0, 2, 1, 3]:
+        reshape = producer(node.inputs[0])
+        if not op_is(reshape, "Reshape") or reshape_rank(reshape.inputs[1]) != 4:
+            return None
+        proj = projection(reshape.inputs[0])
+        tail = resolve_tail(reshape_tail(reshape.inputs[1], 2), proj.width if proj else None)
+        if tail is None or proj is None:
+            return None
+        return _Head(proj, tail[0], tail[1], None, [reshape, node])
+    if op_is(node, "Gather") and int_attr(node, "axis", 0) == 0:
+        index = constant_value(node.inputs[1])
+        perm = producer(node.inputs[0])
+        if index is None or index.size != 1 or not op_is(perm, "Transpose"):
+            return None
+        if list(perm.attrs.get("perm", [])) != [2, 0, 3, 1, 4]:
+            return None
+        reshape = producer(perm.inputs[0])
+        if not op_is(reshape, "Reshape") or reshape_rank(reshape.inputs[1]) != 5:
+            return None
+        proj = projection(reshape.inputs[0])
+        tail = resolve_tail(reshape_tail(reshape.inputs[1], 3), proj.width if proj else None)
+        if tail is None or tail[0] != 3 or proj is None:
+            return None
+        part = int(index.reshape(())) % 3
+        return _Head(proj, tail[1], tail[2], part, [reshape, perm, node])
+    return None
+
+
+def _keys_transposed(t: gs.Tensor) -> _Head | None:
+    """Read k^T [B, N, d, S] back to its projection (three export styles, module doc)."""
+    node = producer(t)
+    if op_is(node, "Transpose"):
+        perm = list(node.attrs.get("perm", []))
+        if perm == [0, 1, 3, 2]:
+            head = _heads(node.inputs[0])
+            if head is not None:
+                head.nodes.append(node)
+            return head
+        if perm == [0, 2, 3, 1]:
+            reshape = producer(node.inputs[0])
+            if not op_is(reshape, "Reshape") or reshape_rank(reshape.inputs[1]) != 4:
+                return None
+            proj = projection(reshape.inputs[0])
+            tail = resolve_tail(reshape_tail(reshape.inputs[1], 2), proj.width if proj else None)
+            if tail is None or proj is None:
+                return None
+            return _Head(proj, tail[0], tail[1], None, [reshape, node])
+        return None
+    # sdpa: Reshape(Transpose(Reshape(k_h, [-1, S, d]), (0, 2, 1)), [B, N, d, S])
+    if not op_is(node, "Reshape") or reshape_rank(node.inputs[1]) != 4:
+        return None
+    swap = producer(node.inputs[0])
+    if not op_is(swap, "Transpose") or list(swap.attrs.get("perm", [])) != [0, 2, 1]:
+        return None
+    flat = producer(swap.inputs[0])
+    if not op_is(flat, "Reshape") or reshape_rank(flat.inputs[1]) != 3:
+        return None
+    head = _heads(flat.inputs[0])
+    if head is None or reshape_tail(flat.inputs[1], 1) != (head.size,):
+        return None
+    head.nodes += [flat, swap, node]
+    return head
+
+
+def _merges_heads(reshape: gs.Node, q: _Head) -> bool:
+    """Whether the last Reshape makes [B, S, N*d] (its target ends in N*d, or in -1 where shape
+    inference says the result is [B, S, N*d] with x's B and S)."""
+    width, out, x = q.heads * q.size, reshape.outputs[0], q.proj.x
+    tail = reshape_tail(reshape.inputs[1], 1)
+    if tail == (width,):
+        return True
+    return (tail == (-1,) and out.shape is not None and x.shape is not None and len(out.shape) == 3
+            and out.shape[-1] == width and list(out.shape[:2]) == list(x.shape[:2]))
+
+
+def _match(graph: gs.Graph, softmax: gs.Node, opset: int) -> _Match | str | None:
+    """The attention around ``softmax``, a decline reason, or None (not attention at all)."""
+    axis = softmax.attrs.get("axis", -1 if opset >= 13 else 1)
+    if axis not in (-1, 3):
+        return None
+    nodes = [softmax]
+    scores, mask = softmax.inputs[0], None
+    add = producer(scores)
+    if op_is(add, "Add"):
+        for i in (0, 1):
+            src, _, _ = peel_scale(add.inputs[i])
+            if op_is(producer(src), "MatMul"):
+                scores, mask = add.inputs[i], add.inputs[1 - i]
+                nodes.append(add)
+                break
+    scores, s_factor, s_nodes = peel_scale(scores)
+    qk = producer(scores)
+    if not op_is(qk, "MatMul"):
+        return None
+    q_in, q_factor, q_nodes = peel_scale(qk.inputs[0])
+    kt_in, k_factor, k_nodes = peel_scale(qk.inputs[1])
+    nodes += [*s_nodes, qk, *q_nodes, *k_nodes]
+    probs = softmax.outputs[0]
+    readers = probs.outputs
+    if len(readers) == 2 and {r.op for r in readers} == {"IsNaN", "Where"}:
+        isnan = next(r for r in readers if r.op == "IsNaN")
+        where = next(r for r in readers if r.op == "Where")
+        zero = constant_value(where.inputs[1])
+        if (where.inputs[0] is not isnan.outputs[0] or where.inputs[2] is not probs or zero is None
+                or np.any(zero != 0)):
+            return None
+        nodes += [isnan, where]
+        probs = where.outputs[0]
+    if len(probs.outputs) != 1 or not op_is(probs.outputs[0], "MatMul") or probs.outputs[0].inputs[0] is not probs:
+        return None
+    pv = probs.outputs[0]
+    merge = pv.outputs[0].outputs[0] if len(pv.outputs[0].outputs) == 1 else None
+    if not op_is(merge, "Transpose") or list(merge.attrs.get("perm", [])) != [0, 2, 1, 3]:
+        return None
+    final = merge.outputs[0].outputs[0] if len(merge.outputs[0].outputs) == 1 else None
+    if not op_is(final, "Reshape") or reshape_rank(final.inputs[1]) != 3:
+        return None
+    nodes += [pv, merge, final]
+    q, k, v = _heads(q_in), _keys_transposed(kt_in), _heads(pv.inputs[1])
+    if q is None or k is None or v is None:
+        return "no-projection"
+    if len({(h.heads, h.size) for h in (q, k, v)}) != 1 or not _merges_heads(final, q):
+        return "head-shape"
+    return _Match(q, k, v, s_factor * q_factor * k_factor, mask, final.outputs[0],
+                  nodes + q.nodes + k.nodes + v.nodes)
+
+
+def _shared(graph: gs.Graph, m: _Match, keep_projections: bool) -> bool:
+    """Whether a value the fusion makes dead is read outside the pattern (Shape reads excepted:
+    in both exporters' output they only feed the pattern's own Reshape targets)."""
+    dying = list(m.nodes)
+    for h in (m.q, m.k, m.v):
+        dying += h.proj.nodes[1:] if keep_projections else h.proj.nodes
+    inside = {id(n) for n in dying}
+    for node in dying:
+        for t in node.outputs:
+            if t is m.out:
+                continue
+            if is_graph_output(graph, t) or any(id(r) not in inside and r.op != "Shape" for r in t.outputs):
+                return True
+    return False
+
+
+class _Masks:
+    """Key-padding masks recognised by probing, cached per tensor (one mask serves every layer)."""
+
+    def __init__(self, graph: gs.Graph, ctx: PassContext) -> None:
+        self.graph, self.ctx = graph, ctx
+        self.probed: dict[str, tuple[gs.Tensor, float] | str] = {}
+        self.casts: dict[str, gs.Tensor] = {}
+
+    def recognise(self, mask: gs.Tensor) -> tuple[gs.Tensor, float] | str:
+        """(the 2-D mask input, the masked value) or a decline reason."""
+        if mask.name not in self.probed:
+            self.probed[mask.name] = self._probe(mask)
+        return self.probed[mask.name]
+
+    def _probe(self, mask: gs.Tensor) -> tuple[gs.Tensor, float] | str:
+        if constant_value(mask) is not None:
+            return "mask-constant"
+        found = cone(mask)
+        if found is None:
+            return "mask-not-key-padding"
+        inputs = found[1]
+        two_d = [t for t in inputs if t.shape is not None and len(t.shape) == 2]
+        if not two_d or len(inputs) > 2:
+            return "mask-not-key-padding"
+        # the mask input, then a same-shaped input the mask reads only for its shape (input_ids)
+        rng = np.random.default_rng(self.ctx.seed)
+        for source in two_d:
+            others = [t for t in inputs if t is not source]
+            if any(t.shape != source.shape for t in others):
+                continue
+            b = source.shape[0] if isinstance(source.shape[0], int) else 2
+            s = source.shape[1] if isinstance(source.shape[1], int) else 5
+            keeps = [rng.random((b, s)) < 0.6 for _ in range(2)]
+            for keep in keeps:
+                keep[:, 0] = True
+            feeds = [{source.name: keep.astype(source.dtype or np.int64),
+                      **{t.name: np.zeros((b, s), t.dtype or np.int64) for t in others}} for keep in keeps]
+            values = probe(self.graph, mask, feeds, self.ctx.opset)
+            if values is None:
+                continue
+            fill = _key_padding_fill(values, keeps)
+            if fill is not None:
+                return source, fill
+        return "mask-not-key-padding"
+
+    def index(self, source: gs.Tensor) -> gs.Tensor:
+        """``source`` as the int32 mask the contrib ops read (one Cast for all layers)."""
+        if source.dtype is not None and np.dtype(source.dtype) == np.int32:
+            return source
+        if source.name not in self.casts:
+            name = self.ctx.names.fresh(f"{source.name}_int32")
+            self.casts[source.name] = cast(self.graph, source, onnx.TensorProto.INT32, name)
+        return self.casts[source.name]
+
+
+def _key_padding_fill(values: list[np.ndarray], keeps: list[np.ndarray]) -> float | None:
+    """The masked value when every probe is 0 where kept and one value <= MASKED_MAX elsewhere."""
+    fills: set[float] = set()
+    for value, keep in zip(values, keeps, strict=True):
+        if value.ndim != 4 or value.dtype != np.float32 or value.shape[1] != 1:
+            return None
+        expected = keep[:, None, None, :]
+        try:
+            value, expected = np.broadcast_arrays(value, expected)
+        except ValueError:
+            return None
+        if np.any(value[expected] != 0) or not np.all(value[~expected] <= MASKED_MAX):
+            return None
+        fills.update(np.unique(value[~expected]).tolist())
+    if len(fills) != 1:
+        return None
+    fill = fills.pop()
+    return float(np.finfo(np.float32).min) if np.isinf(fill) else fill
+
+
+def _packed(m: _Match) -> tuple[np.ndarray, np.ndarray] | str | None:
+    """Attention's [K, 3H] weight and [3H] bias, a reason MultiHeadAttention must do, or None."""
+    heads = (m.q, m.k, m.v)
+    width = m.q.heads * m.q.size
+    if any(h.proj.weight is None for h in heads):
+        return "runtime-weights"
+    if any(h.proj.x is not m.q.proj.x for h in heads):
+        return "separate-inputs"
+    weights, biases = [], []
+    for h in heads:
+        w, b = h.proj.weight, h.proj.bias
+        assert w is not None
+        if b is None:
+            b = np.zeros(w.shape[1], np.float32)
+        if h.part is not None:
+            w, b = w[:, h.part * width:(h.part + 1) * width], b[h.part * width:(h.part + 1) * width]
+        if w.shape[1] != width:
+            return None
+        weights.append(w)
+        biases.append(b)
+    return np.concatenate(weights, axis=1), np.concatenate(biases).astype(np.float32)
+
+
+def _decline(graph: gs.Graph, m: _Match) -> str | None:
+    heads = (m.q, m.k, m.v)
+    x_shapes = [h.proj.x.shape for h in heads]
+    if any(s is None or len(s) != 3 for s in x_shapes):
+        return "no-projection"
+    if any(h.proj.x.dtype is not None and np.dtype(h.proj.x.dtype) != np.float32 for h in heads):
+        return "not-float32"
+    packed = _packed(m)
+    if packed is None:
+        return "head-shape"
+    if isinstance(packed, str) and any(h.part is not None for h in heads):
+        return "packed-runtime-weights"
+    return "shared-intermediate" if _shared(graph, m, isinstance(packed, str)) else None
+
+
+class FuseOrtAttentionPass(Pass):
+    """Fuse multi-head self-attention into onnxruntime's Attention or MultiHeadAttention (com.microsoft)."""
+
+    name = "fuse-ort-attention"
+    requires_runtime = REQUIRES
+
+    def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
+        stats: Counter[str] = Counter()
+        masks = _Masks(graph, ctx)
+        for softmax in [n for n in graph.nodes if op_is(n, "Softmax")]:
+            m = _match(graph, softmax, ctx.opset)
+            if m is None:
+                continue
+            reason = m if isinstance(m, str) else _decline(graph, m)
+            mask_info = None
+            if reason is None and m.mask is not None:
+                mask_info = masks.recognise(m.mask)
+                reason = mask_info if isinstance(mask_info, str) else None
+            if reason is not None:
+                stats[f"skipped:{reason}"] += 1
+                continue
+            assert isinstance(m, _Match)
+            assert not isinstance(mask_info, str)
+            stats[_fuse(graph, m, mask_info, masks, ctx)] += 1
+        fused = stats["fused-attention"] + stats["fused-multihead-attention"]
+        if fused:
+            graph.cleanup().toposort()
+        return PassResult(changed=fused > 0, stats=dict(stats))
+
+
+def _fuse(graph: gs.Graph, m: _Match, mask: tuple[gs.Tensor, float] | None, masks: _Masks,
+          ctx: PassContext) -> str:
+    attrs: dict[str, object] = {"num_heads": m.q.heads, "scale": float(m.scale)}
+    mask_input: gs.Tensor = gs.Variable.empty()
+    if mask is not None:
+        mask_input = masks.index(mask[0])
+        attrs["mask_filter_value"] = float(mask[1])
+    packed = _packed(m)
+    m.out.inputs.clear()  # the pattern's last Reshape no longer writes it; cleanup drops the rest
+    if isinstance(packed, tuple):
+        weight = make_constant(ctx.names.fresh("attention_qkv_weight"), packed[0].astype(np.float32))
+        bias = make_constant(ctx.names.fresh("attention_qkv_bias"), packed[1])
+        ms_node(graph, "Attention", [m.q.proj.x, weight, bias, mask_input], [m.out], attrs,
+                ctx.names.fresh("Attention"))
+        return "fused-attention"
+    heads = (m.q, m.k, m.v)
+    width = m.q.heads * m.q.size
+    biases = [h.proj.bias if h.proj.bias is not None else np.zeros(width, np.float32) for h in heads]
+    bias = make_constant(ctx.names.fresh("attention_qkv_bias"), np.concatenate(biases).astype(np.float32))
+    ms_node(graph, "MultiHeadAttention", [h.proj.matmul_out for h in heads] + [bias, mask_input], [m.out],
+            attrs, ctx.names.fresh("MultiHeadAttention"))
+    return "fused-multihead-attention"
