@@ -20,10 +20,18 @@ import numpy as np
 import onnx
 
 from onnxopt import data as data_mod
+from onnxopt import guard
 from onnxopt.bench import Latency, ModelStats, measure_latency, model_stats
 from onnxopt.errors import ModelSaveError, OnnxoptError, ValidationError
 from onnxopt.io import check_model_file, load_model, staged_output, write_model
-from onnxopt.manager import DEFAULT_LEVEL, PassManager, PassSpec, PipelineReport, resolve
+from onnxopt.manager import (
+    DEFAULT_LEVEL,
+    PassManager,
+    PassSpec,
+    PipelineReport,
+    lift_growth_budgets,
+    resolve,
+)
 from onnxopt.runtime import ModelRef, failure
 from onnxopt.validate import Tolerance, ValidationReport, compare, failure_message
 
@@ -76,6 +84,8 @@ class OptimizeResult:
     inputs: dict[str, list[int]] = dataclasses.field(default_factory=dict)  # shapes fed
     input_notes: list[str] = dataclasses.field(default_factory=list)  # how dynamic dims were chosen
     checks: list[str] = dataclasses.field(default_factory=list)  # what gated the write instead
+    # never slower, never bigger: what the guard dropped and why, with the full pipeline's figures
+    guard: list[dict[str, Any]] = dataclasses.field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -87,6 +97,7 @@ class OptimizeResult:
             "inputs": self.inputs,
             "input_notes": self.input_notes,
             "checks": self.checks,
+            "guard": self.guard,
             "before": self.before.to_dict(),
             "after": self.after.to_dict(),
             "latency": {k: v.to_dict() for k, v in self.latency.items()},
@@ -133,6 +144,7 @@ def optimize_file(
     on_result: Callable[[OptimizeResult], None] | None = None,
     tick: Callable[[int, int], None] | None = None,
     require_validation: bool = False,
+    allow_growth: bool = False,
 ) -> OptimizeResult:
     """Optimize the model at ``model_path`` and write it to ``output`` (atomically, validated).
 
@@ -140,6 +152,10 @@ def optimize_file(
     model runs on none of them, the lossless result is still written, gated by ``onnx.checker``,
     strict shape inference and an onnxruntime load, and ``validation_skipped`` says why;
     ``require_validation=True`` makes that an error instead.
+
+    A lossless run (every pass exact) is never written slower or bigger than its input
+    (``onnxopt.guard``): the pass responsible is dropped and named in ``warnings`` and
+    ``guard``. ``allow_growth`` lets it grow the file (and lifts fold-constants' budget).
     """
     src = Path(model_path)
     dst = Path(output) if output is not None else default_output(src)
@@ -166,6 +182,9 @@ def optimize_file(
     if calibration_data is not None:
         calibration = data_mod.load(calibration_data, model).feeds
     preset, explicit = resolve(level, passes)
+    if allow_growth:
+        lift_growth_budgets(preset + explicit)
+    lossless = all(p.exact for p in preset + explicit)
     manager = PassManager(preset, explicit, verify_each=verify_each, progress=lambda n: say(f"pass {n}"))
     optimized, report = manager.run(model, calibration=calibration, input_shapes=pins, seed=seed)
     shapes = _shapes_of(dataset) if dataset else pins
@@ -176,12 +195,23 @@ def optimize_file(
     del model, calibration
     gc.collect()
     result: OptimizeResult
-    with staged_output(dst) as staged:
+
+    def rerun(variant: PassManager) -> tuple[onnx.ModelProto, PipelineReport]:
+        cal = data_mod.load(calibration_data, load_model(src)).feeds if calibration_data else None
+        return variant.run(load_model(src), calibration=cal, input_shapes=pins, seed=seed)
+
+    with staged_output(dst) as staged, guard.Guard(manager, rerun, dst, _file_size) as keeper:
         say("writing")
         write_model(optimized, staged, restore_data=False)
         after = model_stats(optimized, shapes, size_bytes=_file_size(staged))
+        decisions: list[guard.Decision] = []
+        if lossless and not allow_growth and guard.grown(before.size_bytes, after.size_bytes):
+            say("finding the pass that grew the file")
+            decisions.append(keeper.smaller(report, before.size_bytes, after.size_bytes))
+            optimized, report, after = _adopt(decisions[-1], staged, shapes)
         result = OptimizeResult(dst, report, None, before, after,
                                 data_source=dataset.source if dataset else "")
+        _record(result, decisions)
         if dataset is not None:
             result.inputs = {k: list(v) for k, v in shapes.items()}
             result.input_notes = list(dataset.notes)
@@ -218,11 +248,42 @@ def optimize_file(
             except OnnxoptError as e:  # a measurement, not a check: the model is still written
                 result.bench_skipped = str(e)
                 result.warnings.append(f"latency not measured: {e}")
+            first = guard.latency_ratio(result.latency["before"], result.latency["after"]) \
+                if lossless and result.latency else None
+            if first is not None and first.slower:
+                say("finding the pass that slowed it")
+                decisions.append(keeper.faster(report, src, staged, first, lambda models: measure_latency(
+                    models, dataset.feeds, threads=threads, repeats=bench_repeats, tick=tick),
+                    already=[n for d in decisions if d.variant for n in d.variant.dropped]))
+                result.latency = decisions[-1].latency
+                if decisions[-1].variant is not None:
+                    _, result.pipeline, result.after = _adopt(decisions[-1], staged, shapes)
+                    if result.validation is not None:  # the written graph changed: validate it
+                        result.validation, _ = _validate(src, staged, dataset, result.pipeline, tolerance)
+                _record(result, decisions[-1:])
         if report_path is not None:
             _write_json(Path(report_path), result.to_dict())
         if on_result:
             on_result(result)
     return result
+
+
+def _adopt(decision: guard.Decision, staged: Path, shapes: Mapping[str, Sequence[int]],
+           ) -> tuple[onnx.ModelProto, PipelineReport, ModelStats]:
+    """Stage the guard's variant instead of the full result: its model, report and stats."""
+    assert decision.variant is not None
+    guard.adopt(decision.variant, staged)
+    report = decision.variant.report
+    report.dropped = {name: decision.message for name in decision.variant.dropped}
+    model = load_model(staged)
+    return model, report, model_stats(model, shapes, size_bytes=_file_size(staged))
+
+
+def _record(result: OptimizeResult, decisions: Sequence[guard.Decision]) -> None:
+    """The guard's decisions go to the report, and those that dropped a pass to the warnings."""
+    for d in decisions:
+        result.guard.append(d.to_dict())
+        result.warnings.append(d.message)
 
 
 def _skip_message(reason: str) -> str:

@@ -31,9 +31,11 @@ class Latency:
     repeats: int
     threads: int
     clock: str
+    # every timing, in the order taken (interleaved rounds): the report draws their distribution
+    samples_ms: tuple[float, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return dataclasses.asdict(self) | {"samples_ms": list(self.samples_ms)}
 
 
 def measure_latency(
@@ -74,7 +76,8 @@ def measure_latency(
     for k, s in samples.items():
         arr = np.asarray(s)
         out[k] = Latency(float(np.median(arr)), float(np.percentile(arr, 90)), float(arr.min()),
-                         len(s), threads, "thread_time" if threads == 1 else "wall")
+                         len(s), threads, "thread_time" if threads == 1 else "wall",
+                         tuple(round(float(x), 6) for x in s))
     return out
 
 

@@ -161,12 +161,13 @@ def _fmt_pass(p: Any) -> str:
 
 
 _SKIPPED = "validation skipped"  # how optimize_file's warning on a skipped validation begins
+_DROPPED = "dropped "  # ... and onnxopt.guard's, on a pass taken out (slower or bigger with it)
 
 
 def print_warnings(result: Any) -> None:
-    """Yellow lines above everything else: validation was asked for and could not run."""
+    """Yellow lines above everything else: validation could not run, or a pass was dropped."""
     for w in result.warnings:
-        if w.startswith(_SKIPPED):
+        if w.startswith((_SKIPPED, _DROPPED)):
             err.print(Text.assemble(("WARNING:", "bold yellow"), f" {w}"), soft_wrap=True)
 
 
@@ -191,7 +192,7 @@ def print_result(result: Any) -> None:
         out.print(f"note: latency not measured ({result.bench_skipped})", markup=False,
                   soft_wrap=True)
     for w in result.warnings:
-        if not w.startswith(_SKIPPED):  # already said at the top
+        if not w.startswith((_SKIPPED, _DROPPED)):  # already said at the top
             out.print(f"note: {w}", markup=False, soft_wrap=True)
 
 
@@ -368,6 +369,10 @@ def optimize(
         "--require-validation", show_default=False,
         help="Fail, writing nothing, when validation cannot run (e.g. generated inputs do not fit "
         "the model) instead of writing with a warning.")] = False,
+    allow_growth: Annotated[bool, typer.Option(
+        "--allow-growth", show_default=False,
+        help="Let a lossless run write a bigger file (folded constants); by default a pass that "
+        "grows the file beyond 1% (or 16 KiB) is dropped and named.")] = False,
     bench: Annotated[bool, typer.Option(
         "--bench/--no-bench", show_default=False,
         help="Measure latency before and after (default: on).")] = True,
@@ -447,7 +452,7 @@ def optimize(
                 input_shapes=shapes, tolerance=tolerance, validate=validate, bench=bench,
                 bench_repeats=repeats, threads=threads, verify_each=verify_each, report_path=report,
                 seed=seed, progress=activity.say, tick=activity.tick,
-                require_validation=require_validation,
+                require_validation=require_validation, allow_growth=allow_growth,
             )
         print_warnings(result)
         if not quiet:

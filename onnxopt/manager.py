@@ -11,7 +11,7 @@ import dataclasses
 import logging
 import math
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -75,6 +75,9 @@ class PipelineReport:
     pipeline: tuple[str, ...] = ()
     # what passes left in ``PassContext.notes`` (e.g. which layers a quantizer touched)
     notes: dict[str, Any] = dataclasses.field(default_factory=dict)
+    # passes taken out of the pipeline after it ran, and why (``onnxopt.guard``: the result
+    # was slower or bigger than the input with them)
+    dropped: dict[str, str] = dataclasses.field(default_factory=dict)
 
     @property
     def exact(self) -> bool:
@@ -107,7 +110,12 @@ class PipelineReport:
 
     def to_dict(self) -> dict[str, Any]:
         return {"pipeline": list(self.pipeline), "passes": [r.to_dict() for r in self.records],
-                "summary": self.summary()}
+                "summary": self.summary(), "dropped": dict(self.dropped)}
+
+    @property
+    def changed_passes(self) -> list[str]:
+        """Names of the passes that changed the graph in some run, in first-run order."""
+        return list(dict.fromkeys(r.name for r in self.records if r.changed))
 
 
 def merge_stats(runs: Sequence[Mapping[str, int]]) -> dict[str, int]:
@@ -161,6 +169,13 @@ def resolve(level: int | None, passes: Sequence[PassSpec] | None) -> tuple[list[
     return preset, explicit
 
 
+def lift_growth_budgets(passes: Sequence[Pass]) -> None:
+    """``--allow-growth``: passes with a run-wide growth budget (fold-constants) get none."""
+    for p in passes:
+        if hasattr(p.options, "max_run_growth"):
+            p.options = dataclasses.replace(p.options, max_run_growth=math.inf)
+
+
 def check_requirements(
     passes: Sequence[Pass], calibration: object | None, input_shapes: Mapping[str, Any] | None
 ) -> None:
@@ -211,6 +226,12 @@ class PassManager:
     @property
     def pipeline(self) -> tuple[str, ...]:
         return tuple(p.name for p in self.preset + self.explicit)
+
+    def without(self, names: Collection[str]) -> PassManager:
+        """The same pipeline and settings, less every pass named in ``names``."""
+        return PassManager([p for p in self.preset if p.name not in names],
+                           [p for p in self.explicit if p.name not in names],
+                           self.max_iterations, self.verify_each, self.progress)
 
     def run(
         self,

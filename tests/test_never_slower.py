@@ -1,0 +1,234 @@
+"""Never slower, never bigger: a lossless run drops the pass that made its result worse.
+
+Latency is faked (``onnxopt.api.measure_latency`` replaced by a function that prices each
+model by its ops), so the slowdown is known and the test cannot be fooled by machine load;
+sizes are real files. The fake keeps the interleaved-rounds shape of the real measurement.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import pytest
+from onnx import helper
+from typer.testing import CliRunner
+
+from onnxopt import api
+from onnxopt.bench import Latency
+from onnxopt.cli import app
+from onnxopt.graph_utils import op_histogram, parameter_count
+from onnxopt.guard import SIZE_FLOOR, latency_ratio
+from onnxopt.testing import assert_equivalent, make_model, random_feeds, vi
+
+rng = np.random.default_rng(0)
+
+
+def _gemm_bias_model() -> onnx.ModelProto:
+    """Level 1 changes it twice: eliminate-identity drops the Identity, fuse-matmul-add makes a Gemm."""
+    return make_model(
+        [helper.make_node("Identity", ["x"], ["xi"]), helper.make_node("MatMul", ["xi", "w"], ["h"]),
+         helper.make_node("Add", ["h", "b"], ["y"])],
+        [vi("x", [4, 16])], [vi("y", [4, 8])],
+        {"w": rng.standard_normal((16, 8)).astype(np.float32), "b": rng.standard_normal(8).astype(np.float32)},
+    )
+
+
+def _latency(ms: float, repeats: int, noise: np.random.Generator) -> Latency:
+    samples = ms * (1.0 + noise.normal(0.0, 0.02, repeats))
+    return Latency(float(np.median(samples)), float(np.percentile(samples, 90)), float(samples.min()),
+                   repeats, 1, "thread_time", tuple(float(s) for s in samples))
+
+
+class FakeClock:
+    """Prices a model at 1 ms, times ``slowdown(call, hist)``; counts the measurements."""
+
+    def __init__(self, slowdown: Callable[[int, dict[str, int]], float]) -> None:
+        self.slowdown, self.calls, self.models = slowdown, 0, []  # type: ignore[var-annotated]
+
+    def __call__(self, models: Mapping[str, Any], feeds: Any, threads: int = 1, repeats: int = 30,
+                 tick: Any = None, **_: Any) -> dict[str, Latency]:
+        self.calls += 1
+        self.models.append(sorted(models))
+        noise = np.random.default_rng(self.calls)
+        return {k: _latency(self.slowdown(self.calls, op_histogram(onnx.load(str(m)))), repeats, noise)
+                for k, m in models.items()}
+
+
+def _gemm_costs(call: int, hist: dict[str, int]) -> float:
+    return 1.25 if "Gemm" in hist else 1.0
+
+
+def test_drops_the_pass_that_slows_the_model_and_names_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    src, dst, rep = tmp_path / "m.onnx", tmp_path / "m.opt.onnx", tmp_path / "r.json"
+    model = _gemm_bias_model()
+    onnx.save(model, src)
+    clock = FakeClock(_gemm_costs)
+    monkeypatch.setattr(api, "measure_latency", clock)
+    result = api.optimize_file(src, dst, report_path=rep, bench_repeats=60)
+    written = onnx.load(str(dst))
+    # eliminate-identity stays (not slower), fuse-matmul-add goes
+    assert op_histogram(written) == {"Add": 1, "MatMul": 1}
+    assert result.pipeline.changed_passes == ["eliminate-identity"]
+    assert list(result.pipeline.dropped) == ["fuse-matmul-add"]
+    assert_equivalent(model, written, atol=1e-6, rtol=1e-6)
+    assert result.validation is not None and bool(result.validation)
+    # one measurement, then exactly one more with the input, the result and each variant
+    assert clock.calls == 2
+    assert clock.models[1] == ["after", "before", "without eliminate-identity",
+                               "without eliminate-identity, fuse-matmul-add", "without fuse-matmul-add"]
+    warning = next(w for w in result.warnings if w.startswith("dropped "))
+    assert warning.startswith("dropped fuse-matmul-add: with it the model measured 1.2")
+    saved = json.loads(rep.read_text())["guard"]
+    assert [g["dropped"] for g in saved] == [["fuse-matmul-add"]]
+    assert saved[0]["reason"] == "slower"
+    full = saved[0]["full_pipeline"]
+    assert 1.2 < full["second"]["ratio"] < 1.3 and full["second"]["slower"]
+    assert saved[0]["written"]["ratio"]["slower"] is False
+    # both figures: the written model's latency is the variant's, beside the input's
+    assert result.latency["after"].median_ms == pytest.approx(1.0, rel=0.03)
+    assert saved[0]["full_pipeline"]["median_ms"] == pytest.approx(1.25, rel=0.03)
+
+
+def test_keeps_everything_when_not_slower(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    src, dst = tmp_path / "m.onnx", tmp_path / "m.opt.onnx"
+    onnx.save(_gemm_bias_model(), src)
+    clock = FakeClock(lambda call, hist: 1.0)
+    monkeypatch.setattr(api, "measure_latency", clock)
+    result = api.optimize_file(src, dst, bench_repeats=60)
+    assert op_histogram(onnx.load(str(dst))) == {"Gemm": 1}
+    assert clock.calls == 1  # no second measurement when nothing is wrong
+    assert result.guard == [] and result.pipeline.dropped == {}
+
+
+def test_a_slowdown_the_second_measurement_does_not_confirm_keeps_the_passes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    src, dst = tmp_path / "m.onnx", tmp_path / "m.opt.onnx"
+    onnx.save(_gemm_bias_model(), src)
+    clock = FakeClock(lambda call, hist: 1.25 if call == 1 and "Gemm" in hist else 1.0)
+    monkeypatch.setattr(api, "measure_latency", clock)
+    result = api.optimize_file(src, dst, bench_repeats=60)
+    assert op_histogram(onnx.load(str(dst))) == {"Gemm": 1}
+    assert clock.calls == 2
+    assert result.pipeline.dropped == {}
+    assert result.guard[0]["dropped"] == [] and "did not confirm" in result.guard[0]["message"]
+
+
+def test_cli_warns_about_the_dropped_pass(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    src = tmp_path / "m.onnx"
+    onnx.save(_gemm_bias_model(), src)
+    monkeypatch.setattr(api, "measure_latency", FakeClock(_gemm_costs))
+    result = CliRunner().invoke(app, ["optimize", str(src), "--repeats", "60"])
+    assert result.exit_code == 0, result.output
+    assert "WARNING: dropped fuse-matmul-add: with it the model measured 1.2" in result.output
+    assert op_histogram(onnx.load(str(tmp_path / "m.opt.onnx"))) == {"Add": 1, "MatMul": 1}
+
+
+def _samples(ms: float, n: int, seed: int, spread: float = 0.05) -> Latency:
+    samples = ms * (1 + np.random.default_rng(seed).normal(0, spread, n))
+    return Latency(ms, ms, ms, n, 1, "thread_time", tuple(float(s) for s in samples))
+
+
+def test_latency_ratio_is_a_paired_interval_around_the_ratio_of_medians() -> None:
+    before, after = _samples(2.0, 100, 1), _samples(2.4, 100, 2)
+    r = latency_ratio(before, after)
+    oracle = np.median(after.samples_ms) / np.median(before.samples_ms)
+    assert r.ratio == pytest.approx(oracle)
+    assert r.low < oracle < r.high
+    assert r.slower and r.rounds == 100
+    # the same distribution measured twice: an interval around 1, not slower
+    same = latency_ratio(_samples(2.0, 100, 3), _samples(2.0, 100, 4))
+    assert same.low < 1.0 < same.high
+    assert not same.slower
+    # 0.5% slower is within the margin (1%) even when certain
+    slight = latency_ratio(_samples(2.0, 100, 5, spread=0.001), _samples(2.01, 100, 6, spread=0.001))
+    assert slight.low > 1.0 and not slight.slower
+
+
+def _expand_model(rows: int = 128, cols: int = 1024) -> onnx.ModelProto:
+    """Expand of one float to rows x cols (512 KiB): under fold-constants' per-node cap of 1 MiB."""
+    return make_model(
+        [helper.make_node("Expand", ["one", "shape"], ["big"]), helper.make_node("Add", ["x", "big"], ["y"])],
+        [vi("x", [rows, cols])], [vi("y", [rows, cols])],
+        {"one": np.full(1, 0.5, np.float32), "shape": np.array([rows, cols], np.int64)},
+    )
+
+
+def test_growth_is_refused_by_default_and_allowed_when_asked(tmp_path: Path) -> None:
+    src = tmp_path / "m.onnx"
+    model = _expand_model()
+    onnx.save(model, src)
+    before = src.stat().st_size
+    result = api.optimize_file(src, tmp_path / "a.onnx", bench=False)
+    assert (tmp_path / "a.onnx").stat().st_size <= before + SIZE_FLOOR
+    assert op_histogram(onnx.load(str(tmp_path / "a.onnx"))) == {"Add": 1, "Expand": 1}
+    assert result.pipeline.stats("fold-constants") == {"skipped:growth-budget": 1}
+    grown = api.optimize_file(src, tmp_path / "b.onnx", bench=False, allow_growth=True)
+    written = onnx.load(str(tmp_path / "b.onnx"))
+    assert op_histogram(written) == {"Add": 1}
+    assert (tmp_path / "b.onnx").stat().st_size > before + 128 * 1024 * 4
+    assert grown.guard == []
+    assert_equivalent(model, written, atol=0, rtol=0)
+
+
+def test_a_pass_that_grows_the_file_is_dropped_and_named(tmp_path: Path) -> None:
+    # fold-constants asked for by name without its budget: the run-level size check still holds
+    src, dst, rep = tmp_path / "m.onnx", tmp_path / "m.opt.onnx", tmp_path / "r.json"
+    model = _expand_model()
+    onnx.save(model, src)
+    result = api.optimize_file(src, dst, level=None,
+                               passes=["fold-constants:max_run_growth=inf"], bench=False, report_path=rep)
+    assert dst.stat().st_size <= src.stat().st_size + SIZE_FLOOR
+    assert op_histogram(onnx.load(str(dst))) == {"Add": 1, "Expand": 1}
+    assert list(result.pipeline.dropped) == ["fold-constants"]
+    assert result.after.size_bytes == dst.stat().st_size
+    saved = json.loads(rep.read_text())["guard"][0]
+    assert saved["reason"] == "bigger" and saved["dropped"] == ["fold-constants"]
+    assert saved["full_pipeline"]["size_bytes"] > src.stat().st_size + 128 * 1024 * 4
+    assert saved["written"]["size_bytes"] == dst.stat().st_size
+    assert any(w.startswith("dropped fold-constants: with it the file grew") for w in result.warnings)
+
+
+def test_cli_allow_growth(tmp_path: Path) -> None:
+    src = tmp_path / "m.onnx"
+    onnx.save(_expand_model(), src)
+    runner = CliRunner()
+    refused = runner.invoke(app, ["optimize", str(src), "-o", str(tmp_path / "a.onnx"), "--no-bench",
+                                  "--pass", "fold-constants:max_run_growth=inf"])
+    assert refused.exit_code == 0, refused.output
+    assert "WARNING: dropped fold-constants: with it the file grew" in refused.output
+    assert "--allow-growth" in refused.output
+    allowed = runner.invoke(app, ["optimize", str(src), "-o", str(tmp_path / "b.onnx"), "--no-bench",
+                                  "--allow-growth"])
+    assert allowed.exit_code == 0, allowed.output
+    assert "dropped" not in allowed.output
+    assert (tmp_path / "b.onnx").stat().st_size > src.stat().st_size + 128 * 1024 * 4
+
+
+@pytest.mark.parametrize("opset", [13, 17])
+def test_fold_budget_counts_a_shared_weight_copied_per_reader(opset: int) -> None:
+    """Silero VAD's shape: one weight read through two Unsqueezes; folding both keeps two copies."""
+    from onnxopt.api import optimize
+
+    w = rng.standard_normal((256, 256)).astype(np.float32)  # 256 KiB, each copy as big
+    axes = {"axes": np.array([0], np.int64)}
+    unsq = [helper.make_node("Unsqueeze", ["w", "axes"], [f"w{i}"]) for i in (1, 2)]
+    model = make_model(
+        [*unsq, helper.make_node("MatMul", ["x", "w1"], ["a"]), helper.make_node("MatMul", ["x", "w2"], ["b"]),
+         helper.make_node("Add", ["a", "b"], ["y"])],
+        [vi("x", [1, 2, 256])], [vi("y", [1, 2, 256])], {"w": w, **axes}, opset=opset,
+    )
+    kept, report = optimize(model, passes=["fold-constants"])
+    assert report.stats("fold-constants") == {"skipped:growth-budget": 2}
+    assert parameter_count(kept) == parameter_count(model)
+    folded, report = optimize(model, passes=["fold-constants:max_run_growth=inf"])
+    assert report.stats("fold-constants") == {"folded-nodes": 2}
+    assert parameter_count(folded) == 2 * w.size
+    feeds = random_feeds(model, 2)
+    assert_equivalent(model, kept, feeds=feeds)
+    assert_equivalent(model, folded, feeds=feeds)
