@@ -86,9 +86,14 @@ class OptimizeResult:
     checks: list[str] = dataclasses.field(default_factory=list)  # what gated the write instead
     # never slower, never bigger: what the guard dropped and why, with the full pipeline's figures
     guard: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    source: Path | None = None  # the model optimized
 
     def to_dict(self) -> dict[str, Any]:
+        from onnxopt.report_html import header
+
         return {
+            **header("optimize"),
+            "source": str(self.source) if self.source else None,
             "output": str(self.output) if self.output else None,
             "pipeline": self.pipeline.to_dict(),
             "validation": self.validation.to_dict() if self.validation else None,
@@ -210,7 +215,7 @@ def optimize_file(
             decisions.append(keeper.smaller(report, before.size_bytes, after.size_bytes))
             optimized, report, after = _adopt(decisions[-1], staged, shapes)
         result = OptimizeResult(dst, report, None, before, after,
-                                data_source=dataset.source if dataset else "")
+                                data_source=dataset.source if dataset else "", source=src)
         _record(result, decisions)
         if dataset is not None:
             result.inputs = {k: list(v) for k, v in shapes.items()}
@@ -377,9 +382,14 @@ def _file_size(path: Path) -> int:
 
 
 def _write_json(path: Path, payload: dict[str, Any]) -> None:
+    _write_text(path, json.dumps(payload, indent=2, default=_json_default))
+
+
+def _write_text(path: Path, text: str) -> None:
+    """Write a report atomically: a temporary file beside ``path``, then moved into place."""
     try:
         tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(json.dumps(payload, indent=2, default=_json_default))
+        tmp.write_text(text, encoding="utf-8")
         os.replace(tmp, path)
     except OSError as e:
         raise OnnxoptError(f"{path}: cannot write report ({e.strerror})") from None

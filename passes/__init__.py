@@ -20,6 +20,9 @@ from onnxopt.passes.quantize_qdq import QuantizeQDQPass
 from onnxopt.passes.prune_channels import PruneChannelsPass
 from onnxopt.passes.factorize_lowrank import FactorizeLowRankPass
 from onnxopt.passes.sparsify_weights import SparsifyWeightsPass
+from onnxopt.passes.fuse_ort_attention import FuseOrtAttentionPass
+from onnxopt.passes.fuse_ort_skip_layernorm import FuseOrtSkipLayernormPass
+from onnxopt.passes.fuse_ort_bias_gelu import FuseOrtBiasGeluPass
 
 ALL_PASSES = (
     EliminateIdentityPass,
@@ -40,4 +43,7 @@ ALL_PASSES = (
     PruneChannelsPass,
     FactorizeLowRankPass,
     SparsifyWeightsPass,
+    FuseOrtAttentionPass,
+    FuseOrtSkipLayernormPass,
+    FuseOrtBiasGeluPass,
 )

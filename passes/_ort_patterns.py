@@ -13,7 +13,7 @@ exporter used to compute it.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 import onnx
@@ -259,3 +259,29 @@ def probe(graph: gs.Graph, tensor: gs.Tensor, feeds: Sequence[Feeds], opset: int
     except Exception:  # an unevaluable cone is a pattern we do not recognise, not an error
         return None
 
+
+
+def fused_is_faster(key: str, build: Callable[[bool], onnx.ModelProto], feed: Feeds, repeats: int = 200) -> bool:
+    """Whether onnxruntime runs ``build(True)`` (the fused op) faster than ``build(False)`` on this
+    machine; measured once per machine and ``key`` (``onnxopt.machine.measured``).
+
+    Both run as written (graph optimizations off: onnxruntime would otherwise fuse the unfused
+    form itself), one thread, interleaved, median of ``time.thread_time`` per run.
+    """
+    import time
+
+    from onnxopt import machine
+    from onnxopt.runtime import session
+
+    def measure() -> dict[str, float]:
+        sessions = {flag: session(build(flag)) for flag in (True, False)}
+        times: dict[bool, list[float]] = {True: [], False: []}
+        for _ in range(repeats):
+            for flag, sess in sessions.items():
+                t0 = time.thread_time()
+                sess.run(None, dict(feed))
+                times[flag].append(time.thread_time() - t0)
+        return {"fused_us": float(np.median(times[True]) * 1e6), "unfused_us": float(np.median(times[False]) * 1e6)}
+
+    result = machine.measured(key, measure, version=1)
+    return result["fused_us"] < result["unfused_us"]

@@ -1,0 +1,441 @@
+"""One self-contained HTML page per run, rendered from the JSON report.
+
+``onnxopt optimize ... --report-html run.html`` renders the run it just did;
+``onnxopt report run.json -o run.html`` renders a report saved with ``--report``. The page is
+rendered from the JSON payload only (the one described by ``onnxopt/schemas/report-1.json``),
+so both routes give the same page and any tool that reads the schema can do the same.
+
+Order: warnings first, then the model before and after, the latency distribution, fidelity
+per output, the passes; for lossy runs the candidates on a cost-against-error plane, what each
+composed step contributed and per-layer sensitivity with each layer's decision; the machine
+last. Plots are inline SVG (``onnxopt.report_svg``): nothing is fetched, the page opens from a
+file with no server. The one script only sorts tables by a click on their header.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from html import escape
+from pathlib import Path
+from typing import Any
+
+from onnxopt import __version__
+from onnxopt.cli import _fmt_bytes, _fmt_int, _pct
+from onnxopt.errors import OnnxoptError
+from onnxopt.report_svg import Bar, Point, bar_chart, plane, strip_plot
+
+SCHEMA = "onnxopt-report/1"
+SCHEMA_FILE = Path(__file__).with_name("schemas") / "report-1.json"
+EXECUTION_PROVIDER = "CPUExecutionProvider"  # onnxopt.runtime.session runs every model on it
+COSINE_FLOOR = 1e-7  # 1 - cosine below this is drawn at it (a log axis has no zero)
+
+
+def header(kind: str) -> dict[str, Any]:
+    """The keys every JSON report starts with: schema version, kind, onnxopt version, machine."""
+    from onnxopt import machine
+
+    return {"schema": SCHEMA, "kind": kind, "onnxopt": __version__, "machine": machine.describe(),
+            "execution_provider": EXECUTION_PROVIDER}
+
+
+def load_report(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """A saved JSON report, refused in one line when it is not one this version renders."""
+    p = Path(path)
+    try:
+        data = json.loads(p.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise OnnxoptError(f"{p}: no such file") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise OnnxoptError(f"{p}: cannot read ({getattr(e, 'strerror', None) or e})") from None
+    except ValueError as e:
+        raise OnnxoptError(f"{p}: not JSON ({e})") from None
+    if not isinstance(data, dict) or "schema" not in data:
+        raise OnnxoptError(f"{p}: not an onnxopt report (no 'schema' field; reports written with --report "
+                           f"since {SCHEMA} have one)")
+    if data["schema"] != SCHEMA:
+        raise OnnxoptError(f"{p}: report schema '{data['schema']}'; this onnxopt renders {SCHEMA}")
+    if data.get("kind") not in ("optimize", "compress"):
+        raise OnnxoptError(f"{p}: unknown report kind {data.get('kind')!r}; expected 'optimize' or 'compress'")
+    return data
+
+
+def check_destination(path: str | os.PathLike[str]) -> None:
+    """Refuse an HTML path that cannot be written, before the run rather than after it."""
+    p = Path(path)
+    if p.is_dir():
+        raise OnnxoptError(f"{p}: is a directory")
+    if not p.parent.exists():
+        raise OnnxoptError(f"{p}: directory '{p.parent}' does not exist")
+
+
+def write_html(path: str | os.PathLike[str], report: Mapping[str, Any]) -> None:
+    """Render ``report`` (a result's ``to_dict()`` or a loaded JSON report) to ``path`` atomically."""
+    from onnxopt.api import _json_default, _write_text
+
+    # through JSON: the page shows exactly the numbers a --report file holds
+    data = json.loads(json.dumps(report, default=_json_default))
+    _write_text(Path(path), render(data))
+
+
+def render_file(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
+    """``onnxopt report``: a saved JSON report to HTML; a report that does not fit the schema is refused."""
+    check_destination(dst)
+    data = load_report(src)
+    try:
+        page = render(data)
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
+        raise OnnxoptError(f"{src}: malformed report ({type(e).__name__}: {e}); check it against "
+                           f"{SCHEMA_FILE.name} shipped in onnxopt/schemas") from None
+    from onnxopt.api import _write_text
+
+    _write_text(Path(dst), page)
+
+
+def render(r: Mapping[str, Any]) -> str:
+    """The whole page for one report."""
+    compress = r.get("kind") == "compress"
+    title = f"onnxopt: {Path(r.get('source') or '?').name} → {Path(r.get('output') or '?').name}"
+    parts = [_head(title), f"<h1>{escape(title)}</h1>", _intro(r), _warnings(r), _before_after(r),
+             _latency(r)]
+    if compress:
+        parts += [_candidates(r), _steps(r), _sensitivity(r)]
+    parts += [_validation(r), _passes(r.get("pipeline")), _ops(r), _machine(r), _foot(r)]
+    return "\n".join(p for p in parts if p)
+
+
+# ---- page furniture
+
+_CSS = """
+body{font:14px/1.45 system-ui,sans-serif;max-width:980px;margin:24px auto;padding:0 16px;color:#222}
+h1{font-size:20px;margin:0 0 4px} h2{font-size:16px;margin:28px 0 8px;border-bottom:1px solid #ddd}
+h3{font-size:14px;margin:14px 0 4px}
+table{border-collapse:collapse;margin:6px 0 10px;font-size:13px} th,td{padding:3px 8px;border-bottom:1px solid #eee}
+th{background:#f6f6f6;text-align:left;cursor:pointer} td.n{text-align:right;font-variant-numeric:tabular-nums}
+.warn{background:#fff4d6;border-left:4px solid #e0a800;padding:6px 10px;margin:4px 0}
+.decision{background:#eef5ee;border-left:4px solid #27ae60;padding:6px 10px;margin:8px 0}
+.note{color:#666;font-size:12px} .bad{color:#c0392b;font-weight:600} .ok{color:#1e7e34}
+svg{max-width:100%;height:auto;display:block;margin:6px 0} code{font-size:12px}
+"""
+
+_SCRIPT = """
+document.querySelectorAll("table.sortable th").forEach(function (th) {
+  th.addEventListener("click", function () {
+    var body = th.closest("table").tBodies[0], i = th.cellIndex, up = th.dataset.dir !== "up";
+    var key = function (row) { var c = row.cells[i]; return c.dataset.v !== undefined ? c.dataset.v : c.textContent; };
+    Array.from(body.rows).sort(function (a, b) {
+      var x = key(a), y = key(b), nx = parseFloat(x), ny = parseFloat(y);
+      var c = isNaN(nx) || isNaN(ny) ? x.localeCompare(y) : nx - ny;
+      return up ? c : -c;
+    }).forEach(function (row) { body.appendChild(row); });
+    th.dataset.dir = up ? "up" : "down";
+  });
+});
+document.body.dataset.script = "ok";
+"""
+
+
+def _head(title: str) -> str:
+    return (f'<!doctype html>\n<html lang="en"><head><meta charset="utf-8"><title>{escape(title)}</title>'
+            f'<meta name="viewport" content="width=device-width,initial-scale=1"><style>{_CSS}</style></head><body>')
+
+
+def _foot(r: Mapping[str, Any]) -> str:
+    return (f'<p class="note">Report schema <code>{escape(str(r.get("schema")))}</code>, written by onnxopt '
+            f'{escape(str(r.get("onnxopt", "?")))}; rendered by onnxopt {escape(__version__)}.</p>'
+            f"<script>{_SCRIPT}</script></body></html>\n")
+
+
+def _td(text: str, value: Any = None, cls: str = "n") -> str:
+    v = "" if value is None else f' data-v="{escape(str(value))}"'
+    return f'<td class="{cls}"{v}>{escape(text)}</td>'
+
+
+def _table(header: Sequence[str], rows: Iterable[str], ident: str = "", sortable: bool = True) -> str:
+    """``rows`` are ``<tr>`` bodies (cells already rendered)."""
+    head = "".join(f"<th>{escape(h)}</th>" for h in header)
+    body = "".join(row if row.startswith("<tr") else f"<tr>{row}</tr>" for row in rows)
+    attrs = (f' id="{ident}"' if ident else "") + (' class="sortable"' if sortable else "")
+    return f"<table{attrs}><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _section(ident: str, title: str, *body: str) -> str:
+    return f'<section id="{ident}"><h2>{escape(title)}</h2>' + "".join(body) + "</section>"
+
+
+def _ms(v: float | None) -> str:
+    return "-" if v is None else f"{v:.4g} ms"
+
+
+# ---- sections
+
+
+def _intro(r: Mapping[str, Any]) -> str:
+    lines = [f"Model <code>{escape(str(r.get('source') or '?'))}</code>, written to "
+             f"<code>{escape(str(r.get('output') or '?'))}</code>."]
+    if r.get("kind") == "compress":
+        lines.append(f'</p><div class="decision" id="decision"><b>Decision</b> ({escape(r.get("method", ""))}, '
+                     f'wrote the {escape(r.get("written", "?"))} model): {escape(r.get("reason", ""))}</div><p>')
+        lines.append(f"Budget: {escape(r.get('budget', ''))}. Evaluated on {r.get('evaluation_samples', '?')} "
+                     f"feeds from {escape(str(r.get('evaluation_source', '')))}; calibration: "
+                     f"{escape(str(r.get('calibration_source', '')))}.")
+    elif r.get("data_source"):
+        lines.append(f"Inputs: {escape(r['data_source'])}.")
+    return "<p>" + " ".join(lines) + "</p>"
+
+
+def _warnings(r: Mapping[str, Any]) -> str:
+    """Everything that weakens the run's conclusions, at the top."""
+    items = list(r.get("warnings") or [])
+    if r.get("validation_skipped") == "--no-validate":
+        items.append("not validated (--no-validate): the written model was not compared with the original")
+    if r.get("bench_skipped") and not any(w.startswith("latency not measured") for w in items):
+        items.append(f"latency not measured ({r['bench_skipped']})")
+    if r.get("validation_passed") is False:
+        items.append(f"the written model is over budget against the source: {r.get('validation_detail', '')}")
+    if not items:
+        return ""
+    return '<section id="warnings">' + "".join(
+        f'<div class="warn"><b>Warning:</b> {escape(w)}</div>' for w in dict.fromkeys(items)) + "</section>"
+
+
+def _timing_pair(r: Mapping[str, Any]) -> tuple[dict[str, Any] | None, dict[str, Any] | None, str, str]:
+    """(before, after) latency entries and their names: optimize's pair, or float and the written model."""
+    lat = r.get("latency") or {}
+    if r.get("kind") != "compress":
+        return lat.get("before"), lat.get("after"), "before", "after"
+    written = next((c for c in r.get("candidates", []) if str(c.get("verdict", "")).startswith("written")), None)
+    name = next((k for k, v in lat.items() if k != "float" and written is not None
+                 and v.get("median_ms") == written.get("latency_ms")), "float")
+    return lat.get("float"), lat.get(name), "float", name
+
+
+def _before_after(r: Mapping[str, Any]) -> str:
+    b, a = r.get("before") or {}, r.get("after") or {}
+    rows = [("nodes", b.get("nodes"), a.get("nodes"), str), ("parameters", b.get("parameters"),
+            a.get("parameters"), lambda n: f"{n:,}"), ("size", b.get("size_bytes"), a.get("size_bytes"), _fmt_bytes),
+            ("macs", b.get("macs"), a.get("macs"), _fmt_int)]
+    names = {"nodes": "nodes", "parameters": "parameters", "size": "file size", "macs": "MACs (estimated)"}
+    out = []
+    for key, x, y, f in rows:
+        if x is None and y is None:
+            continue
+        out.append(f'<tr id="ba-{key}"><td>{names[key]}</td>' + _td("-" if x is None else f(x), x)
+                   + _td("-" if y is None else f(y), y) + _td(_pct(x, y)) + "</tr>")
+    lb, la, nb, na = _timing_pair(r)
+    if lb and la:
+        for key, label in (("median_ms", "latency median"), ("p90_ms", "latency p90")):
+            out.append(f'<tr id="ba-latency-{key[:-3]}"><td>{label}</td>' + _td(_ms(lb[key]), lb[key])
+                       + _td(_ms(la[key]), la[key]) + _td(_pct(lb[key], la[key])) + "</tr>")
+    v = r.get("validation") or {}
+    if v.get("accuracy_before") is not None:
+        ab, aa = v["accuracy_before"], v["accuracy_after"]
+        out.append('<tr id="ba-accuracy"><td>accuracy (labels)</td>' + _td(f"{ab:.2%}", ab) + _td(f"{aa:.2%}", aa)
+                   + _td(f"{(aa - ab) * 100:+.2f} pt") + "</tr>")
+    first, second = ("source", "written") if r.get("kind") == "compress" else ("before", "after")
+    note = ""
+    if lb and la:
+        clock = "CPU time of the calling thread" if lb.get("clock") == "thread_time" else "wall clock"
+        note = (f'<p class="note">Latency: {nb} against {na}, {lb.get("repeats")} interleaved runs, '
+                f'{lb.get("threads")} thread(s), {clock}.</p>')
+    return _section("before-after", "Before and after", _table(["", first, second, "change"], out, sortable=False),
+                    note)
+
+
+def _latency(r: Mapping[str, Any]) -> str:
+    lat = {k: v for k, v in (r.get("latency") or {}).items() if v}
+    if not lat:
+        why = r.get("bench_skipped") or "no model was timed"
+        return _section("latency", "Latency", f"<p>Not measured: {escape(str(why))}.</p>")
+    rows = [f"<td>{escape(k)}</td>" + _td(_ms(v["median_ms"]), v["median_ms"]) + _td(_ms(v["p90_ms"]), v["p90_ms"])
+            + _td(_ms(v["min_ms"]), v["min_ms"]) + _td(str(v["repeats"]), v["repeats"]) for k, v in lat.items()]
+    table = _table(["model", "median", "p90", "min", "runs"], rows, "latency-table")
+    samples = {k: v["samples_ms"] for k, v in lat.items() if v.get("samples_ms")}
+    plot = (strip_plot(samples, "milliseconds per run (dots: every run; box: 25th-75th percentile; red: median; "
+                                "whiskers: 10th-90th)") if samples else
+            '<p class="note">This report holds no individual timings (written before they were kept).</p>')
+    return _section("latency", "Latency distribution", plot, table)
+
+
+def _validation(r: Mapping[str, Any]) -> str:
+    blocks = []
+    written = "Written model against the source" if r.get("kind") == "compress" else "Optimized against original"
+    for key, title in (("validation", written), ("lossless_validation", "Lossless passes against the source")):
+        v = r.get(key)
+        if not v:
+            continue
+        rows = []
+        # with labels and an accuracy budget, the scored output is judged by its accuracy, not the floor
+        scored = v.get("accuracy_output") if (r.get("budget_limits") or {}).get("max_accuracy_drop_pp") else None
+        for o in v["outputs"]:
+            top1 = "-" if o.get("top1_agreement") is None else f"{o['top1_agreement']:.2%}"
+            result = (_td("by accuracy", cls="") if o["name"] == scored and key == "validation" else
+                      _td("ok", cls="ok") if o["passed"] else _td("FAIL", cls="bad"))
+            rows.append(f"<td>{escape(o['name'])}</td>" + _td(f"{o['max_abs']:.3g}", o["max_abs"])
+                        + _td(f"{o['max_rel']:.3g}", o["max_rel"]) + _td(f"{o['cosine']:.6f}", o["cosine"])
+                        + _td("-" if o.get("cosine_low") is None else f"{o['cosine_low']:.6f}", o.get("cosine_low"))
+                        + _td(top1, o.get("top1_agreement")) + _td(o.get("tolerance") or "", cls="") + result)
+        blocks.append(f"<h3>{escape(title)}: {v['samples']} feeds from {escape(str(v['source']))}</h3>"
+                      + _table(["output", "max |diff|", "max rel", "cosine", "cosine (lower bound)", "top-1 agree",
+                                "tolerance", "result"], rows, key))
+        if key == "validation" and r.get("validation_detail"):
+            blocks.append(f'<p class="note">Verdict against the source: {escape(r["validation_detail"])}.</p>')
+    if not blocks:
+        why = r.get("validation_skipped") or "not run"
+        checks = r.get("checks") or []
+        extra = ("<p>Checked instead: " + escape("; ".join(checks)) + "</p>") if checks else ""
+        return _section("fidelity", "Fidelity per output", f"<p>Validation skipped: {escape(str(why))}.</p>", extra)
+    return _section("fidelity", "Fidelity per output", *blocks)
+
+
+def _passes(p: Mapping[str, Any] | None) -> str:
+    if not p:
+        return ""
+    rows = []
+    for s in p.get("summary", []):
+        stats = s.get("stats", {})
+        did = ", ".join(f"{k}={v}" for k, v in sorted(stats.items()) if not k.startswith("skipped:"))
+        declined = ", ".join(f"{k[8:]}={v}" for k, v in sorted(stats.items()) if k.startswith("skipped:"))
+        rows.append(f"<td>{escape(s['name'])}</td>" + _td(str(s["runs"]), s["runs"])
+                    + _td(did or ("-" if not s["changed"] else "changed"), cls="") + _td(declined or "-", cls="")
+                    + _td(f"{-s['nodes_removed']:+d}" if s["nodes_removed"] else "", -s["nodes_removed"])
+                    + _td(f"{-s['params_removed']:+,}" if s["params_removed"] else "", -s["params_removed"])
+                    + _td(f"{s['seconds']:.3f}", s["seconds"]))
+    total = sum(s["seconds"] for s in p.get("summary", []))
+    return _section("passes", "Passes", _table(["pass", "runs", "what it did", "declined (why=count)", "nodes",
+                                                 "parameters", "seconds"], rows, "passes-table"),
+                    f'<p class="note">Pipeline: {escape(", ".join(p.get("pipeline", [])))}; '
+                    f"{total:.3f} s in passes.</p>")
+
+
+def _ops(r: Mapping[str, Any]) -> str:
+    b, a = (r.get("before") or {}).get("ops") or {}, (r.get("after") or {}).get("ops") or {}
+    if not b and not a:
+        return ""
+    ops = sorted(set(b) | set(a), key=lambda k: (-abs(a.get(k, 0) - b.get(k, 0)), k))
+    rows = [f"<td>{escape(k)}</td>" + _td(str(b.get(k, 0)), b.get(k, 0)) + _td(str(a.get(k, 0)), a.get(k, 0))
+            + _td(f"{a.get(k, 0) - b.get(k, 0):+d}" if a.get(k, 0) != b.get(k, 0) else "", a.get(k, 0) - b.get(k, 0))
+            for k in ops]
+    return _section("ops", "Op histogram change", _table(["op", "before", "after", "change"], rows, "ops-table"))
+
+
+def _machine(r: Mapping[str, Any]) -> str:
+    m = r.get("machine") or {}
+    flags = set(m.get("flags") or [])
+    lat = next(iter((r.get("latency") or {}).values()), None)
+    int8 = ", ".join(f"{f} {'yes' if f in flags else 'no'}" for f in ("avx2", "avx512_vnni", "avx_vnni", "amx_int8"))
+    rows = [("CPU", m.get("cpu")), ("int8 instructions", int8), ("all flags seen", " ".join(m.get("flags") or [])),
+            ("cores", m.get("cores")), ("memory", f"{m['memory_gib']} GiB" if m.get("memory_gib") else None),
+            ("OS", m.get("os")), ("Python", m.get("python")), ("onnxruntime", m.get("onnxruntime")),
+            ("execution provider", r.get("execution_provider")),
+            ("providers available", ", ".join(m.get("providers") or [])),
+            ("threads (latency)", lat.get("threads") if lat else None)]
+    body = "".join(f'<tr id="machine-{escape(k.split()[0].lower())}"><td>{escape(k)}</td><td>{escape(str(v))}</td></tr>'
+                   for k, v in rows if v not in (None, ""))
+    return _section("machine", "Machine", f"<table>{body}</table>")
+
+
+# ---- lossy runs
+
+
+def _error_axis(r: Mapping[str, Any]) -> tuple[str, str, float | None, bool]:
+    """(candidate key, axis title, budget on that axis, log scale): accuracy drop with labels, else 1 - cosine."""
+    limits = r.get("budget_limits") or {}
+    if limits.get("max_accuracy_drop_pp") is not None and any(
+            c.get("accuracy_drop_pp") is not None for c in r.get("candidates", [])):
+        return "accuracy_drop_pp", "accuracy drop (pt)", limits["max_accuracy_drop_pp"], False
+    floor = limits.get("min_cosine")
+    return "min_cosine", "1 - min cosine", None if floor is None else 1 - floor, True
+
+
+def _error_of(c: Mapping[str, Any], key: str) -> float:
+    v = c.get(key)
+    if key == "min_cosine":
+        return max(1.0 - (v if v is not None else 1.0), COSINE_FLOOR)
+    return float(v) if v is not None else 0.0
+
+
+def _candidates(r: Mapping[str, Any]) -> str:
+    cands = r.get("candidates") or []
+    key, axis, budget, log = _error_axis(r)
+    points = [Point(c["label"], c.get("latency_ms"), _error_of(c, key), bool(c["within_budget"]),
+                    str(c.get("verdict", "")).startswith("written")) for c in cands]
+    svg = plane(points, "median latency (ms)", axis, budget, log)
+    rows = []
+    for i, c in enumerate(cands):
+        rows.append(f"<td>{i}</td><td>{escape(c['label'])}</td><td>{escape(c['step'])}</td>"
+                    + _td("-" if c.get("accuracy") is None else f"{c['accuracy']:.2%}", c.get("accuracy"))
+                    + _td("-" if c.get("accuracy_drop_pp") is None else f"{c['accuracy_drop_pp']:+.2f}",
+                          c.get("accuracy_drop_pp"))
+                    + _td("-" if c.get("min_cosine") is None else f"{c['min_cosine']:.6f}", c.get("min_cosine"))
+                    + _td(_ms(c.get("latency_ms")), c.get("latency_ms")) + _td(_fmt_int(c.get("macs")), c.get("macs"))
+                    + _td(_fmt_bytes(c.get("size_bytes")), c.get("size_bytes"))
+                    + _td(c.get("verdict", ""), cls="") + _td(c.get("budget_detail", ""), cls="note"))
+    note = ('<p class="note">Every candidate the driver evaluated. Green: within the budget (judged on lower/upper '
+            "confidence bounds, so a point near the line can fall either side); orange: over. Ringed: written. "
+            "Green line: the Pareto front of the timed candidates. The latency verdict times the float model and "
+            "each step's result together; the other candidates were judged on accuracy only and sit in the "
+            "'not timed' lane.</p>")
+    return _section("candidates", "Candidates: latency against accuracy", svg, note,
+                    _table(["#", "candidate", "step", "accuracy", "drop (pt)", "min cosine", "latency", "MACs", "size",
+                            "verdict", "budget"], rows, "candidates-table"))
+
+
+def _steps(r: Mapping[str, Any]) -> str:
+    """Per composed step: what it changed, and the change it brought against the step before."""
+    cands = r.get("candidates") or []
+    key, axis, _, _ = _error_axis(r)
+    prev = cands[0] if cands else {}
+    rows = []
+    for s in r.get("steps") or []:
+        c = cands[s["candidate"]] if s.get("candidate") is not None else None
+        name = s["step"] if s["method"] == s["step"] else f"{s['step']} ({s['method']})"
+        if c is None:
+            rows.append(f"<td>{escape(name)}</td><td>not applied</td>" + "<td></td>" * 4
+                        + _td(s.get("reason", ""), cls=""))
+            continue
+        cells = [f"<td>{escape(name)}</td><td>{escape(c['label'])}</td>"]
+        for field, f in (("macs", _fmt_int), ("size_bytes", _fmt_bytes), ("latency_ms", _ms)):
+            x, y = prev.get(field), c.get(field)
+            cells.append(_td(f"{f(y)} ({_pct(x, y)})" if y is not None else "-", y))
+        e0, e1 = _error_of(prev, key), _error_of(c, key)
+        cells.append(_td(f"{e1:.3g} ({e1 - e0:+.3g})", e1))
+        cells.append(_td(f"{len(s.get('layers', {}))} layer(s) changed, {len(s.get('skipped', {}))} left alone; "
+                         f"{s.get('reason', '')}", cls=""))
+        rows.append("".join(cells))
+        prev = c
+    return _section("steps", "What each step contributed", _table(
+        ["step", "result", "MACs (change)", "size (change)", "latency (change)", f"{axis} (change)", "what it did"],
+        rows, "steps-table"),
+        '<p class="note">Each step runs on the model the previous one left; changes are against that model '
+        "(the first against the float model after the lossless passes).</p>")
+
+
+def _sensitivity(r: Mapping[str, Any]) -> str:
+    blocks = []
+    for s in r.get("steps") or []:
+        sens = s.get("sensitivity") or {}
+        layers = s.get("layers") or {}
+        if not sens:
+            if layers:
+                rows = [f"<td>{escape(k)}</td>" + _td(str(v.get("label", v.get("level"))), cls="")
+                        for k, v in layers.items()]
+                blocks.append(f"<h3>{escape(s['step'])}: uniform, no per-layer sensitivity measured</h3>"
+                              + _table(["layer", "decision"], rows))
+            continue
+        identity = "float" if s["step"] == "quantize" else "unchanged"
+        worst = {k: (list(v.values())[-1] if v else 0.0) for k, v in sens.items()}
+        bars = [Bar(k, worst[k], layers[k].get("label", str(layers[k].get("level"))) if k in layers else identity,
+                    "changed" if k in layers else "kept")
+                for k in sorted(worst, key=lambda k: (-worst[k], k))]
+        levels = list(next(iter(sens.values())).keys()) if sens else []
+        status = "" if s.get("applied") else f" (step not applied: {s.get('reason', '')})"
+        blocks.append(f'<h3 id="sensitivity-{escape(s["step"])}">{escape(s["step"])}: {len(bars)} layers, error with '
+                      f"only that layer changed to {escape(levels[-1] if levels else '?')}{escape(status)}</h3>"
+                      + bar_chart(bars, "1 - cosine against the model before this step (log)")
+                      + f'<p class="note">Sorted, most sensitive first. Blue: changed in the step\'s result; orange: '
+                        f"{identity}. Levels probed: {escape(', '.join(levels))}.</p>")
+    if not blocks:
+        return ""
+    return _section("sensitivity", "Per-layer sensitivity and decisions", *blocks)
