@@ -41,6 +41,7 @@ PRESETS: dict[int, tuple[str, ...]] = {
         "fold-scale",
         "fold-bias",
         "fuse-matmul-add",
+        "fuse-pad",
         "fuse-shape-chains",
         "eliminate-dead-code",
     ),

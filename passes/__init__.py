@@ -15,6 +15,7 @@ from onnxopt.passes.fold_bias import FoldBiasPass
 from onnxopt.passes.fold_arithmetic_chains import FoldArithmeticChainsPass
 from onnxopt.passes.fold_scale import FoldScalePass
 from onnxopt.passes.fuse_matmul_add import FuseMatMulAddPass
+from onnxopt.passes.fuse_pad import FusePadPass
 from onnxopt.passes.fuse_shape_chains import FuseShapeChainsPass
 from onnxopt.passes.quantize_qdq import QuantizeQDQPass
 from onnxopt.passes.prune_channels import PruneChannelsPass
@@ -34,6 +35,7 @@ ALL_PASSES = (
     FoldBiasPass,
     FoldScalePass,
     FuseMatMulAddPass,
+    FusePadPass,
     FuseShapeChainsPass,
     EliminateDeadCodePass,
     QuantizeDynamicPass,
