@@ -661,6 +661,12 @@ def _compact_table(header: list[str], rows: list[list[str]], left: tuple[str, ..
 def inspect(
     model: Annotated[Path, typer.Argument(
         metavar="MODEL", help="The .onnx file.", show_default=False)],
+    other: Annotated[Path | None, typer.Argument(
+        metavar="[OTHER]", help="With --diff: the model to compare MODEL with.", show_default=False)] = None,
+    diff: Annotated[bool, typer.Option(
+        "--diff", show_default=False,
+        help="Compare MODEL and OTHER side by side: op histogram, nodes, parameters, size, MACs "
+        "(e.g. your output against a peer tool's).")] = False,
     input_shape: InputShape = None,
     as_json: Annotated[bool, typer.Option(
         "--json", show_default=False, help="Machine-readable output.")] = False,
@@ -669,44 +675,20 @@ def inspect(
         help="Also list the channel groups prune-channels sees, and why others are frozen.")
     ] = False,
 ) -> None:
-    """Show MODEL's inputs, outputs, opsets, op histogram, parameters, size and MACs."""
+    """Show MODEL's inputs, outputs, opsets, op histogram, parameters, size and MACs (--diff: two models)."""
     with _user_errors():
-        from onnxopt.bench import model_stats
-        from onnxopt.data import model_inputs, parse_input_shapes, resolve_shapes
-        from onnxopt.io import load_model
+        from onnxopt.data import model_inputs, parse_input_shapes
 
-        m = load_model(model)
         pins = parse_input_shapes(input_shape)
-        shapes: dict[str, tuple[int, ...]] = {}
-        unresolved = ""
-        try:
-            shapes = resolve_shapes(m, pins)[0]
-        except OnnxoptError as e:
-            if pins:  # the shapes asked for do not fit: say why
-                raise
-            unresolved = str(e)
-        unranked = [s.name for s in model_inputs(m) if s.shape is None and s.name not in pins]
-        if unranked:  # MACs at a guessed rank would mislead
-            unresolved = f"input '{unranked[0]}' declares no shape: pin it with --input-shape {unranked[0]}=..."
-        size = model.stat().st_size
-        data_file = model.with_name(model.name + ".data")
-        stats = model_stats(m, shapes if not unresolved else {}, size_bytes=size)
-        macs = stats.macs if not unresolved else None
-        inits = {t.name for t in m.graph.initializer}
-        info = {
-            "inputs": [_vi(v) for v in m.graph.input if v.name not in inits],
-            "outputs": [_vi(v) for v in m.graph.output],
-            "opsets": {(i.domain or "ai.onnx"): i.version for i in m.opset_import},
-            "ir_version": m.ir_version,
-            "producer": f"{m.producer_name} {m.producer_version}".strip(),
-            "functions": [f"{f.domain}::{f.name}" for f in m.functions],
-            "metadata": {p.key: p.value for p in m.metadata_props},
-            **stats.to_dict(),
-            "macs": macs,
-            "macs_input_shapes": None if macs is None else {k: list(v) for k, v in shapes.items()},
-            "file_bytes": size,
-            "external_data_bytes": data_file.stat().st_size if data_file.exists() else 0,
-        }
+        if diff or other is not None:
+            if other is None or not diff:
+                raise OnnxoptError("compare two models with: onnxopt inspect --diff MODEL OTHER")
+            _print_diff(model, other, pins, as_json)
+            return
+        m, info, shapes, unresolved = _describe(model, pins)
+        stats_ops: dict[str, int] = info["ops"]
+        macs, size = info["macs"], info["file_bytes"]
+        unranked = unresolved.startswith("input '")
         group_rows = _channel_groups(m) if groups else None
         if group_rows is not None:
             info["groups"] = group_rows
@@ -721,7 +703,7 @@ def inspect(
                 for v in items]
         out.print(_table("Inputs and outputs", ["", "name", "dtype", "shape"], rows,
                          left=("", "name", "dtype", "shape")))
-        out.print(f"nodes {stats.nodes}, parameters {_fmt_int(stats.parameters)}, size "
+        out.print(f"nodes {info['nodes']}, parameters {_fmt_int(info['parameters'])}, size "
                   f"{_fmt_bytes(size + info['external_data_bytes'])}", markup=False)
         sized_ops = {"Conv", "ConvTranspose", "QLinearConv", "ConvInteger", "MatMul",
                      "MatMulInteger", "QLinearMatMul", "Gemm", "MatMulNBits"}
@@ -731,12 +713,12 @@ def inspect(
             line = f"MACs: unknown ({unresolved})"
         elif unresolved:
             line = f"MACs: unknown (dynamic dims: pin them with {_pin_hint(model_inputs(m), pins)})"
-        elif sized_ops & set(stats.ops):
+        elif sized_ops & set(stats_ops):
             line = "MACs: unknown (shape inference could not size the Conv/MatMul/Gemm nodes)"
         else:
             line = "MACs: none counted (no Conv, MatMul or Gemm)"
         out.print(line, markup=False, soft_wrap=True)
-        rows = [[op, str(n)] for op, n in sorted(stats.ops.items(), key=lambda kv: -kv[1])]
+        rows = [[op, str(n)] for op, n in sorted(stats_ops.items(), key=lambda kv: -kv[1])]
         out.print(_table("Ops", ["op", "count"], rows, left=("op",)))
         if group_rows is not None:
             rows = [[g["key"], str(g["channels"]), str(g["members"]), _fmt_int(g["params"]),
@@ -745,6 +727,75 @@ def inspect(
             out.print(_table(f"Channel groups ({prunable} prunable of {len(group_rows)})",
                              ["key", "channels", "members", "params", "MACs", "frozen"], rows,
                              left=("key", "frozen")))
+
+
+def _describe(model: Path, pins: Mapping[str, Sequence[int]]) -> tuple[Any, dict[str, Any], dict[str, Any], str]:
+    """(proto, what ``inspect --json`` prints, the input shapes MACs were counted at, why MACs are
+    unknown or "")."""
+    from onnxopt.bench import model_stats
+    from onnxopt.data import model_inputs, resolve_shapes
+    from onnxopt.io import load_model
+
+    m = load_model(model)
+    shapes: dict[str, tuple[int, ...]] = {}
+    unresolved = ""
+    try:
+        shapes = resolve_shapes(m, pins)[0]
+    except OnnxoptError as e:
+        if pins:  # the shapes asked for do not fit: say why
+            raise
+        unresolved = str(e)
+    unranked = [s.name for s in model_inputs(m) if s.shape is None and s.name not in pins]
+    if unranked:  # MACs at a guessed rank would mislead
+        unresolved = f"input '{unranked[0]}' declares no shape: pin it with --input-shape {unranked[0]}=..."
+    size = model.stat().st_size
+    data_file = model.with_name(model.name + ".data")
+    stats = model_stats(m, shapes if not unresolved else {}, size_bytes=size)
+    macs = stats.macs if not unresolved else None
+    inits = {t.name for t in m.graph.initializer}
+    info = {
+        "inputs": [_vi(v) for v in m.graph.input if v.name not in inits],
+        "outputs": [_vi(v) for v in m.graph.output],
+        "opsets": {(i.domain or "ai.onnx"): i.version for i in m.opset_import},
+        "ir_version": m.ir_version,
+        "producer": f"{m.producer_name} {m.producer_version}".strip(),
+        "functions": [f"{f.domain}::{f.name}" for f in m.functions],
+        "metadata": {p.key: p.value for p in m.metadata_props},
+        **stats.to_dict(),
+        "macs": macs,
+        "macs_input_shapes": None if macs is None else {k: list(v) for k, v in shapes.items()},
+        "file_bytes": size,
+        "external_data_bytes": data_file.stat().st_size if data_file.exists() else 0,
+    }
+    return m, info, shapes, unresolved
+
+
+def _print_diff(a: Path, b: Path, pins: Mapping[str, Sequence[int]], as_json: bool) -> None:
+    """Two models side by side: the totals, then every op whose count differs, then the rest."""
+    infos = [_describe(p, pins)[1] for p in (a, b)]
+    totals = {key: [i[key] if key != "size_bytes" else i["file_bytes"] + i["external_data_bytes"]
+                    for i in infos]
+              for key in ("nodes", "parameters", "size_bytes", "macs")}
+    ops = {op: [i["ops"].get(op, 0) for i in infos] for op in sorted(set(infos[0]["ops"]) | set(infos[1]["ops"]))}
+    opsets = [", ".join(f"{k} {v}" for k, v in i["opsets"].items()) for i in infos]
+    if as_json:
+        out.print_json(json.dumps({"models": [str(a), str(b)], **totals, "ops": ops, "opsets": opsets,
+                                   "macs_input_shapes": [i["macs_input_shapes"] for i in infos]}))
+        return
+    fmt = {"nodes": str, "parameters": _fmt_int, "size_bytes": _fmt_bytes, "macs": _fmt_int}
+    names = {"nodes": "nodes", "parameters": "parameters", "size_bytes": "file size", "macs": "MACs"}
+    rows = [[names[k], fmt[k](x), fmt[k](y), _pct(x, y)] for k, (x, y) in totals.items()]
+    rows.append(["opsets", opsets[0], opsets[1], "" if opsets[0] == opsets[1] else "differ"])
+    header = ["", a.name, b.name if b.name != a.name else str(b), "change"]
+    out.print(_table("Models", header, rows, left=("",)))
+    # ops that differ first (largest difference first), then the ones both have alike
+    order = sorted(ops, key=lambda op: (ops[op][0] == ops[op][1], -abs(ops[op][1] - ops[op][0]), op))
+    rows = [[op, str(x), str(y), _signed(y - x) or "="] for op in order for x, y in [ops[op]]]
+    out.print(_table("Ops", ["op", *header[1:3], "change"], rows, left=("op",)))
+    for path, macs in zip((a, b), totals["macs"], strict=True):
+        if macs is None:
+            out.print(f"MACs of {path.name}: unknown; `onnxopt inspect {path}` says why", markup=False,
+                      soft_wrap=True)
 
 
 def _channel_groups(m: Any) -> list[dict[str, Any]]:

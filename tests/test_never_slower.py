@@ -76,7 +76,8 @@ def test_drops_the_pass_that_slows_the_model_and_names_it(tmp_path: Path, monkey
     assert result.pipeline.changed_passes == ["eliminate-identity"]
     assert list(result.pipeline.dropped) == ["fuse-matmul-add"]
     assert_equivalent(model, written, atol=1e-6, rtol=1e-6)
-    assert result.validation is not None and bool(result.validation)
+    assert result.validation is not None
+    assert bool(result.validation)
     # one measurement, then exactly one more with the input, the result and each variant
     assert clock.calls == 2
     assert clock.models[1] == ["after", "before", "without eliminate-identity",
@@ -87,7 +88,8 @@ def test_drops_the_pass_that_slows_the_model_and_names_it(tmp_path: Path, monkey
     assert [g["dropped"] for g in saved] == [["fuse-matmul-add"]]
     assert saved[0]["reason"] == "slower"
     full = saved[0]["full_pipeline"]
-    assert 1.2 < full["second"]["ratio"] < 1.3 and full["second"]["slower"]
+    assert 1.2 < full["second"]["ratio"] < 1.3
+    assert full["second"]["slower"]
     assert saved[0]["written"]["ratio"]["slower"] is False
     # both figures: the written model's latency is the variant's, beside the input's
     assert result.latency["after"].median_ms == pytest.approx(1.0, rel=0.03)
@@ -102,7 +104,8 @@ def test_keeps_everything_when_not_slower(tmp_path: Path, monkeypatch: pytest.Mo
     result = api.optimize_file(src, dst, bench_repeats=60)
     assert op_histogram(onnx.load(str(dst))) == {"Gemm": 1}
     assert clock.calls == 1  # no second measurement when nothing is wrong
-    assert result.guard == [] and result.pipeline.dropped == {}
+    assert result.guard == []
+    assert result.pipeline.dropped == {}
 
 
 def test_a_slowdown_the_second_measurement_does_not_confirm_keeps_the_passes(
@@ -116,7 +119,8 @@ def test_a_slowdown_the_second_measurement_does_not_confirm_keeps_the_passes(
     assert op_histogram(onnx.load(str(dst))) == {"Gemm": 1}
     assert clock.calls == 2
     assert result.pipeline.dropped == {}
-    assert result.guard[0]["dropped"] == [] and "did not confirm" in result.guard[0]["message"]
+    assert result.guard[0]["dropped"] == []
+    assert "did not confirm" in result.guard[0]["message"]
 
 
 def test_cli_warns_about_the_dropped_pass(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -140,14 +144,16 @@ def test_latency_ratio_is_a_paired_interval_around_the_ratio_of_medians() -> Non
     oracle = np.median(after.samples_ms) / np.median(before.samples_ms)
     assert r.ratio == pytest.approx(oracle)
     assert r.low < oracle < r.high
-    assert r.slower and r.rounds == 100
+    assert r.slower
+    assert r.rounds == 100
     # the same distribution measured twice: an interval around 1, not slower
     same = latency_ratio(_samples(2.0, 100, 3), _samples(2.0, 100, 4))
     assert same.low < 1.0 < same.high
     assert not same.slower
     # 0.5% slower is within the margin (1%) even when certain
     slight = latency_ratio(_samples(2.0, 100, 5, spread=0.001), _samples(2.01, 100, 6, spread=0.001))
-    assert slight.low > 1.0 and not slight.slower
+    assert slight.low > 1.0
+    assert not slight.slower
 
 
 def _expand_model(rows: int = 128, cols: int = 1024) -> onnx.ModelProto:
@@ -188,7 +194,8 @@ def test_a_pass_that_grows_the_file_is_dropped_and_named(tmp_path: Path) -> None
     assert list(result.pipeline.dropped) == ["fold-constants"]
     assert result.after.size_bytes == dst.stat().st_size
     saved = json.loads(rep.read_text())["guard"][0]
-    assert saved["reason"] == "bigger" and saved["dropped"] == ["fold-constants"]
+    assert saved["reason"] == "bigger"
+    assert saved["dropped"] == ["fold-constants"]
     assert saved["full_pipeline"]["size_bytes"] > src.stat().st_size + 128 * 1024 * 4
     assert saved["written"]["size_bytes"] == dst.stat().st_size
     assert any(w.startswith("dropped fold-constants: with it the file grew") for w in result.warnings)
