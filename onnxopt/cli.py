@@ -385,6 +385,9 @@ def optimize(
         help="Run onnx.checker after every pass to blame the one that breaks a graph.")] = False,
     report: Annotated[Path | None, typer.Option(
         metavar="FILE.json", help="Write the full report as JSON.")] = None,
+    report_html: Annotated[Path | None, typer.Option(
+        "--report-html", metavar="FILE.html",
+        help="Write the report as one self-contained HTML page with plots (opens offline).")] = None,
     dry_run: Annotated[bool, typer.Option(
         "--dry-run", show_default=False,
         help="Check the model, output directory, pipeline, requirements and input shapes; run nothing.")] = False,
@@ -421,6 +424,10 @@ def optimize(
         if level is None and not passes:
             level = DEFAULT_LEVEL
         shapes = parse_input_shapes(input_shape)
+        if report_html is not None:
+            from onnxopt.report_html import check_destination
+
+            check_destination(report_html)
         if quantize is not None or prune is not None or factorize is not None:
             if passes:
                 raise OnnxoptError("--quantize/--prune/--factorize run their own pipeline (level 1, then the lossy "
@@ -430,7 +437,8 @@ def optimize(
                 [quantize] if quantize is not None else [])
             _compress(model, output, methods, data, calibration_data, shapes, level, max_accuracy_drop,
                       min_cosine, force, threads, repeats, report, seed, dry_run, validate=validate,
-                      bench=bench, verify_each=verify_each, atol=atol, rtol=rtol, quiet=quiet)
+                      bench=bench, verify_each=verify_each, atol=atol, rtol=rtol, quiet=quiet,
+                      report_html=report_html)
             return
         preset, explicit = resolve(level, passes)
         if require_validation and not validate:
@@ -458,6 +466,17 @@ def optimize(
         if not quiet:
             print_result(result)
         out.print(summary_line(result), markup=False, soft_wrap=True)
+        _write_report_html(report_html, result)
+
+
+def _write_report_html(path: Path | None, result: Any) -> None:
+    """The HTML report, and the one line that names it."""
+    if path is None:
+        return
+    from onnxopt.report_html import write_html
+
+    write_html(path, result.to_dict())
+    out.print(f"report: {path}", markup=False, soft_wrap=True)
 
 
 def _dry_run(
@@ -527,7 +546,7 @@ def _compress(
     min_cosine: float | None, force: bool, threads: int, repeats: int, report: Path | None,
     seed: int, dry_run: bool, *, validate: bool = True, bench: bool = True,
     verify_each: bool = False, atol: float | None = None, rtol: float | None = None,
-    quiet: bool = False,
+    quiet: bool = False, report_html: Path | None = None,
 ) -> None:
     from onnxopt.api import _write_json, default_output
     from onnxopt.lossy import DEFAULT_MIN_COSINE, QUANTIZERS, compress, resolve_methods
@@ -568,6 +587,7 @@ def _compress(
     print_compress_result(result, quiet)
     if report is not None:
         _write_json(report, result.to_dict())
+    _write_report_html(report_html, result)
 
 
 def print_compress_result(result: Any, quiet: bool = False) -> None:
@@ -909,6 +929,22 @@ def bench(
                  f"{v.median_ms / base:.3f}x"] for name, v in lat.items()]
         out.print(_table(f"Latency, {threads} thread(s), {repeats} interleaved repeats",
                          ["model", "median ms", "p90 ms", "min ms", "vs first"], rows, left=("model",)))
+
+
+@app.command(name="report")
+def render_report(
+    report_json: Annotated[Path, typer.Argument(
+        metavar="REPORT.json", help="A report written by `optimize --report`.", show_default=False)],
+    output: Annotated[Path | None, typer.Option(
+        "--output", "-o", metavar="PATH", help="Output .html. Default: REPORT.html beside the JSON.")] = None,
+) -> None:
+    """Render a saved JSON report as one self-contained HTML page."""
+    with _user_errors():
+        from onnxopt.report_html import render_file
+
+        dst = output or report_json.with_suffix(".html")
+        render_file(report_json, dst)
+        out.print(f"wrote {dst}", markup=False, soft_wrap=True)
 
 
 @app.command(name="passes")

@@ -33,7 +33,7 @@ from typing import Any
 import onnx
 
 from onnxopt import data as data_mod
-from onnxopt.bench import ModelStats, estimate_macs, macs_per_node, model_stats
+from onnxopt.bench import Latency, ModelStats, estimate_macs, macs_per_node, model_stats
 from onnxopt.data import Dataset
 from onnxopt.errors import InputDataError, OnnxoptError, ValidationError
 from onnxopt.io import load_model, opset_of, staged_output, write_model
@@ -84,6 +84,7 @@ class Candidate:
     min_top1_expected_low: float | None = None
     min_sequence_agreement: float | None = None
     macs: int | None = None
+    accuracy_drop_bound_pp: float | None = None  # the drop's upper confidence bound (what is judged)
     latency_ms: float | None = None
     size_bytes: int = 0
     # short: "written", "replaced", "over budget", "not faster", "within budget, not chosen"
@@ -104,6 +105,9 @@ class StepReport:
     skipped: dict[str, str]  # layer -> why the pass left it alone
     applied: bool = False
     reason: str = ""
+    candidate: int | None = None  # index in ``CompressResult.candidates`` of the step's result
+    # layer -> {level described: error} of this step's probes (``sensitivity_levels`` keeps the last step's)
+    sensitivity: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass
@@ -136,11 +140,18 @@ class CompressResult:
     before: ModelStats | None = None  # the source
     after: ModelStats | None = None  # the written model
     inputs: dict[str, list[int]] = dataclasses.field(default_factory=dict)
+    # the latency verdict's timings: "float" and each step's result, by candidate label
+    latency: dict[str, Latency] = dataclasses.field(default_factory=dict)
+    budget_limits: dict[str, float | None] = dataclasses.field(default_factory=dict)
+    source: str = ""
 
     def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(dataclasses.replace(self, lossless_validation=None, validation=None,
-                                                   pipeline=None, before=None, after=None))
+        from onnxopt.report_html import header
+
+        d = header("compress") | dataclasses.asdict(dataclasses.replace(
+            self, lossless_validation=None, validation=None, pipeline=None, before=None, after=None, latency={}))
         d["output"] = str(self.output)
+        d["latency"] = {k: v.to_dict() for k, v in self.latency.items()}
         for key in ("lossless_validation", "validation", "pipeline", "before", "after"):
             value = getattr(self, key)
             d[key] = value.to_dict() if value is not None else None
@@ -275,7 +286,8 @@ def compress(
         calib.source if calib is not None else "none (the methods need no calibration)",
         evaluation.source, len(evaluation), warnings, notes, budget.describe(), lossless_report,
         pipeline=lossless, before=model_stats(model, shapes, size_bytes=_file_size(src)),
-        inputs={k: list(v) for k, v in shapes.items()})
+        inputs={k: list(v) for k, v in shapes.items()}, source=str(src),
+        budget_limits={"max_accuracy_drop_pp": max_accuracy_drop, "min_cosine": min_cosine, "min_top1": min_top1})
 
     float_outputs = ReferenceOutputs(float_model, evaluation)  # every candidate's reference
 
@@ -297,7 +309,8 @@ def compress(
             min(o.top1_expected for o in expected) if expected else None,
             min(o.top1_expected_low for o in expected) if expected else None,
             min(sequences) if sequences else None,
-            macs=estimate_macs(candidate, shapes), size_bytes=candidate.ByteSize())
+            macs=estimate_macs(candidate, shapes), size_bytes=candidate.ByteSize(),
+            accuracy_drop_bound_pp=v.drop_bound_pp)
         result.candidates.append(cand)
         last_evaluated[0] = (cand, candidate)  # what --force writes when nothing is within budget
         return cand
@@ -312,6 +325,7 @@ def compress(
             verify_each, say, tick, executor)
         result.steps.append(report)
         if step_model is not None and step_cand is not None:
+            report.candidate = next(i for i, c in enumerate(result.candidates) if c is step_cand)
             base = step_model
             so_far = f"{finished[-1][0]} + " if finished else ""  # the name says every step applied
             finished.append((so_far + step_cand.label, base, step_cand))
@@ -376,7 +390,12 @@ def compress(
                     f"--force: wrote {name}, within budget ({last_cand.budget_detail}); latency not "
                     "measured (--no-bench)", forced=True)
     say("measuring latency")
-    verdict = decide(measure, float_model, {n: mdl for n, mdl, _ in finished}, evaluation.feeds,
+
+    def timed(models: Mapping[str, onnx.ModelProto], feeds: Sequence[Any]) -> Mapping[str, Latency]:
+        result.latency = dict(measure(models, feeds))  # kept whole: the report draws the distributions
+        return result.latency
+
+    verdict = decide(timed, float_model, {n: mdl for n, mdl, _ in finished}, evaluation.feeds,
                      min_speedup)
     float_cand.latency_ms = verdict.ms["float"]
     for n, _, c in finished:
@@ -433,7 +452,7 @@ def _run_step(
 
     cand0 = evaluate(name_of(uniform), m.step, model0, uniform, floats(uniform))
     if cand0.within_budget:
-        return _applied(report, uniform, {}, model0, cand0, "uniform candidate within budget")
+        return _applied(report, uniform, {}, model0, cand0, "uniform candidate within budget", m.describe)
     if not m.per_layer or (len(layers) < 2 and len(m.levels) < 3):  # nothing to allocate
         report.reason = f"{cand0.label} is over budget"
         return None, None, report
@@ -462,6 +481,7 @@ def _run_step(
     result.sensitivity = sens.ranking(table)
     result.sensitivity_levels = {layer: {m.describe(lv): p.error for lv, p in by.items()}
                                  for layer, by in table.items()}
+    report.sensitivity = result.sensitivity_levels
     shares = None
     if m.target is not None:
         total = sum(float(info.get("channels", 0)) for info in layers.values()) or 1.0
@@ -486,16 +506,16 @@ def _run_step(
     model_k, cand = tried[k]
     errors = {layer: by for layer, by in table.items()}
     return _applied(report, allocation.assignment(moves[:k]), errors, model_k, cand,
-                    f"{k} of {len(moves)} moves within budget")
+                    f"{k} of {len(moves)} moves within budget", m.describe)
 
 
 def _applied(report: StepReport, assignment: Mapping[str, Any], table: Mapping[str, Mapping[Any, Any]],
-             model: onnx.ModelProto, cand: Candidate, reason: str,
+             model: onnx.ModelProto, cand: Candidate, reason: str, describe: Callable[[Any], str] = str,
              ) -> tuple[onnx.ModelProto, Candidate, StepReport]:
     report.applied, report.reason = True, reason
     for layer, lvl in assignment.items():
         probe = table.get(layer, {}).get(lvl)
-        report.layers[layer] = {"level": lvl, "error": None if probe is None else probe.error,
+        report.layers[layer] = {"level": lvl, "label": describe(lvl), "error": None if probe is None else probe.error,
                                 "saved": None if probe is None else probe.saved}
     return model, cand, report
 
