@@ -26,8 +26,9 @@ runs the accuracy- and latency-aware driver (``onnxopt.lossy``); ``onnxopt-qdq``
 is the bare static int8 pass, to show what the driver guards against.
 ``onnxopt-prune`` and ``onnxopt-prune-int8`` run the same driver with ``prune:0.3``
 (and ``int8``); their note says what it wrote and why, what each step chose, and
-the driver's own parameter and MAC counts. Every row has the variant's parameters
-and estimated MACs (``onnxopt.bench.model_stats``), against the original's.
+the driver's own parameter and MAC counts. ``onnxopt-factorize``, ``onnxopt-factorize-int8`` and
+``onnxopt-prune-factorize-int8`` add ``factorize:0.5`` (low-rank factorization at half rank).
+Every row has the variant's parameters and estimated MACs (``onnxopt.bench.model_stats``), against the original's.
 """
 
 from __future__ import annotations
@@ -189,6 +190,16 @@ def _lossy_note(result: Any) -> str:
                              f"{len(s.skipped)} frozen; {s.reason}")
             else:
                 parts.append(f"prune step not applied: {s.reason} ({len(s.skipped)} groups frozen)")
+        elif s.step == "factorize":
+            if s.applied:
+                ranks: dict[str, int] = {}
+                for info in s.layers.values():
+                    lvl = f"{float(info['level']):.0%}"
+                    ranks[lvl] = ranks.get(lvl, 0) + 1
+                levels = ", ".join(f"{n} at rank {lvl}" for lvl, n in sorted(ranks.items(), reverse=True))
+                parts.append(f"factorize step: {levels}; {_declines(s.skipped)}; {s.reason}")
+            else:
+                parts.append(f"factorize step not applied: {s.reason} ({_declines(s.skipped)})")
         else:  # the assignment names the quantized layers; the others stayed float
             floats = max(len(result.quantized_layers) - len(s.layers), 0)
             parts.append(f"{s.step} step: " + (f"{len(s.layers)} layers quantized, {floats} float; "
@@ -198,6 +209,15 @@ def _lossy_note(result: Any) -> str:
         parts.append(f"driver's stats, source -> written: params {_mega(b.parameters)} -> "
                      f"{_mega(a.parameters)}, MACs {_mega(b.macs)} -> {_mega(a.macs)}")
     return "; ".join(parts)
+
+
+def _declines(skipped: dict[str, str]) -> str:
+    """``12 declined (8 crossover, 4 grouped)``: how many layers a step left alone, and why."""
+    why: dict[str, int] = {}
+    for reason in skipped.values():
+        why[reason] = why.get(reason, 0) + 1
+    return f"{len(skipped)} declined" + (" (" + ", ".join(f"{n} {r}" for r, n in sorted(
+        why.items(), key=lambda kv: -kv[1])) + ")" if why else "")
 
 
 def _mega(n: int | None) -> str:
@@ -285,6 +305,15 @@ CONTENDERS: dict[str, Contender] = {
     "onnxopt-prune-int8": Contender(_onnxopt_lossy(["prune:0.3", "int8"]), about="onnxopt optimize --prune 0.3 "
                                     "--quantize int8: both steps under one budget; writes the fastest of the "
                                     "pruned and the pruned+int8 model that beats float, else float"),
+    "onnxopt-factorize": Contender(_onnxopt_lossy("factorize:0.5"), about="onnxopt optimize --factorize 0.5: "
+                                   "level 1, low-rank MatMul/Gemm/Conv at half rank (activation-aware, refit; "
+                                   "layers above this CPU's measured crossover declined), allocated per layer "
+                                   "under the default budget, kept only if faster"),
+    "onnxopt-factorize-int8": Contender(_onnxopt_lossy(["factorize:0.5", "int8"]), about="onnxopt optimize "
+                                        "--factorize 0.5 --quantize int8: both steps under one budget"),
+    "onnxopt-prune-factorize-int8": Contender(_onnxopt_lossy(["prune:0.3", "factorize:0.5", "int8"]),
+                                              about="onnxopt optimize --prune 0.3 --factorize 0.5 --quantize "
+                                              "int8: three steps under one budget"),
     "onnxopt-dynamic": Contender(_onnxopt_level(1, ["quantize-dynamic"]), lambda w: w.kind != "cnn",
                                  about="onnxopt level 1 + quantize-dynamic"),
     "ort-static-qdq": Contender(_ort_static, about="quant_pre_process + quantize_static (QDQ, per-channel, "

@@ -47,6 +47,13 @@ PRESETS: dict[int, tuple[str, ...]] = {
     ),
 }
 DEFAULT_LEVEL = 1
+REQUIRES_KEY = "onnxopt.requires"  # metadata_props key: the runtime an output needs, if any
+
+# Opt-in passes per runtime, run after the explicit ones: their output needs that runtime
+# (onnxruntime's com.microsoft contrib ops), so they are never in a preset.
+TARGETS: dict[str, tuple[str, ...]] = {
+    "onnxruntime": ("fuse-ort-attention", "fuse-ort-skip-layernorm", "fuse-ort-bias-gelu"),
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -161,12 +168,15 @@ def instantiate(spec: PassSpec) -> Pass:
     return parse_pass_spec(spec)
 
 
-def resolve(level: int | None, passes: Sequence[PassSpec] | None) -> tuple[list[Pass], list[Pass]]:
-    """(preset passes run to fixpoint, explicit passes run once)."""
+def resolve(level: int | None, passes: Sequence[PassSpec] | None,
+            target: str | None = None) -> tuple[list[Pass], list[Pass]]:
+    """(preset passes run to fixpoint, explicit passes run once; a ``target``'s passes last)."""
     if level is not None and level not in PRESETS:
         raise OnnxoptError(f"unknown level {level}; levels are {sorted(PRESETS)}")
+    if target is not None and target not in TARGETS:
+        raise OnnxoptError(f"unknown target '{target}'; targets are {', '.join(sorted(TARGETS))}")
     preset = [instantiate(n) for n in PRESETS[level]] if level is not None else []
-    explicit = [instantiate(p) for p in passes or ()]
+    explicit = [instantiate(p) for p in [*(passes or ()), *TARGETS.get(target or "", ())]]
     return preset, explicit
 
 
@@ -281,9 +291,14 @@ class PassManager:
         if changed_any:
             graph.cleanup().toposort()
         report.notes = {k: v for k, v in ctx.notes.items() if k != "source_model"}
-        result = to_model(graph, model, {
-            "onnxopt.pipeline": ",".join(self.pipeline), "onnxopt.version": __version__,
-        })
+        provenance = {"onnxopt.pipeline": ",".join(self.pipeline), "onnxopt.version": __version__}
+        # a pass that wrote another runtime's ops says so (``requires_runtime``), when it changed the graph
+        changed = {r.name for r in report.records if r.changed}
+        needs = sorted({p.requires_runtime for p in self.preset + self.explicit
+                        if p.name in changed and getattr(p, "requires_runtime", None)})
+        if needs:
+            provenance[REQUIRES_KEY] = ", ".join(needs)
+        result = to_model(graph, model, provenance)
         return result, report
 
     def _run_one(
