@@ -51,16 +51,18 @@ def optimize(
     verify_each: bool = False,
     max_iterations: int = 4,
     seed: int = 0,
+    target: str | None = None,
 ) -> tuple[onnx.ModelProto, PipelineReport]:
     """Rewrite ``model`` with a preset ``level`` and/or explicit ``passes``.
 
     ``passes`` given alone (``level`` left at its default) run without the preset;
-    pass ``level=1, passes=[...]`` to run both, preset first. The input proto is
+    pass ``level=1, passes=[...]`` to run both, preset first. ``target="onnxruntime"``
+    appends that runtime's fusions (``manager.TARGETS``). The input proto is
     never modified. Returns the new model and the per-pass report.
     """
     if level is _UNSET:
         level = None if passes is not None else DEFAULT_LEVEL
-    preset, explicit = resolve(level, passes)
+    preset, explicit = resolve(level, passes, target)
     manager = PassManager(preset, explicit, max_iterations=max_iterations, verify_each=verify_each)
     return manager.run(model, calibration=calibration, input_shapes=input_shapes, seed=seed)
 
@@ -150,6 +152,7 @@ def optimize_file(
     tick: Callable[[int, int], None] | None = None,
     require_validation: bool = False,
     allow_growth: bool = False,
+    target: str | None = None,
 ) -> OptimizeResult:
     """Optimize the model at ``model_path`` and write it to ``output`` (atomically, validated).
 
@@ -186,7 +189,7 @@ def optimize_file(
     calibration = None
     if calibration_data is not None:
         calibration = data_mod.load(calibration_data, model).feeds
-    preset, explicit = resolve(level, passes)
+    preset, explicit = resolve(level, passes, target)
     if allow_growth:
         lift_growth_budgets(preset + explicit)
     lossless = all(p.exact for p in preset + explicit)

@@ -373,6 +373,10 @@ def optimize(
         "--allow-growth", show_default=False,
         help="Let a lossless run write a bigger file (folded constants); by default a pass that "
         "grows the file beyond 1% (or 16 KiB) is dropped and named.")] = False,
+    target: Annotated[str | None, typer.Option(
+        metavar="RUNTIME", help="Also fuse into ops only RUNTIME runs: 'onnxruntime' (its com.microsoft "
+        "Attention, SkipLayerNormalization, BiasGelu/FastGelu). The output then needs that runtime and "
+        "says so in its metadata (onnxopt.requires).")] = None,
     bench: Annotated[bool, typer.Option(
         "--bench/--no-bench", show_default=False,
         help="Measure latency before and after (default: on).")] = True,
@@ -432,6 +436,8 @@ def optimize(
             if passes:
                 raise OnnxoptError("--quantize/--prune/--factorize run their own pipeline (level 1, then the lossy "
                                    "methods); use them or --pass, not both")
+            if target is not None:
+                raise OnnxoptError("--target applies to lossless runs; drop --quantize/--prune/--factorize or --target")
             methods = ([f"prune:{prune:g}"] if prune is not None else []) + (
                 [f"factorize:{factorize:g}"] if factorize is not None else []) + (
                 [quantize] if quantize is not None else [])
@@ -440,7 +446,7 @@ def optimize(
                       bench=bench, verify_each=verify_each, atol=atol, rtol=rtol, quiet=quiet,
                       report_html=report_html)
             return
-        preset, explicit = resolve(level, passes)
+        preset, explicit = resolve(level, passes, target)
         if require_validation and not validate:
             raise OnnxoptError("--require-validation and --no-validate contradict each other; "
                                "drop one")
@@ -460,7 +466,7 @@ def optimize(
                 input_shapes=shapes, tolerance=tolerance, validate=validate, bench=bench,
                 bench_repeats=repeats, threads=threads, verify_each=verify_each, report_path=report,
                 seed=seed, progress=activity.say, tick=activity.tick,
-                require_validation=require_validation, allow_growth=allow_growth,
+                require_validation=require_validation, allow_growth=allow_growth, target=target,
             )
         print_warnings(result)
         if not quiet:
@@ -698,6 +704,7 @@ def inspect(
     """Show MODEL's inputs, outputs, opsets, op histogram, parameters, size and MACs (--diff: two models)."""
     with _user_errors():
         from onnxopt.data import model_inputs, parse_input_shapes
+        from onnxopt.manager import REQUIRES_KEY
 
         pins = parse_input_shapes(input_shape)
         if diff or other is not None:
@@ -718,6 +725,8 @@ def inspect(
         out.print(Text.assemble((str(model), "bold"), f"  IR {m.ir_version}, opsets "
                   + ", ".join(f"{k} {v}" for k, v in info["opsets"].items())
                   + (f", producer {info['producer']}" if info["producer"] else "")))
+        if needs := info["metadata"].get(REQUIRES_KEY):  # --target outputs: not portable
+            out.print(f"needs {needs} (it uses that runtime's own ops; metadata {REQUIRES_KEY})", markup=False)
         rows = [[kind, v["name"], v["dtype"], v["shape"]]
                 for kind, items in (("in", info["inputs"]), ("out", info["outputs"]))
                 for v in items]
