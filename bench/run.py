@@ -253,6 +253,16 @@ def _ort_dynamic(src: Path, calib: Sequence[Feed], dst: Path, w: Workload) -> No
     quantize_dynamic(str(src), str(dst))
 
 
+def _onnxopt_ort(src: Path, calib: Sequence[Feed], dst: Path, w: Workload) -> None:
+    """Level 1 + ``--target onnxruntime``; the note names what each fuse-ort-* pass fused or declined."""
+    import onnxopt
+
+    optimized, report = onnxopt.optimize(onnxopt.load_model(src), level=1, target="onnxruntime")
+    onnxopt.save_model(optimized, dst)
+    stats = {k: v for r in report.summary() if r["name"].startswith("fuse-ort-") for k, v in r["stats"].items()}
+    _NOTES[dst] = ", ".join(f"{k} {v}" for k, v in stats.items()) or "nothing fused"
+
+
 def _ort_transformer(src: Path, calib: Sequence[Feed], dst: Path, w: Workload) -> None:
     from onnxruntime.transformers.optimizer import optimize_model
 
@@ -319,6 +329,8 @@ CONTENDERS: dict[str, Contender] = {
     "ort-static-qdq": Contender(_ort_static, about="quant_pre_process + quantize_static (QDQ, per-channel, "
                                 "MinMax, int8)"),
     "ort-dynamic": Contender(_ort_dynamic, about="quantize_dynamic (defaults)"),
+    "onnxopt-ort": Contender(_onnxopt_ort, lambda w: bool(w.model_type),
+                             about="onnxopt level 1 + --target onnxruntime (com.microsoft fusions)"),
     "ort-transformer": Contender(_ort_transformer, lambda w: bool(w.model_type),
                                  about="onnxruntime.transformers.optimizer.optimize_model"),
     "onnxslim": Contender(_onnxslim, about="onnxslim.slim"),
