@@ -54,8 +54,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=30)
     ap.add_argument("--out", default=str(REPO / "bench" / "FACTORIZE_CROSSOVER.md"))
     args = ap.parse_args(argv)
-    from onnxopt import machine
     from onnxopt.passes import _lowrank as lr
+
+    from onnxopt import machine
 
     started = datetime.datetime.now(datetime.timezone.utc)
     lines = [

@@ -178,6 +178,9 @@ def print_result(result: Any) -> None:
         for n in result.input_notes:
             out.print(f"  {n}", markup=False, soft_wrap=True)
     _print_passes(result.pipeline)
+    factorized = (result.pipeline.notes or {}).get("factorize-lowrank", {}).get("layers")
+    if factorized:
+        _print_factorized(factorized)
     _print_before_after(result)
     if result.validation is not None:
         _print_validation(result.validation)
@@ -633,6 +636,30 @@ def _print_step(step: Any) -> None:
     out.print(f"{name}: {len(changed)} layer(s) changed ("
               + ", ".join(f"{n} at {lv}" for lv, n in levels.items()) + f"); {step.reason}"
               + (f"; {len(step.skipped)} left alone" if step.skipped else ""), markup=False, soft_wrap=True)
+    details = {k: v["pass"] for k, v in changed.items() if v.get("pass", {}).get("rank") is not None}
+    if details:
+        _print_factorized(details)
+
+
+FACTORIZED_ROWS = 20  # the console shows the first factorized layers; the JSON report has them all
+
+
+def _print_factorized(layers: Mapping[str, Mapping[str, Any]]) -> None:
+    """factorize-lowrank per layer: rank, parameters and MACs per row, output error before and
+    after the refit (on calibration rows), and the layer and its pair each timed alone."""
+    def arrow(a: Any, b: Any, fmt: str) -> str:
+        return "" if a is None or b is None else f"{a:{fmt}} -> {b:{fmt}}"
+
+    rows = [[name, str(v.get("form", "")), f"{v['rank']}/{v['full_rank']}",
+             arrow(v.get("params_before"), v.get("params_after"), ","),
+             arrow(v.get("macs_before"), v.get("macs_after"), ","),
+             arrow(v.get("error_before_refit"), v.get("error_after_refit"), ".3g"),
+             arrow(v.get("latency_ms_before"), v.get("latency_ms_after"), ".3f")]
+            for name, v in list(layers.items())[:FACTORIZED_ROWS]]
+    header = ["layer", "form", "rank", "params", "MACs/row", "rel. error (refit)", "ms alone (layer -> pair)"]
+    out.print(_table("Factorized layers", header, rows, left=("layer", "form")))
+    if len(layers) > FACTORIZED_ROWS:
+        out.print(f"... {len(layers) - FACTORIZED_ROWS} more (all in the --report JSON)", markup=False)
 
 
 def _print_candidates(result: Any) -> None:

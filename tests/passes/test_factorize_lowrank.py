@@ -540,6 +540,12 @@ def test_cli_pass_spec(tmp_path: Path) -> None:
                                       "--repeats", "3"])
     assert result.exit_code == 0, result.output
     assert op_histogram(onnx.load(dst))["MatMul"] == 2
+    # the per-layer table: rank 8 of 64, parameters 64*96 -> 8*(64+96), the layer timed alone
+    assert "Factorized layers" in result.output
+    row = next(line for line in result.output.splitlines() if line.strip("│ ").startswith("fc "))
+    assert "8/64" in row
+    assert "6,144 -> 1,280" in row
+    assert "ms alone" in result.output
 
 
 # ---- declines ----
