@@ -28,7 +28,7 @@ import backend_suite as bs
 import onnx
 import onnxruntime
 
-from onnxopt import __version__
+from onnxopt import __version__, machine
 
 HERE = Path(__file__).resolve().parent
 TITLE = "# onnx backend node tests through onnxopt (level 1)"
@@ -107,7 +107,7 @@ def render(mode: str, results: list[bs.CaseResult], passes: list[str], missing: 
         f"- date: {now}; onnxopt {__version__} (commit {commit})",
         f"- versions: onnx {onnx.__version__}, onnxruntime {onnxruntime.__version__}, "
         f"Python {sys.version.split()[0]}",
-        f"- CPU: {_cpu_model()}",
+        f"- CPU: {machine.summary()}",
         f"- level-1 passes run: {', '.join(passes)}",
     ]
     if missing:
@@ -210,17 +210,6 @@ def _percent(part: int, whole: int) -> str:
 
 def _cell(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
-
-
-def _cpu_model() -> str:
-    try:
-        out = subprocess.run(["lscpu"], check=True, capture_output=True, text=True).stdout
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    fields = dict(ln.split(":", 1) for ln in out.splitlines() if ":" in ln)
-    model = fields.get("Model name", "unknown").strip()
-    cpus = fields.get("CPU(s)", "").strip()
-    return f"{model}, {cpus} CPUs" if cpus else model
 
 
 def _commit() -> str:

@@ -390,16 +390,6 @@ def versions() -> dict[str, str]:
     return out
 
 
-def cpu() -> str:
-    try:
-        text = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        fields = dict(ln.split(":", 1) for ln in text.splitlines() if ":" in ln)
-        name = fields.get("Model name", "").strip() or platform.processor()
-        return f"{name}, {os.cpu_count()} cores ({fields.get('Architecture', '').strip()})"
-    except (OSError, subprocess.CalledProcessError):
-        return f"{platform.processor() or 'unknown CPU'}, {os.cpu_count()} cores"
-
-
 def _shape_text(row: Row) -> str:
     if not row.inputs:
         return "-"
@@ -416,6 +406,8 @@ def _cell(text: str) -> str:
 
 
 def render(rows: Sequence[Row], when: str) -> str:
+    from onnxopt import machine
+
     ok = sum(r.exit_code == 0 for r in rows)
     validated = sum(r.validation == "passed" for r in rows)
     lines = [
@@ -429,7 +421,7 @@ def render(rows: Sequence[Row], when: str) -> str:
         COMMAND,
         "```",
         "",
-        f"- CPU: {cpu()}",
+        f"- CPU: {machine.summary()}",
         "- versions: " + ", ".join(f"{k} {v}" for k, v in versions().items()),
         f"- result: {ok} of {len(rows)} models written, {validated} validated and passed",
         "",

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import datetime
 import importlib.util
-import platform
 import sys
 from pathlib import Path
 
@@ -22,17 +21,8 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 
 
-def _cpu() -> str:
-    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    name = next((ln.split(":", 1)[1].strip() for ln in info.splitlines() if ln.startswith("model name")),
-                platform.processor())
-    flags = next((ln.split(":", 1)[1].split() for ln in info.splitlines() if ln.startswith("flags")), [])
-    vnni = [f for f in ("avx512_vnni", "avx_vnni") if f in flags]
-    return f"{name}; VNNI: {', '.join(vnni) if vnni else 'none'}"
-
-
 def main() -> int:
-    from onnxopt import load_model, optimize
+    from onnxopt import load_model, machine, optimize
     from onnxopt.data import load
     from onnxopt.runtime import session
 
@@ -52,7 +42,7 @@ def main() -> int:
         cases.append((name, load_model(w.path), w.calib, w.eval))
     lines = ["# int8 weights: reduce_range (±64) vs full range (±127)", "",
              f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC",
-             f"- cpu: {_cpu()}", "- command: `python bench/reduce_range.py`", "",
+             f"- cpu: {machine.summary()}", "- command: `python bench/reduce_range.py`", "",
              "| model | weights | fused vs QDQ graph (cosine) | vs float (cosine) | top-1 agreement |",
              "|---|---|---|---|---|"]
     for name, m, cfeeds, efeeds in cases:
