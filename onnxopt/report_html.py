@@ -293,9 +293,12 @@ def _passes(p: Mapping[str, Any] | None) -> str:
     if not p:
         return ""
     rows = []
+    dropped = p.get("dropped") or {}  # passes the never-slower guard took out, and why
     for s in p.get("summary", []):
         stats = s.get("stats", {})
         did = ", ".join(f"{k}={v}" for k, v in sorted(stats.items()) if not k.startswith("skipped:"))
+        if s["name"] in dropped:
+            did = f"DROPPED: {dropped[s['name']]}" + (f" (it did: {did})" if did else "")
         declined = ", ".join(f"{k[8:]}={v}" for k, v in sorted(stats.items()) if k.startswith("skipped:"))
         rows.append(f"<td>{escape(s['name'])}</td>" + _td(str(s["runs"]), s["runs"])
                     + _td(did or ("-" if not s["changed"] else "changed"), cls="") + _td(declined or "-", cls="")
