@@ -16,6 +16,8 @@ from onnxopt.passes.fold_arithmetic_chains import FoldArithmeticChainsPass
 from onnxopt.passes.fold_scale import FoldScalePass
 from onnxopt.passes.fuse_matmul_add import FuseMatMulAddPass
 from onnxopt.passes.fuse_pad import FusePadPass
+from onnxopt.passes.fuse_hardswish import FuseHardSwishPass
+from onnxopt.passes.fuse_gelu import FuseGeluPass
 from onnxopt.passes.fuse_shape_chains import FuseShapeChainsPass
 from onnxopt.passes.quantize_qdq import QuantizeQDQPass
 from onnxopt.passes.prune_channels import PruneChannelsPass
@@ -36,6 +38,8 @@ ALL_PASSES = (
     FoldScalePass,
     FuseMatMulAddPass,
     FusePadPass,
+    FuseHardSwishPass,
+    FuseGeluPass,
     FuseShapeChainsPass,
     EliminateDeadCodePass,
     QuantizeDynamicPass,

@@ -1,0 +1,110 @@
+"""Recognize a decomposed Gelu and write the standard Gelu op (opset 20).
+
+    0.5 * x * (1 + Erf(x / sqrt(2)))                               ->  Gelu(x)
+    0.5 * x * (1 + Tanh(sqrt(2/pi) * (x + 0.044715 * x^3)))        ->  Gelu(x, approximate="tanh")
+
+The forms are matched by ``fuse_ort_bias_gelu``'s recognizer (one matcher for both passes):
+the two Muls in any order, ``x / sqrt(2)`` or ``x * (1/sqrt(2))``, ``x^3`` as ``Pow(x, 3)`` or
+``x * x * x``, constants within 1e-4 relative (exporters round sqrt(2) and sqrt(2/pi)
+differently). Against the decomposition with the exact constants, Gelu differs by float
+rounding; a model that wrote sqrt(2) as 1.4142 computes erf of an argument 1.5e-5 relative
+off, and the fused op is the one closer to the true Gelu: the two differ by at most
+0.5 |x| erf'(z) z * 1.5e-5 <= 4e-6 |x| (z = x / sqrt 2; erf'(z) z peaks at 0.48).
+
+Gelu exists from opset 20: in an older model the pattern is left alone and counted
+(``skipped:opset``); upgrading the model's opset for it is not done here. onnxruntime fuses the
+erf form itself at load time, so on onnxruntime this saves load-time work and makes the graph
+portable to runtimes that have Gelu but no such fusion (bench/LOSSLESS_REWRITES.md has the timing).
+
+Declined, and counted in stats:
+- ``skipped:opset``: the model is below opset 20.
+- ``skipped:shared``: a tensor inside the pattern (x / sqrt 2, the Erf, ...) has a reader
+  outside it or is a graph output; fusing would keep those nodes and add a Gelu.
+- ``skipped:dtype``: x is not float16/float32/float64/bfloat16 (Gelu's types).
+Works inside If/Loop/Scan bodies; custom-domain nodes are left alone.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import onnx_graphsurgeon as gs
+from onnxopt.passes.fuse_ort_bias_gelu import _gelus
+
+from onnxopt.graph_utils import is_graph_output, iter_graphs, producer
+from onnxopt.pass_base import Pass, PassContext, PassResult
+
+GELU_OPSET = 20
+
+
+def pattern_nodes(x: gs.Tensor, y: gs.Tensor) -> list[gs.Node]:
+    """The nodes computing ``y`` from ``x`` (and constants): a walk back from ``y`` that stops at ``x``."""
+    seen: dict[int, gs.Node] = {}
+    stack = [y]
+    while stack:
+        node = producer(stack.pop())
+        if node is None or id(node) in seen:
+            continue
+        seen[id(node)] = node
+        stack.extend(t for t in node.inputs if t is not x and not isinstance(t, gs.Constant))
+    return list(seen.values())
+
+
+def only_read_inside(graph: gs.Graph, nodes: list[gs.Node], y: gs.Tensor) -> bool:
+    """Whether every tensor the ``nodes`` write (but ``y``) is read by those nodes only."""
+    inside = {id(n) for n in nodes}
+    for node in nodes:
+        for t in node.outputs:
+            if t is y:
+                continue
+            if is_graph_output(graph, t) or any(id(r) not in inside for r in t.outputs):
+                return False
+    return True
+
+
+def _float(x: gs.Tensor) -> bool:
+    if x.dtype is None:
+        return True  # Mul/Erf/Tanh on x already require a float type
+    try:
+        return np.dtype(x.dtype).kind == "f" or str(x.dtype) == "bfloat16"
+    except TypeError:
+        return str(x.dtype) == "bfloat16"
+
+
+class FuseGeluPass(Pass):
+    """Write a decomposed Gelu (erf or tanh form) as the standard Gelu op."""
+
+    name = "fuse-gelu"
+
+    def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
+        stats: Counter[str] = Counter()
+        for g in list(iter_graphs(graph)):
+            replaced: dict[int, gs.Node] = {}
+            for x, y, kind in _gelus(g):
+                if kind not in ("erf", "tanh"):
+                    continue  # already the standard op
+                nodes = pattern_nodes(x, y)
+                if ctx.opset < GELU_OPSET:
+                    stats["skipped:opset"] += 1
+                    continue
+                if not only_read_inside(g, nodes, y):
+                    stats["skipped:shared"] += 1
+                    continue
+                if not _float(x):
+                    stats["skipped:dtype"] += 1
+                    continue
+                last = producer(y)
+                assert last is not None
+                last.inputs.clear()
+                last.outputs.clear()
+                attrs = {"approximate": "tanh"} if kind == "tanh" else {}
+                replaced[id(last)] = gs.Node("Gelu", name=ctx.names.fresh(f"{last.name or 'gelu'}_gelu"),
+                                             attrs=attrs, inputs=[x], outputs=[y])
+                stats[f"fused-{kind}"] += 1
+            if replaced:
+                g.nodes = [replaced.get(id(n), n) for n in g.nodes]
+        changed = any(k.startswith("fused-") for k in stats)
+        if changed:
+            graph.cleanup()
+        return PassResult(changed=changed, stats=dict(stats))

@@ -1,0 +1,156 @@
+"""Recognize decomposed HardSigmoid and HardSwish and write the standard op.
+
+    Clip(x + 3, 0, 6) / 6            (or * 1/6)        ->  HardSigmoid(x, alpha=1/6, beta=0.5)  opset >= 6
+    x * HardSigmoid(x, 1/6, 0.5)     (either order)    ->  HardSwish(x)                          opset >= 14
+    (x * Clip(x + 3, 0, 6)) / 6      (or * 1/6)        ->  HardSwish(x)                          opset >= 14
+
+HardSigmoid(x) = max(0, min(1, alpha*x + beta)); with alpha = 1/6, beta = 1/2 that is
+clip(x + 3, 0, 6) / 6, and HardSwish(x) = x * HardSigmoid(x) with exactly those constants.
+The forms differ only by float rounding (x/6 + 0.5 rounds differently from (x + 3)/6): a few
+ulp of the result. The Add's 3 may be on either side; Clip bounds come from attributes
+(opset < 11) or constant inputs. Constants are compared to 1e-6 relative (1/6 in float32 is
+0.16666667). Paddle, Keras and older torch exports write these forms.
+
+Below opset 14 a HardSwish pattern is left as it is (the HardSigmoid part is still written,
+opset 6); upgrading the model's opset to fuse it is not done here.
+
+Declined, and counted in stats:
+- ``skipped:opset``: a HardSwish pattern in a model below opset 14.
+- ``skipped:shared``: an intermediate (x + 3, the Clip, the product) has another reader or
+  is a graph output; fusing would keep it and add a node.
+Works inside If/Loop/Scan bodies; custom-domain nodes are left alone.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import onnx_graphsurgeon as gs
+
+from onnxopt.graph_utils import constant_value, is_default_domain, is_graph_output, iter_graphs
+from onnxopt.pass_base import NameGenerator, Pass, PassContext, PassResult
+
+_TOL = 1e-6
+
+
+def _is(node: gs.Node | None, *ops: str) -> bool:
+    return node is not None and node.op in ops and is_default_domain(node)
+
+
+def _scalar(t: gs.Tensor | None) -> float | None:
+    value = constant_value(t) if t is not None and t.name else None
+    if value is None or value.size != 1 or value.dtype.kind != "f":
+        return None
+    return float(value.reshape(()))
+
+
+def _near(t: gs.Tensor | None, target: float) -> bool:
+    v = _scalar(t)
+    return v is not None and abs(v - target) <= _TOL * max(abs(target), 1.0)
+
+
+def _producer(t: gs.Tensor) -> gs.Node | None:
+    return t.inputs[0] if len(t.inputs) == 1 else None
+
+
+def _only_reader(t: gs.Tensor) -> gs.Node | None:
+    return t.outputs[0] if len(t.outputs) == 1 else None
+
+
+def _other(node: gs.Node, t: gs.Tensor) -> gs.Tensor | None:
+    if len(node.inputs) != 2:
+        return None
+    a, b = node.inputs
+    if (a is t) == (b is t):
+        return None
+    return b if a is t else a
+
+
+def _sixth_of(node: gs.Node | None, t: gs.Tensor) -> bool:
+    """Whether ``node`` computes ``t / 6`` (Div by 6 or Mul by 1/6)."""
+    if _is(node, "Div"):
+        return node.inputs[0] is t and _near(node.inputs[1], 6.0)
+    return _is(node, "Mul") and _near(_other(node, t), 1.0 / 6.0)
+
+
+def _relu6_of_plus3(clip: gs.Node, opset: int) -> gs.Tensor | None:
+    """x when ``clip`` is Clip(x + 3, 0, 6)."""
+    if opset < 11:
+        lo, hi = clip.attrs.get("min"), clip.attrs.get("max")
+        bounds = lo is not None and hi is not None and abs(lo) <= _TOL and abs(hi - 6.0) <= 6 * _TOL
+    else:
+        bounds = len(clip.inputs) == 3 and _near(clip.inputs[1], 0.0) and _near(clip.inputs[2], 6.0)
+    add = _producer(clip.inputs[0])
+    if not bounds or not _is(add, "Add") or len(add.inputs) != 2:
+        return None
+    for x in add.inputs:
+        if _near(_other(add, x), 3.0) and constant_value(x) is None:
+            return x
+    return None
+
+
+def _is_hardsigmoid_of(node: gs.Node | None, x: gs.Tensor) -> bool:
+    return (_is(node, "HardSigmoid") and node.inputs[0] is x
+            and abs(float(node.attrs.get("alpha", 0.2)) - 1 / 6) <= _TOL
+            and abs(float(node.attrs.get("beta", 0.5)) - 0.5) <= _TOL)
+
+
+def _match(node: gs.Node, opset: int) -> tuple[str, gs.Tensor, gs.Node, list[gs.Tensor]] | None:
+    """(op to write, x, last node of the pattern, intermediates) for a pattern ending at ``node``."""
+    if _is(node, "Mul") and len(node.inputs) == 2:
+        for x in node.inputs:
+            hs = _producer(_other(node, x) or x)
+            if _is_hardsigmoid_of(hs, x):  # x * HardSigmoid(x)
+                return "HardSwish", x, node, [hs.outputs[0]]
+    for t in node.inputs[:2]:
+        inner = _producer(t)
+        if not _sixth_of(node, t) or inner is None:
+            continue
+        if _is(inner, "Clip") and (x := _relu6_of_plus3(inner, opset)) is not None:
+            return "HardSigmoid", x, node, [inner.inputs[0], t]
+        if _is(inner, "Mul") and len(inner.inputs) == 2:  # (x * Clip(x + 3, 0, 6)) / 6
+            for x in inner.inputs:
+                clip = _producer(_other(inner, x) or x)
+                if _is(clip, "Clip") and _relu6_of_plus3(clip, opset) is x:
+                    return "HardSwish", x, node, [clip.inputs[0], clip.outputs[0], t]
+    return None
+
+
+def _replace(op: str, x: gs.Tensor, last: gs.Node, names: NameGenerator) -> gs.Node:
+    y = last.outputs[0]
+    last.inputs.clear()
+    last.outputs.clear()
+    attrs = {"alpha": 1.0 / 6.0, "beta": 0.5} if op == "HardSigmoid" else {}
+    return gs.Node(op, name=names.fresh(f"{last.name or op}_{op.lower()}"), attrs=attrs,
+                   inputs=[x], outputs=[y])
+
+
+class FuseHardSwishPass(Pass):
+    """Write decomposed HardSigmoid and HardSwish as the standard ops."""
+
+    name = "fuse-hardswish"
+
+    def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
+        stats: Counter[str] = Counter()
+        for g in list(iter_graphs(graph)):
+            replaced: dict[int, gs.Node] = {}
+            for node in list(g.nodes):  # topological: a HardSigmoid written here feeds a later Mul
+                found = _match(node, ctx.opset)
+                if found is None:
+                    continue
+                op, x, last, inner = found
+                if op == "HardSwish" and ctx.opset < 14:
+                    stats["skipped:opset"] += 1
+                    continue
+                if any(len(t.outputs) != 1 or is_graph_output(g, t) for t in inner):
+                    stats["skipped:shared"] += 1
+                    continue
+                new = _replace(op, x, last, ctx.names)
+                replaced[id(last)] = new
+                stats[f"fused-{op.lower()}"] += 1
+            if replaced:
+                g.nodes = [replaced.get(id(n), n) for n in g.nodes]
+        changed = any(k.startswith("fused-") for k in stats)
+        if changed:
+            graph.cleanup()
+        return PassResult(changed=changed, stats=dict(stats))
