@@ -206,7 +206,7 @@ def test_the_schema_rejects_what_does_not_fit(quantized: tuple[dict[str, Any], s
 
 def test_schema_is_installed_as_package_data() -> None:
     text = (ROOT / "pyproject.toml").read_text()
-    assert '"schemas/*.json"' in text
+    assert '"onnxopt.schemas" = ["*.json"]' in text
     assert SCHEMA_FILE.parent.name == "schemas"
     assert SCHEMA_FILE.exists()
 
@@ -357,6 +357,20 @@ def test_skipped_validation_is_a_warning_at_the_top(skipped: tuple[dict[str, Any
         assert check in fidelity
     assert "Not measured" in dom.by_id("latency").text
     assert not list(dom.find(lambda n: "dist" in n.classes))
+
+
+def test_flags_that_skip_checks_are_warnings_at_the_top(tmp_path: Path) -> None:
+    if not DIGITS.exists():
+        pytest.skip("demo model not built")
+    payload, page, _, _ = _run(["optimize", str(DIGITS), "--no-validate", "--no-bench", "-o", str(tmp_path / "o.onnx"),
+                                "--report", str(tmp_path / "r.json"), "--report-html", str(tmp_path / "r.html")])
+    _validator().validate(payload)
+    assert payload["validation_skipped"] == "--no-validate"
+    assert payload["bench_skipped"] == "--no-bench"
+    warnings = parse(page).by_id("warnings").text
+    assert "not validated (--no-validate)" in warnings
+    assert "latency not measured (--no-bench)" in warnings
+    assert page.index('id="warnings"') < page.index('id="before-after"')
 
 
 @pytest.mark.parametrize("run", RUNS)
