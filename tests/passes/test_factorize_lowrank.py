@@ -22,6 +22,7 @@ F16 = onnx.TensorProto.FLOAT16
 # a fixed crossover for every test (the pass measures one per machine otherwise): any saving of
 # MACs pays, ranks on multiples of 8; tests of the crossover itself pass their own
 FIXED = _lowrank.Crossover(1.0, 1.0, 1.0, 8, 8, "test")
+MEASURED = _lowrank.measured_crossover  # the real one, for the test of its cache
 
 
 @pytest.fixture(autouse=True)
@@ -443,6 +444,62 @@ def test_each_layer_is_timed_against_its_pair() -> None:
     assert layer["latency_ms_after"] > 0.0
     _, _, notes = _run(model, f"{PASS}:rank_fraction=0.0625,time_layers=false")
     assert "latency_ms_before" not in notes["layers"]["fc"]
+
+
+def test_crossover_is_measured_once_per_machine_and_cached(tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """The measurement runs through onnxopt.machine's cache: once, then read back."""
+    from onnxopt import machine
+
+    calls = []
+
+    def fake() -> dict:
+        calls.append(1)
+        return {"matmul": {"a": {"break_even": 0.97}}, "conv": {"b": {"break_even": 0.85}},
+                "spatial": {"c": {"break_even": 0.8}}, "multiples": {"matmul": 8, "conv": 16}}
+
+    monkeypatch.setenv("ONNXOPT_CACHE", str(tmp_path))
+    monkeypatch.delenv("ONNXOPT_NO_MEASURE_CACHE", raising=False)
+    monkeypatch.setattr(_lowrank, "measure_subset", fake)
+    for _ in range(2):
+        MEASURED.cache_clear()
+        assert MEASURED() == _lowrank.Crossover(0.97, 0.85, 0.8, 8, 16)
+    MEASURED.cache_clear()
+    assert len(calls) == 1
+    cached = json.loads((machine.cache_dir() / f"{machine.fingerprint()}.json").read_text())
+    assert cached[_lowrank.KEY]["version"] == _lowrank.VERSION
+
+
+def test_spatial_activation_aware_beats_plain_and_max_error_holds() -> None:
+    """Inputs whose channels are correlated (as a CNN's are): whitening the column strips spends
+    the rank where the outputs need it (error measured by onnxruntime on held-out inputs, with and
+    without the refit); max_error picks the smallest spatial rank within its budget."""
+    cin, cout, k = 16, 16, 3
+    rng = np.random.default_rng(15)
+    w = (rng.standard_normal((cout, cin, k, k)) / np.sqrt(cin * k * k)).astype(np.float32)
+    node = helper.make_node("Conv", ["x", "W"], ["y"], name="conv", pads=[1, 1, 1, 1])
+    model = make_model([node], [vi("x", [2, cin, 12, 12])], [vi("y", [2, cout, 12, 12])], {"W": w})
+
+    def feeds(n: int, seed: int) -> list[dict]:
+        return [{"x": np.einsum("nchw,cd->ndhw", f["x"], _anisotropic(cin)).astype(np.float32)}
+                for f in _feeds((2, cin, 12, 12), n=n, seed=seed)]
+
+    calib, held = feeds(3, 1), feeds(2, 22)
+    ref = np.concatenate([g[0] for g in run_model(model, held)])
+
+    def held_error(spec: str) -> float:
+        out, _, _ = _run(model, spec, calibration=calib)
+        return _rel(np.concatenate([g[0] for g in run_model(out, held)]), ref)
+
+    for spec in (f"{PASS}:rank_fraction=0.17,conv_form=spatial", f"{PASS}:rank_fraction=0.17,conv_form=spatial,refit=false"):
+        assert held_error(spec) < 0.5 * held_error(spec + ",method=svd")
+    _, _, notes = _run(model, f"{PASS}:max_error=0.05,conv_form=spatial", calibration=calib)
+    layer = notes["layers"]["conv"]
+    assert layer["form"] == "spatial"
+    assert layer["error_after_refit"] <= 0.05
+    fewer = json.dumps({"conv": (layer["rank"] - 8) / 48})
+    _, _, notes = _run(model, f"{PASS}:keep={fewer},conv_form=spatial", calibration=calib)
+    assert notes["layers"]["conv"]["error_after_refit"] > 0.05
 
 
 def test_break_even_and_paying_multiple_from_hand_timings() -> None:
