@@ -239,3 +239,21 @@ def test_fold_budget_counts_a_shared_weight_copied_per_reader(opset: int) -> Non
     feeds = random_feeds(model, 2)
     assert_equivalent(model, kept, feeds=feeds)
     assert_equivalent(model, folded, feeds=feeds)
+
+
+def test_dropping_a_pass_keeps_external_data_consistent(tmp_path: Path) -> None:
+    # the input keeps its weights in a side file: the variant that replaces the staged output
+    # is a complete model by itself (weights loaded, written inline below 2 GB) in the output's
+    # directory, and no scratch directory is left behind
+    src, dst = tmp_path / "m.onnx", tmp_path / "out" / "m.opt.onnx"
+    dst.parent.mkdir()
+    model = _expand_model()
+    model.graph.initializer.append(onnx.numpy_helper.from_array(np.ones((64, 64), np.float32), "unused"))
+    onnx.save(model, src, save_as_external_data=True, location="m.onnx.data", size_threshold=1024)
+    result = api.optimize_file(src, dst, level=None, passes=["fold-constants:max_run_growth=inf"], bench=False)
+    assert list(result.pipeline.dropped) == ["fold-constants"]
+    written = onnx.load(str(dst))  # loads its external data, if any, from beside it
+    assert op_histogram(written) == {"Add": 1, "Expand": 1}
+    assert sorted(p.name for p in dst.parent.iterdir()) == ["m.opt.onnx"]
+    assert not [p for p in tmp_path.rglob(".onnxopt-*")]  # staging and variant directories are gone
+    assert_equivalent(model, written, atol=0, rtol=0)
