@@ -452,7 +452,8 @@ def _run_step(
 
     cand0 = evaluate(name_of(uniform), m.step, model0, uniform, floats(uniform))
     if cand0.within_budget:
-        return _applied(report, uniform, {}, model0, cand0, "uniform candidate within budget", m.describe)
+        return _applied(report, uniform, {}, model0, cand0, "uniform candidate within budget", m.describe,
+                        layers)
     if not m.per_layer or (len(layers) < 2 and len(m.levels) < 3):  # nothing to allocate
         report.reason = f"{cand0.label} is over budget"
         return None, None, report
@@ -488,13 +489,13 @@ def _run_step(
         shares = {layer: {lv: float(info.get("channels", 0)) * (1 - float(lv)) / total for lv in levels}
                   for layer, info in layers.items()}
     moves = allocation.within_target(allocation.order(table, levels, shares), m.target)
-    tried: dict[int, tuple[onnx.ModelProto, Candidate]] = {}
+    tried: dict[int, tuple[onnx.ModelProto, Candidate, dict[str, dict[str, Any]]]] = {}
 
     def attempt(k: int) -> bool:
         assign = allocation.assignment(moves[:k])
-        model_k, _ = build(m.options(assign, layers))
+        model_k, notes_k = build(m.options(assign, layers))
         cand = evaluate(name_of(assign), m.step, model_k, assign, floats(assign))
-        tried[k] = (model_k, cand)
+        tried[k] = (model_k, cand, m.layers_of(notes_k))
         return cand.within_budget
 
     # the uniform candidate, when it is every layer at the last level, is all the moves: known to fail
@@ -503,20 +504,25 @@ def _run_step(
     if k == 0:
         report.reason = "no allocation is within the accuracy budget"
         return None, None, report
-    model_k, cand = tried[k]
+    model_k, cand, details = tried[k]
     errors = {layer: by for layer, by in table.items()}
     return _applied(report, allocation.assignment(moves[:k]), errors, model_k, cand,
-                    f"{k} of {len(moves)} moves within budget", m.describe)
+                    f"{k} of {len(moves)} moves within budget", m.describe, details)
 
 
 def _applied(report: StepReport, assignment: Mapping[str, Any], table: Mapping[str, Mapping[Any, Any]],
              model: onnx.ModelProto, cand: Candidate, reason: str, describe: Callable[[Any], str] = str,
+             details: Mapping[str, Mapping[str, Any]] | None = None,
              ) -> tuple[onnx.ModelProto, Candidate, StepReport]:
+    """The step's decision per layer; ``details``: what the pass reported of each layer in the
+    result's build (factorize-lowrank: rank, parameters, MACs, errors, timings), as ``pass``."""
     report.applied, report.reason = True, reason
     for layer, lvl in assignment.items():
         probe = table.get(layer, {}).get(lvl)
         report.layers[layer] = {"level": lvl, "label": describe(lvl), "error": None if probe is None else probe.error,
                                 "saved": None if probe is None else probe.saved}
+        if details and details.get(layer):
+            report.layers[layer]["pass"] = dict(details[layer])
     return model, cand, report
 
 

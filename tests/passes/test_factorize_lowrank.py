@@ -747,3 +747,40 @@ def test_sequential_refit_fits_the_input_the_layer_now_reads() -> None:
             noted = notes["layers"]["fc2"]["error_after_refit"]
             assert noted == pytest.approx(errors[True], rel=1e-3)
     assert errors[True] <= errors[False] * 1.001
+
+
+# ---- through the lossy driver ----
+
+def test_driver_reports_each_factorized_layer(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """--factorize 0.5 on layers of true rank 8: the uniform candidate is exact, so it is written;
+    the step's report carries the pass's per-layer figures, and the console prints them."""
+    from onnxopt.bench import Latency
+    from onnxopt.cli import print_compress_result
+    from onnxopt.data import Dataset
+    from onnxopt.lossy import compress
+
+    nodes = [helper.make_node("MatMul", ["x", "W1"], ["h"], name="fc1"),
+             helper.make_node("Relu", ["h"], ["r"]),
+             helper.make_node("MatMul", ["r", "W2"], ["y"], name="fc2")]
+    model = make_model(nodes, [vi("x", ["n", 64])], [vi("y", ["n", 96])],
+                       {"W1": _low_rank(64, 128, 8, seed=1), "W2": _low_rank(128, 96, 8, seed=2)})
+    src = tmp_path / "m.onnx"
+    onnx.save(model, src)
+    data = Dataset(_feeds((32, 64), n=8, seed=5), source="t")
+
+    def measure(models: dict, feeds: list) -> dict[str, Latency]:  # the factorized model is faster
+        return {k: Latency(1.0 if k == "float" else 0.5, 1, 1, 1, 1, "fake") for k in models}
+
+    result = compress(src, tmp_path / "o.onnx", "factorize:0.5", calibration_data=data, measure=measure)
+    assert result.written == "compressed"
+    (step,) = result.steps
+    fc1, fc2 = step.layers["fc1"]["pass"], step.layers["fc2"]["pass"]
+    assert (fc1["rank"], fc1["params_before"], fc1["params_after"]) == (32, 64 * 128, 32 * (64 + 128))
+    assert (fc2["rank"], fc2["params_before"], fc2["params_after"]) == (48, 128 * 96, 48 * (128 + 96))
+    assert fc1["error_after_refit"] < 1e-8
+    assert fc1["latency_ms_before"] > 0.0
+    _assert_close(model, onnx.load(tmp_path / "o.onnx"), _feeds((4, 64), seed=6), 1e-5)
+    print_compress_result(result)
+    out = capsys.readouterr().out
+    assert "Factorized layers" in out
+    assert "8,192 -> 6,144" in out
