@@ -168,7 +168,28 @@ def skipped(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], s
                  "--report", str(d / "r.json"), "--report-html", str(d / "r.html")])
 
 
-RUNS = ["lossless", "quantized", "skipped"]
+def _composed_measure(*_: Any) -> Callable[..., dict[str, Latency]]:
+    """Each applied step faster than the last (float 1 ms, pruned 0.8 ms, pruned + int8 0.5 ms)."""
+    def measure(models: Mapping[str, onnx.ModelProto], feeds: Sequence[Any]) -> dict[str, Latency]:
+        ms = {name: 1.0 if name == "float" else 0.5 if " + " in name else 0.8 for name in models}
+        return {k: Latency(v, v, v, 1, 1, "fake", (v,)) for k, v in ms.items()}
+
+    return measure
+
+
+@pytest.fixture(scope="module")
+def composed(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], str, str, Path]:
+    """--prune 0.5 --quantize int8 on the demo model: two steps, each with its sensitivity."""
+    if not DIGITS.exists():
+        pytest.skip("demo model not built")
+    d = tmp_path_factory.mktemp("composed")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(driver, "default_measure", _composed_measure)
+        return _run(["optimize", str(DIGITS), "--prune", "0.5", "--quantize", "int8", "--data", str(DIGITS_DATA),
+                     "-o", str(d / "o.onnx"), "--report", str(d / "r.json"), "--report-html", str(d / "r.html")])
+
+
+RUNS = ["lossless", "quantized", "skipped", "composed"]
 
 
 # ---- the schema
@@ -330,6 +351,37 @@ def test_quantized_page_sorts_sensitivity_and_shows_the_layers_kept_float(
 
 def cands_label(payload: Mapping[str, Any], step: Mapping[str, Any]) -> str:
     return payload["candidates"][step["candidate"]]["label"]
+
+
+def test_composed_page_shows_what_each_step_contributed(composed: tuple[dict[str, Any], str, str, Path]) -> None:
+    payload, page, _, _ = composed
+    dom = parse(page)
+    cands, steps = payload["candidates"], payload["steps"]
+    assert [s["step"] for s in steps] == ["prune", "quantize"]
+    rows = [r.cells() for r in dom.by_id("steps-table").find(lambda n: n.tag == "tr")][1:]
+    assert len(rows) == 2
+    previous = cands[0]  # the float model
+    for row, step in zip(rows, steps, strict=True):
+        assert step["applied"]
+        c = cands[step["candidate"]]
+        assert row[1] == c["label"]
+        change = (c["macs"] - previous["macs"]) / previous["macs"] * 100
+        assert number(row[2].split("(")[1]) == pytest.approx(change, abs=0.05)
+        assert number(row[4].split("(")[0]) == pytest.approx(c["latency_ms"], rel=5e-4)
+        previous = c
+    assert cands[steps[0]["candidate"]]["macs"] < cands[0]["macs"]  # pruning removed MACs
+    # one sensitivity chart per step; a changed layer's decision is its level as the test spells it
+    for step in steps:
+        chart = dom.by_id(f"sensitivity-{step['step']}")
+        assert step["sensitivity"], step["step"]
+        assert f"{len(step['sensitivity'])} layers" in chart.text
+    bars = {b.attrs["data-layer"] + "@" + b.attrs["data-decision"] for b in dom.find(lambda n: "changed" in n.classes)}
+    expected = {f"{layer}@keep {info['level']:.0%}" for layer, info in steps[0]["layers"].items()}
+    expected |= {f"{layer}@int8" for layer in steps[1]["layers"]}
+    assert bars == expected
+    (chosen,) = [p for p in dom.find(lambda n: "chosen" in n.classes)]
+    assert chosen.attrs["data-label"] == cands[steps[1]["candidate"]]["label"]
+    assert float(chosen.attrs["data-x"]) == 0.5
 
 
 def test_quantized_page_states_the_decision_and_warnings_first(
