@@ -33,6 +33,8 @@ from rich.text import Text
 
 from onnxopt import __version__
 from onnxopt.errors import OnnxoptError
+from onnxopt.many import ExecutorOption, MeasureOnOption, RayAddressOption
+from onnxopt.many import command as optimize_many
 
 # plain help (rich_markup_mode=None): the rich help panels print a type such as <bool> beside
 # every flag, --help included; plain help shows each option with its METAVAR, flags without one
@@ -417,6 +419,9 @@ def optimize(
         "data; default 1.0). Without labels: cosine >= --min-cosine and top-1 agreement >= 98%.")] = None,
     force: Annotated[bool, typer.Option(
         "--force", show_default=False, help="With --quantize/--prune: write the compressed model even when it is slower or over budget.")] = False,
+    executor: ExecutorOption = "local",
+    ray_address: RayAddressOption = "auto",
+    measure_on: MeasureOnOption = None,
     verbose: Verbose = 0,
     quiet: Quiet = False,
 ) -> None:
@@ -447,8 +452,11 @@ def optimize(
             _compress(model, output, methods, data, calibration_data, shapes, level, max_accuracy_drop,
                       min_cosine, force, threads, repeats, report, seed, dry_run, validate=validate,
                       bench=bench, verify_each=verify_each, atol=atol, rtol=rtol, quiet=quiet,
-                      report_html=report_html)
+                      report_html=report_html, executor=executor, ray_address=ray_address, measure_on=measure_on)
             return
+        if executor != "local" or measure_on is not None:
+            raise OnnxoptError("--executor/--measure-on distribute the lossy driver's tasks; add --quantize, "
+                               "--prune or --factorize")
         preset, explicit = resolve(level, passes, target)
         if require_validation and not validate:
             raise OnnxoptError("--require-validation and --no-validate contradict each other; "
@@ -556,8 +564,10 @@ def _compress(
     seed: int, dry_run: bool, *, validate: bool = True, bench: bool = True,
     verify_each: bool = False, atol: float | None = None, rtol: float | None = None,
     quiet: bool = False, report_html: Path | None = None,
+    executor: str = "local", ray_address: str = "auto", measure_on: str | None = None,
 ) -> None:
     from onnxopt.api import _write_json, default_output
+    from onnxopt.executors import make
     from onnxopt.lossy import DEFAULT_MIN_COSINE, QUANTIZERS, compress, resolve_methods
     from onnxopt.manager import DEFAULT_LEVEL
     from onnxopt.validate import EXACT_ATOL, EXACT_RTOL, Tolerance
@@ -581,7 +591,7 @@ def _compress(
                   + ", then ".join(m.pass_name for m in resolved)
                   + "; one budget, per-layer sensitivity and allocation, latency check; nothing run")
         return
-    with _Activity(err.is_terminal and not quiet) as activity:
+    with make(executor, ray_address, measure_on) as ex, _Activity(err.is_terminal and not quiet) as activity:
         result = compress(
             model, output or default_output(model), resolved, calibration_data=calibration_data,
             eval_data=data, max_accuracy_drop=max_accuracy_drop,
@@ -589,7 +599,7 @@ def _compress(
             bench=bench, threads=threads, repeats=repeats,
             level=DEFAULT_LEVEL if level is None else level, input_shapes=shapes,
             exact_tolerance=exact, verify_each=verify_each, seed=seed,
-            progress=activity.say, tick=activity.tick,
+            progress=activity.say, tick=activity.tick, executor=ex,
         )
     for w in dict.fromkeys(result.warnings):
         err.print(f"[bold yellow]WARNING:[/bold yellow] {w}", soft_wrap=True)
@@ -1051,6 +1061,9 @@ def export(
                          left=("output",)))
         out.print(f"nodes {rep.nodes}, BatchNormalization {rep.batchnorm_nodes}, {rep.seconds:.1f} s", markup=False)
         out.print(f"wrote {rep.output}", markup=False)
+
+
+app.command(name="optimize-many")(optimize_many)  # onnxopt.many: a directory of models, resumable
 
 
 def main() -> None:

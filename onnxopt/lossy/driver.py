@@ -36,6 +36,7 @@ from onnxopt import data as data_mod
 from onnxopt.bench import Latency, ModelStats, estimate_macs, macs_per_node, model_stats
 from onnxopt.data import Dataset
 from onnxopt.errors import InputDataError, OnnxoptError, ValidationError
+from onnxopt.executors import Executor, InProcess, Measured, PackedModel, model_of, remote_measure
 from onnxopt.io import load_model, opset_of, staged_output, write_model
 from onnxopt.lossy import allocation
 from onnxopt.lossy import sensitivity as sens
@@ -140,6 +141,7 @@ class CompressResult:
     before: ModelStats | None = None  # the source
     after: ModelStats | None = None  # the written model
     inputs: dict[str, list[int]] = dataclasses.field(default_factory=dict)
+    measured_on: str = ""  # the Ray node (and its CPU) that timed the verdict; "" here
     # the latency verdict's timings: "float" and each step's result, by candidate label
     latency: dict[str, Latency] = dataclasses.field(default_factory=dict)
     budget_limits: dict[str, float | None] = dataclasses.field(default_factory=dict)
@@ -209,7 +211,7 @@ def compress(
     measure: Measure | None = None,
     progress: Callable[[str], None] | None = None,
     tick: Callable[[int, int], None] | None = None,
-    executor: sens.Executor = map,
+    executor: Executor | None = None,
 ) -> CompressResult:
     """Compress the model at ``model_path`` within one accuracy budget; keep it only if faster.
 
@@ -225,7 +227,9 @@ def compress(
         measure: ``measure(models, feeds) -> {name: Latency}``; the default times the models
             in onnxruntime (interleaved medians).
         tick: ``tick(done, total)`` during sensitivity, calibration and latency loops.
-        executor: ``map``-like; runs the independent sensitivity tasks.
+        executor: where the independent tasks run (``onnxopt.executors``): sensitivity probes,
+            candidate evaluations and, on a cluster, the latency measurement. Default: in process.
+            The decisions do not depend on it.
 
     Raises:
         ValidationError: the lossless step changed the source model's outputs, or the written
@@ -240,6 +244,9 @@ def compress(
     say = progress or (lambda _msg: None)
     src = Path(model_path)
     dst = Path(output) if output is not None else src.with_name(src.stem + ".opt.onnx")
+    executor = executor or InProcess()
+    if measure is None and executor.remote:
+        measure = remote_measure(executor, threads, repeats, lambda m: _measured_on(result, m))
     measure = measure or default_measure(threads, repeats, tick)
     say(f"loading {src}")
     model = load_model(src)
@@ -290,11 +297,12 @@ def compress(
         budget_limits={"max_accuracy_drop_pp": max_accuracy_drop, "min_cosine": min_cosine, "min_top1": min_top1})
 
     float_outputs = ReferenceOutputs(float_model, evaluation)  # every candidate's reference
+    judged = executor.put(_Judge(float_outputs, tol))  # once: every evaluation task reads it
 
     def evaluate(name: str, step: str, candidate: onnx.ModelProto, assignment: Mapping[str, Any],
                  float_layers: Sequence[str]) -> Candidate:
         say(f"evaluating {name}")
-        report = compare(float_outputs, candidate, evaluation, tol, optimize_candidate=True)
+        (report,) = executor.map(_evaluate_task, [executor.put(executor.model(candidate))], [judged])
         v = budget.judge(report)
         if report.accuracy_before is not None:
             float_cand.accuracy, float_cand.accuracy_drop_pp = report.accuracy_before, 0.0
@@ -417,20 +425,16 @@ def _run_step(
     evaluation: Dataset, shapes: Mapping[str, Sequence[int]],
     evaluate: Callable[..., Candidate], result: CompressResult,
     input_shapes: Mapping[str, Sequence[int]] | None, seed: int, verify_each: bool,
-    say: Callable[[str], None], tick: Callable[[int, int], None] | None, executor: sens.Executor,
+    say: Callable[[str], None], tick: Callable[[int, int], None] | None, executor: Executor,
 ) -> tuple[onnx.ModelProto | None, Candidate | None, StepReport]:
     """One method on ``base``: the uniform candidate, else sensitivity and allocation."""
     calib_feeds = calib.feeds if calib is not None else None
     # calibrated ranges describe ``base``: a fresh cache per step, so a later step never reuses
     # the ranges of a model an earlier step changed (pruning keeps tensor names)
-    ranges: dict[Any, Any] = {}
+    recipe = _Recipe(m, base, calib_feeds, input_shapes, seed, verify_each, {})
 
     def build(options: Mapping[str, Any]) -> tuple[onnx.ModelProto, dict[str, Any]]:
-        p = instantiate((m.pass_name, dict(options)))
-        out, rep = PassManager((), [p], verify_each=verify_each).run(
-            base, calibration=calib_feeds, input_shapes=input_shapes, seed=seed, calibration_cache=ranges,
-            tick=tick if not ranges else None)  # only the first build calibrates
-        return out, rep.notes.get(m.pass_name, {})
+        return _build(recipe, options, tick if not recipe.ranges else None)  # only the first build calibrates
 
     say(f"{m.step}: {m.pass_name}")
     first_options = {**m.base_options, **m.first_options}
@@ -464,21 +468,11 @@ def _run_step(
     node_macs = macs_per_node(base, shapes) if m.mac_cost is not None else {}
     levels = list(m.levels)
 
-    def probe(layer: str, lvl: Any) -> sens.Probe:
-        model_l, notes_l = build({**m.options({layer: lvl}, layers), **m.probe_options})
-        if m.mac_cost is not None and layer not in m.layers_of(notes_l):
-            # not changeable on its own (a quantized op that shares its input's scale): it
-            # costs nothing alone and moves with the others
-            return sens.Probe(layer, lvl, 0.0, node_macs.get(layer, 0) * (1 - m.mac_cost))
-        err = error_of(compare(base_outputs, model_l, few, Tolerance(exact=False), optimize_candidate=True))
-        if m.mac_cost is not None:
-            saved = node_macs.get(layer, 0) * (1 - m.mac_cost)
-        else:
-            saved = base_macs - (estimate_macs(model_l, shapes) or base_macs)
-        return sens.Probe(layer, lvl, err, float(saved))
-
     say(f"{m.step}: sensitivity of {len(layers)} layers at {len(levels) - 1} level(s)")
-    table = sens.measure(list(layers), levels[1:], probe, executor, tick)
+    # the probes' shared inputs, once per step (the base model is this step's version)
+    probes = executor.put(_Probes(dataclasses.replace(recipe, base=executor.model(base)), dict(layers),
+                                  base_outputs, dict(shapes), node_macs, base_macs))
+    table = sens.measure(list(layers), levels[1:], _probe_task, [probes], executor, tick)
     result.sensitivity = sens.ranking(table)
     result.sensitivity_levels = {layer: {m.describe(lv): p.error for lv, p in by.items()}
                                  for layer, by in table.items()}
@@ -508,6 +502,80 @@ def _run_step(
     errors = {layer: by for layer, by in table.items()}
     return _applied(report, allocation.assignment(moves[:k]), errors, model_k, cand,
                     f"{k} of {len(moves)} moves within budget", m.describe, details)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Recipe:
+    """How a step builds its candidates from its base model: what every build task needs."""
+
+    method: Method
+    base: onnx.ModelProto | PackedModel
+    calibration: list[Any] | None
+    input_shapes: Mapping[str, Sequence[int]] | None
+    seed: int
+    verify_each: bool
+    # calibrated ranges of ``base``: a fresh cache per step, so a later step never reuses the
+    # ranges of a model an earlier step changed (pruning keeps tensor names); filled by the
+    # first build, which every later one (and each task's copy) reuses
+    ranges: dict[Any, Any]
+
+
+def _build(r: _Recipe, options: Mapping[str, Any], tick: Callable[[int, int], None] | None = None,
+           ) -> tuple[onnx.ModelProto, dict[str, Any]]:
+    p = instantiate((r.method.pass_name, dict(options)))
+    out, rep = PassManager((), [p], verify_each=r.verify_each).run(
+        model_of(r.base), calibration=r.calibration, input_shapes=r.input_shapes, seed=r.seed,
+        calibration_cache=r.ranges, tick=tick)
+    return out, rep.notes.get(r.method.pass_name, {})
+
+
+@dataclasses.dataclass(frozen=True)
+class _Probes:
+    """The shared inputs of a step's sensitivity probes (one object-store entry per step)."""
+
+    recipe: _Recipe
+    layers: dict[str, Any]
+    reference: ReferenceOutputs  # the base model on the few sensitivity feeds (``reference.data``)
+    shapes: dict[str, Sequence[int]]
+    node_macs: dict[str, int]
+    base_macs: int
+
+
+def _probe_task(ctx: _Probes, task: tuple[str, Any]) -> sens.Probe:
+    """One layer at one level, the others left alone: its error on a few feeds and the MACs it saves."""
+    layer, lvl = task
+    m = ctx.recipe.method
+    model_l, notes_l = _build(ctx.recipe, {**m.options({layer: lvl}, ctx.layers), **m.probe_options})
+    if m.mac_cost is not None and layer not in m.layers_of(notes_l):
+        # not changeable on its own (a quantized op that shares its input's scale): it
+        # costs nothing alone and moves with the others
+        return sens.Probe(layer, lvl, 0.0, ctx.node_macs.get(layer, 0) * (1 - m.mac_cost))
+    few = ctx.reference.data
+    err = error_of(compare(ctx.reference, model_l, few, Tolerance(exact=False), optimize_candidate=True))
+    if m.mac_cost is not None:
+        saved = ctx.node_macs.get(layer, 0) * (1 - m.mac_cost)
+    else:
+        saved = ctx.base_macs - (estimate_macs(model_l, ctx.shapes) or ctx.base_macs)
+    return sens.Probe(layer, lvl, err, float(saved))
+
+
+@dataclasses.dataclass(frozen=True)
+class _Judge:
+    """What evaluating a candidate needs: the float model's outputs on the evaluation split."""
+
+    reference: ReferenceOutputs
+    tolerance: Tolerance
+
+
+def _evaluate_task(ctx: _Judge, candidate: onnx.ModelProto | PackedModel) -> ValidationReport:
+    """A candidate against the float model on the whole evaluation split (the costly half of a verdict)."""
+    return compare(ctx.reference, model_of(candidate), ctx.reference.data, ctx.tolerance, optimize_candidate=True)
+
+
+def _measured_on(result: CompressResult, m: Measured) -> None:
+    """The report names the machine whose timings decided (a Ray node, maybe the deployment target)."""
+    result.measured_on = m.where()
+    result.notes.append(f"latency measured on {result.measured_on}")
 
 
 def _applied(report: StepReport, assignment: Mapping[str, Any], table: Mapping[str, Mapping[Any, Any]],

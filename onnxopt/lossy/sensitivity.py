@@ -3,18 +3,19 @@
 For each layer and each non-identity level of a method, one candidate changes *only that
 layer* to that level; its error against the reference (``budget.error_of`` on a few
 evaluation feeds) and the cost it saves (MACs) are what the allocation spends the budget
-on. Each (layer, level) is its own task, so ``executor`` (``map``-like; the default runs
-them in order) can spread them over processes or, later, a cluster; results come back in
-task order whatever ran them.
+on. Each (layer, level) is its own task: a top-level ``probe(*shared, (layer, level))``
+that ``executor`` (``onnxopt.executors``: in process by default, a process pool, or a Ray
+cluster) runs with the step's shared inputs by reference; results come back in task order
+whatever ran them, so the allocation sees the same table.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-Executor = Callable[[Callable[[Any], Any], Iterable[Any]], Iterable[Any]]
+from onnxopt.executors import Executor, InProcess
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,17 +32,20 @@ class Probe:
 def measure(
     layers: Sequence[str],
     levels: Sequence[Any],
-    probe: Callable[[str, Any], Probe],
-    executor: Executor = map,
+    probe: Callable[..., Probe],
+    shared: Sequence[Any] = (),
+    executor: Executor | None = None,
     tick: Callable[[int, int], None] | None = None,
 ) -> dict[str, dict[Any, Probe]]:
-    """``{layer: {level: Probe}}`` for every layer and every level in ``levels``."""
+    """``{layer: {level: Probe}}`` for every layer and every level in ``levels``.
+
+    ``probe(*shared, (layer, level))`` is a top-level function (a task a pool or a cluster can
+    run); ``shared`` are handles from ``executor.put``.
+    """
     tasks = [(layer, level) for layer in layers for level in levels]
     out: dict[str, dict[Any, Probe]] = {layer: {} for layer in layers}
-    for i, result in enumerate(executor(lambda task: probe(*task), tasks)):
+    for result in (executor or InProcess()).map(probe, tasks, shared, tick):
         out[result.layer][result.level] = result
-        if tick is not None:
-            tick(i + 1, len(tasks))
     return out
 
 
