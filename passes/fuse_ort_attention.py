@@ -18,10 +18,10 @@ The mask M may be absent or a key-padding mask computed from a 2-D graph input
 ``mask[batch, seq]`` by any ops: it is recognised by evaluating its subgraph in
 onnxruntime on made-up 0/1 masks and checking M == 0 where the mask is 1 and M <= -1000
 where it is 0 (the same value everywhere). The fused op gets ``Cast(mask, int32)`` and
-``mask_filter_value`` = that value (float32's lowest for -inf). Where a row of the mask
-is all zeros the original's Softmax sees -inf everywhere (NaN, or zeros after the NaN
-guard); the fused op returns the mean of v there: padded batch rows with no token at all
-differ, nothing else.
+``mask_filter_value`` = that value (float32's lowest for -inf). Both torch exporters mask
+with a finite value (-10000, or float32's lowest for sdpa), so even a batch row with no
+token at all matches (a uniform Softmax in both). Only a mask of -inf differs there: the
+original's Softmax gives NaN (or zeros after a NaN guard), the fused op the mean of v.
 
 With constant float32 weights and one input x the three projections are packed into
 ``Attention``'s weight (``fused-attention``); otherwise (weights computed at run time, or
