@@ -10,7 +10,7 @@ a 1x1 Conv to M with the bias; a 1x1 Conv is the same thing with K = C. Activati
 known rank (``[B, S, K]`` tokens of a transformer included).
 
 Factors (``method``), both the Eckart-Young truncation of a matrix (computed through the
-eigendecomposition of its smaller Gram matrix, see ``_truncation_basis``):
+eigendecomposition of its smaller Gram matrix, see ``_lowrank.truncation_basis``):
 - ``svd``: of ``W`` itself: ``A = U_r``, ``B = U_r^T W`` (or ``W V_r``, ``V_r^T`` when K > N).
 - ``activation`` (``auto`` picks it when calibration data is given): with X the layer's input
   rows on the calibration data (patches for a Conv) and ``X^T X / n + lam I = L L^T`` (Cholesky;
@@ -113,46 +113,6 @@ class _Layer:
 def parse_keep(spec: str) -> dict[str, float]:
     """``keep``: a JSON object, or the path of a JSON file, of layer key -> rank fraction."""
     return parse_fractions(NAME, spec, "layer", "rank fractions")
-
-
-def round_rank(r: float, multiple: int) -> int:
-    """``r`` rounded up to a multiple of ``multiple`` (at least one multiple)."""
-    return max(multiple, multiple * math.ceil(r / multiple - 1e-9))
-
-
-def factor_basis(w: np.ndarray, x: np.ndarray | None, whiten_ridge: float
-                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``(A [K, q], B [q, N], s [q])``, ``q = min(K, N)``: ``A[:, :r] @ B[:r]`` is the best rank-r
-    fit of ``w`` (Eckart-Young), ``s`` the singular values it truncates; plain when ``x`` is
-    None, else in the norm of ``x``'s outputs (whitened)."""
-    w = np.asarray(w, np.float64)
-    chol = None
-    if x is not None and len(x):
-        x = np.asarray(x, np.float64)
-        gram = x.T @ x / len(x)
-        scale = float(np.trace(gram)) / len(gram)
-        if scale > 0.0:
-            chol = np.linalg.cholesky(gram + whiten_ridge * scale * np.eye(len(gram)))
-    a, b, s = _truncation_basis(w if chol is None else chol.T @ w)
-    return (a if chol is None else np.linalg.solve(chol.T, a)), b, s
-
-
-def _truncation_basis(m: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``m = A @ B`` with the singular directions of ``m`` in decreasing order: the leading
-    singular vectors on the smaller side (orthonormal), ``m`` projected on them on the other.
-
-    Through the symmetric eigendecomposition of the smaller Gram matrix, not ``svd``: the
-    leading directions are as accurate, and LAPACK's gesdd measured 20-80x slower here
-    (2.9 s for one 384 x 1536 weight on this machine's OpenBLAS).
-    """
-    k, n = m.shape
-    e, vec = np.linalg.eigh(m @ m.T if k <= n else m.T @ m)
-    order = np.argsort(e)[::-1]
-    vec = vec[:, order]
-    s = np.sqrt(np.clip(e[order], 0.0, None))
-    if k <= n:
-        return vec, vec.T @ m, s
-    return m @ vec, vec.T, s
 
 
 class FactorizeLowRankPass(Pass):
@@ -259,14 +219,15 @@ class FactorizeLowRankPass(Pass):
                 # what the layer reads now that the layers before it are factorized
                 x = _capture(current_model(graph, ctx), ctx, [la], outputs=False)[la.key][0]
                 if aware:
-                    a_full, b_full, _ = factor_basis(la.w, _whitening_rows(la, x), o.whiten_ridge)
+                    a_full, b_full, _ = _lowrank.factor_basis(la.w, _whitening_rows(la, x), o.whiten_ridge)
             a, b, bias, entry = self._fit(la, a_full[:, :r], b_full[:r], x, y)
             entry.update(method="activation" if aware else "svd",
                          energy=float((s[:r] ** 2).sum() / max((s**2).sum(), 1e-300)))
-            original = _layer_model(la, [la.node]) if o.time_layers else None
+            conv = la.conv is not None
+            original = _lowrank.layer_model([la.node], la.dtype, conv) if o.time_layers else None
             new = _rewrite(la, a, b, bias, ctx)
             if original is not None:
-                entry.update(_timing(original, _layer_model(la, new)))
+                entry.update(_lowrank.timing(original, _lowrank.layer_model(new, la.dtype, conv)))
             graph.nodes = [m for n in graph.nodes for m in (new if n is la.node else [n])]
             report[la.key] = entry
             stats["factorized"] += 1
@@ -302,7 +263,7 @@ class FactorizeLowRankPass(Pass):
         with its rank and factor basis; or the first form's decline reason."""
         best, first_reason = None, ""
         for v in views:
-            basis = factor_basis(v.w, None if whiten is None else _whitening_rows(v, whiten),
+            basis = _lowrank.factor_basis(v.w, None if whiten is None else _whitening_rows(v, whiten),
                                  self.options.whiten_ridge)
             r = self._choose_rank(v, keep, *basis, x, y)
             if isinstance(r, str):
@@ -317,7 +278,7 @@ class FactorizeLowRankPass(Pass):
         return self._limits.multiple(la.form)
 
     def _fraction_rank(self, la: _Layer, fraction: float) -> int:
-        return round_rank(fraction * min(la.w.shape), self._multiple(la))
+        return _lowrank.round_rank(fraction * min(la.w.shape), self._multiple(la))
 
     def _rank_decline(self, la: _Layer, r: int) -> str | None:
         k, n = la.w.shape
@@ -342,7 +303,7 @@ class FactorizeLowRankPass(Pass):
             ranks.append(self._fraction_rank(la, o.rank_fraction))
         if o.energy is not None:
             cum = np.cumsum(s**2) / max(float((s**2).sum()), 1e-300)
-            ranks.append(round_rank(int(np.searchsorted(cum, o.energy - 1e-12)) + 1, step))
+            ranks.append(_lowrank.round_rank(int(np.searchsorted(cum, o.energy - 1e-12)) + 1, step))
         r = max(ranks, default=step)
         if reason := self._rank_decline(la, r):
             return reason
@@ -429,7 +390,7 @@ def _spatial(la: _Layer) -> _Layer | str:
         hw = [d if isinstance(d, int) and d > 0 else None for d in (la.node.inputs[0].shape or [])[2:]]
         if len(hw) != 2 or None in hw:
             return "unknown-shape"  # SAME padding is split between the two Convs: needs the size
-        conv.update(pads=_explicit_pads(conv, tuple(hw)), auto_pad="NOTSET")
+        conv.update(pads=_lowrank.explicit_pads(conv, tuple(hw)), auto_pad="NOTSET")
     return dataclasses.replace(la, w=_lowrank.spatial_matrix(la.w4.astype(np.float64)), conv=conv,
                                form="spatial")
 
@@ -549,27 +510,10 @@ def _capture(model: onnx.ModelProto, ctx: PassContext, layers: list[_Layer],
             continue
         c = la.conv
         positions = min(65536, max(1024, _PATCH_VALUES // la.w.shape[0]))
-        patches, index = im2col(x, c["kernel"], c["strides"], _explicit_pads(c, x.shape[2:]),
+        patches, index = im2col(x, c["kernel"], c["strides"], _lowrank.explicit_pads(c, x.shape[2:]),
                                 c["dilations"], positions=positions, seed=ctx.seed)
         out[la.key] = (patches, None if y is None else output_rows(y, index))
     return out
-
-
-def _explicit_pads(conv: Mapping[str, Any], hw: tuple[int, ...]) -> list[int]:
-    """ONNX pads (top, left, bottom, right), resolving ``auto_pad`` for an input of size ``hw``."""
-    mode = conv["auto_pad"]
-    if mode in ("NOTSET", ""):
-        return list(conv["pads"])
-    if mode == "VALID":
-        return [0, 0, 0, 0]
-    begin, end = [], []
-    for i in range(2):
-        s, k, d = conv["strides"][i], conv["kernel"][i], conv["dilations"][i]
-        total = max((-(-hw[i] // s) - 1) * s + (k - 1) * d + 1 - hw[i], 0)
-        small = total // 2
-        begin.append(small if mode == "SAME_UPPER" else total - small)
-        end.append(total - begin[-1])
-    return begin + end
 
 
 def _rewrite(la: _Layer, a: np.ndarray, b: np.ndarray, bias: np.ndarray | None,
@@ -595,7 +539,7 @@ def _rewrite(la: _Layer, a: np.ndarray, b: np.ndarray, bias: np.ndarray | None,
     bias_in = [] if bias is None else [make_constant(fresh(f"{base}_lowrank_bias"),
                                                      bias.astype(la.dtype))]
     if la.form == "spatial":
-        first_attrs, second_attrs = _spatial_attrs(la.conv)
+        first_attrs, second_attrs = _lowrank.spatial_attrs(la.conv)
         first = gs.Node("Conv", fresh(f"{base}_lowrank_a"), first_attrs, [x, a_c], [h])
         second = gs.Node("Conv", fresh(f"{base}_lowrank_b"), second_attrs,
                          [h, make_constant(fresh(f"{base}_lowrank_b_w"), b_w), *bias_in], [y])
@@ -626,49 +570,3 @@ def _conv_a(a: np.ndarray, la: _Layer) -> np.ndarray:
     """First factor ``[K, r]`` as a Conv weight ``[r, C, kh, kw]``."""
     kh, kw = la.conv["kernel"] if la.conv else (1, 1)
     return np.ascontiguousarray(a.T.reshape(a.shape[1], -1, kh, kw))
-
-
-
-
-def _spatial_attrs(conv: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The kh x 1 Conv takes the window's rows (stride, pads, dilation), the 1 x kw its columns."""
-    (kh, kw), (sh, sw), (dh, dw) = conv["kernel"], conv["strides"], conv["dilations"]
-    top, left, bottom, right = conv["pads"]
-    return ({"kernel_shape": [kh, 1], "strides": [sh, 1], "pads": [top, 0, bottom, 0], "dilations": [dh, 1]},
-            {"kernel_shape": [1, kw], "strides": [1, sw], "pads": [0, left, 0, right], "dilations": [1, dw]})
-
-
-def _layer_model(la: _Layer, nodes: list[gs.Node]) -> onnx.ModelProto | None:
-    """``nodes`` (the layer, or its pair) alone as a model for timing: the input's unknown dims
-    pinned (batch 1; other MatMul dims ``_lowrank.SEQ``); None when a Conv's size is unknown."""
-    x, y = nodes[0].inputs[0], nodes[-1].outputs[0]
-    shape = []
-    for i, d in enumerate(x.shape or []):
-        if isinstance(d, int) and d > 0:
-            shape.append(d)
-        elif i == 0:
-            shape.append(1)
-        elif la.conv is None:
-            shape.append(_lowrank.SEQ)
-        else:
-            return None
-    if not shape:
-        return None
-    protos, weights = [], {}
-    for n in nodes:
-        for t in n.inputs:
-            if isinstance(t, gs.Constant):
-                weights[t.name] = np.asarray(constant_value(t))
-        protos.append(onnx.helper.make_node(n.op, [t.name for t in n.inputs], [t.name for t in n.outputs],
-                                            **{k: v for k, v in n.attrs.items()}))
-    elem = onnx.helper.np_dtype_to_tensor_dtype(np.dtype(la.dtype))
-    return _lowrank.single_layer(protos, x.name, shape, y.name, weights, elem)
-
-
-def _timing(original: onnx.ModelProto, pair: onnx.ModelProto | None) -> dict[str, Any]:
-    """The notes' latency fields: the layer and its pair, each timed alone on this machine."""
-    if pair is None:
-        return {}
-    before, after = _lowrank.layer_latency(original, pair)
-    dims = [d.dim_value for d in original.graph.input[0].type.tensor_type.shape.dim]
-    return {"latency_ms_before": round(before, 4), "latency_ms_after": round(after, 4), "latency_input": dims}
