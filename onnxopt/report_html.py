@@ -24,12 +24,11 @@ from typing import Any
 from onnxopt import __version__
 from onnxopt.cli import _fmt_bytes, _fmt_int, _pct
 from onnxopt.errors import OnnxoptError
-from onnxopt.report_svg import Bar, Point, bar_chart, plane, strip_plot
+from onnxopt.report_svg import strip_plot
 
 SCHEMA = "onnxopt-report/1"
 SCHEMA_FILE = Path(__file__).with_name("schemas") / "report-1.json"
 EXECUTION_PROVIDER = "CPUExecutionProvider"  # onnxopt.runtime.session runs every model on it
-COSINE_FLOOR = 1e-7  # 1 - cosine below this is drawn at it (a log axis has no zero)
 
 
 def header(kind: str) -> dict[str, Any]:
@@ -100,7 +99,9 @@ def render(r: Mapping[str, Any]) -> str:
     parts = [_head(title), f"<h1>{escape(title)}</h1>", _intro(r), _warnings(r), _before_after(r),
              _latency(r)]
     if compress:
-        parts += [_candidates(r), _steps(r), _sensitivity(r)]
+        from onnxopt import report_lossy  # imports this module's page primitives
+
+        parts += [report_lossy.candidates(r), report_lossy.steps(r), report_lossy.sensitivity(r)]
     parts += [_validation(r), _passes(r.get("pipeline")), _ops(r), _machine(r), _foot(r)]
     return "\n".join(p for p in parts if p)
 
@@ -147,12 +148,12 @@ def _foot(r: Mapping[str, Any]) -> str:
             f"<script>{_SCRIPT}</script></body></html>\n")
 
 
-def _td(text: str, value: Any = None, cls: str = "n") -> str:
+def td(text: str, value: Any = None, cls: str = "n") -> str:
     v = "" if value is None else f' data-v="{escape(str(value))}"'
     return f'<td class="{cls}"{v}>{escape(text)}</td>'
 
 
-def _table(header: Sequence[str], rows: Iterable[str], ident: str = "", sortable: bool = True) -> str:
+def html_table(header: Sequence[str], rows: Iterable[str], ident: str = "", sortable: bool = True) -> str:
     """``rows`` are ``<tr>`` bodies (cells already rendered)."""
     head = "".join(f"<th>{escape(h)}</th>" for h in header)
     body = "".join(row if row.startswith("<tr") else f"<tr>{row}</tr>" for row in rows)
@@ -160,11 +161,11 @@ def _table(header: Sequence[str], rows: Iterable[str], ident: str = "", sortable
     return f"<table{attrs}><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
-def _section(ident: str, title: str, *body: str) -> str:
+def section(ident: str, title: str, *body: str) -> str:
     return f'<section id="{ident}"><h2>{escape(title)}</h2>' + "".join(body) + "</section>"
 
 
-def _ms(v: float | None) -> str:
+def ms(v: float | None) -> str:
     return "-" if v is None else f"{v:.4g} ms"
 
 
@@ -221,25 +222,25 @@ def _before_after(r: Mapping[str, Any]) -> str:
     for key, x, y, f in rows:
         if x is None and y is None:
             continue
-        out.append(f'<tr id="ba-{key}"><td>{names[key]}</td>' + _td("-" if x is None else f(x), x)
-                   + _td("-" if y is None else f(y), y) + _td(_pct(x, y)) + "</tr>")
+        out.append(f'<tr id="ba-{key}"><td>{names[key]}</td>' + td("-" if x is None else f(x), x)
+                   + td("-" if y is None else f(y), y) + td(_pct(x, y)) + "</tr>")
     lb, la, nb, na = _timing_pair(r)
     if lb and la:
         for key, label in (("median_ms", "latency median"), ("p90_ms", "latency p90")):
-            out.append(f'<tr id="ba-latency-{key[:-3]}"><td>{label}</td>' + _td(_ms(lb[key]), lb[key])
-                       + _td(_ms(la[key]), la[key]) + _td(_pct(lb[key], la[key])) + "</tr>")
+            out.append(f'<tr id="ba-latency-{key[:-3]}"><td>{label}</td>' + td(ms(lb[key]), lb[key])
+                       + td(ms(la[key]), la[key]) + td(_pct(lb[key], la[key])) + "</tr>")
     v = r.get("validation") or {}
     if v.get("accuracy_before") is not None:
         ab, aa = v["accuracy_before"], v["accuracy_after"]
-        out.append('<tr id="ba-accuracy"><td>accuracy (labels)</td>' + _td(f"{ab:.2%}", ab) + _td(f"{aa:.2%}", aa)
-                   + _td(f"{(aa - ab) * 100:+.2f} pt") + "</tr>")
+        out.append('<tr id="ba-accuracy"><td>accuracy (labels)</td>' + td(f"{ab:.2%}", ab) + td(f"{aa:.2%}", aa)
+                   + td(f"{(aa - ab) * 100:+.2f} pt") + "</tr>")
     first, second = ("source", "written") if r.get("kind") == "compress" else ("before", "after")
     note = ""
     if lb and la:
         clock = "CPU time of the calling thread" if lb.get("clock") == "thread_time" else "wall clock"
         note = (f'<p class="note">Latency: {nb} against {na}, {lb.get("repeats")} interleaved runs, '
                 f'{lb.get("threads")} thread(s), {clock}.</p>')
-    return _section("before-after", "Before and after", _table(["", first, second, "change"], out, sortable=False),
+    return section("before-after", "Before and after", html_table(["", first, second, "change"], out, sortable=False),
                     note)
 
 
@@ -247,15 +248,15 @@ def _latency(r: Mapping[str, Any]) -> str:
     lat = {k: v for k, v in (r.get("latency") or {}).items() if v}
     if not lat:
         why = r.get("bench_skipped") or "no model was timed"
-        return _section("latency", "Latency", f"<p>Not measured: {escape(str(why))}.</p>")
-    rows = [f"<td>{escape(k)}</td>" + _td(_ms(v["median_ms"]), v["median_ms"]) + _td(_ms(v["p90_ms"]), v["p90_ms"])
-            + _td(_ms(v["min_ms"]), v["min_ms"]) + _td(str(v["repeats"]), v["repeats"]) for k, v in lat.items()]
-    table = _table(["model", "median", "p90", "min", "runs"], rows, "latency-table")
+        return section("latency", "Latency", f"<p>Not measured: {escape(str(why))}.</p>")
+    rows = [f"<td>{escape(k)}</td>" + td(ms(v["median_ms"]), v["median_ms"]) + td(ms(v["p90_ms"]), v["p90_ms"])
+            + td(ms(v["min_ms"]), v["min_ms"]) + td(str(v["repeats"]), v["repeats"]) for k, v in lat.items()]
+    table = html_table(["model", "median", "p90", "min", "runs"], rows, "latency-table")
     samples = {k: v["samples_ms"] for k, v in lat.items() if v.get("samples_ms")}
     plot = (strip_plot(samples, "milliseconds per run (dots: every run; box: 25th-75th percentile; red: median; "
                                 "whiskers: 10th-90th)") if samples else
             '<p class="note">This report holds no individual timings (written before they were kept).</p>')
-    return _section("latency", "Latency distribution", plot, table)
+    return section("latency", "Latency distribution", plot, table)
 
 
 def _validation(r: Mapping[str, Any]) -> str:
@@ -270,14 +271,14 @@ def _validation(r: Mapping[str, Any]) -> str:
         scored = v.get("accuracy_output") if (r.get("budget_limits") or {}).get("max_accuracy_drop_pp") else None
         for o in v["outputs"]:
             top1 = "-" if o.get("top1_agreement") is None else f"{o['top1_agreement']:.2%}"
-            result = (_td("by accuracy", cls="") if o["name"] == scored and key == "validation" else
-                      _td("ok", cls="ok") if o["passed"] else _td("FAIL", cls="bad"))
-            rows.append(f"<td>{escape(o['name'])}</td>" + _td(f"{o['max_abs']:.3g}", o["max_abs"])
-                        + _td(f"{o['max_rel']:.3g}", o["max_rel"]) + _td(f"{o['cosine']:.6f}", o["cosine"])
-                        + _td("-" if o.get("cosine_low") is None else f"{o['cosine_low']:.6f}", o.get("cosine_low"))
-                        + _td(top1, o.get("top1_agreement")) + _td(o.get("tolerance") or "", cls="") + result)
+            result = (td("by accuracy", cls="") if o["name"] == scored and key == "validation" else
+                      td("ok", cls="ok") if o["passed"] else td("FAIL", cls="bad"))
+            rows.append(f"<td>{escape(o['name'])}</td>" + td(f"{o['max_abs']:.3g}", o["max_abs"])
+                        + td(f"{o['max_rel']:.3g}", o["max_rel"]) + td(f"{o['cosine']:.6f}", o["cosine"])
+                        + td("-" if o.get("cosine_low") is None else f"{o['cosine_low']:.6f}", o.get("cosine_low"))
+                        + td(top1, o.get("top1_agreement")) + td(o.get("tolerance") or "", cls="") + result)
         blocks.append(f"<h3>{escape(title)}: {v['samples']} feeds from {escape(str(v['source']))}</h3>"
-                      + _table(["output", "max |diff|", "max rel", "cosine", "cosine (lower bound)", "top-1 agree",
+                      + html_table(["output", "max |diff|", "max rel", "cosine", "cosine (lower bound)", "top-1 agree",
                                 "tolerance", "result"], rows, key))
         if key == "validation" and r.get("validation_detail"):
             blocks.append(f'<p class="note">Verdict against the source: {escape(r["validation_detail"])}.</p>')
@@ -285,8 +286,8 @@ def _validation(r: Mapping[str, Any]) -> str:
         why = r.get("validation_skipped") or "not run"
         checks = r.get("checks") or []
         extra = ("<p>Checked instead: " + escape("; ".join(checks)) + "</p>") if checks else ""
-        return _section("fidelity", "Fidelity per output", f"<p>Validation skipped: {escape(str(why))}.</p>", extra)
-    return _section("fidelity", "Fidelity per output", *blocks)
+        return section("fidelity", "Fidelity per output", f"<p>Validation skipped: {escape(str(why))}.</p>", extra)
+    return section("fidelity", "Fidelity per output", *blocks)
 
 
 def _passes(p: Mapping[str, Any] | None) -> str:
@@ -300,13 +301,13 @@ def _passes(p: Mapping[str, Any] | None) -> str:
         if s["name"] in dropped:
             did = f"DROPPED: {dropped[s['name']]}" + (f" (it did: {did})" if did else "")
         declined = ", ".join(f"{k[8:]}={v}" for k, v in sorted(stats.items()) if k.startswith("skipped:"))
-        rows.append(f"<td>{escape(s['name'])}</td>" + _td(str(s["runs"]), s["runs"])
-                    + _td(did or ("-" if not s["changed"] else "changed"), cls="") + _td(declined or "-", cls="")
-                    + _td(f"{-s['nodes_removed']:+d}" if s["nodes_removed"] else "", -s["nodes_removed"])
-                    + _td(f"{-s['params_removed']:+,}" if s["params_removed"] else "", -s["params_removed"])
-                    + _td(f"{s['seconds']:.3f}", s["seconds"]))
+        rows.append(f"<td>{escape(s['name'])}</td>" + td(str(s["runs"]), s["runs"])
+                    + td(did or ("-" if not s["changed"] else "changed"), cls="") + td(declined or "-", cls="")
+                    + td(f"{-s['nodes_removed']:+d}" if s["nodes_removed"] else "", -s["nodes_removed"])
+                    + td(f"{-s['params_removed']:+,}" if s["params_removed"] else "", -s["params_removed"])
+                    + td(f"{s['seconds']:.3f}", s["seconds"]))
     total = sum(s["seconds"] for s in p.get("summary", []))
-    return _section("passes", "Passes", _table(["pass", "runs", "what it did", "declined (why=count)", "nodes",
+    return section("passes", "Passes", html_table(["pass", "runs", "what it did", "declined (why=count)", "nodes",
                                                  "parameters", "seconds"], rows, "passes-table"),
                     f'<p class="note">Pipeline: {escape(", ".join(p.get("pipeline", [])))}; '
                     f"{total:.3f} s in passes.</p>")
@@ -317,10 +318,10 @@ def _ops(r: Mapping[str, Any]) -> str:
     if not b and not a:
         return ""
     ops = sorted(set(b) | set(a), key=lambda k: (-abs(a.get(k, 0) - b.get(k, 0)), k))
-    rows = [f"<td>{escape(k)}</td>" + _td(str(b.get(k, 0)), b.get(k, 0)) + _td(str(a.get(k, 0)), a.get(k, 0))
-            + _td(f"{a.get(k, 0) - b.get(k, 0):+d}" if a.get(k, 0) != b.get(k, 0) else "", a.get(k, 0) - b.get(k, 0))
+    rows = [f"<td>{escape(k)}</td>" + td(str(b.get(k, 0)), b.get(k, 0)) + td(str(a.get(k, 0)), a.get(k, 0))
+            + td(f"{a.get(k, 0) - b.get(k, 0):+d}" if a.get(k, 0) != b.get(k, 0) else "", a.get(k, 0) - b.get(k, 0))
             for k in ops]
-    return _section("ops", "Op histogram change", _table(["op", "before", "after", "change"], rows, "ops-table"))
+    return section("ops", "Op histogram change", html_table(["op", "before", "after", "change"], rows, "ops-table"))
 
 
 def _machine(r: Mapping[str, Any]) -> str:
@@ -336,109 +337,4 @@ def _machine(r: Mapping[str, Any]) -> str:
             ("threads (latency)", lat.get("threads") if lat else None)]
     body = "".join(f'<tr id="machine-{escape(k.split()[0].lower())}"><td>{escape(k)}</td><td>{escape(str(v))}</td></tr>'
                    for k, v in rows if v not in (None, ""))
-    return _section("machine", "Machine", f"<table>{body}</table>")
-
-
-# ---- lossy runs
-
-
-def _error_axis(r: Mapping[str, Any]) -> tuple[str, str, float | None, bool]:
-    """(candidate key, axis title, budget on that axis, log scale): accuracy drop with labels, else 1 - cosine."""
-    limits = r.get("budget_limits") or {}
-    if limits.get("max_accuracy_drop_pp") is not None and any(
-            c.get("accuracy_drop_pp") is not None for c in r.get("candidates", [])):
-        return "accuracy_drop_pp", "accuracy drop (pt)", limits["max_accuracy_drop_pp"], False
-    floor = limits.get("min_cosine")
-    return "min_cosine", "1 - min cosine", None if floor is None else 1 - floor, True
-
-
-def _error_of(c: Mapping[str, Any], key: str) -> float:
-    v = c.get(key)
-    if key == "min_cosine":
-        return max(1.0 - (v if v is not None else 1.0), COSINE_FLOOR)
-    return float(v) if v is not None else 0.0
-
-
-def _candidates(r: Mapping[str, Any]) -> str:
-    cands = r.get("candidates") or []
-    key, axis, budget, log = _error_axis(r)
-    points = [Point(c["label"], c.get("latency_ms"), _error_of(c, key), bool(c["within_budget"]),
-                    str(c.get("verdict", "")).startswith("written")) for c in cands]
-    svg = plane(points, "median latency (ms)", axis, budget, log)
-    rows = []
-    for i, c in enumerate(cands):
-        rows.append(f"<td>{i}</td><td>{escape(c['label'])}</td><td>{escape(c['step'])}</td>"
-                    + _td("-" if c.get("accuracy") is None else f"{c['accuracy']:.2%}", c.get("accuracy"))
-                    + _td("-" if c.get("accuracy_drop_pp") is None else f"{c['accuracy_drop_pp']:+.2f}",
-                          c.get("accuracy_drop_pp"))
-                    + _td("-" if c.get("min_cosine") is None else f"{c['min_cosine']:.6f}", c.get("min_cosine"))
-                    + _td(_ms(c.get("latency_ms")), c.get("latency_ms")) + _td(_fmt_int(c.get("macs")), c.get("macs"))
-                    + _td(_fmt_bytes(c.get("size_bytes")), c.get("size_bytes"))
-                    + _td(c.get("verdict", ""), cls="") + _td(c.get("budget_detail", ""), cls="note"))
-    note = ('<p class="note">Every candidate the driver evaluated. Green: within the budget (judged on lower/upper '
-            "confidence bounds, so a point near the line can fall either side); orange: over. Ringed: written. "
-            "Green line: the Pareto front of the timed candidates. The latency verdict times the float model and "
-            "each step's result together; the other candidates were judged on accuracy only and sit in the "
-            "'not timed' lane.</p>")
-    return _section("candidates", "Candidates: latency against accuracy", svg, note,
-                    _table(["#", "candidate", "step", "accuracy", "drop (pt)", "min cosine", "latency", "MACs", "size",
-                            "verdict", "budget"], rows, "candidates-table"))
-
-
-def _steps(r: Mapping[str, Any]) -> str:
-    """Per composed step: what it changed, and the change it brought against the step before."""
-    cands = r.get("candidates") or []
-    key, axis, _, _ = _error_axis(r)
-    prev = cands[0] if cands else {}
-    rows = []
-    for s in r.get("steps") or []:
-        c = cands[s["candidate"]] if s.get("candidate") is not None else None
-        name = s["step"] if s["method"] == s["step"] else f"{s['step']} ({s['method']})"
-        if c is None:
-            rows.append(f"<td>{escape(name)}</td><td>not applied</td>" + "<td></td>" * 4
-                        + _td(s.get("reason", ""), cls=""))
-            continue
-        cells = [f"<td>{escape(name)}</td><td>{escape(c['label'])}</td>"]
-        for field, f in (("macs", _fmt_int), ("size_bytes", _fmt_bytes), ("latency_ms", _ms)):
-            x, y = prev.get(field), c.get(field)
-            cells.append(_td(f"{f(y)} ({_pct(x, y)})" if y is not None else "-", y))
-        e0, e1 = _error_of(prev, key), _error_of(c, key)
-        cells.append(_td(f"{e1:.3g} ({e1 - e0:+.3g})", e1))
-        cells.append(_td(f"{len(s.get('layers', {}))} layer(s) changed, {len(s.get('skipped', {}))} left alone; "
-                         f"{s.get('reason', '')}", cls=""))
-        rows.append("".join(cells))
-        prev = c
-    return _section("steps", "What each step contributed", _table(
-        ["step", "result", "MACs (change)", "size (change)", "latency (change)", f"{axis} (change)", "what it did"],
-        rows, "steps-table"),
-        '<p class="note">Each step runs on the model the previous one left; changes are against that model '
-        "(the first against the float model after the lossless passes).</p>")
-
-
-def _sensitivity(r: Mapping[str, Any]) -> str:
-    blocks = []
-    for s in r.get("steps") or []:
-        sens = s.get("sensitivity") or {}
-        layers = s.get("layers") or {}
-        if not sens:
-            if layers:
-                rows = [f"<td>{escape(k)}</td>" + _td(str(v.get("label", v.get("level"))), cls="")
-                        for k, v in layers.items()]
-                blocks.append(f"<h3>{escape(s['step'])}: uniform, no per-layer sensitivity measured</h3>"
-                              + _table(["layer", "decision"], rows))
-            continue
-        identity = "float" if s["step"] == "quantize" else "unchanged"
-        worst = {k: (list(v.values())[-1] if v else 0.0) for k, v in sens.items()}
-        bars = [Bar(k, worst[k], layers[k].get("label", str(layers[k].get("level"))) if k in layers else identity,
-                    "changed" if k in layers else "kept")
-                for k in sorted(worst, key=lambda k: (-worst[k], k))]
-        levels = list(next(iter(sens.values())).keys()) if sens else []
-        status = "" if s.get("applied") else f" (step not applied: {s.get('reason', '')})"
-        blocks.append(f'<h3 id="sensitivity-{escape(s["step"])}">{escape(s["step"])}: {len(bars)} layers, error with '
-                      f"only that layer changed to {escape(levels[-1] if levels else '?')}{escape(status)}</h3>"
-                      + bar_chart(bars, "1 - cosine against the model before this step (log)")
-                      + f'<p class="note">Sorted, most sensitive first. Blue: changed in the step\'s result; orange: '
-                        f"{identity}. Levels probed: {escape(', '.join(levels))}.</p>")
-    if not blocks:
-        return ""
-    return _section("sensitivity", "Per-layer sensitivity and decisions", *blocks)
+    return section("machine", "Machine", f"<table>{body}</table>")
