@@ -18,6 +18,7 @@ from onnxopt.passes.fuse_matmul_add import FuseMatMulAddPass
 from onnxopt.passes.fuse_pad import FusePadPass
 from onnxopt.passes.fuse_hardswish import FuseHardSwishPass
 from onnxopt.passes.fuse_gelu import FuseGeluPass
+from onnxopt.passes.fuse_layernorm import FuseLayerNormPass
 from onnxopt.passes.fuse_shape_chains import FuseShapeChainsPass
 from onnxopt.passes.quantize_qdq import QuantizeQDQPass
 from onnxopt.passes.prune_channels import PruneChannelsPass
@@ -40,6 +41,7 @@ ALL_PASSES = (
     FusePadPass,
     FuseHardSwishPass,
     FuseGeluPass,
+    FuseLayerNormPass,
     FuseShapeChainsPass,
     EliminateDeadCodePass,
     QuantizeDynamicPass,

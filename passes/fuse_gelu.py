@@ -30,37 +30,13 @@ from collections import Counter
 
 import numpy as np
 import onnx_graphsurgeon as gs
+from onnxopt.passes._pattern import only_read_inside, pattern_nodes
 from onnxopt.passes.fuse_ort_bias_gelu import _gelus
 
-from onnxopt.graph_utils import is_graph_output, iter_graphs, producer
+from onnxopt.graph_utils import iter_graphs, producer
 from onnxopt.pass_base import Pass, PassContext, PassResult
 
 GELU_OPSET = 20
-
-
-def pattern_nodes(x: gs.Tensor, y: gs.Tensor) -> list[gs.Node]:
-    """The nodes computing ``y`` from ``x`` (and constants): a walk back from ``y`` that stops at ``x``."""
-    seen: dict[int, gs.Node] = {}
-    stack = [y]
-    while stack:
-        node = producer(stack.pop())
-        if node is None or id(node) in seen:
-            continue
-        seen[id(node)] = node
-        stack.extend(t for t in node.inputs if t is not x and not isinstance(t, gs.Constant))
-    return list(seen.values())
-
-
-def only_read_inside(graph: gs.Graph, nodes: list[gs.Node], y: gs.Tensor) -> bool:
-    """Whether every tensor the ``nodes`` write (but ``y``) is read by those nodes only."""
-    inside = {id(n) for n in nodes}
-    for node in nodes:
-        for t in node.outputs:
-            if t is y:
-                continue
-            if is_graph_output(graph, t) or any(id(r) not in inside for r in t.outputs):
-                return False
-    return True
 
 
 def _float(x: gs.Tensor) -> bool:

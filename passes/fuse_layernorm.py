@@ -1,0 +1,236 @@
+"""Recognize a decomposed layer normalization and write LayerNormalization (opset 17).
+
+    m = ReduceMean(x, axes=[-1])           d = Sub(x, m)          (one Sub, or two alike)
+    v = ReduceMean(Pow(d, 2), axes=[-1])   (or Mul(d, d))
+    n = Div(d, Sqrt(Add(v, eps)))          (or Mul(d, Reciprocal(Sqrt(...))))
+    y = Add(Mul(n, gamma), beta)           (gamma and beta optional, either operand order)
+ -> y = LayerNormalization(x, gamma or 1, beta, axis=-1, epsilon=eps)
+
+This is what torch's TorchScript exporter writes for ``nn.LayerNorm`` below opset 17 and what
+hand-written norms in Keras/TF and Paddle models export to. The ReduceMeans must reduce the
+last axis only (``axes`` as attribute, or as input from opset 18) with keepdims=1; gamma and
+beta must be constants that vary only along the last axis ([H], [1, H], a scalar).
+
+Numerics: the decomposition computes var = mean((x - m)^2) in float32 op by op; onnxruntime's
+LayerNormalization (stash_type=1: float32 statistics) differs by float rounding, and against a
+float64 reference its error is no larger than the decomposition's, also when the mean is far
+from 0 (both lose digits there: at a mean of 100 std, 3e-5 decomposed vs 1.3e-5 fused). Only
+float32 is fused: for float16 the fused op computes in float32 (more precise, so not the same
+numbers), for float64 in less.
+
+Declined, and counted in stats:
+- ``skipped:opset``: the model is below opset 17 (upgrading is not done here).
+- ``skipped:axes``: a reduction over another axis, several axes, or keepdims=0.
+- ``skipped:non-constant``: eps, gamma or beta is not a constant (or eps not a scalar).
+- ``skipped:broadcast``: gamma or beta varies along an axis other than the last.
+- ``skipped:unknown-shape``: the last dim is needed (gamma is a scalar or absent) and not known.
+- ``skipped:dtype``: x is not float32.
+- ``skipped:shared``: a tensor inside the pattern is read outside it or is a graph output.
+Works inside If/Loop/Scan bodies; custom-domain nodes are left alone.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import onnx_graphsurgeon as gs
+from onnxopt.passes._pattern import only_read_inside, pattern_nodes
+
+from onnxopt.graph_utils import (
+    constant_value,
+    is_default_domain,
+    iter_graphs,
+    make_constant,
+    producer,
+)
+from onnxopt.pass_base import NameGenerator, Pass, PassContext, PassResult
+
+LAYERNORM_OPSET = 17
+
+
+def _is(node: gs.Node | None, *ops: str) -> bool:
+    return node is not None and node.op in ops and is_default_domain(node)
+
+
+def _other(node: gs.Node, t: gs.Tensor) -> gs.Tensor | None:
+    if len(node.inputs) != 2:
+        return None
+    a, b = node.inputs
+    if (a is t) == (b is t):
+        return None
+    return b if a is t else a
+
+
+def _last_axis_mean(node: gs.Node | None, opset: int) -> bool | str:
+    """True when ``node`` is ReduceMean over the last axis keeping dims; a reason when another one."""
+    if not _is(node, "ReduceMean"):
+        return False
+    if int(node.attrs.get("keepdims", 1)) != 1:
+        return "axes"
+    if opset >= 18 and len(node.inputs) > 1 and node.inputs[1].name:
+        value = constant_value(node.inputs[1])
+        axes = None if value is None else [int(a) for a in value.reshape(-1)]
+    else:
+        axes = node.attrs.get("axes")
+    rank = node.inputs[0].shape
+    if axes is None or len(axes) != 1:
+        return "axes"
+    if axes[0] == -1 or (rank is not None and axes[0] == len(rank) - 1):
+        return True
+    return "axes"
+
+
+def _centered(t: gs.Tensor, opset: int) -> tuple[gs.Tensor, gs.Tensor] | str | None:
+    """(x, mean) when ``t`` is Sub(x, ReduceMean(x)); a reason for a near miss."""
+    sub = producer(t)
+    if not _is(sub, "Sub") or len(sub.inputs) != 2:
+        return None
+    x, mean = sub.inputs
+    if producer(mean) is None or producer(mean).inputs[0] is not x:
+        return None
+    ok = _last_axis_mean(producer(mean), opset)
+    return (x, mean) if ok is True else (ok or None)
+
+
+def _squared(t: gs.Tensor) -> gs.Tensor | None:
+    """d when ``t`` is Pow(d, 2) or Mul(d, d)."""
+    node = producer(t)
+    if _is(node, "Pow"):
+        two = constant_value(node.inputs[1])
+        return node.inputs[0] if two is not None and two.size == 1 and float(two.reshape(())) == 2.0 else None
+    if _is(node, "Mul") and len(node.inputs) == 2 and node.inputs[0] is node.inputs[1]:
+        return node.inputs[0]
+    return None
+
+
+def _normalized(n: gs.Tensor, opset: int) -> tuple[gs.Tensor, float] | str | None:
+    """(x, eps) when ``n`` is (x - mean) / sqrt(var + eps) in one of the forms; a reason on a near miss."""
+    node = producer(n)
+    if _is(node, "Div") and len(node.inputs) == 2:
+        d, root = node.inputs
+    elif _is(node, "Mul") and len(node.inputs) == 2:
+        recip = next((t for t in node.inputs if _is(producer(t), "Reciprocal")), None)
+        if recip is None:
+            return None
+        d, root = _other(node, recip), producer(recip).inputs[0]
+    else:
+        return None
+    sqrt = producer(root) if d is not None else None
+    add = producer(sqrt.inputs[0]) if _is(sqrt, "Sqrt") else None
+    if not _is(add, "Add") or len(add.inputs) != 2:
+        return None
+    var = next((t for t in add.inputs if _is(producer(t), "ReduceMean")), None)
+    if var is None:
+        return None
+    centered = _centered(d, opset)
+    sq = _squared(producer(var).inputs[0])
+    if not isinstance(centered, tuple) or sq is None:
+        return centered if isinstance(centered, str) else None
+    x, mean = centered
+    # the squared term is d itself or a second Sub(x, mean) with the same operands
+    if sq is not d and not (_is(producer(sq), "Sub") and producer(sq).inputs[0] is x
+                            and producer(sq).inputs[1] is mean):
+        return None
+    ok = _last_axis_mean(producer(var), opset)
+    if ok is not True:
+        return ok or None
+    eps = constant_value(_other(add, var))
+    if eps is None or eps.size != 1:
+        return "non-constant"
+    return x, float(eps.reshape(()))
+
+
+def _affine(n: gs.Tensor) -> tuple[gs.Tensor, gs.Tensor | None, gs.Tensor | None]:
+    """(y, gamma, beta): how far a constant Mul and then a constant Add extend the pattern."""
+    y, gamma, beta = n, None, None
+    reader = y.outputs[0] if len(y.outputs) == 1 else None
+    if _is(reader, "Mul") and (other := _other(reader, y)) is not None and constant_value(other) is not None:
+        y, gamma = reader.outputs[0], other
+        reader = y.outputs[0] if len(y.outputs) == 1 else None
+    if _is(reader, "Add") and (other := _other(reader, y)) is not None and constant_value(other) is not None:
+        y, beta = reader.outputs[0], other
+    return y, gamma, beta
+
+
+def _per_last_axis(t: gs.Tensor | None, x: gs.Tensor, name: str, names: NameGenerator,
+                   default: float | None) -> gs.Constant | str | None:
+    """``t`` as a [H] constant (``default`` filled when absent), or a decline reason."""
+    if t is None and default is None:
+        return None
+    value = np.full((), default, np.float32) if t is None else constant_value(t)
+    assert value is not None
+    if any(d != 1 for d in value.shape[:-1]):
+        return "broadcast"
+    if value.ndim > 1 and (x.shape is None or value.ndim > len(x.shape)):
+        return "unknown-shape" if x.shape is None else "broadcast"  # would raise the output's rank
+    h = _last_dim(x)
+    if value.dtype != np.float32:
+        return "dtype"
+    flat = value.reshape(-1)
+    if flat.size == 1:
+        if h is None:
+            return "unknown-shape"
+        flat = np.full(h, flat[0], np.float32)
+    elif h is not None and flat.size != h:
+        return "broadcast"
+    return make_constant(names.fresh(name), flat)
+
+
+def _last_dim(x: gs.Tensor) -> int | None:
+    shape = x.shape
+    return shape[-1] if shape and isinstance(shape[-1], int) else None
+
+
+class FuseLayerNormPass(Pass):
+    """Write a decomposed layer normalization over the last axis as LayerNormalization."""
+
+    name = "fuse-layernorm"
+
+    def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
+        stats: Counter[str] = Counter()
+        for g in list(iter_graphs(graph)):
+            replaced: dict[int, gs.Node] = {}
+            for node in list(g.nodes):
+                if not _is(node, "Div", "Mul") or not node.outputs:
+                    continue  # no outputs: the last node of a pattern fused just now
+                found = _normalized(node.outputs[0], ctx.opset)
+                if found is None:
+                    continue
+                new = found if isinstance(found, str) else self._fuse(g, node, *found, ctx)
+                if isinstance(new, str):
+                    stats[f"skipped:{new}"] += 1
+                    continue
+                replaced[id(new[0])] = new[1]
+                stats["fused"] += 1
+            if replaced:
+                g.nodes = [replaced.get(id(n), n) for n in g.nodes]
+        if stats["fused"]:
+            graph.cleanup()
+        return PassResult(changed=stats["fused"] > 0, stats=dict(stats))
+
+    @staticmethod
+    def _fuse(g: gs.Graph, norm: gs.Node, x: gs.Tensor, eps: float,
+              ctx: PassContext) -> tuple[gs.Node, gs.Node] | str:
+        """(the pattern's last node, the LayerNormalization to put in its place), or a reason."""
+        if ctx.opset < LAYERNORM_OPSET:
+            return "opset"
+        if x.dtype is not None and np.dtype(x.dtype) != np.float32:
+            return "dtype"
+        y, gamma, beta = _affine(norm.outputs[0])
+        if not only_read_inside(g, pattern_nodes(x, y), y):
+            return "shared"
+        scale = _per_last_axis(gamma, x, "ln_scale", ctx.names, 1.0)
+        bias = _per_last_axis(beta, x, "ln_bias", ctx.names, None)
+        for part in (scale, bias):
+            if isinstance(part, str):
+                return part
+        last = producer(y)
+        assert last is not None
+        assert isinstance(scale, gs.Constant)
+        last.inputs.clear()
+        last.outputs.clear()
+        inputs = [x, scale] + ([bias] if isinstance(bias, gs.Constant) else [])
+        new = gs.Node("LayerNormalization", name=ctx.names.fresh(f"{last.name or 'ln'}_layernorm"),
+                      attrs={"axis": -1, "epsilon": eps}, inputs=inputs, outputs=[y])
+        return last, new
