@@ -3,11 +3,16 @@
     MatMul(X, W[K, N])                ->  MatMul(MatMul(X, A[K, r]), B[r, N])
     Gemm(X, W, C; alpha, beta, transB) ->  Gemm(MatMul(X, A), B, C'; beta, transB)   (alpha folded)
     Conv(X, W[M, C, kh, kw], b)       ->  Conv1x1(Conv_kxk(X, A[r, C, kh, kw]), B[M, r, 1, 1], b)
+    Conv(X, W[M, C, kh, kw], b)       ->  Conv_1xkw(Conv_khx1(X, A[r, C, kh, 1]), B[M, r, 1, kw], b)   (spatial)
 
 A Conv is a linear layer over its im2col patches (``K = C*kh*kw``, ``N = M``): the first Conv
 keeps the window (strides, pads, dilations, auto_pad) and has r output channels, the second is
 a 1x1 Conv to M with the bias; a 1x1 Conv is the same thing with K = C. Activations may have any
-known rank (``[B, S, K]`` tokens of a transformer included).
+known rank (``[B, S, K]`` tokens of a transformer included). The *spatial* form factors the
+matrix ``W'[(c, i), (j, m)] = W[m, c, i, j]`` (``K = C*kh``, ``N = kw*M``): the kh x 1 Conv takes
+the window's rows (stride, pads, dilation), the 1 x kw Conv its columns; it is exact for a
+separable kernel. ``conv_form``: ``auto`` tries both on a k x k Conv and keeps the one whose
+chosen rank costs fewer MACs; ``channel``/``spatial`` force one.
 
 Factors (``method``), both the Eckart-Young truncation of a matrix (computed through the
 eigendecomposition of its smaller Gram matrix, see ``_lowrank.truncation_basis``):
@@ -16,7 +21,8 @@ eigendecomposition of its smaller Gram matrix, see ``_lowrank.truncation_basis``
   rows on the calibration data (patches for a Conv) and ``X^T X / n + lam I = L L^T`` (Cholesky;
   ``lam = whiten_ridge`` times the mean diagonal), ``||X W - X W'||_F = sqrt(n) ||L^T (W - W')||_F``
   (up to the ridge), so the best rank-r ``W'`` for the layer's *outputs* is the truncation of
-  ``L^T W`` mapped back by ``L^-T`` (SVD-LLM; ASVD).
+  ``L^T W`` mapped back by ``L^-T`` (SVD-LLM; ASVD). For the spatial form X is the patches'
+  column strips ``[(c, i)]`` pooled over j (correlations across the kernel's columns are left out).
 With calibration data, ``B`` and the bias are then refit by ridge least squares
 (``onnxopt.reconstruct.refit_linear``, ``ridge``) from the first factor's outputs ``X A`` to the
 original layer's outputs on the same rows; the refit is kept only when it lowers the error.
@@ -32,7 +38,14 @@ wins for the layers it names; otherwise the largest rank asked for by ``rank_fra
 ``energy`` (smallest r whose singular values keep this fraction of sum s^2; of the whitened
 spectrum when activation-aware) and ``max_error`` (smallest r whose relative squared output
 error ``||Y' - Y||^2 / ||Y||^2`` on the calibration rows is within budget, after the refit);
-``rank_fraction`` is 0.5 when none is given. r is rounded up to a multiple of ``rank_multiple``.
+``rank_fraction`` is 0.5 when none is given. r is rounded up to a multiple of ``rank_multiple``
+(default: the multiple measured to pay on this machine, per MatMul and Conv).
+
+A pair is only worth it where it is faster: ``crossover`` is the largest share of the layer's MACs
+the pair may cost (``r (K + N) / (K N)``; the spatial form's first Conv runs at ``s_w`` times the
+output columns). Default: the break-even measured on this machine's onnxruntime, per form, once
+and cached (``_lowrank.measured_crossover``; ``bench/FACTORIZE_CROSSOVER.md``); <= 0 turns the
+check off. ``time_layers`` (default on) times each factorized layer alone against its pair.
 
 Declined, counted as ``skipped:<reason>`` and listed in the notes: ``subgraph`` (inside If/Loop/
 Scan bodies: never touched), ``weight-not-constant``, ``weight-not-2d``, ``conv-not-2d``,
@@ -43,13 +56,17 @@ a graph input can be fed, so it is ``weight-not-constant``),
 ``bias-not-constant``, ``bias-shape`` (a Gemm C that is not one row), ``unknown-shape`` (the
 activation's rank is not known), ``full-rank`` (r not below full), ``no-saving``
 (``K N / (r (K + N))`` not above ``min_params_saving``), ``error-budget`` (no rank that saves meets
-``max_error``).
+``max_error``), ``crossover`` (the pair's MAC share above the crossover: it would not be faster),
+``spatial-kernel`` (``conv_form=spatial`` on a kernel with a side of 1).
 
 ``ctx.notes["factorize-lowrank"]``: ``layers`` (key -> ``op``, ``method``, ``rank``, ``full_rank``,
 ``energy``, ``params_before``/``params_after`` (weights and bias), ``macs_before``/``macs_after``
 per row (a token, a sample, or a Conv output position), ``rows_per_sample`` (None if unknown),
-``error_before_refit``/``error_after_refit``/``refit_applied`` (None without data)) and
-``skipped`` (key -> reason). Layer keys: ``onnxopt.graph_utils.layer_key``.
+``error_before_refit``/``error_after_refit``/``refit_applied`` (None without data), ``form``
+(``matmul``, ``conv`` or ``spatial``), with ``time_layers`` ``latency_ms_before``/``latency_ms_after``
+and ``latency_input`` (the pinned input shape: batch 1, other unknown MatMul dims 128)),
+``skipped`` (key -> reason) and ``crossover`` (the limits and multiples used, and their source).
+Layer keys: ``onnxopt.graph_utils.layer_key``.
 """
 
 from __future__ import annotations
