@@ -52,7 +52,8 @@ REQUIRES_KEY = "onnxopt.requires"  # metadata_props key: the runtime an output n
 # Opt-in passes per runtime, run after the explicit ones: their output needs that runtime
 # (onnxruntime's com.microsoft contrib ops), so they are never in a preset.
 TARGETS: dict[str, tuple[str, ...]] = {
-    "onnxruntime": ("fuse-ort-attention", "fuse-ort-skip-layernorm", "fuse-ort-bias-gelu"),
+    "onnxruntime": ("fuse-ort-embed-layernorm", "fuse-ort-attention", "fuse-ort-skip-layernorm",
+                    "fuse-ort-bias-gelu"),
 }
 
 

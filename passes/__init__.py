@@ -27,6 +27,7 @@ from onnxopt.passes.sparsify_weights import SparsifyWeightsPass
 from onnxopt.passes.fuse_ort_attention import FuseOrtAttentionPass
 from onnxopt.passes.fuse_ort_skip_layernorm import FuseOrtSkipLayernormPass
 from onnxopt.passes.fuse_ort_bias_gelu import FuseOrtBiasGeluPass
+from onnxopt.passes.fuse_ort_embed_layernorm import FuseOrtEmbedLayernormPass
 
 ALL_PASSES = (
     EliminateIdentityPass,
@@ -54,4 +55,5 @@ ALL_PASSES = (
     FuseOrtAttentionPass,
     FuseOrtSkipLayernormPass,
     FuseOrtBiasGeluPass,
+    FuseOrtEmbedLayernormPass,
 )
