@@ -334,7 +334,9 @@ def _machine(r: Mapping[str, Any]) -> str:
             ("OS", m.get("os")), ("Python", m.get("python")), ("onnxruntime", m.get("onnxruntime")),
             ("execution provider", r.get("execution_provider")),
             ("providers available", ", ".join(m.get("providers") or [])),
-            ("threads (latency)", lat.get("threads") if lat else None)]
+            ("threads (latency)", lat.get("threads") if lat else None),
+            # a Ray run times the verdict on another node: the figures are that machine's, not this one's
+            ("latency measured on", r.get("measured_on"))]
     body = "".join(f'<tr id="machine-{escape(k.split()[0].lower())}"><td>{escape(k)}</td><td>{escape(str(v))}</td></tr>'
                    for k, v in rows if v not in (None, ""))
     return section("machine", "Machine", f"<table>{body}</table>")
