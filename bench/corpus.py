@@ -213,6 +213,9 @@ class Row:
     nodes_after: int | None = None
     ms_before: float | None = None
     ms_after: float | None = None
+    bytes_before: int | None = None  # file sizes, external data included
+    bytes_after: int | None = None
+    guard: list[str] = dataclasses.field(default_factory=list)  # the never-slower/bigger decisions
     seconds: float = 0.0
     warnings: list[str] = dataclasses.field(default_factory=list)
     other_shape: str = ""  # the written model at another size of its dynamic dims
@@ -342,6 +345,9 @@ def _from_report(row: Row, rep: dict[str, Any] | None) -> None:
         return
     row.nodes_before = (rep.get("before") or {}).get("nodes")
     row.nodes_after = (rep.get("after") or {}).get("nodes")
+    row.bytes_before = (rep.get("before") or {}).get("size_bytes")
+    row.bytes_after = (rep.get("after") or {}).get("size_bytes")
+    row.guard = [str(g.get("message", "")) for g in rep.get("guard") or []]
     lat = rep.get("latency") or {}
     row.ms_before = (lat.get("before") or {}).get("median_ms")
     row.ms_after = (lat.get("after") or {}).get("median_ms")
@@ -401,6 +407,10 @@ def _num(v: float | int | None, fmt: str = "") -> str:
     return "-" if v is None else format(v, fmt)
 
 
+def _mb(n: int | None) -> str:
+    return "-" if n is None else f"{n / 2**20:.2f}"
+
+
 def _cell(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
@@ -425,14 +435,14 @@ def render(rows: Sequence[Row], when: str) -> str:
         "- versions: " + ", ".join(f"{k} {v}" for k, v in versions().items()),
         f"- result: {ok} of {len(rows)} models written, {validated} validated and passed",
         "",
-        "Nodes and latency (median, 1 thread) come from the report; validation ran at the input shapes "
+        "Nodes, file sizes and latency (median, 1 thread) come from the report; validation ran at the input shapes "
         "the tool chose. The last column runs the source and the written model at another size: twice "
         "the chosen size of every dynamic dim, else of the last one only (float inputs only), to check "
         "that nothing size-specific was baked in.",
         "",
         "| model | package==version, file | opset | declared inputs | exit | validation | inputs chosen "
-        "| nodes before → after | ms before → after | wall s | max abs diff at another size |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| nodes before → after | MB before → after | ms before → after | wall s | max abs diff at another size |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         f = r.features
@@ -447,6 +457,7 @@ def render(rows: Sequence[Row], when: str) -> str:
             r.validation if len(r.validation) <= 90 else r.validation[:87] + "...",
             _shape_text(r),
             f"{_num(r.nodes_before)} → {_num(r.nodes_after)}",
+            f"{_mb(r.bytes_before)} → {_mb(r.bytes_after)}",
             f"{_num(r.ms_before, '.2f')} → {_num(r.ms_after, '.2f')}",
             f"{r.seconds:.1f}",
             r.other_shape or "-",
@@ -454,6 +465,10 @@ def render(rows: Sequence[Row], when: str) -> str:
     if not any(r.inputs for r in rows):
         lines += ["", "*inputs chosen*: this onnxopt's report does not record the input shapes it chose "
                   "(`report[\"inputs\"]`), so the column is empty."]
+    guarded = [r for r in rows if r.guard]
+    lines += ["", "## Never slower, never bigger: what the guard did", ""]
+    lines += [f"- **{r.entry.name}**: {g}" for r in guarded for g in r.guard] or [
+        "Nothing: no written model measured slower than its input or grew its file beyond the margin."]
     failed = [r for r in rows if r.error]
     if failed:
         lines += ["", "## Errors, as the CLI printed them", ""]

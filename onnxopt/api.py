@@ -208,7 +208,7 @@ def optimize_file(
         cal = data_mod.load(calibration_data, load_model(src)).feeds if calibration_data else None
         return variant.run(load_model(src), calibration=cal, input_shapes=pins, seed=seed)
 
-    with staged_output(dst) as staged, guard.Guard(manager, rerun, dst, _file_size) as keeper:
+    with staged_output(dst) as staged, guard.Guard(manager, rerun, src, dst, _file_size) as keeper:
         say("writing")
         write_model(optimized, staged, restore_data=False)
         after = model_stats(optimized, shapes, size_bytes=_file_size(staged))

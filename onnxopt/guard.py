@@ -18,8 +18,9 @@ pipeline reruns once per pass that changed the graph (level 1: a handful), and l
 measured ONCE more, the input, the result and every variant interleaved. That second
 measurement must confirm the slowdown (else the full result stays, and the report says
 so), and picks the fastest variant not slower than the input. When no single pass
-accounts for it, every pass that changed the graph is dropped: the input's graph is
-written back (round-tripped), which cannot be slower than itself.
+accounts for it (for size: no variant within the margin), every pass that changed the
+graph is dropped and the input itself is written unchanged (re-serialized, not passed
+through the rewriter, whose round trip alone can grow a file).
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ import numpy as np
 import onnx
 
 from onnxopt.bench import Latency
-from onnxopt.io import write_model
+from onnxopt.io import load_model, write_model
 from onnxopt.manager import PassManager, PipelineReport
 
 logger = logging.getLogger(__name__)
@@ -126,9 +127,10 @@ class Guard:
     data can be moved into the staging directory as it is.
     """
 
-    def __init__(self, manager: PassManager, rerun: Rerun, output: Path,
+    def __init__(self, manager: PassManager, rerun: Rerun, source: Path, output: Path,
                  size_of: Callable[[Path], int]) -> None:
-        self.manager, self.rerun, self.output, self.size_of = manager, rerun, output, size_of
+        self.manager, self.rerun, self.size_of = manager, rerun, size_of
+        self.source, self.output = source, output
         self._scratch: tempfile.TemporaryDirectory[str] | None = None
         self._count = 0
 
@@ -140,8 +142,20 @@ class Guard:
             self._scratch.cleanup()
 
     def variant(self, dropped: Collection[str]) -> Variant:
+        """The pipeline run again without the passes in ``dropped``, written to scratch."""
         names = tuple(sorted(dropped))
         model, report = self.rerun(self.manager.without(names))
+        return self._write(model, names, report)
+
+    def unchanged(self, dropped: Collection[str]) -> Variant:
+        """The input itself, re-serialized without the rewriter: never bigger, never slower.
+
+        Not the pipeline with no pass: that round trip can itself grow a file (Silero VAD's
+        half-precision model: weights shared by both If branches came out once per branch).
+        """
+        return self._write(load_model(self.source), tuple(sorted(dropped)), PipelineReport())
+
+    def _write(self, model: onnx.ModelProto, dropped: tuple[str, ...], report: PipelineReport) -> Variant:
         if self._scratch is None:  # on the output's filesystem: variants can be large
             self._scratch = tempfile.TemporaryDirectory(prefix=".onnxopt-variants-",
                                                         dir=self.output.parent)
@@ -149,7 +163,7 @@ class Guard:
         path = Path(self._scratch.name) / str(self._count) / self.output.name
         path.parent.mkdir()
         write_model(model, path, restore_data=False)
-        return Variant(names, path, report, self.size_of(path))
+        return Variant(dropped, path, report, self.size_of(path))
 
     def singles(self, report: PipelineReport, already: Sequence[str] = ()) -> list[Variant]:
         """One variant per pass that changed the graph in ``report`` (each dropped alone)."""
@@ -159,14 +173,15 @@ class Guard:
         """The result grew the file: the smallest single-pass variant within the margin."""
         variants = self.singles(report)
         fits = [v for v in variants if not grown(before_bytes, v.size_bytes)]
+        grew = f"the file grew {_mb(before_bytes)} -> {_mb(after_bytes)} (+{after_bytes / before_bytes - 1:.0%})"
         if fits:
             chosen = min(fits, key=lambda v: (v.size_bytes, v.dropped))
+            message = (f"dropped {_names(chosen.dropped)}: with it {grew}; without it "
+                       f"{_mb(chosen.size_bytes)}, which was written (--allow-growth keeps growth)")
         else:
-            chosen = self.variant(report.changed_passes)
-        what = _names(chosen.dropped)
-        message = (f"dropped {what}: with it the file grew {_mb(before_bytes)} -> {_mb(after_bytes)} "
-                   f"(+{after_bytes / before_bytes - 1:.0%}); without it {_mb(chosen.size_bytes)}, "
-                   "which was written (--allow-growth keeps growth)")
+            chosen = self.unchanged(report.changed_passes)
+            message = (f"dropped {_names(chosen.dropped)}: with them {grew} and no single pass "
+                       "accounts for it; wrote the input unchanged (--allow-growth keeps growth)")
         figures = {"full_pipeline": {"size_bytes": after_bytes},
                    "written": {"size_bytes": chosen.size_bytes},
                    "variants": {_names(v.dropped): {"size_bytes": v.size_bytes} for v in variants}}
@@ -176,8 +191,6 @@ class Guard:
                measure: Measure, already: Sequence[str] = ()) -> Decision:
         """The result measured slower: confirm it in one more measurement, with every variant."""
         variants = self.singles(report, already)
-        if len(variants) > 1:  # the input's own graph, in case no single pass accounts for it
-            variants.append(self.variant({*already, *report.changed_passes}))
         labels = {f"without {_names(v.dropped)}": v for v in variants}
         lat = measure({"before": src, "after": after, **{k: v.path for k, v in labels.items()}})
         confirmed = latency_ratio(lat["before"], lat["after"])
@@ -192,9 +205,14 @@ class Guard:
             message = (f"the result first measured {first} against the input; a second "
                        f"measurement did not confirm it ({confirmed}); kept every pass")
             return Decision(None, "", message, figures, dict(lat))
-        # the fastest single-pass variant not slower than the input; else the one without any
-        ok = [k for k, r in ratios.items() if not r.slower and len(labels[k].dropped) == len(already) + 1]
-        label = min(ok, key=lambda k: lat[k].median_ms) if ok else list(labels)[-1]
+        ok = [k for k, r in ratios.items() if not r.slower]
+        if not ok:  # no single pass accounts for it: the input itself, as measured as "before"
+            chosen = self.unchanged({*already, *report.changed_passes})
+            figures["written"] = {"median_ms": lat["before"].median_ms, "ratio": None}
+            message = (f"dropped {_names(chosen.dropped)}: with them the model measured {confirmed} "
+                       "against the input and no single pass accounts for it; wrote the input unchanged")
+            return Decision(chosen, "slower", message, figures, {"before": lat["before"], "after": lat["before"]})
+        label = min(ok, key=lambda k: lat[k].median_ms)  # the fastest not slower than the input
         chosen = labels[label]
         figures["written"] = {"median_ms": lat[label].median_ms, "ratio": ratios[label].to_dict()}
         message = (f"dropped {_names(chosen.dropped)}: with it the model measured {confirmed} "
