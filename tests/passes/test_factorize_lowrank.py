@@ -446,8 +446,8 @@ def test_each_layer_is_timed_against_its_pair() -> None:
     assert "latency_ms_before" not in notes["layers"]["fc"]
     # a Conv whose image size is unknown is factorized but not timed (its cost depends on the size)
     node = helper.make_node("Conv", ["x", "W"], ["y"], name="conv", pads=[1, 1, 1, 1])
-    dyn = make_model([node], [vi("x", ["n", 32, "h", "w"])], [vi("y", None)],
-                     {"W": _low_rank(48, 32 * 9, 8).reshape(48, 32, 3, 3)}, check=False)
+    dyn = make_model([node], [vi("x", ["n", 32, "h", "w"])], [vi("y", ["n", 48, "h", "w"])],
+                     {"W": _low_rank(48, 32 * 9, 8).reshape(48, 32, 3, 3)})
     _, stats, notes = _run(dyn, f"{PASS}:rank_fraction=0.17,conv_form=channel")
     assert stats == {"factorized": 1}
     assert "latency_ms_before" not in notes["layers"]["conv"]
