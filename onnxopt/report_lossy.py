@@ -53,8 +53,8 @@ def candidates(r: Mapping[str, Any]) -> str:
             "each step's result together; the other candidates were judged on accuracy only and sit in the "
             "'not timed' lane.</p>")
     return section("candidates", "Candidates: latency against accuracy", svg, note,
-                    html_table(["#", "candidate", "step", "accuracy", "drop (pt)", "min cosine", "latency", "MACs", "size",
-                            "verdict", "budget"], rows, "candidates-table"))
+                   html_table(["#", "candidate", "step", "accuracy", "drop (pt)", "min cosine", "latency", "MACs",
+                               "size", "verdict", "budget"], rows, "candidates-table"))
 
 
 def steps(r: Mapping[str, Any]) -> str:
