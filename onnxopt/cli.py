@@ -725,7 +725,7 @@ def inspect(
     model: Annotated[Path, typer.Argument(
         metavar="MODEL", help="The .onnx file.", show_default=False)],
     other: Annotated[Path | None, typer.Argument(
-        metavar="[OTHER]", help="With --diff: the model to compare MODEL with.", show_default=False)] = None,
+        metavar="OTHER", help="With --diff: the model to compare MODEL with.", show_default=False)] = None,
     diff: Annotated[bool, typer.Option(
         "--diff", show_default=False,
         help="Compare MODEL and OTHER side by side: op histogram, nodes, parameters, size, MACs "
