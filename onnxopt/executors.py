@@ -26,6 +26,7 @@ import concurrent.futures
 import dataclasses
 import multiprocessing
 import os
+import socket
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -238,9 +239,10 @@ class RayExecutor(Executor):
         self.owns = not ray.is_initialized()  # inside a Ray task, or a caller's session: reuse it
         if self.owns:
             try:
+                _reachable(address)
                 ray.init(address=address, include_dashboard=False, log_to_driver=False,
                          configure_logging=False)
-            except (ConnectionError, ValueError, RuntimeError) as e:
+            except (ConnectionError, OSError, ValueError, RuntimeError) as e:
                 where = f"at {address}" if address not in (None, "auto") else "on this machine (--ray-address auto)"
                 raise ClusterError(f"no Ray cluster {where}: {_first_line(e)}; start one with "
                                    "'ray start --head' or give --ray-address HOST:PORT") from None
@@ -298,9 +300,24 @@ class RayExecutor(Executor):
             self.ray.shutdown()
 
 
+def _reachable(address: str | None, timeout: float = 5.0) -> None:
+    """Fail fast on an address nothing listens on: Ray's client would retry it for minutes."""
+    if address is None:
+        return
+    # what ray.init resolves "auto" with (the address a 'ray start' on this machine recorded)
+    from ray._private.services import canonicalize_bootstrap_address
+
+    resolved = canonicalize_bootstrap_address(address)  # ConnectionError: no cluster recorded here
+    if resolved is None:
+        return
+    host, _, port = resolved.rpartition(":")
+    with socket.create_connection((host, int(port)), timeout=timeout):
+        pass
+
+
 def _first_line(e: BaseException) -> str:
     lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-    return lines[0] if lines else type(e).__name__
+    return lines[0].rstrip(".") if lines else type(e).__name__
 
 
 def make(name: str = "local", ray_address: str | None = "auto", measure_on: str | None = None,
