@@ -57,7 +57,7 @@ REQUIRES_KEY = "onnxopt.requires"  # metadata_props key: the runtime an output n
 # (onnxruntime's com.microsoft contrib ops), so they are never in a preset.
 TARGETS: dict[str, tuple[str, ...]] = {
     "onnxruntime": ("fuse-ort-embed-layernorm", "fuse-ort-attention", "fuse-ort-skip-layernorm",
-                    "fuse-ort-bias-gelu"),
+                    "fuse-ort-bias-gelu", "fuse-ort-gemm-activation"),
 }
 
 

@@ -151,6 +151,10 @@ def _compress_row(job: Job, opts: dict[str, Any], data: str | None, calibration:
     tol = opts.pop("exact_tolerance")
     measure = None
     if job.measure_on:  # this task runs on a Ray worker: its latency task goes to the target node
+        import ray
+
+        if not ray.is_initialized():
+            raise OnnxoptError("--measure-on pins latency tasks to Ray nodes; add --executor ray")
         ray_ex = RayExecutor(None, job.measure_on)
         measure = remote_measure(ray_ex, opts["threads"], opts["repeats"])
     r = compress(job.source, job.output, resolve_methods(list(job.methods)), calibration_data=calibration,
@@ -321,10 +325,16 @@ def command(
             options |= {"max_accuracy_drop": max_accuracy_drop, "force": force,
                         "min_cosine": DEFAULT_MIN_COSINE if min_cosine is None else min_cosine}
         # models are the tasks; --measure-on is the models' latency verdict, pinned from inside them
-        with make(executor, ray_address, measure_on if executor == "ray" else None) as ex, \
-                cli._Activity(cli.err.is_terminal and not quiet) as activity:
-            activity.say("optimizing models")
-            result = run(pattern, out_dir, methods, options, ex, measure_on, activity.tick)
+        try:
+            with make(executor, ray_address, measure_on) as ex, \
+                    cli._Activity(cli.err.is_terminal and not quiet) as activity:
+                activity.say("optimizing models")
+                result = run(pattern, out_dir, methods, options, ex, measure_on, activity.tick)
+        except KeyboardInterrupt:
+            n = len(load_results(out_dir))
+            cli.err.print(f"onnxopt: interrupted; {n} finished model{' is' if n == 1 else 's are'} recorded in "
+                          f"{out_dir / RESULTS}: the same command resumes", markup=False, soft_wrap=True)
+            raise typer.Exit(130) from None
         _print(result, quiet)
 
 
