@@ -29,6 +29,7 @@ from onnxopt.passes.fuse_ort_attention import FuseOrtAttentionPass
 from onnxopt.passes.fuse_ort_skip_layernorm import FuseOrtSkipLayernormPass
 from onnxopt.passes.fuse_ort_bias_gelu import FuseOrtBiasGeluPass
 from onnxopt.passes.fuse_ort_embed_layernorm import FuseOrtEmbedLayernormPass
+from onnxopt.passes.fuse_ort_gemm_activation import FuseOrtGemmActivationPass
 
 ALL_PASSES = (
     EliminateIdentityPass,
@@ -58,4 +59,5 @@ ALL_PASSES = (
     FuseOrtSkipLayernormPass,
     FuseOrtBiasGeluPass,
     FuseOrtEmbedLayernormPass,
+    FuseOrtGemmActivationPass,
 )

@@ -523,3 +523,36 @@ def test_cli_target_writes_metadata_and_inspect_shows_it(tmp_path: Path) -> None
     assert bad.exit_code == 1
     assert "unknown target 'tensorrt'" in bad.output
     assert not (tmp_path / "x.onnx").exists()
+
+
+# ---------------------------------------------------------------- gemm + activation
+
+
+def _gemm_act(act: str, attrs: dict[str, float], expose: bool = False) -> onnx.ModelProto:
+    rng = np.random.default_rng(9)
+    nodes = [helper.make_node("Gemm", ["x", "W", "b"], ["g"], transB=1, alpha=0.7, beta=1.3),
+             helper.make_node(act, ["g"], ["y"], **attrs)]
+    outputs = [vi("y", ["n", 5])] + ([vi("g", ["n", 5])] if expose else [])
+    return make_model(nodes, [vi("x", ["n", 6])], outputs,
+                      {"W": rng.standard_normal((5, 6)).astype(np.float32),
+                       "b": rng.standard_normal(5).astype(np.float32)})
+
+
+@pytest.mark.parametrize(("act", "attrs"), [
+    ("Relu", {}), ("Sigmoid", {}), ("Tanh", {}),
+    ("LeakyRelu", {"alpha": 0.3}),  # not the defaults: the fused op must honour them
+    ("HardSigmoid", {"alpha": 0.3, "beta": 0.4}),
+])
+def test_gemm_activation_fuses(act: str, attrs: dict[str, float]) -> None:
+    model = _gemm_act(act, attrs)
+    out, report = optimize(model, passes=["fuse-ort-gemm-activation"])
+    assert report.stats("fuse-ort-gemm-activation") == {"fused-gemm-activation": 1}
+    assert op_histogram(out) == {"com.microsoft::FusedGemm": 1}
+    assert_equivalent(model, out, atol=1e-5, rtol=1e-5)
+
+
+def test_gemm_activation_declines_shared_output() -> None:
+    model = _gemm_act("Relu", {}, expose=True)
+    out, report = optimize(model, passes=["fuse-ort-gemm-activation"])
+    assert report.stats("fuse-ort-gemm-activation") == {"skipped:shared-output": 1}
+    assert op_histogram(out) == op_histogram(model)
