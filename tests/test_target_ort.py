@@ -556,3 +556,33 @@ def test_gemm_activation_declines_shared_output() -> None:
     out, report = optimize(model, passes=["fuse-ort-gemm-activation"])
     assert report.stats("fuse-ort-gemm-activation") == {"skipped:shared-output": 1}
     assert op_histogram(out) == op_histogram(model)
+
+
+# ---------------------------------------------------------------- the reference models
+
+ZOO = Path.home() / ".cache" / "onnxopt" / "zoo"
+
+
+@pytest.mark.parametrize("name", ["minilm", "vit-digits"])
+def test_reference_models(name: str) -> None:
+    """The dynamo exports of the pretrained MiniLM (with its attention mask) and the ViT (6 s)."""
+    path = ZOO / f"{name}.onnx"
+    if not path.exists():
+        pytest.skip(f"{path} not built (models/minilm.py, models/zoo.py)")
+    from onnxopt import load_model
+
+    model = load_model(path)
+    out, stats = _target(model)
+    assert stats["fuse-ort-attention"] == {"fused-attention": 6}
+    assert stats["fuse-ort-bias-gelu"] == {"fused-biasgelu": 6}
+    ops = op_histogram(out)
+    assert "Softmax" not in ops
+    rng = np.random.default_rng(0)
+    if name == "minilm":
+        assert stats["fuse-ort-embed-layernorm"] == {"fused-embed-layernorm": 1}
+        mask = np.ones((2, 12), np.int64)
+        mask[1, 7:] = 0
+        feeds = [{"input_ids": rng.integers(1000, 20000, (2, 12)), "attention_mask": mask}]
+    else:
+        feeds = [{"x": rng.standard_normal((2, 3, 64, 64)).astype(np.float32)}]
+    assert_equivalent(model, out, feeds=feeds, **TOL)
