@@ -13,6 +13,7 @@ the measured shares (what the pass's ``crossover`` compares against). Then the p
 (which multiple pays: a rank that costs as much as the next multiple should be rounded up).
 Timing: ``onnxopt.bench.measure_latency`` (1 intra-op thread, the calling thread's CPU time,
 interleaved repetitions, medians), all onnxruntime graph optimizations on, random weights.
+The conclusion at the end of the .md is written by hand from the tables; a rerun replaces the file.
 """
 
 from __future__ import annotations
@@ -80,8 +81,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                          f"{row['break_even']:.3f} |")
             print(f"matmul {k}x{n}: break-even {row['break_even']}", file=sys.stderr)
     for form, title in (("conv", "channel pair (k x k to r, 1 x 1 to M)"), ("spatial", "spatial pair (k x 1, 1 x k)")):
-        lines += ["", f"## Conv, {title}", "",
-                  "| C | M | size | kernel | dense ms | pair share:time | break-even |", "|---|---|---|---|---|---|---|"]
+        lines += ["", f"## Conv, {title}", "", "| C | M | size | kernel | dense ms | pair share:time | break-even |",
+                  "|---|---|---|---|---|---|---|"]
         for c, m, hw, kk in CONVS:
             if kk == 1 and form == "spatial":
                 continue
