@@ -122,3 +122,14 @@ def test_leaves_wrong_constant_and_standard_gelu_alone() -> None:
     _, report = optimize(fused, passes=[PASS])
     assert report.records[-1].changed is False
     assert report.stats(PASS) == {}
+
+
+def test_level1_fuses_before_a_following_scale_is_merged_into_the_half() -> None:
+    model = erf_form()
+    model.graph.node[-1].output[0] = "g"
+    model.graph.initializer.append(onnx.numpy_helper.from_array(np.float32(3.0), "k"))
+    model.graph.node.append(helper.make_node("Mul", ["g", "k"], ["y"]))
+    out, report = optimize(model, level=1)
+    assert op_histogram(out) == {"Gelu": 1, "MatMul": 1, "Mul": 1}
+    assert report.stats(PASS) == {"fused-erf": 1}
+    assert_equivalent(model, out, feeds=FEEDS, atol=1e-6, rtol=1e-5)

@@ -150,3 +150,15 @@ def test_idempotent() -> None:
     once, _ = _run(decomposed("hardswish"))
     _, report = optimize(once, passes=[PASS])
     assert report.records[-1].changed is False
+
+
+def test_level1_fuses_before_a_following_scale_is_merged_into_the_sixth() -> None:
+    """Paddle writes HardSwish then a constant Mul: level 1 must not merge the / 6 into it first."""
+    model = decomposed("hardswish", opset=14)
+    model.graph.node[-1].output[0] = "hw"
+    model.graph.initializer.append(onnx.numpy_helper.from_array(np.float32(0.47), "k"))
+    model.graph.node.append(helper.make_node("Mul", ["k", "hw"], ["y"]))
+    out, report = optimize(model, level=1)
+    assert op_histogram(out) == {"HardSwish": 1, "Mul": 1, "Relu": 1}
+    assert report.stats(PASS) == {"fused-hardswish": 1}
+    assert_equivalent(model, out, feeds=FEEDS, atol=1e-6, rtol=1e-6)
