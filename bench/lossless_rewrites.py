@@ -45,7 +45,7 @@ def _model(build: Callable[[str, int, list, list], str], x_shape: Sequence[int],
     graph = helper.make_graph(nodes, "bench", [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x_shape))],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, list(y_shape or x_shape))], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
-    model.ir_version = 8
+    model.ir_version = 10 if opset > 21 else 8
     return model
 
 
@@ -128,6 +128,11 @@ def gelu_tanh(x: str, i: int, nodes: list, inits: list) -> str:
     return _node(nodes, "Mul", [m, _const(inits, f"half{i}", 0.5)], f"g{i}")
 
 
+def silu(x: str, i: int, nodes: list, inits: list) -> str:
+    s = _node(nodes, "Sigmoid", [x], f"sg{i}")
+    return _node(nodes, "Mul", [x, s], f"m{i}")
+
+
 def layernorm(x: str, i: int, nodes: list, inits: list) -> str:
     mu = _node(nodes, "ReduceMean", [x], f"mu{i}", axes=[-1])
     d = _node(nodes, "Sub", [x, mu], f"d{i}")
@@ -168,6 +173,7 @@ ROWS: tuple[tuple[str, Callable, str | Callable, tuple[int, ...], int], ...] = (
     ("Gelu erf form -> Gelu", gelu_erf, "fuse-gelu", (1, 128, 1536), 20),
     ("Gelu tanh form -> Gelu(tanh)", gelu_tanh, "fuse-gelu", (1, 128, 1536), 20),
     ("LayerNorm decomposed -> LayerNormalization", layernorm, "fuse-layernorm", (1, 128, 384), 17),
+    ("x * Sigmoid(x) -> Swish", silu, "fuse-swish", (1, 32, 56, 56), 24),
     ("MatMul + bias 3-D -> Reshape Gemm Reshape", matmul_bias, matmul_gemm, (1, 128, 384), 17),
 )
 

@@ -19,6 +19,7 @@ from onnxopt.passes.fuse_pad import FusePadPass
 from onnxopt.passes.fuse_hardswish import FuseHardSwishPass
 from onnxopt.passes.fuse_gelu import FuseGeluPass
 from onnxopt.passes.fuse_layernorm import FuseLayerNormPass
+from onnxopt.passes.fuse_swish import FuseSwishPass
 from onnxopt.passes.fuse_batched_matmul_add import FuseBatchedMatMulAddPass
 from onnxopt.passes.fuse_shape_chains import FuseShapeChainsPass
 from onnxopt.passes.quantize_qdq import QuantizeQDQPass
@@ -45,6 +46,7 @@ ALL_PASSES = (
     FuseHardSwishPass,
     FuseGeluPass,
     FuseLayerNormPass,
+    FuseSwishPass,
     FuseBatchedMatMulAddPass,
     FuseShapeChainsPass,
     EliminateDeadCodePass,
