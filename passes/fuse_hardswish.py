@@ -12,7 +12,7 @@ ulp of the result. The Add's 3 may be on either side; Clip bounds come from attr
 0.16666667). Paddle, Keras and older torch exports write these forms.
 
 Below opset 14 a HardSwish pattern is left as it is (the HardSigmoid part is still written,
-opset 6); upgrading the model's opset to fuse it is not done here.
+opset 6), unless option ``upgrade=true`` raises the model to opset 14 first.
 
 Declined, and counted in stats:
 - ``skipped:opset``: a HardSwish pattern in a model below opset 14.
@@ -23,6 +23,7 @@ Works inside If/Loop/Scan bodies; custom-domain nodes are left alone.
 
 from __future__ import annotations
 
+import dataclasses
 from collections import Counter
 
 import onnx_graphsurgeon as gs
@@ -31,6 +32,7 @@ from onnxopt.graph_utils import constant_value, is_default_domain, is_graph_outp
 from onnxopt.pass_base import NameGenerator, Pass, PassContext, PassResult
 
 _TOL = 1e-6
+HARDSWISH_OPSET = 14
 
 
 def _is(node: gs.Node | None, *ops: str) -> bool:
@@ -130,6 +132,16 @@ class FuseHardSwishPass(Pass):
 
     name = "fuse-hardswish"
 
+    @dataclasses.dataclass(frozen=True)
+    class Options:
+        # raise the model's opset (onnx's version converter, before the pipeline) so that
+        # HardSwish (14) can be written; off by default: the output's opset would differ from the input's
+        upgrade: bool = False
+
+    def __init__(self, options: Options | None = None) -> None:
+        super().__init__(options)
+        self.min_opset = HARDSWISH_OPSET if self.options.upgrade else 0  # read by the pass manager
+
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         stats: Counter[str] = Counter()
         for g in list(iter_graphs(graph)):
@@ -139,7 +151,7 @@ class FuseHardSwishPass(Pass):
                 if found is None:
                     continue
                 op, x, last, inner = found
-                if op == "HardSwish" and ctx.opset < 14:
+                if op == "HardSwish" and ctx.opset < HARDSWISH_OPSET:
                     stats["skipped:opset"] += 1
                     continue
                 if any(len(t.outputs) != 1 or is_graph_output(g, t) for t in inner):

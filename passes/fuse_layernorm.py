@@ -19,7 +19,7 @@ float32 is fused: for float16 the fused op computes in float32 (more precise, so
 numbers), for float64 in less.
 
 Declined, and counted in stats:
-- ``skipped:opset``: the model is below opset 17 (upgrading is not done here).
+- ``skipped:opset``: the model is below opset 17 (option ``upgrade=true`` raises it first).
 - ``skipped:axes``: a reduction over another axis, several axes, or keepdims=0.
 - ``skipped:non-constant``: eps, gamma or beta is not a constant (or eps not a scalar).
 - ``skipped:broadcast``: gamma or beta varies along an axis other than the last.
@@ -31,6 +31,7 @@ Works inside If/Loop/Scan bodies; custom-domain nodes are left alone.
 
 from __future__ import annotations
 
+import dataclasses
 from collections import Counter
 
 import numpy as np
@@ -186,6 +187,16 @@ class FuseLayerNormPass(Pass):
     """Write a decomposed layer normalization over the last axis as LayerNormalization."""
 
     name = "fuse-layernorm"
+
+    @dataclasses.dataclass(frozen=True)
+    class Options:
+        # raise the model's opset (onnx's version converter, before the pipeline) so that
+        # LayerNormalization (17) can be written; off by default: the output's opset would differ from the input's
+        upgrade: bool = False
+
+    def __init__(self, options: Options | None = None) -> None:
+        super().__init__(options)
+        self.min_opset = LAYERNORM_OPSET if self.options.upgrade else 0  # read by the pass manager
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         stats: Counter[str] = Counter()

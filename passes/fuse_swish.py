@@ -5,8 +5,8 @@
 
 Swish(x) = x * sigmoid(alpha * x), so the rewrite is the definition; the fused kernel rounds
 once where the pair rounds twice (float rounding apart). Swish is new in opset 24: torch and
-Keras exports below it keep the pair (``skipped:opset``), and onnxopt does not raise a model's
-opset for it. YOLOv5/v8, EfficientNet and most diffusion U-Nets use SiLU.
+Keras exports below it keep the pair (``skipped:opset``) unless option ``upgrade=true`` raises
+the model to opset 24 first. YOLOv5/v8, EfficientNet and most diffusion U-Nets use SiLU.
 
 Declined, and counted in stats:
 - ``skipped:opset``: the model is below opset 24.
@@ -16,6 +16,7 @@ Works inside If/Loop/Scan bodies; custom-domain nodes are left alone.
 
 from __future__ import annotations
 
+import dataclasses
 from collections import Counter
 
 import onnx_graphsurgeon as gs
@@ -67,6 +68,16 @@ class FuseSwishPass(Pass):
     """Write SiLU/Swish (x * Sigmoid(alpha * x)) as the standard Swish op."""
 
     name = "fuse-swish"
+
+    @dataclasses.dataclass(frozen=True)
+    class Options:
+        # raise the model's opset (onnx's version converter, before the pipeline) so that
+        # Swish (24) can be written; off by default: the output's opset would differ from the input's
+        upgrade: bool = False
+
+    def __init__(self, options: Options | None = None) -> None:
+        super().__init__(options)
+        self.min_opset = SWISH_OPSET if self.options.upgrade else 0  # read by the pass manager
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         stats: Counter[str] = Counter()

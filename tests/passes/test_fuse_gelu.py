@@ -133,3 +133,11 @@ def test_level1_fuses_before_a_following_scale_is_merged_into_the_half() -> None
     assert op_histogram(out) == {"Gelu": 1, "MatMul": 1, "Mul": 1}
     assert report.stats(PASS) == {"fused-erf": 1}
     assert_equivalent(model, out, feeds=FEEDS, atol=1e-6, rtol=1e-5)
+
+
+def test_upgrade_option_raises_the_opset_and_fuses() -> None:
+    model = erf_form(opset=17)
+    out, report = optimize(model, passes=[f"{PASS}:upgrade=true"])
+    assert report.stats(PASS) == {"fused-erf": 1}
+    assert next(o.version for o in out.opset_import if o.domain in ("", "ai.onnx")) == 20
+    assert_equivalent(model, out, feeds=FEEDS, atol=1e-6, rtol=1e-5)

@@ -162,3 +162,12 @@ def test_level1_fuses_before_a_following_scale_is_merged_into_the_sixth() -> Non
     assert op_histogram(out) == {"HardSwish": 1, "Mul": 1, "Relu": 1}
     assert report.stats(PASS) == {"fused-hardswish": 1}
     assert_equivalent(model, out, feeds=FEEDS, atol=1e-6, rtol=1e-6)
+
+
+def test_upgrade_option_raises_the_opset_and_fuses() -> None:
+    model = decomposed("hardswish", opset=11)
+    out, report = optimize(model, passes=[f"{PASS}:upgrade=true"])
+    assert report.stats(PASS) == {"fused-hardswish": 1}
+    assert op_histogram(out) == {"HardSwish": 1, "Relu": 1}
+    assert next(o.version for o in out.opset_import if o.domain in ("", "ai.onnx")) == 14
+    assert_equivalent(model, out, feeds=FEEDS, atol=1e-6, rtol=1e-6)

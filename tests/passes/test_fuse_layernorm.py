@@ -137,6 +137,10 @@ def test_torchscript_export_of_nn_layernorm() -> None:
     model = onnx.load_from_string(buf.getvalue())
     assert "LayerNormalization" not in op_histogram(model)
     assert_declined(model, PASS, "opset")
+    upgraded, report = optimize(model, passes=[f"{PASS}:upgrade=true"])  # the converter raises it to 17
+    assert report.stats(PASS) == {"fused": 1}
+    assert op_histogram(upgraded) == {"LayerNormalization": 1}
+    assert_equivalent(model, upgraded, feeds=FEEDS, atol=1e-5, rtol=1e-5)
     model.opset_import[0].version = 17  # same ops, same meaning at 17
     out, stats = _run(model)
     assert stats == {"fused": 1}

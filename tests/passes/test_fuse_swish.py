@@ -72,6 +72,14 @@ def test_leaves_other_products_alone_and_is_idempotent() -> None:
     assert report.records[-1].changed is False
 
 
+def test_upgrade_option_raises_the_opset_and_fuses() -> None:
+    model = silu(opset=18)
+    out, report = optimize(model, passes=[f"{PASS}:upgrade=true"])
+    assert report.stats(PASS) == {"fused": 1}
+    assert next(o.version for o in out.opset_import if o.domain in ("", "ai.onnx")) == 24
+    assert_equivalent(model, out, feeds=FEEDS, atol=1e-6, rtol=1e-5)
+
+
 def test_not_in_level_1() -> None:
     """Swish-24 measured 1.8x slower than Mul + Sigmoid in onnxruntime 1.32 (bench/LOSSLESS_REWRITES.md)."""
     assert PASS not in PRESETS[1]
