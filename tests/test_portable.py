@@ -118,6 +118,20 @@ def test_level1_output_runs_in_openvino_like_the_original(case: str, tmp_path: P
             _assert_close(f"feed {f} output {i}", np.asarray(w), g)
 
 
+def test_standard_ops_level1_writes_run_in_openvino(tmp_path: Path) -> None:
+    # the ops level 1 writes in place of decomposed patterns are exactly what a second runtime
+    # might lack: check they are there, then that OpenVINO runs them like the original
+    model = transformer_block(20)
+    optimized, _ = optimize(model)
+    hist = op_histogram(optimized)
+    assert hist.get("LayerNormalization") == 1
+    assert hist.get("Gelu") == 1
+    assert "Erf" not in hist
+    feeds = random_feeds(model, 2, seed=3)
+    for want, got in zip(run_model(model, feeds), run_openvino(optimized, feeds, tmp_path), strict=True):
+        _assert_close("y", np.asarray(want[0]), got[0])
+
+
 def test_demo_model_level1_runs_in_openvino(tmp_path: Path) -> None:
     model, feeds = digits()
     optimized, report = optimize(model)
