@@ -239,17 +239,24 @@ def _ops(hist: object) -> str:
 # ---------------------------------------------------------------- level 1 beside the peers
 
 ZOO_MODELS = ("mlp", "mobilenetv2-digits", "resnet18-digits", "vit-digits", "minilm")
+UPGRADE = ["fuse-hardswish:upgrade=true", "fuse-gelu:upgrade=true", "fuse-layernorm:upgrade=true"]
 
 
 def variants(model: onnx.ModelProto) -> dict[str, onnx.ModelProto | str]:
     """original, onnxopt level 1, onnxsim, onnxslim (a string: why the tool failed)."""
     from onnxopt import optimize
+    from onnxopt.io import opset_of
 
     out: dict[str, onnx.ModelProto | str] = {"original": model}
     try:
         out["onnxopt-l1"] = optimize(model, level=1)[0]
     except Exception as e:  # (a failing tool is a row, not a crash)
         out["onnxopt-l1"] = f"{type(e).__name__}: {str(e)[:80]}"
+    if opset_of(model) < 20:  # level 1 plus the activation fusions allowed to raise the opset
+        try:
+            out["l1-upgrade"] = optimize(model, level=1, passes=UPGRADE)[0]
+        except Exception as e:  # (the version converter may have no adapter for an op)
+            out["l1-upgrade"] = f"{type(e).__name__}: {str(e).splitlines()[0][:80]}"
     try:
         import onnxsim
 
@@ -282,16 +289,30 @@ def peers(repeats: int, only: str = "") -> list[dict[str, object]]:
                  else synthesize(model, model, count=2).feeds)[:2]
         made = variants(model)
         ok = {k: v for k, v in made.items() if isinstance(v, onnx.ModelProto)}
+        diffs = {k: _max_diff(model, v, feeds) for k, v in ok.items() if k in ("onnxopt-l1", "l1-upgrade")}
         hists = {k: op_histogram(v) for k, v in ok.items()}
         try:
             ms = {k: v.median_ms for k, v in measure_latency(ok, feeds, repeats=repeats, max_seconds=30).items()}
         except Exception as e:  # (a variant onnxruntime cannot run: record it)
             ms = {}
             made = {**made, "timing": f"{type(e).__name__}: {str(e).splitlines()[0][:80]}"}
-        rows.append({"model": name, "hists": hists, "ms": ms,
+        rows.append({"model": name, "hists": hists, "ms": ms, "diffs": diffs,
                      "failed": {k: v for k, v in made.items() if isinstance(v, str)}})
         print(name, {k: round(v, 3) for k, v in ms.items()}, flush=True)
     return rows
+
+
+def _max_diff(reference: onnx.ModelProto, candidate: onnx.ModelProto, feeds: list) -> float:
+    """Largest |difference| over the float outputs (onnxruntime, optimizations off), relative to max |ref|."""
+    from onnxopt.runtime import run_model
+
+    worst = 0.0
+    for ref, got in zip(run_model(reference, feeds), run_model(candidate, feeds), strict=True):
+        for a, b in zip(ref, got, strict=True):
+            a, b = np.asarray(a), np.asarray(b)
+            if a.dtype.kind == "f" and a.size:
+                worst = max(worst, float(np.abs(a - b).max() / max(float(np.abs(a).max()), 1e-12)))
+    return worst
 
 
 def _peer_paths() -> list[tuple[str, Path]]:
@@ -316,9 +337,13 @@ def render_peers(rows: list[dict[str, object]]) -> str:
         "Latency: median ms, same method as above (whole models, 30 s per model at most; zoo models at their "
         "bench/RESULTS.md input, MiniLM on its evaluation sentences, corpus models at the shape `onnxopt optimize` "
         "chooses). *ops that differ*: node counts per op type where level 1 and a peer differ "
-        "(level 1 / onnxsim / onnxslim; original in brackets).", "",
-        "| model | nodes orig / l1 / sim / slim | ms orig | ms l1 | ms onnxsim | ms onnxslim | ops that differ | note |",
-        "|---|---|---|---|---|---|---|---|",
+        "(level 1 / onnxsim / onnxslim; original in brackets). *diff*: the largest |difference| of an output "
+        "against the original's, over max |original output| (onnxruntime, optimizations off). *ms l1+upgrade*: level 1 with "
+        f"`{' '.join('--pass ' + u for u in UPGRADE)}` (models below opset 20 only: the model is raised to "
+        "opset 20 so that HardSwish, Gelu and LayerNormalization can be written).", "",
+        "| model | nodes orig / l1 / sim / slim | ms orig | ms l1 | ms l1+upgrade | ms onnxsim | ms onnxslim "
+        "| diff l1 / l1+upgrade | ops that differ | note |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         hists, ms, failed = r["hists"], r["ms"], r["failed"]
@@ -335,9 +360,14 @@ def render_peers(rows: list[dict[str, object]]) -> str:
                 counts = "/".join(str(hists[k].get(op, 0)) if k in hists else "-"
                                   for k in ("onnxopt-l1", "onnxsim", "onnxslim"))
                 diffs.append(f"{op} {counts} ({hists['original'].get(op, 0)})")
-        cells = [f"{ms[k]:.3f}" if k in ms else "-" for k in ("original", "onnxopt-l1", "onnxsim", "onnxslim")]
+        cells = [f"{ms[k]:.3f}" if k in ms else "-"
+                 for k in ("original", "onnxopt-l1", "l1-upgrade", "onnxsim", "onnxslim")]
         note = "; ".join(f"{k}: {v}" for k, v in failed.items())
-        lines.append(f"| {r['model']} | {nodes} | {' | '.join(cells)} | {', '.join(diffs) or 'none'} | {note} |")
+        err = r["diffs"]
+        assert isinstance(err, dict)
+        errs = " / ".join(f"{err[k]:.1e}" if k in err else "-" for k in ("onnxopt-l1", "l1-upgrade"))
+        lines.append(f"| {r['model']} | {nodes} | {' | '.join(cells)} | {errs} | {', '.join(diffs) or 'none'} "
+                     f"| {note} |")
     return "\n".join(lines) + "\n"
 
 
