@@ -241,3 +241,26 @@ def test_no_cluster_is_one_line() -> None:
         RayExecutor("127.0.0.1:1")
     assert "\n" not in str(e.value)
 
+
+
+def _mark_after(directory: str, item: int) -> int:
+    """Item 0 returns at once; the others write a file after 3 s, unless cancelled before."""
+    import time
+
+    if item:
+        time.sleep(3)
+        Path(directory, str(item)).write_text("ran")
+    return item
+
+
+def test_ctrl_c_cancels_the_tasks_still_running(cluster: _Cluster, tmp_path) -> None:
+    import time
+
+    def interrupt(done: int, total: int) -> None:
+        raise KeyboardInterrupt  # what Ctrl-C raises in the driver while it waits
+
+    with RayExecutor(cluster.address) as ex:
+        with pytest.raises(KeyboardInterrupt):
+            ex.map(_mark_after, [0, 1, 2, 3], [str(tmp_path)], tick=interrupt)
+        time.sleep(4.5)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # none of the slow tasks finished
