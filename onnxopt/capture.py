@@ -40,9 +40,11 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnx_graphsurgeon as gs
 import onnxruntime as ort
 
 from onnxopt.errors import InputDataError
+from onnxopt.graph_utils import node_subgraphs
 from onnxopt.io import _save_external, load_model, over_protobuf_limit
 from onnxopt.runtime import session
 
@@ -153,16 +155,11 @@ def run_exposed(
     0 when ``feeds`` is not a sequence (a stream has no known length).
     """
     inits = {t.name for t in model.graph.initializer}
-    inputs = [i for i in model.graph.input if i.name not in inits]
-    input_names = [i.name for i in inputs]
+    input_names = [i.name for i in model.graph.input if i.name not in inits]
     wanted = list(dict.fromkeys(names))
     sess = exposed_session(model, [n for n in wanted if n not in input_names])
     fetch = [n for n in wanted if n not in input_names]
-    dynamic = all(
-        i.type.tensor_type.shape.dim and not i.type.tensor_type.shape.dim[0].HasField("dim_value")
-        for i in inputs
-    )
-    runs: Iterable[dict[str, np.ndarray]] = iter_runs(feeds, input_names, dynamic, max_samples)
+    runs: Iterable[dict[str, np.ndarray]] = model_runs(model, feeds, max_samples)
     total = 0
     if tick is not None and isinstance(feeds, Sequence):
         runs = list(runs)  # slices are views: counting the runs copies no data
@@ -176,6 +173,19 @@ def run_exposed(
                 tick(done, total)
 
     return stream()
+
+
+def model_runs(model: onnx.ModelProto, feeds: Iterable[Mapping[str, np.ndarray]],
+               max_samples: int = sys.maxsize) -> Iterator[dict[str, np.ndarray]]:
+    """``iter_runs`` for ``model``'s inputs (initializers aside): its batch axis is dynamic
+    when every input's first dim is unnamed or symbolic."""
+    inits = {t.name for t in model.graph.initializer}
+    inputs = [i for i in model.graph.input if i.name not in inits]
+    dynamic = all(
+        i.type.tensor_type.shape.dim and not i.type.tensor_type.shape.dim[0].HasField("dim_value")
+        for i in inputs
+    )
+    return iter_runs(feeds, [i.name for i in inputs], dynamic, max_samples)
 
 
 def exposed_session(model: onnx.ModelProto, names: Sequence[str]) -> ort.InferenceSession:
@@ -336,19 +346,206 @@ def capture(
     missing = [n for n in layouts if n not in out]
     if not missing:
         return out
-    reservoirs = {n: Reservoir(max_rows, seed) for n in missing}
-    runs = 0
-    for values in run_exposed(model, feeds, missing):
-        for n in missing:
-            reservoirs[n].add(_rows(values[n], layouts[n]))
-        runs += 1
-    if runs == 0:
-        raise InputDataError("calibration data is empty")
-    logger.info("capture: %d run(s), %d tensor(s)", runs, len(missing))
+    got = sample(run_exposed(model, feeds, missing), {n: layouts[n] for n in missing},
+                 max_rows, seed)
     for n in missing:
-        rows = reservoirs[n].rows
-        rows.flags.writeable = False
-        out[n] = rows
+        out[n] = got[n]
         if cache is not None:
-            cache[keys[n]] = rows
+            cache[keys[n]] = got[n]
     return {n: out[n] for n in layouts}
+
+
+def sample(runs: Iterable[Mapping[str, np.ndarray]], layouts: Mapping[str, str],
+           max_rows: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """Up to ``max_rows`` rows of each tensor of ``layouts`` over a stream of runs (values per
+    run), sampled as ``capture`` does; the arrays returned are read-only."""
+    reservoirs = {n: Reservoir(max_rows, seed) for n in layouts}
+    count = 0
+    for values in runs:
+        for n, r in reservoirs.items():
+            r.add(_rows(values[n], layouts[n]))
+        count += 1
+    if count == 0:
+        raise InputDataError("calibration data is empty")
+    logger.info("capture: %d run(s), %d tensor(s)", count, len(layouts))
+    out = {}
+    for n, r in reservoirs.items():
+        out[n] = r.rows
+        out[n].flags.writeable = False
+    return out
+
+
+# --- sequential capture: a graph run a stretch at a time between weight changes ----------
+
+
+def _reads(node: gs.Node) -> list[gs.Tensor]:
+    """What ``node`` reads: its inputs and the outer-scope tensors its subgraphs read."""
+    out = [t for t in node.inputs if t.name]
+    for g in node_subgraphs(node):
+        inner = {t.name for t in g.inputs} | {t.name for n in g.nodes for t in n.outputs}
+        for n in g.nodes:
+            out += [t for t in _reads(n) if t.name not in inner]
+    return out
+
+
+class Stepwise:
+    """A graph run over calibration runs a stretch at a time, for sequential layer-wise refits.
+
+    A refit of layer ``k`` needs ``k``'s input in the model whose earlier layers are already
+    refit. Running the whole model once per layer costs ``layers x model``; instead,
+    ``stream(names)`` runs only the nodes ``names`` need that have not run since the weights
+    they depend on last changed, starting from the tensors kept from earlier stretches (or
+    the graph inputs), and ``changed(node)`` forgets what depends on ``node`` once its weights
+    change. Over a refit in topological order the model runs about once, plus each refit
+    layer a second time; the values equal a whole run of the current graph (the same
+    onnxruntime kernels, graph optimizations off, as ``capture``).
+
+    ``graph`` is the live graph the caller edits (weights are read when a stretch is built);
+    ``runs`` the feeds, already cut to the graph inputs (``model_runs``). Kept between
+    stretches: every run's value of each tensor a node yet to run reads, and of the tensors
+    the last ``stream`` returned until the next one (a refit layer's input: the layer runs
+    again from it once its weights change), up to ``max_bytes`` in all; a tensor that does
+    not fit is computed again when needed. ``export`` turns a stretch (a ``gs.Graph`` over
+    the live nodes) into a model, e.g. with the source's opsets.
+    """
+
+    def __init__(self, graph: gs.Graph, runs: Sequence[Mapping[str, np.ndarray]], *,
+                 export: Callable[[gs.Graph], onnx.ModelProto] | None = None,
+                 max_bytes: int = 1 << 29) -> None:
+        self.graph = graph
+        self.runs = list(runs)
+        if not self.runs:
+            raise InputDataError("calibration data is empty")
+        self.export = export or _export_plain
+        self.max_bytes = max_bytes
+        self.stretches: list[int] = []  # nodes of each stretch run: the work done, for logs
+        self._order = {id(n): i for i, n in enumerate(graph.nodes)}
+        self._producer = {id(t): n for n in graph.nodes for t in n.outputs}
+        self._readers: dict[int, list[gs.Node]] = {}
+        for n in graph.nodes:
+            for t in _reads(n):
+                self._readers.setdefault(id(t), []).append(n)
+        self._done: set[int] = set()  # nodes whose outputs are current (ancestor-closed)
+        self._kept: dict[str, list[np.ndarray]] = {}  # tensor -> its value in every run
+        self._kept_bytes = 0
+
+    def _available(self, t: gs.Tensor) -> bool:
+        return (isinstance(t, gs.Constant) or t.name in self._kept or id(t) not in self._producer)
+
+    def _stretch(self, wanted: Sequence[gs.Tensor]) -> tuple[list[gs.Node], list[gs.Tensor]]:
+        """The nodes that compute ``wanted`` from what is available, in graph order, and
+        the tensors they read from outside."""
+        nodes: dict[int, gs.Node] = {}
+        border: dict[str, gs.Tensor] = {}
+        stack = list(wanted)
+        while stack:
+            t = stack.pop()
+            if self._available(t):
+                if not isinstance(t, gs.Constant):
+                    border.setdefault(t.name, t)
+                continue
+            n = self._producer[id(t)]
+            if id(n) not in nodes:
+                nodes[id(n)] = n
+                stack.extend(_reads(n))
+        return sorted(nodes.values(), key=lambda n: self._order[id(n)]), list(border.values())
+
+    def stream(self, names: Sequence[str]) -> Iterator[dict[str, np.ndarray]]:
+        """Per run, ``{name: value}`` of ``names`` in the graph as it is now. What the stretch
+        keeps for later ones is recorded with the last run: consume the stream whole."""
+        tensors = self.graph.tensors()
+        unknown = ", ".join(repr(n) for n in names if n not in tensors)
+        if unknown:
+            raise ValueError(f"no tensor of the main graph is named {unknown}")
+        wanted = [tensors[n] for n in dict.fromkeys(names)]
+        nodes, border = self._stretch(wanted)
+        ran = {id(n) for n in nodes}
+        done = self._done | ran
+        # what this stretch computes that a node yet to run reads, and what the caller asked
+        # for: kept for later stretches
+        asked = {t.name for t in wanted}
+        later = [t for n in nodes for t in n.outputs if t.name in asked
+                 or any(id(r) not in done for r in self._readers.get(id(t), ()))]
+        fetch = list(dict.fromkeys([t.name for t in wanted if id(t) in self._producer
+                                    and t.name not in self._kept] + [t.name for t in later]))
+        sess = None
+        if nodes:
+            sess = exposed_session(self._model(nodes, border, fetch), [])
+            self.stretches.append(len(nodes))
+        keep: dict[str, list[np.ndarray]] = {t.name: [] for t in later}
+        budget = self.max_bytes - self._kept_bytes
+        for i in range(len(self.runs)):
+            feed = {t.name: self._value(t.name, i) for t in border}
+            values = dict(zip(fetch, sess.run(fetch, feed), strict=True)) if sess else {}
+            for name in list(keep):
+                value = values[name]
+                if i == 0 and value.nbytes * len(self.runs) > budget:
+                    del keep[name]  # too big to keep: computed again when needed
+                    continue
+                if i == 0:
+                    budget -= value.nbytes * len(self.runs)
+                keep[name].append(value)
+            out = {t.name: values[t.name] if t.name in values else self._value(t.name, i)
+                   for t in wanted}
+            if i == len(self.runs) - 1:
+                self._record(done, keep, asked)
+            yield out
+
+    def _record(self, done: set[int], keep: Mapping[str, list[np.ndarray]],
+                pinned: set[str]) -> None:
+        """After a stretch: its nodes are current; keep what later stretches read."""
+        self._done = done
+        for name, values in keep.items():
+            self._kept[name] = values
+            self._kept_bytes += sum(v.nbytes for v in values)
+        self._forget(lambda t: t.name not in pinned
+                     and all(id(r) in self._done for r in self._readers.get(id(t), ())))
+
+    def changed(self, node: gs.Node) -> None:
+        """``node``'s weights changed: it and everything after it must run again."""
+        stale: set[int] = set()
+        stack = [node]
+        while stack:
+            n = stack.pop()
+            if id(n) in stale:
+                continue
+            stale.add(id(n))
+            stack += [r for t in n.outputs for r in self._readers.get(id(t), ())]
+        self._done -= stale
+        self._forget(lambda t: id(self._producer.get(id(t))) in stale)
+
+    def _value(self, name: str, i: int) -> np.ndarray:
+        return self._kept[name][i] if name in self._kept else np.asarray(self.runs[i][name])
+
+    def _forget(self, drop: Callable[[gs.Tensor], bool]) -> None:
+        tensors = self.graph.tensors()
+        for name in [n for n in self._kept if drop(tensors[n])]:
+            self._kept_bytes -= sum(v.nbytes for v in self._kept.pop(name))
+
+    def _model(self, nodes: list[gs.Node], border: list[gs.Tensor],
+               fetch: list[str]) -> onnx.ModelProto:
+        """The stretch as a model: ``border`` in, ``fetch`` out, no declared shapes (the
+        values decide them; a graph being rewritten may still carry stale ones)."""
+        tensors = self.graph.tensors()
+        sub = gs.Graph(nodes=nodes, inputs=border, outputs=[tensors[n] for n in fetch],
+                       opset=self.graph.opset, import_domains=self.graph.import_domains,
+                       functions=self.graph.functions)
+        model = self.export(sub)
+        del model.graph.value_info[:]
+        for vi in (*model.graph.input, *model.graph.output):
+            vi.type.tensor_type.ClearField("shape")
+        dtypes = {t.name: self._value(t.name, 0).dtype for t in border}
+        for vi in model.graph.input:  # a border tensor the graph left untyped
+            tt = vi.type.tensor_type
+            if vi.name in dtypes and not tt.elem_type:
+                tt.elem_type = onnx.helper.np_dtype_to_tensor_dtype(dtypes[vi.name])
+        for vi in model.graph.output:  # untyped: onnxruntime infers it
+            if not vi.type.tensor_type.elem_type:
+                vi.ClearField("type")
+        return model
+
+
+def _export_plain(graph: gs.Graph) -> onnx.ModelProto:
+    model = gs.export_onnx(graph, do_type_check=False)
+    model.ir_version = min(model.ir_version, 8)
+    return model

@@ -49,6 +49,7 @@ the figures of a group count it alone against the original shapes), ``frozen``
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 import math
 from collections import Counter
@@ -69,6 +70,7 @@ logger = logging.getLogger(__name__)
 
 _NCHW_SAMPLES = 256  # samples of a Conv activation kept for refits and importance
 _ROWS = 4096
+_CAPTURE_BYTES = 1 << 29  # reference outputs captured at once (layers in chunks of this)
 
 
 def parse_keep(spec: str) -> dict[str, float]:
@@ -184,13 +186,16 @@ class PruneChannelsPass(Pass):
             return PassResult(changed=False, stats=dict(stats))
         before = _counts(graph)
         remove_channels(graph, prunable, removed, ctx.names, ctx.opset)
-        graph.cleanup()
+        graph.cleanup().toposort()  # rewritten head targets add nodes at the end
         _reinfer(graph)
         stats["pruned-groups"] = len(removed)
         stats["pruned-channels"] = sum(len(v) for v in removed.values())
         if reference is not None:
-            report["reconstruction"] = self._reconstruct(graph, ctx, prunable, removed,
-                                                         reference, stats)
+            from onnxopt.reconstruct import blas_threads
+
+            with blas_threads(1):
+                report["reconstruction"] = self._reconstruct(graph, ctx, prunable, removed,
+                                                             reference, stats)
         after = _counts(graph)
         report["params_removed"] = before[0] - after[0]
         report["macs_removed"] = before[1] - after[1]
@@ -301,50 +306,123 @@ class PruneChannelsPass(Pass):
     def _reconstruct(self, graph: gs.Graph, ctx: PassContext, groups: Sequence[Group],
                      removed: Mapping[str, np.ndarray], reference: onnx.ModelProto,
                      stats: Counter[str]) -> dict[str, dict[str, Any]]:
-        from onnxopt.capture import capture
+        """Refit the layers that lost input channels, in topological order, each on its input
+        in the model with the layers before it already refit.
+
+        The targets (each layer's output in ``reference``) are captured for many layers per
+        run; the pruned model's inputs come from one ``capture.Stepwise`` over the graph, which
+        runs only what a refit changed: about one pass of the model for all layers.
+        """
+        from onnxopt.capture import Stepwise, model_runs, sample
 
         assert ctx.calibration is not None
         touched = {m.node for g in groups if g.key in removed for m in g.members
                    if m.role in ("weight-in", "grouped-in")}
-        # output channels kept, per layer output tensor: to compare with the reference
-        out_removed: dict[str, np.ndarray] = {}
-        for g in groups:
-            for m in g.members:
-                if m.role == "activation" and g.key in removed:
-                    sel = removed[g.key]
-                    sel = sel[(sel >= m.start) & (sel < m.start + m.length)] - m.start
-                    pos = (m.offset + sel[:, None] * m.block
-                           + np.arange(m.block)[None, :]).reshape(-1)
-                    prev = out_removed.get(m.tensor, np.zeros(0, np.int64))
-                    out_removed[m.tensor] = np.union1d(prev, pos).astype(np.int64)
-        layers = [n for n in graph.nodes if n.name in touched]
-        ref_cache: dict[Any, Any] = {}
-        result: dict[str, dict[str, Any]] = {}
-        for node in layers:
-            layout = "nchw" if node.op == "Conv" else "rows"
-            rows = _NCHW_SAMPLES if layout == "nchw" else _ROWS
-            x_name, y_name = node.inputs[0].name, node.outputs[0].name
+        produced = {o for n in reference.graph.node for o in n.output}
+        layers = []
+        for node in graph.nodes:
+            if node.name not in touched:
+                continue
             reason = _refit_decline(node)
+            if reason is None and node.outputs[0].name not in produced:
+                reason = "no-reference"
             if reason is not None:
                 stats[f"skipped:refit-{reason}"] += 1
                 continue
-            if y_name not in {o for n in reference.graph.node for o in n.output}:
-                stats["skipped:refit-no-reference"] += 1
-                continue
-            current = current_model(graph, ctx)
-            parts = []
-            for feeds in _fit_and_held_feeds(ctx.calibration):
-                got = capture(current, feeds, {x_name: layout, y_name: layout},
-                              max_rows=rows, seed=ctx.seed)
-                y_ref = capture(reference, feeds, {y_name: layout}, max_rows=rows,
-                                seed=ctx.seed, cache=ref_cache)[y_name]
-                if y_name in out_removed:
-                    y_ref = np.delete(y_ref, out_removed[y_name], axis=1 if layout == "nchw" else -1)
-                parts.append((got[x_name], got[y_name], y_ref))
-            entry = _refit_layer(node, parts, ctx)
+            layers.append(node)
+        if not layers:
+            return {}
+        parts = _fit_and_held_feeds(ctx.calibration)
+        runs = [list(model_runs(reference, feeds)) for feeds in parts]
+        targets = _targets(reference, parts, layers, _out_removed(groups, removed), ctx)
+        stepper = Stepwise(graph, [r for part in runs for r in part],
+                           export=lambda g: current_model(g, ctx))
+        result: dict[str, dict[str, Any]] = {}
+        for node in layers:
+            layout = _layout(node)
+            x_name, y_name = node.inputs[0].name, node.outputs[0].name
+            stream = stepper.stream([x_name, y_name])
+            got = [sample(itertools.islice(stream, len(part)), {x_name: layout, y_name: layout},
+                          _max_rows(layout), ctx.seed) for part in runs]
+            entry = _refit_layer(node, [(g[x_name], g[y_name], t) for g, t in
+                                        zip(got, targets.pop(node.name), strict=True)], ctx)
             result[node.name] = entry
             stats["reconstructed" if entry["applied"] else "skipped:refit-no-gain"] += 1
+            if entry["applied"]:
+                stepper.changed(node)  # the MatMul intercept's bias Add comes after it
+        logger.info("prune-channels: %d layer(s) refit; %d node runs over the calibration data "
+                    "for the inputs (the graph has %d nodes)", len(layers), sum(stepper.stretches),
+                    len(graph.nodes))
         return result
+
+
+def _layout(node: gs.Node) -> str:
+    return "nchw" if node.op == "Conv" else "rows"
+
+
+def _max_rows(layout: str) -> int:
+    return _NCHW_SAMPLES if layout == "nchw" else _ROWS
+
+
+def _out_removed(groups: Sequence[Group], removed: Mapping[str, np.ndarray]
+                 ) -> dict[str, np.ndarray]:
+    """Per layer output tensor, the positions of its channel axis that pruning removed: the
+    reference output loses them before it is compared with the pruned layer's."""
+    out: dict[str, np.ndarray] = {}
+    for g in groups:
+        if g.key not in removed:
+            continue
+        for m in g.members:
+            if m.role == "activation":
+                sel = removed[g.key]
+                sel = sel[(sel >= m.start) & (sel < m.start + m.length)] - m.start
+                pos = (m.offset + sel[:, None] * m.block + np.arange(m.block)[None, :]).reshape(-1)
+                prev = out.get(m.tensor, np.zeros(0, np.int64))
+                out[m.tensor] = np.union1d(prev, pos).astype(np.int64)
+    return out
+
+
+def _targets(reference: onnx.ModelProto, parts: Sequence[Sequence[Any]], layers: Sequence[gs.Node],
+             out_removed: Mapping[str, np.ndarray], ctx: PassContext
+             ) -> dict[str, list[np.ndarray]]:
+    """Layer -> its output in ``reference`` on each part of the calibration feeds, the removed
+    channels dropped; as many layers per run as fit in ``_CAPTURE_BYTES``."""
+    from onnxopt.capture import capture
+
+    out: dict[str, list[np.ndarray]] = {}
+    for chunk in _chunks(layers):
+        for layout in ("nchw", "rows"):
+            names = {n.outputs[0].name: layout for n in chunk if _layout(n) == layout}
+            if not names:
+                continue
+            got = [capture(reference, feeds, names, max_rows=_max_rows(layout), seed=ctx.seed)
+                   for feeds in parts]
+            for n in chunk:
+                y = n.outputs[0].name
+                if names.get(y) != layout:
+                    continue
+                axis = 1 if layout == "nchw" else -1
+                out[n.name] = [np.delete(g[y], out_removed[y], axis=axis) if y in out_removed
+                               else g[y] for g in got]
+    return out
+
+
+def _chunks(layers: Sequence[gs.Node]) -> list[list[gs.Node]]:
+    """Consecutive layers whose captured outputs take at most ``_CAPTURE_BYTES`` together
+    (sized from the pruned shapes; a layer of unknown size goes alone)."""
+    chunks: list[list[gs.Node]] = []
+    total = 0
+    for n in layers:
+        shape = n.outputs[0].shape or []
+        dims = shape[1:] if _layout(n) == "nchw" else shape[-1:]
+        known = bool(dims) and all(isinstance(d, int) and d > 0 for d in dims)
+        size = _max_rows(_layout(n)) * 4 * math.prod(dims) if known else _CAPTURE_BYTES
+        if not chunks or total + size > _CAPTURE_BYTES:
+            chunks.append([])
+            total = 0
+        chunks[-1].append(n)
+        total += size
+    return chunks
 
 
 def _refit_decline(node: gs.Node) -> str | None:

@@ -240,3 +240,63 @@ def test_capture_pairs_a_pruned_input_with_the_original_output_for_a_refit() -> 
     sol = np.linalg.lstsq(np.c_[r_all[idx], np.ones(64)].astype(np.float64),
                           y_all[idx].astype(np.float64), rcond=None)[0]
     np.testing.assert_allclose(w, sol[:4], rtol=1e-4, atol=1e-5)
+
+
+# ---- Stepwise: a graph run a stretch at a time between weight changes ----
+
+W3 = RNG.standard_normal((6, 2)).astype(np.float32)
+W2_SQUARE = RNG.standard_normal((6, 6)).astype(np.float32)
+
+
+def _branchy(w2: np.ndarray, outputs: tuple[str, ...] = ("y",)) -> onnx.ModelProto:
+    """x -> mm1 -> h -> Relu -> r -> mm2 -> a; s = a + r (a residual); s -> mm3 -> y."""
+    nodes = [
+        helper.make_node("MatMul", ["x", "w1"], ["h"], name="mm1"),
+        helper.make_node("Relu", ["h"], ["r"], name="relu"),
+        helper.make_node("MatMul", ["r", "w2"], ["a"], name="mm2"),
+        helper.make_node("Add", ["a", "r"], ["s"], name="res"),
+        helper.make_node("MatMul", ["s", "w3"], ["y"], name="mm3"),
+    ]
+    width = {"h": 6, "r": 6, "a": 6, "s": 6, "y": 2}
+    outs = [vi(o, ["B", "S", width[o]]) for o in outputs]
+    return make_model(nodes, [vi("x", ["B", "S", 4])], outs, {"w1": W1, "w2": w2, "w3": W3})
+
+
+@pytest.mark.parametrize("max_bytes", [1 << 29, 0])
+def test_stepwise_values_follow_weight_changes_and_rerun_only_what_changed(max_bytes: int) -> None:
+    from onnxopt.capture import Stepwise
+    from onnxopt.io import to_graph
+
+    feeds = _feeds([(2, 3, 4), (1, 5, 4), (3, 2, 4)])
+    graph = to_graph(_branchy(W2_SQUARE))
+    step = Stepwise(graph, feeds, max_bytes=max_bytes)
+    ref = _reference(_branchy(W2_SQUARE, outputs=("r", "a")), feeds)
+    got = list(step.stream(["r", "a"]))  # mm2's input and output
+    for g, r in zip(got, ref, strict=True):
+        np.testing.assert_array_equal(g["r"], r[0])
+        np.testing.assert_array_equal(g["a"], r[1])
+    # a refit changes mm2's weight: what comes after it follows, what comes before is kept
+    w2_new = (W2_SQUARE * 0.5 + 1).astype(np.float32)
+    mm2 = next(n for n in graph.nodes if n.name == "mm2")
+    mm2.inputs[1].values = w2_new
+    step.changed(mm2)
+    ref = _reference(_branchy(w2_new, outputs=("s", "y")), feeds)
+    got = list(step.stream(["s", "y"]))
+    for g, r in zip(got, ref, strict=True):
+        np.testing.assert_allclose(g["s"], r[0], rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(g["y"], r[1], rtol=1e-6, atol=1e-6)
+    # nodes run: mm1, relu, mm2, then mm2 again, res and mm3 from the kept r; with nothing
+    # kept (max_bytes 0) the second stretch starts over from x
+    assert step.stretches == ([3, 3] if max_bytes else [3, 5])
+
+
+def test_stepwise_rejects_unknown_tensors_and_empty_data() -> None:
+    from onnxopt.capture import Stepwise
+    from onnxopt.errors import InputDataError
+    from onnxopt.io import to_graph
+
+    graph = to_graph(_branchy(W2_SQUARE))
+    with pytest.raises(ValueError, match="'nope'"):
+        next(Stepwise(graph, _feeds([(1, 2, 4)])).stream(["nope"]))
+    with pytest.raises(InputDataError, match="empty"):
+        Stepwise(graph, [])
