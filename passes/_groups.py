@@ -1397,9 +1397,10 @@ def remove_channels(graph: gs.Graph, groups: Sequence[Group],
             continue
         hb, kept = g.heads, g.heads.heads - gone
         for out, parts, lead in hb.splits:
-            _set_target(producer[out], [0] * lead + ([parts] if parts > 1 else [])
-                        + [kept, hb.head_dim], names)
-        _set_target(producer[hb.merge[0]], [0] * hb.merge[1] + [kept * hb.head_dim], names)
+            _set_target(graph, producer[out], lead,
+                        ([parts] if parts > 1 else []) + [kept, hb.head_dim], names, opset)
+        _set_target(graph, producer[hb.merge[0]], hb.merge[1], [kept * hb.head_dim], names,
+                    opset)
         for name in hb.interior:
             act_removed.setdefault(name, (-1, np.zeros(0, np.int64)))
     for name in act_removed:
@@ -1409,12 +1410,39 @@ def remove_channels(graph: gs.Graph, groups: Sequence[Group],
     return set(act_removed)
 
 
-def _set_target(node: gs.Node, target: list[int], names: NameGenerator) -> None:
-    """A Reshape's target becomes a constant (``0`` copies the input's dim, so the batch and
-    sequence stay dynamic); the Shape/Concat chain that computed it is left to cleanup."""
+def _set_target(graph: gs.Graph, node: gs.Node, lead: int, tail: list[int],
+                names: NameGenerator, opset: int) -> None:
+    """A Reshape's target keeps its first ``lead`` elements (batch, sequence) and ends in
+    ``tail`` (the kept heads).
+
+    A constant target stays a constant. A computed one (a Concat of Shape reads, as exporters
+    write) becomes ``Concat(Slice(target, 0, lead), tail)``: shape inference follows that
+    chain (data propagation) to concrete dims once the inputs' shapes are pinned, as it did
+    on the original, where a ``0`` would copy the input's dim, which may be a symbol it cannot
+    resolve (on MiniLM, the mask's ``batch``: ``estimate_macs`` then lost every layer after
+    the first pruned attention block). Before opset 10 (Slice by attributes) the lead is ``0``.
+    """
     node.attrs["allowzero"] = 0
-    node.inputs[1] = make_constant(names.fresh(f"{node.name or 'reshape'}_heads"),
-                                   np.asarray(target, dtype=np.int64))
+    base = node.name or "reshape"
+    old = constant_value(node.inputs[1])
+    if old is not None or opset < 10:
+        head = [int(v) for v in old.reshape(-1)[:lead]] if old is not None else [0] * lead
+        node.inputs[1] = make_constant(names.fresh(f"{base}_heads"),
+                                       np.asarray(head + tail, dtype=np.int64))
+        return
+    lead_t = gs.Variable(names.fresh(f"{base}_lead"), dtype=np.int64, shape=[lead])
+    target = gs.Variable(names.fresh(f"{base}_heads"), dtype=np.int64, shape=[lead + len(tail)])
+    cut = [make_constant(names.fresh(f"{base}_lead_{k}"), np.asarray([v], dtype=np.int64))
+           for k, v in (("start", 0), ("end", lead), ("axis", 0))]
+    graph.nodes += [
+        gs.Node("Slice", names.fresh(f"{base}_lead"), inputs=[node.inputs[1], *cut],
+                outputs=[lead_t]),
+        gs.Node("Concat", names.fresh(f"{base}_heads"), {"axis": 0},
+                inputs=[lead_t, make_constant(names.fresh(f"{base}_tail"),
+                                              np.asarray(tail, dtype=np.int64))],
+                outputs=[target]),
+    ]
+    node.inputs[1] = target
 
 
 def _cut_grouped_in(w: np.ndarray, pos: np.ndarray, groups: int) -> np.ndarray:

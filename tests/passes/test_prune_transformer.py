@@ -62,10 +62,12 @@ def _assert_same(a: onnx.ModelProto, b: onnx.ModelProto, feeds: list[dict]) -> N
 
 
 def _attention(dead: list[int], *, head_bias: bool = False, probs_out: bool = False,
-               seed: int = 0) -> onnx.ModelProto:
+               seed: int = 0, shape_targets: bool = False) -> onnx.ModelProto:
     """x[B, S, D] -> Q/K/V (MatMul + bias) -> [0, 0, H, dh] -> scores (scaled, masked) ->
     softmax -> AV -> [0, 0, D] -> output projection -> residual Add -> y.
-    Heads in ``dead`` have zero Q/K/V columns and biases and zero output rows."""
+    Heads in ``dead`` have zero Q/K/V columns and biases and zero output rows.
+    ``shape_targets``: the Reshape targets are computed from ``Shape(x)[:2]``, as exporters
+    write them, instead of constants with 0s."""
     rng = np.random.default_rng(seed)
     inits: dict[str, np.ndarray] = {}
     for p in "qkv":
@@ -79,11 +81,19 @@ def _attention(dead: list[int], *, head_bias: bool = False, probs_out: bool = Fa
             inits[f"{p}.w"][:, cols] = 0
             inits[f"{p}.b"][cols] = 0
         inits["o.w"][cols] = 0
-    inits["split"] = np.array([0, 0, H, DH], np.int64)
-    inits["merge"] = np.array([0, 0, D], np.int64)
+    n = []
+    if shape_targets:
+        inits.update({"zero": np.array([0], np.int64), "two": np.array([2], np.int64),
+                      "heads": np.array([H, DH], np.int64), "dim": np.array([D], np.int64)})
+        n += [helper.make_node("Shape", ["x"], ["x_shape"], name="x_shape"),
+              helper.make_node("Slice", ["x_shape", "zero", "two"], ["lead"], name="lead"),
+              helper.make_node("Concat", ["lead", "heads"], ["split"], axis=0, name="split_t"),
+              helper.make_node("Concat", ["lead", "dim"], ["merge"], axis=0, name="merge_t")]
+    else:
+        inits["split"] = np.array([0, 0, H, DH], np.int64)
+        inits["merge"] = np.array([0, 0, D], np.int64)
     inits["scale"] = np.array(DH ** -0.5, np.float32)
     inits["pos"] = rng.standard_normal((1, H if head_bias else 1, S, S)).astype(np.float32)
-    n = []
     for p, perm in (("q", [0, 2, 1, 3]), ("k", [0, 2, 3, 1]), ("v", [0, 2, 1, 3])):
         n += [helper.make_node("MatMul", ["x", f"{p}.w"], [f"{p}_mm"], name=f"{p}_mm"),
               helper.make_node("Add", [f"{p}_mm", f"{p}.b"], [f"{p}_lin"], name=f"{p}_add"),
@@ -188,6 +198,26 @@ def test_vit_fused_qkv_dead_heads_removed_exactly(exporter: str, tmp_path: Path)
     # per block: Q/K/V columns + bias of one head (3 * (32*16 + 16)) and 16 output rows
     assert _params(model) - _params(out) == 2 * (3 * (32 * 16 + 16) + 16 * 32)
     assert stats["pruned-channels"] == 2
+
+
+def test_macs_after_pruned_heads_match_a_hand_count() -> None:
+    """The rewritten Reshape targets keep following Shape(x): shape inference sizes every
+    layer after the pruned block. The mask's batch is left unpinned, so it stays a symbol
+    (as an exporter's mask path that shape inference cannot resolve): a target that copies
+    its input's dims (``0``) would carry that symbol into the merged heads, and the output
+    projection would go uncounted."""
+    from onnxopt.bench import estimate_macs
+
+    model = _attention(dead=[1, 3], shape_targets=True)
+    out, _, _ = _prune(model, f"{PASS}:ratio=0.5,reconstruct=false")
+    _assert_same(model, out, _feeds())
+    pinned = {"x": [1, S, D]}
+    # Q, K, V and the output projection, and QK^T; AV reads the masked probabilities, whose
+    # batch is the mask's symbol: estimate_macs sizes it in neither model
+    q_k_v_o, qk = S * D * H * DH, H * S * S * DH
+    assert estimate_macs(model, pinned) == 4 * q_k_v_o + qk
+    kept = H - 2  # the projections and the attention both lose half the heads
+    assert estimate_macs(out, pinned) == (4 * q_k_v_o + qk) * kept // H
 
 
 # ---- frozen, with the reason ----
