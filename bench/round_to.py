@@ -5,10 +5,13 @@
 
 A stack of ``LAYERS`` Conv 3x3 (pad 1) + Relu layers, every one ``c`` channels in and out, as a
 pruned ResNet stage is: ``c`` = 48..64 at 28x28 and 112..128 at 14x14 (the 64- and 128-channel
-stages of ResNet-18 at a 112x112 input). Random weights; every count of one family is timed in
-one interleaved run (``onnxopt.bench.measure_latency``: all onnxruntime graph optimizations on,
-1 intra-op thread, the calling thread's CPU time, medians), in float and, with ``--int8``
-(default on), after onnxopt's static int8 QDQ pass (what ``--prune 0.3 --quantize int8`` runs).
+stages of ResNet-18 at a 112x112 input). The model and its timing are prune-channels' own
+(``passes/_channel_multiple.py``, which measures a narrow subset once per machine for the
+default ``round_to``): every count reads the first ``c`` channels of one ``c_max``-channel input,
+so that a family's counts are timed in one interleaved run (``onnxopt.bench.measure_latency``:
+all onnxruntime graph optimizations on, 1 intra-op thread, the calling thread's CPU time,
+medians). Random weights; in float and, with ``--int8`` (default on), after onnxopt's static
+int8 QDQ pass (what ``--prune 0.3 --quantize int8`` runs).
 
 *ns/MAC* is the median divided by the MACs: if a count is not a multiple the kernels like, it
 shows as a higher cost per MAC than its neighbours. Rounding pays only where a count is *slower*
@@ -20,53 +23,35 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import platform
-import subprocess
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
+from onnxopt.passes._channel_multiple import (
+    LAYERS,
+    conv_stack,
+    paying_multiple,
+    stack_feeds,
+    time_counts,
+)
+
+from onnxopt import machine
 
 REPO = Path(__file__).resolve().parent.parent
-LAYERS = 4
 FAMILIES = ((64, 28), (128, 14))  # (largest channel count, spatial size)
 SPAN = 16  # counts c_max - SPAN .. c_max
-
-
-def conv_stack(c: int, hw: int, layers: int = LAYERS, seed: int = 0) -> onnx.ModelProto:
-    rng = np.random.default_rng(seed)
-    nodes, inits = [], []
-    x = "x"
-    for i in range(layers):
-        w = (rng.standard_normal((c, c, 3, 3)) * np.sqrt(2.0 / (9 * c))).astype(np.float32)
-        b = (rng.standard_normal(c) * 0.01).astype(np.float32)
-        inits += [numpy_helper.from_array(w, f"w{i}"), numpy_helper.from_array(b, f"b{i}")]
-        nodes.append(helper.make_node("Conv", [x, f"w{i}", f"b{i}"], [f"c{i}"], name=f"conv{i}",
-                                      kernel_shape=[3, 3], pads=[1, 1, 1, 1]))
-        out = "y" if i == layers - 1 else f"r{i}"
-        nodes.append(helper.make_node("Relu", [f"c{i}"], [out], name=f"relu{i}"))
-        x = out
-    graph = helper.make_graph(nodes, f"conv{c}", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, c, hw, hw])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, c, hw, hw])], inits)
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
 def macs(c: int, hw: int, layers: int = LAYERS) -> int:
     return layers * c * c * 9 * hw * hw
 
 
-def feeds(c: int, hw: int, n: int, seed: int) -> list[dict[str, np.ndarray]]:
-    rng = np.random.default_rng(seed)
-    return [{"x": rng.standard_normal((1, c, hw, hw)).astype(np.float32)} for _ in range(n)]
-
-
-def quantized(model: onnx.ModelProto, c: int, hw: int) -> onnx.ModelProto:
+def quantized(model: onnx.ModelProto, width: int, hw: int) -> onnx.ModelProto:
     import onnxopt
 
-    out, _ = onnxopt.optimize(model, level=1, passes=["quantize-qdq"], calibration=feeds(c, hw, 8, seed=1))
+    out, _ = onnxopt.optimize(model, level=1, passes=["quantize-qdq"], calibration=stack_feeds(width, hw, 8, seed=1))
     return out
 
 
@@ -77,64 +62,20 @@ def time_family(c_max: int, hw: int, int8: bool, repeats: int, max_seconds: floa
     for precision in ("float", "int8") if int8 else ("float",):
         models = {}
         for c in counts:
-            m = conv_stack(c, hw)
-            models[str(c)] = quantized(m, c, hw) if precision == "int8" else m
-        # measure_latency feeds every model the same feeds, and each count has its own input
-        # shape: the same loop, with per-model feeds
-        lat = _interleaved(models, {str(c): feeds(c, hw, 4, seed=2) for c in counts}, repeats, max_seconds)
-        out[precision] = {int(k): v for k, v in lat.items()}
+            m = conv_stack(c, hw, width=c_max)
+            models[c] = quantized(m, c_max, hw) if precision == "int8" else m
+        out[precision] = time_counts(models, c_max, hw, repeats, max_seconds)
     return out
-
-
-def _interleaved(models: dict[str, onnx.ModelProto], inputs: dict[str, list[dict[str, np.ndarray]]],
-                 repeats: int, max_seconds: float) -> dict[str, float]:
-    """``onnxopt.bench.measure_latency``'s loop (1 thread, thread_time, round-robin), per-model feeds."""
-    import time
-
-    from onnxopt.runtime import session
-
-    sessions = {k: session(m, optimize=True, threads=1) for k, m in models.items()}
-    for k, sess in sessions.items():  # warm-up, as measure_latency does
-        for _ in range(3):
-            for f in inputs[k]:
-                sess.run(None, f)
-    samples: dict[str, list[float]] = {k: [] for k in sessions}
-    start = time.perf_counter()
-    for r in range(repeats):
-        for k, sess in sessions.items():
-            f = inputs[k][r % len(inputs[k])]
-            t0 = time.thread_time()
-            sess.run(None, f)
-            samples[k].append((time.thread_time() - t0) * 1e3)
-        if r >= 4 and time.perf_counter() - start > max_seconds:
-            break
-    return {k: float(np.median(s)) for k, s in samples.items()}
-
-
-def _cpu() -> tuple[str, str]:
-    name, flags = platform.processor() or "unknown CPU", ""
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        for line in out.splitlines():
-            if line.startswith("Model name:"):
-                name = line.split(":", 1)[1].strip()
-            if line.startswith("Flags:"):
-                have = set(line.split(":", 1)[1].split())
-                flags = " ".join(f for f in ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni",
-                                             "avx512_bf16", "amx_int8") if f in have)
-    except (OSError, subprocess.CalledProcessError):
-        pass
-    return name, flags
 
 
 def render(results: dict[tuple[int, int], dict[str, dict[int, float]]], meta: dict[str, str]) -> str:
     lines = ["# Which channel multiple pays for pruned Convs (`prune-channels` `round_to`)", "",
-             f"- date: {meta['date']}", f"- machine: {meta['cpu']} (lscpu flags: {meta['flags']}), "
-             f"{meta['cores']} cores shared with other work", f"- versions: {meta['versions']}",
+             f"- date: {meta['date']}", f"- machine: {meta['machine']}, shared with other work",
+             f"- versions: {meta['versions']}",
              f"- command: `{meta['command']}`", "",
-             f"A stack of {LAYERS} Conv 3x3 (pad 1) + Relu, every layer `c` channels in and out, batch 1, random "
-             "weights; all counts of a family timed in one interleaved run (1 intra-op thread, the calling "
-             "thread's CPU time, medians of up to "
+             f"A stack of {LAYERS} Conv 3x3 (pad 1) + Relu, every layer `c` channels in and out (reading the first "
+             "`c` channels of one input, a Slice), batch 1, random weights; all counts of a family timed in one "
+             "interleaved run (1 intra-op thread, the calling thread's CPU time, medians of up to "
              f"{meta['repeats']} repetitions), all onnxruntime graph optimizations on. *int8*: after onnxopt's "
              "static QDQ pass (onnxruntime's QLinearConv). *vs max*: median against the full count's. *ns/MAC*: "
              "median / MACs; a count the kernels dislike shows as a higher cost per MAC than its neighbours.", ""]
@@ -164,8 +105,11 @@ def conclude(results: dict[tuple[int, int], dict[str, dict[int, float]]]) -> str
     ``c``'s own time; medians over those counts."""
     lines = ["| family | precision | m | counts off the multiple | t(down)/t(c) | t(up)/t(c) | "
              "counts slower than the multiple above |", "|---|---|---|---|---|---|---|"]
+    pays = ["", "The multiple prune-channels' rule picks (`_channel_multiple.paying_multiple`: the largest "
+            "whose rounding to the nearest multiple makes no count slower, within 3%):", ""]
     for (c_max, hw), by in results.items():
         for p, ms in by.items():
+            pays.append(f"- {c_max - SPAN}..{c_max} at {hw}x{hw}, {p}: {paying_multiple(ms)}")
             for m in (4, 8, 16):
                 off = [c for c in ms if c % m and (c // m) * m in ms and -(-c // m) * m in ms]
                 if not off:
@@ -175,7 +119,7 @@ def conclude(results: dict[tuple[int, int], dict[str, dict[int, float]]]) -> str
                 slower = sum(ms[c] > ms[-(-c // m) * m] for c in off)
                 lines.append(f"| {c_max - SPAN}..{c_max} at {hw}x{hw} | {p} | {m} | {len(off)} | {down:.3f} | "
                              f"{up:.3f} | {slower} of {len(off)} |")
-    return "\n".join(lines)
+    return "\n".join(lines + pays)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -191,11 +135,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     for c_max, hw in FAMILIES:
         print(f"c = {c_max - SPAN}..{c_max} at {hw}x{hw}", file=sys.stderr, flush=True)
         results[(c_max, hw)] = time_family(c_max, hw, args.int8, args.repeats, args.max_seconds)
-    cpu, flags = _cpu()
-    import os
-
-    meta = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "cpu": cpu,
-            "flags": flags, "cores": str(os.cpu_count()), "repeats": str(args.repeats),
+    meta = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "machine": machine.summary(), "repeats": str(args.repeats),
             "versions": ", ".join(f"{p} {version(p)}" for p in ("onnxruntime", "onnx", "numpy")),
             "command": " ".join(["python bench/round_to.py", *(argv if argv is not None else sys.argv[1:])]),
             "conclusion": conclude(results)}

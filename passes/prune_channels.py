@@ -22,8 +22,12 @@ layers read, on the calibration data (``onnxopt.capture``).
 How many: ``ratio`` of every prunable group (uniform), or, with ``global_ranking``, the
 ``ratio`` of all prunable channels with the lowest importance normalised by its group's
 mean; ``keep`` (JSON: group key -> fraction kept) overrides both for the groups it names.
-Kept counts are rounded to a multiple of ``round_to`` (and of the conv groups of a grouped
-Conv), at least ``min_channels``.
+Kept counts are rounded to the nearest multiple of ``round_to`` (and of the conv groups of a
+grouped Conv), at least ``min_channels``. By default (``round_to`` unset) Conv channel groups
+use the multiple measured to pay on this machine (``passes/_channel_multiple.py``: a Conv with
+a count between two multiples costs as much as the multiple above, so keeping it loses
+accuracy for nothing), cached per machine; other groups (MatMul hidden units, attention heads)
+are not rounded. The notes say which multiple was used (``round_to``, ``round_to_source``).
 
 Reconstruction (``reconstruct``, with calibration data): in topological order, every
 Conv/Gemm/MatMul that lost input channels is refit by ridge least squares
@@ -132,7 +136,7 @@ class PruneChannelsPass(Pass):
         keep: str = ""
         criterion: Literal["l1", "l2", "bn-gamma", "activation"] = "l1"
         global_ranking: bool = False
-        round_to: int = 1
+        round_to: int | None = None  # None: measured on this machine, for Conv channels
         min_channels: int = 1
         reconstruct: bool = True
 
@@ -140,7 +144,7 @@ class PruneChannelsPass(Pass):
         o = self.options
         if not 0.0 <= o.ratio < 1.0:
             raise PassOptionError(f"pass 'prune-channels': ratio must be in [0, 1), got {o.ratio}")
-        if o.round_to < 1 or o.min_channels < 1:
+        if (o.round_to is not None and o.round_to < 1) or o.min_channels < 1:
             raise PassOptionError("pass 'prune-channels': round_to and min_channels must be >= 1")
         parse_keep(o.keep)
         if o.criterion == "activation" and not ctx.calibration:
@@ -168,8 +172,15 @@ class PruneChannelsPass(Pass):
         tensors = graph.tensors()
         reference = self._snapshot(graph, ctx) if self._refit_wanted(ctx, stats) else None
         importance = {g.key: self._importance(g, graph, tensors, ctx, stats) for g in prunable}
-        removed = self._choose(prunable, importance, keep)
-        report: dict[str, Any] = {"groups": {}, "frozen": dict(frozen), "reconstruction": {}}
+        convs = {n.name for n in graph.nodes if n.op == "Conv"}
+        conv_groups = {g.key for g in prunable
+                       if any(m.role == "weight-out" and m.node in convs for m in g.members)}
+        multiple, source = self._round_to(bool(conv_groups))
+        removed = self._choose(prunable, importance, keep,
+                               {k: multiple if o.round_to or k in conv_groups else 1
+                                for k in (g.key for g in prunable)})
+        report: dict[str, Any] = {"groups": {}, "frozen": dict(frozen), "reconstruction": {},
+                                  "round_to": multiple, "round_to_source": source}
         for g in prunable:
             r = len(removed.get(g.key, ()))
             per_params = sum(m.params_per_channel for m in g.members)
@@ -252,8 +263,18 @@ class PruneChannelsPass(Pass):
             found = True
         return imp if found else None
 
+    def _round_to(self, convs: bool) -> tuple[int, str]:
+        """The channel multiple kept counts are rounded to, and where it comes from."""
+        if self.options.round_to is not None:
+            return self.options.round_to, "option"
+        if not convs:
+            return 1, "no Conv channel group"
+        from onnxopt.passes._channel_multiple import KEY, measured_round_to
+
+        return measured_round_to(), f"measured on this machine ({KEY})"
+
     def _choose(self, groups: Sequence[Group], importance: Mapping[str, np.ndarray],
-                keep: Mapping[str, float]) -> dict[str, np.ndarray]:
+                keep: Mapping[str, float], multiples: Mapping[str, int]) -> dict[str, np.ndarray]:
         o = self.options
         fraction = {g.key: keep.get(g.key, 1.0 - o.ratio) for g in groups}
         if o.global_ranking:
@@ -261,7 +282,7 @@ class PruneChannelsPass(Pass):
             fraction.update(self._global_fractions(ranked, importance))
         out = {}
         for g in groups:
-            multiple = math.lcm(max(o.round_to, 1), g.chunks)
+            multiple = math.lcm(multiples[g.key], g.chunks)
             k = kept_count(g.channels, fraction[g.key], multiple, o.min_channels)
             out[g.key] = select_removed(importance[g.key], k, g.chunks)
         return out

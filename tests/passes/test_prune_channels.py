@@ -7,6 +7,7 @@ import numpy as np
 import onnx
 import pytest
 from onnx import helper, numpy_helper
+from onnxopt.passes import _channel_multiple
 from onnxopt.passes._groups import build_groups
 
 from onnxopt import optimize
@@ -457,6 +458,84 @@ def test_keep_json_and_file_and_round_to(tmp_path: Path) -> None:
     assert notes["groups"]["ca"]["kept"] == notes["groups"]["cb"]["kept"] == 4
     _, _, notes = _prune(model, f"{PASS}:ratio=0.9,min_channels=3")
     assert notes["groups"]["ca"]["kept"] == 3
+
+
+# ---- the channel multiple measured on this machine ----
+
+REAL_ROUND_TO = _channel_multiple.measured_round_to  # before conftest injects 1
+
+
+def _conv_and_gemm() -> onnx.ModelProto:
+    """A Conv group (ca, 16 channels) and a Gemm hidden-unit group (fc1, 16 units)."""
+    b = Builder()
+    h = b.op("Relu", [b.conv("x", "ca", 3, 16)], "ra")
+    f = b.op("Flatten", [b.op("GlobalAveragePool", [h], "gap")], "flat")
+    b.w("fc1.w", (16, 16)), b.w("fc1.b", (16,))
+    b.nodes.append(helper.make_node("Gemm", [f, "fc1.w", "fc1.b"], ["h1"], name="fc1"))
+    b.w("fc2.w", (16, 3)), b.w("fc2.b", (3,))
+    b.nodes.append(helper.make_node("Gemm", [b.op("Relu", ["h1"], "r1"), "fc2.w", "fc2.b"], ["y"],
+                                    name="fc2"))
+    return b.model([vi("x", ["N", 3, 8, 8])], [vi("y", ["N", 3])])
+
+
+def test_default_round_to_is_the_measured_multiple_for_conv_channels(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_channel_multiple, "measured_round_to", lambda: 8)
+    out, _, notes = _prune(_conv_and_gemm(), f"{PASS}:ratio=0.3")  # 11.2 channels kept
+    assert notes["groups"]["ca"]["kept"] == 8  # the Conv's: to the nearest multiple of 8
+    assert notes["groups"]["fc1"]["kept"] == 11  # hidden units: not rounded
+    assert notes["round_to"] == 8
+    assert notes["round_to_source"] == "measured on this machine (prune-round-to)"
+    assert _inits(out)["ca.w"].shape == (8, 3, 3, 3)
+    _, _, notes = _prune(_conv_and_gemm(), f"{PASS}:ratio=0.3,round_to=4")  # the option: all
+    assert (notes["groups"]["ca"]["kept"], notes["groups"]["fc1"]["kept"]) == (12, 12)
+    assert notes["round_to_source"] == "option"
+
+
+# timings shaped like bench/ROUND_TO.md (48..64 channels at 28x28, AMD EPYC AVX512-VNNI): float
+# Convs cost the same from 52 to 64 except for a step at 48; int8 QLinearConv has its cheap
+# points at every multiple of 4
+FLOAT_MS = {64: 2.069, 63: 2.585, 62: 2.511, 61: 2.474, 60: 2.071, 59: 2.308, 58: 2.240,
+            57: 2.171, 56: 2.073, 55: 2.066, 54: 1.975, 53: 1.906, 52: 2.071, 51: 1.794,
+            50: 1.736, 49: 1.709, 48: 1.179}
+INT8_MS = {64: 0.606, 63: 0.806, 62: 0.790, 61: 0.776, 60: 0.581, 59: 0.761, 58: 0.740,
+           57: 0.725, 56: 0.547, 55: 0.713, 54: 0.702, 53: 0.687, 52: 0.512, 51: 0.673,
+           50: 0.655, 49: 0.644, 48: 0.387}
+
+
+def test_paying_multiple_from_timings() -> None:
+    assert _channel_multiple.paying_multiple(FLOAT_MS) == 16
+    assert _channel_multiple.paying_multiple(INT8_MS) == 4
+    # time in proportion to the MACs (c^2): rounding up to any multiple is slower
+    assert _channel_multiple.paying_multiple({c: c * c / 1000 for c in range(48, 65)}) == 1
+
+
+def test_measurement_is_cached_per_machine_and_sane(monkeypatch: pytest.MonkeyPatch,
+                                                     tmp_path: Path) -> None:
+    """The measurement (its timings faked: every count costs its multiple of 8 above) gives 8,
+    is written to the per-machine cache, and is read from there the next time."""
+    monkeypatch.setenv("ONNXOPT_CACHE", str(tmp_path))
+    monkeypatch.delenv("ONNXOPT_NO_MEASURE_CACHE", raising=False)
+    timed: list[list[int]] = []
+
+    def fake(models: dict, width: int, hw: int, repeats: int, max_seconds: float) -> dict:
+        timed.append(sorted(models))
+        assert all(m.graph.input[0].type.tensor_type.shape.dim[1].dim_value == width
+                   for m in models.values())  # one input shape: timed together
+        return {c: 8 * -(-c // 8) / 10 for c in models}
+
+    monkeypatch.setattr(_channel_multiple, "time_counts", fake)
+    REAL_ROUND_TO.cache_clear()
+    try:
+        assert REAL_ROUND_TO() == 8
+        assert timed == [list(_channel_multiple.COUNTS)]
+        cached = json.loads(next((tmp_path / "machine").glob("*.json")).read_text())
+        assert cached["prune-round-to"]["result"]["multiple"] == 8
+        REAL_ROUND_TO.cache_clear()
+        assert REAL_ROUND_TO() == 8
+        assert len(timed) == 1  # from the cache: not measured again
+    finally:
+        REAL_ROUND_TO.cache_clear()
 
 
 def test_keep_with_unknown_group_is_an_error() -> None:
