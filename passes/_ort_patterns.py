@@ -111,6 +111,26 @@ def resolve_tail(tail: tuple[int, ...] | None, width: int | None) -> tuple[int, 
     return tuple(width // known if v == -1 else v for v in tail)
 
 
+def reshape_entries(shape: gs.Tensor) -> list[int | None] | None:
+    """A Reshape target entry by entry, None where computed at run time (a one-element piece)."""
+    value = constant_value(shape)
+    if value is not None:
+        return [int(v) for v in value.reshape(-1)]
+    node = producer(shape)
+    if not op_is(node, "Concat"):
+        return None
+    entries: list[int | None] = []
+    for piece in node.inputs:
+        part = constant_value(piece)
+        if part is not None:
+            entries += [int(v) for v in part.reshape(-1)]
+        elif piece.shape is None or list(piece.shape) == [1]:
+            entries.append(None)  # the exporters' runtime dims: Unsqueeze(Gather(Shape(t), i))
+        else:
+            return None
+    return entries
+
+
 def reshape_rank(shape: gs.Tensor) -> int | None:
     """How many dims a Reshape target has (its length), when known."""
     value = constant_value(shape)

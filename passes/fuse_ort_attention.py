@@ -57,6 +57,7 @@ from onnxopt.passes._ort_patterns import (
     peel_scale,
     probe,
     projection,
+    reshape_entries,
     reshape_rank,
     reshape_tail,
     resolve_tail,
@@ -158,14 +159,41 @@ def _keys_transposed(t: gs.Tensor) -> _Head | None:
 
 
 def _merges_heads(reshape: gs.Node, q: _Head) -> bool:
-    """Whether the last Reshape makes [B, S, N*d] (its target ends in N*d, or in -1 where shape
-    inference says the result is [B, S, N*d] with x's B and S)."""
+    """Whether the last Reshape makes [B, S, N*d]: its target ends in N*d, or in -1 where shape
+    inference says the result is [B, S, N*d] with x's B and S, or where the runtime entries are
+    followed by a MatMul with an [N*d, ...] weight."""
     width, out, x = q.heads * q.size, reshape.outputs[0], q.proj.x
     tail = reshape_tail(reshape.inputs[1], 1)
     if tail == (width,):
         return True
-    return (tail == (-1,) and out.shape is not None and x.shape is not None and len(out.shape) == 3
-            and out.shape[-1] == width and list(out.shape[:2]) == list(x.shape[:2]))
+    if tail != (-1,):
+        return False
+    if (out.shape is not None and x.shape is not None and len(out.shape) == 3 and out.shape[-1] == width
+            and list(out.shape[:2]) == list(x.shape[:2])):
+        return True
+    # [B, S, -1] with B and S read at run time (TorchScript): the output projection reading it
+    # with a [N*d, ...] weight pins the last dim, so the first two multiply to B*S
+    entries = reshape_entries(reshape.inputs[1])
+    readers = [r for r in out.outputs if r.op != "Shape"]
+    weight = constant_value(readers[0].inputs[1]) if len(readers) == 1 and op_is(readers[0], "MatMul") else None
+    return (entries is not None and entries[:2] == [None, None] and weight is not None
+            and weight.ndim == 2 and weight.shape[0] == width)
+
+
+def _next(t: gs.Tensor) -> gs.Node | None:
+    """The one reader of ``t`` besides Shape nodes (which only size the pattern's own Reshapes;
+    ``_shared`` checks that), else None."""
+    readers = [r for r in t.outputs if r.op != "Shape"]
+    return readers[0] if len(readers) == 1 else None
+
+
+def _keeps_heads(reshape: gs.Node, q: _Head) -> bool:
+    """Whether a Reshape of [B, N, S, d] is [B, N, S, d] again: its target is [runtime, N or -1,
+    runtime, d] (the runtime entries are B and S, read back from the pattern's own shapes)."""
+    entries = reshape_entries(reshape.inputs[1])
+    return (entries is not None and len(entries) == 4 and entries[1] in (q.heads, -1)
+            and entries[3] == q.size and entries[0] in (None, -1, 0) and entries[2] in (None, -1, 0)
+            and [entries[0], entries[2]].count(-1) + (entries[1] == -1) <= 1)
 
 
 def _match(graph: gs.Graph, softmax: gs.Node, opset: int) -> _Match | str | None:
@@ -204,17 +232,22 @@ def _match(graph: gs.Graph, softmax: gs.Node, opset: int) -> _Match | str | None
     if len(probs.outputs) != 1 or not op_is(probs.outputs[0], "MatMul") or probs.outputs[0].inputs[0] is not probs:
         return None
     pv = probs.outputs[0]
-    merge = pv.outputs[0].outputs[0] if len(pv.outputs[0].outputs) == 1 else None
+    merge = _next(pv.outputs[0])
+    regroup = None  # TorchScript's sdpa re-reads p @ v as [B, N, S, d] before the merge
+    if op_is(merge, "Reshape"):
+        regroup, merge = merge, _next(merge.outputs[0])
     if not op_is(merge, "Transpose") or list(merge.attrs.get("perm", [])) != [0, 2, 1, 3]:
         return None
-    final = merge.outputs[0].outputs[0] if len(merge.outputs[0].outputs) == 1 else None
+    final = _next(merge.outputs[0])
     if not op_is(final, "Reshape") or reshape_rank(final.inputs[1]) != 3:
         return None
-    nodes += [pv, merge, final]
+    nodes += [pv, merge, final] + ([regroup] if regroup is not None else [])
     q, k, v = _heads(q_in), _keys_transposed(kt_in), _heads(pv.inputs[1])
     if q is None or k is None or v is None:
         return "no-projection"
     if len({(h.heads, h.size) for h in (q, k, v)}) != 1 or not _merges_heads(final, q):
+        return "head-shape"
+    if regroup is not None and not _keeps_heads(regroup, q):
         return "head-shape"
     return _Match(q, k, v, s_factor * q_factor * k_factor, mask, final.outputs[0],
                   nodes + q.nodes + k.nodes + v.nodes)

@@ -59,18 +59,18 @@ class _Lookup:
     index: gs.Tensor
 
 
-def _lookups(t: gs.Tensor, graph: gs.Graph, top: bool = True) -> list[_Lookup] | str | None:
-    """The Gathers an Add tree over ``t`` sums; "shared-sum" when a partial sum or a looked-up
-    row is read outside the tree; None when a leaf is not a Gather of a 2-D float32 table."""
+def _lookups(t: gs.Tensor, graph: gs.Graph, shared: list[bool], top: bool = True) -> list[_Lookup] | None:
+    """The Gathers of 2-D float32 tables an Add tree over ``t`` sums (None if a leaf is anything
+    else); ``shared`` is set when a partial sum or a looked-up row is read outside the tree."""
     node = producer(t)
     if not top and not is_free(t, graph):
-        return "shared-sum" if op_is(node, "Add", "Gather") else None
+        shared[0] = True
     if op_is(node, "Add"):
         found: list[_Lookup] = []
         for i in node.inputs:
-            part = _lookups(i, graph, top=False)
-            if part is None or isinstance(part, str):
-                return part
+            part = _lookups(i, graph, shared, top=False)
+            if part is None:
+                return None
             found += part
         return found
     if op_is(node, "Gather") and int(node.attrs.get("axis", 0)) == 0:
@@ -124,11 +124,12 @@ class _Match:
 
 def _match(graph: gs.Graph, ln: gs.Node, ctx: PassContext) -> _Match | str | None:
     total = ln.inputs[0]
-    lookups = _lookups(total, graph)
-    if lookups is None or isinstance(lookups, str):
-        return lookups
-    if len(lookups) not in (2, 3):
+    shared = [False]
+    lookups = _lookups(total, graph, shared)
+    if lookups is None or len(lookups) not in (2, 3):
         return None
+    if shared[0]:
+        return "shared-sum"
     words = [u for u in lookups if _is_2d_int_input(graph, u.index)]
     if not words:
         return "ids-not-2d-input"
