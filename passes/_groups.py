@@ -314,7 +314,8 @@ def match_heads(graph: gs.Graph) -> tuple[list[_Block], list[_Block]]:
             for c in t.outputs:
                 if c.op == "Shape" or id(c) in seen:
                     continue
-                if (c.op == "MatMul" and c.inputs[0] is t and constant_value(c.inputs[1]) is not None):
+                if c.op == "MatMul" and c.inputs[0] is t and (
+                        constant_value(c.inputs[1]) is not None):
                     if not any(e[0] is c for e in ex):
                         ex.append((c, t))
                     continue
@@ -351,7 +352,7 @@ def match_heads(graph: gs.Graph) -> tuple[list[_Block], list[_Block]]:
     return [b for b in done if b.reason is None], [b for b in done if b.reason is not None]
 
 
-def _check_block(graph: gs.Graph, b: _Block) -> None:  # noqa: C901 (one rule per op)
+def _check_block(graph: gs.Graph, b: _Block) -> None:
     def decline(reason: str, detail: str) -> None:
         b.reason, b.detail = f"attention-{reason}", detail
 
@@ -429,8 +430,8 @@ def _propagate(n: gs.Node, ins: list[tuple[int | None, int | None] | None],
         if state != (-2, None) or rank is None or rank < 3:
             return "merge"
         target = _shape_expr(n.inputs[1])
-        if target is None or len(target) != rank - 1 or int(n.attrs.get("allowzero", 0)) and (
-                0 in target[:-1]):
+        if target is None or len(target) != rank - 1 or (
+                int(n.attrs.get("allowzero", 0)) and 0 in target[:-1]):
             return "merge"
         return None
     if n.op == "Transpose":
@@ -757,7 +758,8 @@ class _Builder:
         """One group whose channels are the block's heads, each ``head_dim`` wide: the Q/K/V
         columns and biases, the output projection's rows."""
         out_proj, merge = block.out_proj, block.merge
-        assert out_proj is not None and merge is not None
+        assert out_proj is not None
+        assert merge is not None
         s0 = block.sources[0]
         h, dh = s0.heads, s0.head_dim
         gid = self.new_group(f"{out_proj.name or out_proj.outputs[0].name}:heads", h)
