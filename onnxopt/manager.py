@@ -298,10 +298,11 @@ class PassManager:
             graph.cleanup().toposort()
         report.notes = {k: v for k, v in ctx.notes.items() if k != "source_model"}
         provenance = {"onnxopt.pipeline": ",".join(self.pipeline), "onnxopt.version": __version__}
-        # a pass that wrote another runtime's ops says so (``requires_runtime``), when it changed the graph
-        changed = {r.name for r in report.records if r.changed}
-        needs = sorted({p.requires_runtime for p in self.preset + self.explicit
-                        if p.name in changed and getattr(p, "requires_runtime", None)})
+        # a pass that may write another runtime's ops declares (domain, requirement) as
+        # ``requires_runtime``; the output carries the requirement when it holds ops of that domain
+        domains = {n.domain for g in iter_graphs(graph) for n in g.nodes}
+        needs = sorted({p.requires_runtime[1] for p in self.preset + self.explicit
+                        if getattr(p, "requires_runtime", None) and p.requires_runtime[0] in domains})
         if needs:
             provenance[REQUIRES_KEY] = ", ".join(needs)
         result = to_model(graph, model, provenance)
