@@ -32,7 +32,7 @@ MS_DOMAIN = "com.microsoft"
 # the oldest onnxruntime that runs every op these passes write, with the inputs and
 # attributes they use (Attention's ``scale`` and ``mask_filter_value``, MultiHeadAttention's
 # 2-D key padding mask on CPU, SkipLayerNormalization's fourth output)
-REQUIRES = "onnxruntime>=1.16"
+REQUIRES = (MS_DOMAIN, "onnxruntime>=1.16")  # a pass's ``requires_runtime``: (domain, requirement)
 
 
 def op_is(node: gs.Node | None, *ops: str) -> bool:
@@ -281,27 +281,20 @@ def probe(graph: gs.Graph, tensor: gs.Tensor, feeds: Sequence[Feeds], opset: int
 
 
 
-def fused_is_faster(key: str, build: Callable[[bool], onnx.ModelProto], feed: Feeds, repeats: int = 200) -> bool:
-    """Whether onnxruntime runs ``build(True)`` (the fused op) faster than ``build(False)`` on this
-    machine; measured once per machine and ``key`` (``onnxopt.machine.measured``).
-
-    Both run as written (graph optimizations off: onnxruntime would otherwise fuse the unfused
-    form itself), one thread, interleaved, median of ``time.thread_time`` per run.
+def fastest(key: str, candidates: Mapping[str, Callable[[], onnx.ModelProto]], feed: Feeds,
+            repeats: int = 200) -> str:
+    """Which of ``candidates`` (name -> model builder) onnxruntime runs fastest on this machine,
+    as a user runs it (all graph optimizations on: what it fuses at session start counts);
+    measured once per machine and ``key`` (``onnxopt.machine.measured``), interleaved medians of
+    ``onnxopt.bench.measure_latency``.
     """
-    import time
-
     from onnxopt import machine
-    from onnxopt.runtime import session
+    from onnxopt.bench import measure_latency
 
     def measure() -> dict[str, float]:
-        sessions = {flag: session(build(flag)) for flag in (True, False)}
-        times: dict[bool, list[float]] = {True: [], False: []}
-        for _ in range(repeats):
-            for flag, sess in sessions.items():
-                t0 = time.thread_time()
-                sess.run(None, dict(feed))
-                times[flag].append(time.thread_time() - t0)
-        return {"fused_us": float(np.median(times[True]) * 1e6), "unfused_us": float(np.median(times[False]) * 1e6)}
+        models = {name: build() for name, build in candidates.items()}
+        latency = measure_latency(models, [dict(feed)], repeats=repeats, max_seconds=10.0)
+        return {name: lat.median_ms * 1e3 for name, lat in latency.items()}
 
-    result = machine.measured(key, measure, version=1)
-    return result["fused_us"] < result["unfused_us"]
+    medians = machine.measured(key, measure, version=2)
+    return min(candidates, key=lambda name: medians.get(name, float("inf")))
