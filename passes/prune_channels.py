@@ -176,9 +176,9 @@ class PruneChannelsPass(Pass):
         conv_groups = {g.key for g in prunable
                        if any(m.role == "weight-out" and m.node in convs for m in g.members)}
         multiple, source = self._round_to(bool(conv_groups))
-        removed = self._choose(prunable, importance, keep,
-                               {k: multiple if o.round_to or k in conv_groups else 1
-                                for k in (g.key for g in prunable)})
+        multiples = {g.key: multiple if o.round_to or g.key in conv_groups else 1
+                     for g in prunable}
+        removed = self._choose(prunable, importance, keep, multiples)
         report: dict[str, Any] = {"groups": {}, "frozen": dict(frozen), "reconstruction": {},
                                   "round_to": multiple, "round_to_source": source}
         for g in prunable:
@@ -188,6 +188,8 @@ class PruneChannelsPass(Pass):
             report["groups"][g.key] = {
                 "channels": g.channels, "kept": g.channels - r,
                 "params_removed": round(per_params * r), "macs_removed": round(per_macs * r),
+                # how kept counts round here (the driver's allocation counts with it)
+                "multiple": math.lcm(multiples[g.key], g.chunks), "min_channels": o.min_channels,
             }
         removed = {k: v for k, v in removed.items() if len(v)}
         stats = Counter({k: v for k, v in stats.items() if v})

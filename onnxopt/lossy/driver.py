@@ -53,6 +53,7 @@ from onnxopt.lossy.methods import (
     Method,
     factorization,
     pruning,
+    removed_channels,
     uniform_level,
 )
 from onnxopt.lossy.verdict import LATENCY_FEEDS, MIN_SPEEDUP, Measure, decide, default_measure
@@ -480,7 +481,7 @@ def _run_step(
     shares = None
     if m.target is not None:
         total = sum(float(info.get("channels", 0)) for info in layers.values()) or 1.0
-        shares = {layer: {lv: float(info.get("channels", 0)) * (1 - float(lv)) / total for lv in levels}
+        shares = {layer: {lv: removed_channels(info, lv) / total for lv in levels}
                   for layer, info in layers.items()}
     moves = allocation.within_target(allocation.order(table, levels, shares), m.target)
     tried: dict[int, tuple[onnx.ModelProto, Candidate, dict[str, dict[str, Any]]]] = {}

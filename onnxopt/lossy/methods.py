@@ -154,11 +154,20 @@ def pruning(target: float, criterion: str = "l1") -> Method:
                   label=_pruned_label, fits_data=True)
 
 
+def removed_channels(info: Mapping[str, Any], kept: float) -> int:
+    """Channels a group loses at a kept fraction, rounded as prune-channels rounds it (the
+    group's ``multiple`` and ``min_channels`` in the pass's notes; 1 when absent)."""
+    from onnxopt.passes.prune_channels import kept_count
+
+    channels = int(info.get("channels", 0))
+    return channels - kept_count(channels, float(kept), int(info.get("multiple", 1)),
+                                 int(info.get("min_channels", 1)))
+
+
 def removed_share(layers: Mapping[str, Mapping[str, Any]], assignment: Mapping[str, Any]) -> float:
     """Share of the groups' channels an assignment of kept fractions removes."""
     total = sum(float(info.get("channels", 0)) for info in layers.values())
-    removed = sum(float(info.get("channels", 0)) * (1 - float(assignment.get(k, 1.0)))
-                  for k, info in layers.items())
+    removed = sum(removed_channels(info, assignment.get(k, 1.0)) for k, info in layers.items())
     return removed / total if total else 0.0
 
 

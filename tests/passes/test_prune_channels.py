@@ -492,6 +492,23 @@ def test_default_round_to_is_the_measured_multiple_for_conv_channels(
     assert notes["round_to_source"] == "option"
 
 
+def test_driver_counts_removed_channels_as_the_pass_rounds(monkeypatch: pytest.MonkeyPatch,
+                                                           tmp_path: Path) -> None:
+    """The driver labels candidates and caps its allocation with the share of channels removed;
+    with a channel multiple, that is the share the pass really removes (its notes say)."""
+    from onnxopt.lossy.methods import removed_share
+
+    monkeypatch.setattr(_channel_multiple, "measured_round_to", lambda: 8)
+    _, _, first = _prune(_conv_and_gemm(), f"{PASS}:ratio=0.3")
+    assignment = {"ca": 0.55, "fc1": 0.85}
+    keep = tmp_path / "keep.json"
+    keep.write_text(json.dumps(assignment))
+    _, _, built = _prune(_conv_and_gemm(), f"{PASS}:ratio=0.0,keep={keep}")
+    kept = {k: g["kept"] for k, g in built["groups"].items()}
+    assert kept == {"ca": 8, "fc1": 14}  # 8.8 -> 8 (multiple of 8), 13.6 -> 14
+    assert removed_share(first["groups"], assignment) == (16 - 8 + 16 - 14) / 32
+
+
 # timings shaped like bench/ROUND_TO.md (48..64 channels at 28x28, AMD EPYC AVX512-VNNI): float
 # Convs cost the same from 52 to 64 except for a step at 48; int8 QLinearConv has its cheap
 # points at every multiple of 4
