@@ -302,8 +302,9 @@ class _Masks:
             b = source.shape[0] if isinstance(source.shape[0], int) else 2
             s = source.shape[1] if isinstance(source.shape[1], int) else 5
             keeps = [rng.random((b, s)) < 0.6 for _ in range(2)]
-            for keep in keeps:
+            for keep in keeps:  # every row keeps a token; some token is masked
                 keep[:, 0] = True
+                keep[-1, -1] = s == 1
             feeds = [{source.name: keep.astype(source.dtype or np.int64),
                       **{t.name: np.zeros((b, s), t.dtype or np.int64) for t in others}} for keep in keeps]
             values = probe(self.graph, mask, feeds, self.ctx.opset)
