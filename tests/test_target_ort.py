@@ -643,3 +643,110 @@ def test_reference_models_torchscript_export(name: str, tmp_path: Path) -> None:
         assert stats["fuse-ort-embed-layernorm"] == {"fused-embed-layernorm": 1}
     assert "Softmax" not in op_histogram(out)
     assert_equivalent(model, out, feeds=feeds, **TOL)
+
+
+# ---------------------------------------------------------------- hand-built embeddings
+
+
+def _embedding_graph(positions: str = "arange", segments: str = "zeros", expose: str | None = None) -> onnx.ModelProto:
+    """ids[batch, seq] -> word + position (+ segment) Gathers -> Add -> LayerNormalization.
+
+    positions: arange | offset (arange + 1); segments: none | zeros (ConstantOfShape of ids' shape)
+    | ones (the same, filled with 1) | input (a token_type_ids input); expose: a tensor also
+    made a graph output ("sum": the whole sum, "partial": word + segment only).
+    """
+    rng = np.random.default_rng(11)
+    inits = {"word": rng.standard_normal((VOCAB, H)).astype(np.float32),
+             "pos": rng.standard_normal((MAXPOS, H)).astype(np.float32),
+             "seg": rng.standard_normal((2, H)).astype(np.float32),
+             "g": (1 + 0.1 * rng.standard_normal(H)).astype(np.float32),
+             "beta": (0.1 * rng.standard_normal(H)).astype(np.float32),
+             "zero": np.array(0, np.int64), "one": np.array(1, np.int64), "axes0": np.array([0], np.int64),
+             "start": np.array(1 if positions == "offset" else 0, np.int64)}
+    inputs = [vi("ids", ["batch", "seq"], TensorProto.INT64)]
+    nodes = [helper.make_node("Gather", ["word", "ids"], ["w"], axis=0),
+             helper.make_node("Shape", ["ids"], ["shape"]),
+             helper.make_node("Gather", ["shape", "one"], ["seq"], axis=0),
+             helper.make_node("Add", ["seq", "start"], ["stop"]),
+             helper.make_node("Range", ["start", "stop", "one"], ["range"]),
+             helper.make_node("Unsqueeze", ["range", "axes0"], ["positions"]),
+             helper.make_node("Gather", ["pos", "positions"], ["p"], axis=0)]
+    total = "wp"
+    if segments == "none":
+        nodes.append(helper.make_node("Add", ["w", "p"], ["wp"]))
+    else:
+        if segments == "input":
+            inputs.append(vi("types", ["batch", "seq"], TensorProto.INT64))
+        else:
+            fill = helper.make_tensor("fill", TensorProto.INT64, [1], [1 if segments == "ones" else 0])
+            nodes.append(helper.make_node("ConstantOfShape", ["shape"], ["types"], value=fill))
+        nodes += [helper.make_node("Gather", ["seg", "types"], ["t"], axis=0),
+                  helper.make_node("Add", ["w", "t"], ["wt"]),
+                  helper.make_node("Add", ["wt", "p"], ["wtp"])]
+        total = "wtp"
+    nodes.append(helper.make_node("LayerNormalization", [total, "g", "beta"], ["y"], axis=-1, epsilon=1e-12))
+    outputs = [vi("y", ["batch", "seq", H])]
+    if expose:
+        outputs.append(vi(total if expose == "sum" else "wt", ["batch", "seq", H]))
+    return make_model(nodes, inputs, outputs, inits, opset=17)
+
+
+def _embed_feeds(model: onnx.ModelProto) -> list[dict[str, np.ndarray]]:
+    rng = np.random.default_rng(12)
+    names = {i.name for i in model.graph.input}
+    feeds = []
+    for b, s in ((2, 7), (1, 13)):
+        feed = {"ids": rng.integers(0, VOCAB, (b, s))}
+        if "types" in names:
+            feed["types"] = rng.integers(0, 2, (b, s))
+        feeds.append(feed)
+    return feeds
+
+
+def _embed_only(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, int]]:
+    out, report = optimize(model, passes=["fuse-ort-embed-layernorm"])
+    return out, report.stats("fuse-ort-embed-layernorm")
+
+
+@pytest.mark.parametrize(("segments", "expose"), [("none", None), ("zeros", None), ("input", None),
+                                                  ("zeros", "sum")])
+def test_hand_built_embeddings_fuse(segments: str, expose: str | None) -> None:
+    model = _embedding_graph(segments=segments, expose=expose)
+    out, stats = _embed_only(model)
+    assert stats == {"fused-embed-layernorm": 1}
+    ops = op_histogram(out)
+    assert ops["com.microsoft::EmbedLayerNormalization"] == 1
+    assert "Gather" not in ops
+    assert "LayerNormalization" not in ops
+    embed = next(n for n in out.graph.node if n.op_type == "EmbedLayerNormalization")
+    assert bool(embed.input[1]) is (segments == "input")
+    assert (len(embed.output) == 3) is (expose == "sum")  # the sum kept as the third output
+    assert_equivalent(model, out, feeds=_embed_feeds(model), **TOL)
+
+
+@pytest.mark.parametrize(("kwargs", "reason"), [
+    ({"positions": "offset"}, "positions-not-arange"),
+    ({"segments": "ones"}, "segments-not-input-or-zero"),
+    ({"expose": "partial"}, "shared-sum"),
+])
+def test_embeddings_decline_with_reason(kwargs: dict[str, Any], reason: str) -> None:
+    model = _embedding_graph(**kwargs)
+    out, stats = _embed_only(model)
+    assert stats == {f"skipped:{reason}": 1}
+    assert op_histogram(out) == op_histogram(model)
+
+
+def test_cross_input_attention_becomes_multihead_attention() -> None:
+    """q from another input than k and v: no packed weight; MultiHeadAttention takes the projections."""
+    model = _attention_graph("key-padding")
+    graph = model.graph
+    graph.input.insert(1, vi("xq", ["batch", S, H]))
+    next(n for n in graph.node if n.output[0] == "qm").input[0] = "xq"
+    onnx.checker.check_model(model)
+    out, stats = _attention_only(model)
+    assert stats == {"fused-multihead-attention": 1}
+    assert op_histogram(out) == {"MatMul": 3, "Cast": 1, "com.microsoft::MultiHeadAttention": 1}
+    feeds = _feeds(model)
+    for feed in feeds:
+        feed["xq"] = np.random.default_rng(4).standard_normal(feed["x"].shape).astype(np.float32)
+    assert_equivalent(model, out, feeds=feeds, **TOL)
