@@ -235,7 +235,7 @@ S = 5  # static sequence for the hand-built graphs (the constant mask needs it)
 
 
 def _attention_graph(mask: str = "none", runtime_weights: bool = False, packed: bool = False,
-                     expose: str | None = None) -> onnx.ModelProto:
+                     expose: str | None = None, opset: int = 17) -> onnx.ModelProto:
     """x[batch, S, H] -> self-attention (TorchScript BERT style: k^T by Transpose(0,2,3,1)).
 
     mask: none | key-padding (int mask input -> (1 - m) * -10000) | positive ((1 - m) * +10000)
@@ -299,7 +299,7 @@ def _attention_graph(mask: str = "none", runtime_weights: bool = False, packed: 
               helper.make_node("Reshape", ["ctxT", "merge"], ["y"])]
     exposed = {"probs": ["batch", N, S, S], "qh": ["batch", N, S, D]}
     outputs = [vi("y", ["batch", S, H])] + ([vi(expose, exposed[expose])] if expose else [])
-    return make_model(nodes, inputs, outputs, inits, opset=17)
+    return make_model(nodes, inputs, outputs, inits, opset=opset)
 
 
 def _feeds(model: onnx.ModelProto) -> list[dict[str, np.ndarray]]:
@@ -323,9 +323,10 @@ def _attention_only(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, 
     return out, report.stats("fuse-ort-attention")
 
 
+@pytest.mark.parametrize("opset", [13, 17, 21])
 @pytest.mark.parametrize("mask", ["none", "key-padding"])
-def test_hand_built_attention_fuses(mask: str) -> None:
-    model = _attention_graph(mask)
+def test_hand_built_attention_fuses(mask: str, opset: int) -> None:
+    model = _attention_graph(mask, opset=opset)
     out, stats = _attention_only(model)
     assert stats == {"fused-attention": 1}
     expected = {"com.microsoft::Attention": 1} | ({"Cast": 1} if mask != "none" else {})
