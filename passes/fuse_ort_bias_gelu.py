@@ -10,9 +10,11 @@ Gelu is the standard op (opset 20) or the erf form the exporters write below ops
                                                    for the Div)
 
 and the tanh form ``0.5 * x * (1 + Tanh(sqrt(2/pi) * (x + 0.044715 * x^3)))`` (``x^3`` as
-``Pow(x, 3)`` or ``x * x * x``) is recognised for FastGelu. A Gelu without a bias Add
-before it becomes the bias-less op (same kernel). The constants are checked to 1e-4
-relative (exporters round sqrt(2) and sqrt(2/pi) differently).
+``Pow(x, 3)`` or ``x * x * x``) is recognised for FastGelu. Without a bias Add before it, a
+decomposed erf Gelu becomes com.microsoft's Gelu, and a tanh one (standard or decomposed)
+FastGelu without its bias input; a standard erf Gelu without a bias is already one op and is
+left alone. The constants are checked to 1e-4 relative (exporters round sqrt(2) and
+sqrt(2/pi) differently).
 
 Declined: ``skipped:bias-shape`` (the Add is not of a [H] constant on the last axis),
 ``skipped:shared-bias-sum`` (x + b is read elsewhere too), ``skipped:not-float32``.
