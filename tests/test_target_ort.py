@@ -751,3 +751,30 @@ def test_cross_input_attention_becomes_multihead_attention() -> None:
     for feed in feeds:
         feed["xq"] = np.random.default_rng(4).standard_normal(feed["x"].shape).astype(np.float32)
     assert_equivalent(model, out, feeds=feeds, **TOL)
+
+
+def _gelu_without_bias(form: str) -> onnx.ModelProto:
+    """erf (decomposed, opset 17), tanh (standard op, opset 20) or standard (erf op, opset 20)."""
+    x = vi("x", ["batch", H])
+    if form == "erf":
+        inits = {"r2": np.array(math.sqrt(2), np.float32), "one": np.array(1.0, np.float32),
+                 "half": np.array(0.5, np.float32)}
+        nodes = [helper.make_node("Div", ["x", "r2"], ["a"]), helper.make_node("Erf", ["a"], ["e"]),
+                 helper.make_node("Add", ["e", "one"], ["e1"]), helper.make_node("Mul", ["x", "e1"], ["m"]),
+                 helper.make_node("Mul", ["m", "half"], ["y"])]
+        return make_model(nodes, [x], [vi("y", ["batch", H])], inits, opset=17)
+    attrs = {"approximate": "tanh"} if form == "tanh" else {}
+    return make_model([helper.make_node("Gelu", ["x"], ["y"], **attrs)], [x], [vi("y", ["batch", H])], opset=20)
+
+
+@pytest.mark.parametrize(("form", "expected"), [("erf", "Gelu"), ("tanh", "FastGelu"), ("standard", None)])
+def test_gelu_without_bias(form: str, expected: str | None) -> None:
+    model = _gelu_without_bias(form)
+    out, report = optimize(model, passes=["fuse-ort-bias-gelu"])
+    if expected is None:  # already one op: nothing to gain
+        assert report.stats("fuse-ort-bias-gelu") == {}
+        assert op_histogram(out) == {"Gelu": 1}
+        return
+    assert report.stats("fuse-ort-bias-gelu") == {f"fused-{expected.lower()}": 1}
+    assert op_histogram(out) == {f"com.microsoft::{expected}": 1}
+    assert_equivalent(model, out, **TOL)
