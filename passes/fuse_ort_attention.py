@@ -15,7 +15,7 @@ decomposed scaled_dot_product_attention). ``s`` is the product of every scalar M
 the q side, the k side and the scores (sdpa splits sqrt(1/d) over q and k).
 
 The mask M may be absent or a key-padding mask computed from a 2-D graph input
-``mask[batch, seq]`` by any ops: it is recognised by evaluating its subgraph in
+``mask[batch, seq]`` by any ops: it is recognised (passes/_ort_masks.py) by evaluating its subgraph in
 onnxruntime on made-up 0/1 masks and checking M == 0 where the mask is 1 and M <= -1000
 where it is 0 (the same value everywhere). The fused op gets ``Cast(mask, int32)`` and
 ``mask_filter_value`` = that value (float32's lowest for -inf). Both torch exporters mask
@@ -44,18 +44,15 @@ import dataclasses
 from collections import Counter
 
 import numpy as np
-import onnx
 import onnx_graphsurgeon as gs
+from onnxopt.passes._ort_masks import KeyPaddingMasks
 from onnxopt.passes._ort_patterns import (
     REQUIRES,
     Projection,
-    cast,
-    cone,
     int_attr,
     ms_node,
     op_is,
     peel_scale,
-    probe,
     projection,
     reshape_entries,
     reshape_rank,
@@ -65,8 +62,6 @@ from onnxopt.passes._ort_patterns import (
 
 from onnxopt.graph_utils import constant_value, is_graph_output, make_constant, producer
 from onnxopt.pass_base import Pass, PassContext, PassResult
-
-MASKED_MAX = -1000.0  # a masked logit at or below this is exp() == 0 next to any real score
 
 
 @dataclasses.dataclass(eq=False)
@@ -269,82 +264,6 @@ def _shared(graph: gs.Graph, m: _Match, keep_projections: bool) -> bool:
     return False
 
 
-class _Masks:
-    """Key-padding masks recognised by probing, cached per tensor (one mask serves every layer)."""
-
-    def __init__(self, graph: gs.Graph, ctx: PassContext) -> None:
-        self.graph, self.ctx = graph, ctx
-        self.probed: dict[str, tuple[gs.Tensor, float] | str] = {}
-        self.casts: dict[str, gs.Tensor] = {}
-
-    def recognise(self, mask: gs.Tensor) -> tuple[gs.Tensor, float] | str:
-        """(the 2-D mask input, the masked value) or a decline reason."""
-        if mask.name not in self.probed:
-            self.probed[mask.name] = self._probe(mask)
-        return self.probed[mask.name]
-
-    def _probe(self, mask: gs.Tensor) -> tuple[gs.Tensor, float] | str:
-        if constant_value(mask) is not None:
-            return "mask-constant"
-        found = cone(mask)
-        if found is None:
-            return "mask-not-key-padding"
-        inputs = found[1]
-        two_d = [t for t in inputs if t.shape is not None and len(t.shape) == 2]
-        if not two_d or len(inputs) > 2:
-            return "mask-not-key-padding"
-        # the mask input, then a same-shaped input the mask reads only for its shape (input_ids)
-        rng = np.random.default_rng(self.ctx.seed)
-        for source in two_d:
-            others = [t for t in inputs if t is not source]
-            if any(t.shape != source.shape for t in others):
-                continue
-            b = source.shape[0] if isinstance(source.shape[0], int) else 2
-            s = source.shape[1] if isinstance(source.shape[1], int) else 5
-            keeps = [rng.random((b, s)) < 0.6 for _ in range(2)]
-            for keep in keeps:  # every row keeps a token; some token is masked
-                keep[:, 0] = True
-                keep[-1, -1] = s == 1
-            feeds = [{source.name: keep.astype(source.dtype or np.int64),
-                      **{t.name: np.zeros((b, s), t.dtype or np.int64) for t in others}} for keep in keeps]
-            values = probe(self.graph, mask, feeds, self.ctx.opset)
-            if values is None:
-                continue
-            fill = _key_padding_fill(values, keeps)
-            if fill is not None:
-                return source, fill
-        return "mask-not-key-padding"
-
-    def index(self, source: gs.Tensor) -> gs.Tensor:
-        """``source`` as the int32 mask the contrib ops read (one Cast for all layers)."""
-        if source.dtype is not None and np.dtype(source.dtype) == np.int32:
-            return source
-        if source.name not in self.casts:
-            name = self.ctx.names.fresh(f"{source.name}_int32")
-            self.casts[source.name] = cast(self.graph, source, onnx.TensorProto.INT32, name)
-        return self.casts[source.name]
-
-
-def _key_padding_fill(values: list[np.ndarray], keeps: list[np.ndarray]) -> float | None:
-    """The masked value when every probe is 0 where kept and one value <= MASKED_MAX elsewhere."""
-    fills: set[float] = set()
-    for value, keep in zip(values, keeps, strict=True):
-        if value.ndim != 4 or value.dtype != np.float32 or value.shape[1] != 1:
-            return None
-        expected = keep[:, None, None, :]
-        try:
-            value, expected = np.broadcast_arrays(value, expected)
-        except ValueError:
-            return None
-        if np.any(value[expected] != 0) or not np.all(value[~expected] <= MASKED_MAX):
-            return None
-        fills.update(np.unique(value[~expected]).tolist())
-    if len(fills) != 1:
-        return None
-    fill = fills.pop()
-    return float(np.finfo(np.float32).min) if np.isinf(fill) else fill
-
-
 def _packed(m: _Match) -> tuple[np.ndarray, np.ndarray] | str | None:
     """Attention's [K, 3H] weight and [3H] bias, a reason MultiHeadAttention must do, or None."""
     heads = (m.q, m.k, m.v)
@@ -391,7 +310,7 @@ class FuseOrtAttentionPass(Pass):
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         stats: Counter[str] = Counter()
-        masks = _Masks(graph, ctx)
+        masks = KeyPaddingMasks(graph, ctx)
         for softmax in [n for n in graph.nodes if op_is(n, "Softmax")]:
             m = _match(graph, softmax, ctx.opset)
             if m is None:
@@ -413,7 +332,7 @@ class FuseOrtAttentionPass(Pass):
         return PassResult(changed=fused > 0, stats=dict(stats))
 
 
-def _fuse(graph: gs.Graph, m: _Match, mask: tuple[gs.Tensor, float] | None, masks: _Masks,
+def _fuse(graph: gs.Graph, m: _Match, mask: tuple[gs.Tensor, float] | None, masks: KeyPaddingMasks,
           ctx: PassContext) -> str:
     attrs: dict[str, object] = {"num_heads": m.q.heads, "scale": float(m.scale)}
     mask_input: gs.Tensor = gs.Variable.empty()
