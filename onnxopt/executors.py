@@ -23,12 +23,15 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import contextlib
 import dataclasses
+import json
 import multiprocessing
 import os
 import socket
+import time
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -41,6 +44,10 @@ Each = Callable[[int, Any], None]
 EXECUTORS = ("local", "processes", "ray")
 PACK_MIN_BYTES = 1024  # initializers at least this big travel as arrays beside the protobuf
 MODEL_CACHE = 2  # unpacked models a worker keeps (the step's base and one candidate)
+# a head that has not answered for this long is a lost cluster: said in one line before Ray's own
+# client gives up on it (60 s) and ends the process without a word
+LOST_AFTER = 15.0
+POLL = 2.0
 
 
 class ClusterError(OnnxoptError):
@@ -157,16 +164,57 @@ def cores() -> int:
         return os.cpu_count() or 1
 
 
+# ---------------------------------------------------------------- the driver's machine measurements
+
+
+def measurements() -> dict[str, Any]:
+    """What this machine has measured so far (``onnxopt.machine``'s cache): tasks use these values.
+
+    Some passes choose by a per-machine micro-benchmark (prune-channels' channel multiple, ...).
+    Every task runs with the driver's results, so a node with another CPU builds the same
+    candidates; the driver runs each pass once before its tasks, so they are measured by then.
+    """
+    from onnxopt import machine
+
+    try:
+        entries = json.loads((machine.cache_dir() / f"{machine.fingerprint()}.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return entries if isinstance(entries, dict) else {}
+
+
+@contextlib.contextmanager
+def measured_as(pins: Mapping[str, Any]) -> Iterator[None]:
+    """``onnxopt.machine.measured`` answers from ``pins`` (the driver's results) while a task runs."""
+    from onnxopt import machine
+
+    original = machine.measured
+
+    def measured(key: str, measure: Callable[[], dict[str, Any]], version: int = 1) -> dict[str, Any]:
+        hit = pins.get(key)
+        if isinstance(hit, dict) and hit.get("version") == version and isinstance(hit.get("result"), dict):
+            return hit["result"]
+        return original(key, measure, version)
+
+    machine.measured = measured  # the passes call it through the module
+    try:
+        yield
+    finally:
+        machine.measured = original
+
+
 _installed: tuple[Any, ...] = ()
+_pins: dict[str, Any] = {}
 
 
-def _install(shared: tuple[Any, ...]) -> None:
-    global _installed
-    _installed = shared
+def _install(shared: tuple[Any, ...], pins: dict[str, Any]) -> None:
+    global _installed, _pins
+    _installed, _pins = shared, pins
 
 
 def _pool_call(fn: Callable[..., Any], item: Any) -> Any:
-    return fn(*_installed, item)
+    with measured_as(_pins):
+        return fn(*_installed, item)
 
 
 class ProcessPool(Executor):
@@ -188,8 +236,9 @@ class ProcessPool(Executor):
         # forkserver: no fork of this process's onnxruntime threads; a fresh pool per map, so a
         # worker holds one set of shared inputs at a time
         ctx = multiprocessing.get_context("forkserver")
-        with concurrent.futures.ProcessPoolExecutor(min(self.workers, len(items)), mp_context=ctx,
-                                                    initializer=_install, initargs=(tuple(shared),)) as pool:
+        with concurrent.futures.ProcessPoolExecutor(
+                min(self.workers, len(items)), mp_context=ctx, initializer=_install,
+                initargs=(tuple(shared), measurements())) as pool:
             futures = [pool.submit(_pool_call, fn, item) for item in items]
             index = {f: i for i, f in enumerate(futures)}
             try:
@@ -212,9 +261,10 @@ def _arrived(index: int, result: Any, done: int, total: int, tick: Tick | None, 
         tick(done, total)
 
 
-def _ray_call(fn: Callable[..., Any], *args: Any) -> Any:
+def _ray_call(fn: Callable[..., Any], pins: Mapping[str, Any], *args: Any) -> Any:
     """What runs on a Ray worker: the task with its shared inputs resolved from the object store."""
-    return fn(*args)
+    with measured_as(pins):
+        return fn(*args)
 
 
 class RayExecutor(Executor):
@@ -246,6 +296,8 @@ class RayExecutor(Executor):
                 where = f"at {address}" if address not in (None, "auto") else "on this machine (--ray-address auto)"
                 raise ClusterError(f"no Ray cluster {where}: {_first_line(e)}; start one with "
                                    "'ray start --head' or give --ray-address HOST:PORT") from None
+        self.gcs = ray.get_runtime_context().gcs_address
+        self.lost = False
         self.workers = int(ray.cluster_resources().get("CPU", 1))
         if measure_on is not None and not ray.cluster_resources().get(measure_on):
             self.close()
@@ -267,11 +319,16 @@ class RayExecutor(Executor):
                                     resources=dict(resources or {}))
         refs: list[Any] = []
         try:
-            refs = [task.remote(fn, *shared, item) for item in items]
+            pins = ray.put(measurements())  # once per map: the driver's per-machine choices
+            refs = [task.remote(fn, pins, *shared, item) for item in items]
             index = {ref: i for i, ref in enumerate(refs)}
-            pending, done = list(refs), 0
+            pending, done, silent = list(refs), 0, None
             while pending:
-                ready, pending = ray.wait(pending, num_returns=1)
+                ready, pending = ray.wait(pending, num_returns=1, timeout=POLL)
+                if not ready:
+                    silent = self._alive(silent)
+                    continue
+                silent = None
                 done += len(ready)
                 _arrived(index[ready[0]], ray.get(ready[0]) if each else None, done, len(refs), tick, each)
             return ray.get(refs)  # in item order, whatever finished first
@@ -288,6 +345,19 @@ class RayExecutor(Executor):
             raise ClusterError(f"the Ray cluster failed ({type(e).__name__}: {_first_line(e)}); "
                                "nothing was written") from None
 
+    def _alive(self, silent: float | None) -> float | None:
+        """None while the head answers; else since when it has not (``ClusterError`` past ``LOST_AFTER``)."""
+        try:
+            _reachable(self.gcs, timeout=POLL)
+            return None
+        except OSError:
+            now = time.monotonic()
+            if silent is not None and now - silent > LOST_AFTER:
+                self.lost = True
+                raise ClusterError(f"lost the Ray cluster: its head at {self.gcs} has not answered for "
+                                   f"{LOST_AFTER:.0f} s; nothing was written") from None
+            return silent if silent is not None else now
+
     def pinned(self) -> dict[str, float]:
         """The resources a latency task asks for: one unit of ``measure_on``, if given."""
         return {self.measure_on: 1.0} if self.measure_on else {}
@@ -296,7 +366,7 @@ class RayExecutor(Executor):
         return f"Ray at {self.address or 'a local instance'} ({self.workers} CPUs)"
 
     def close(self) -> None:
-        if self.owns and self.ray.is_initialized():
+        if self.owns and self.ray.is_initialized() and not self.lost:  # a lost head: shutdown would wait on it
             self.ray.shutdown()
 
 

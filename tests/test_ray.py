@@ -8,10 +8,12 @@ candidates and the same bytes written.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
 import os
+import signal
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -32,6 +34,7 @@ ray = pytest.importorskip("ray", reason="the [ray] extra is not installed (pip i
 ROOT = Path(__file__).resolve().parents[1]
 MODEL, DATA = ROOT / "models" / "digits_cnn.onnx", ROOT / "models" / "digits_val.npz"
 NODE_MEMORY = 80 * 2**20
+PRUNE = {"round_to": 1}
 
 
 @dataclasses.dataclass
@@ -69,7 +72,8 @@ def _fixed_latency(models: Any, feeds: Any) -> dict[str, Latency]:
 def _run(tmp: Path, name: str, executor: Executor | None, **kw: Any) -> tuple[driver_mod.CompressResult, bytes]:
     out = tmp / f"{name}.onnx"
     kw.setdefault("measure", _fixed_latency)
-    r = compress(MODEL, out, "prune:0.5", eval_data=DATA, executor=executor, **kw)
+    # round_to given: tests/conftest.py pins the measured channel multiple to 1 in this process only
+    r = compress(MODEL, out, "prune:0.5", eval_data=DATA, executor=executor, pass_options=PRUNE, **kw)
     return r, out.read_bytes()
 
 
@@ -218,7 +222,8 @@ def test_optimize_many_on_ray_matches_the_local_run(cluster: _Cluster, tmp_path)
         (src / sub / "digits.onnx").write_bytes(MODEL.read_bytes())
     options = {"data": str(DATA), "calibration_data": None, "input_shapes": {}, "level": 1, "repeats": 5,
                "threads": 1, "verify_each": False, "seed": 0, "exact_tolerance": {"atol": 1e-4, "rtol": 1e-3},
-               "bench": False, "force": True, "max_accuracy_drop": None, "min_cosine": 0.99}
+               "bench": False, "force": True, "max_accuracy_drop": None, "min_cosine": 0.99,
+               "pass_options": PRUNE}
     local = run(str(src / "**" / "*.onnx"), tmp_path / "local", ["prune:0.5"], options)
     with RayExecutor(cluster.address) as ex:
         remote = run(str(src / "**" / "*.onnx"), tmp_path / "ray", ["prune:0.5"], options, ex)
@@ -264,3 +269,74 @@ def test_ctrl_c_cancels_the_tasks_still_running(cluster: _Cluster, tmp_path) -> 
             ex.map(_mark_after, [0, 1, 2, 3], [str(tmp_path)], tick=interrupt)
         time.sleep(4.5)
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # none of the slow tasks finished
+
+
+def _children(pid: int) -> list[int]:
+    """The processes whose parent is ``pid`` (from /proc)."""
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                out.append(int(stat.parent.name))
+    return out
+
+
+def test_a_lost_cluster_is_one_line_and_nothing_is_written(cluster: _Cluster, tmp_path, monkeypatch) -> None:
+    """Its own cluster, whose head dies once the sweep is under way (the module's cluster is left alone)."""
+    import time
+
+    from ray.cluster_utils import Cluster
+
+    from onnxopt import executors
+
+    monkeypatch.setattr(executors, "LOST_AFTER", 4.0)
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "object_store_memory": NODE_MEMORY})
+    start = time.monotonic()
+    strays: list[list[int]] = []
+    try:
+        worker = c.add_node(num_cpus=1, object_store_memory=NODE_MEMORY)
+
+        def kill_head(done: int, total: int) -> None:
+            if done == 1:
+                # the agents of both raylets outlive a killed head: remembered, to be ended below
+                strays.extend(_children(n.all_processes["raylet"][0].process.pid) for n in (c.head_node, worker))
+                c.head_node.kill_gcs_server()
+                c.head_node.kill_raylet()
+
+        with RayExecutor(c.address) as ex, pytest.raises(ClusterError) as e:
+            compress(MODEL, tmp_path / "o.onnx", "prune:0.5", eval_data=DATA, executor=ex, tick=kill_head,
+                     measure=_fixed_latency, pass_options=PRUNE)
+        assert time.monotonic() - start < 50  # said before Ray's client gives up (60 s) and ends the process
+    finally:
+        ray.shutdown()
+        c.shutdown()
+        for pid in (p for group in strays for p in group):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    message = str(e.value)
+    assert "\n" not in message
+    assert message.endswith("nothing was written")
+    assert message.startswith(("lost the Ray cluster: its head at", "the Ray cluster failed"))
+    assert list(tmp_path.iterdir()) == []
+
+
+def _asks_the_machine(_item: int) -> dict[str, Any]:
+    from onnxopt import machine
+
+    return machine.measured("test-pinned-key", lambda: {"x": "measured on the worker"}, version=3)
+
+
+def test_tasks_use_the_drivers_machine_measurements(cluster: _Cluster, monkeypatch) -> None:
+    """A per-machine choice (prune's channel multiple, ...) is the driver's on every node."""
+    from onnxopt import executors, machine
+
+    original = machine.measured
+    pins = {"test-pinned-key": {"version": 3, "result": {"x": "the driver's"}}}
+    monkeypatch.setattr(executors, "measurements", lambda: pins)
+    with RayExecutor(cluster.address) as ex:
+        assert ex.map(_asks_the_machine, [0, 1, 2]) == [{"x": "the driver's"}] * 3
+    # in process: a pin of another version is not used (measured; no cache written)
+    monkeypatch.setenv("ONNXOPT_NO_MEASURE_CACHE", "1")
+    with executors.measured_as({"test-pinned-key": {"version": 2, "result": {"x": "old"}}}):
+        assert _asks_the_machine(0) == {"x": "measured on the worker"}
+    assert machine.measured is original  # restored after the task
