@@ -20,6 +20,7 @@ from onnxopt.passes.fuse_hardswish import FuseHardSwishPass
 from onnxopt.passes.fuse_gelu import FuseGeluPass
 from onnxopt.passes.fuse_layernorm import FuseLayerNormPass
 from onnxopt.passes.fuse_swish import FuseSwishPass
+from onnxopt.passes.fold_reshape_target import FoldReshapeTargetPass
 from onnxopt.passes.fuse_batched_matmul_add import FuseBatchedMatMulAddPass
 from onnxopt.passes.fuse_shape_chains import FuseShapeChainsPass
 from onnxopt.passes.quantize_qdq import QuantizeQDQPass
@@ -47,6 +48,7 @@ ALL_PASSES = (
     FuseGeluPass,
     FuseLayerNormPass,
     FuseSwishPass,
+    FoldReshapeTargetPass,
     FuseBatchedMatMulAddPass,
     FuseShapeChainsPass,
     EliminateDeadCodePass,

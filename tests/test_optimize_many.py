@@ -121,3 +121,21 @@ def test_measure_on_needs_ray(tree: Path) -> None:
     assert res.exit_code == 1
     assert "--measure-on pins latency tasks to Ray nodes; add --executor ray" in res.output
     assert not (tree / "opt" / "a").exists()
+
+
+def test_without_a_method_the_lossless_passes_run_and_match_the_source(tree: Path) -> None:
+    import numpy as np
+
+    from onnxopt.runtime import session
+
+    res = CliRunner().invoke(app, ["optimize-many", str(tree / "models" / "b" / "mlp.onnx"), "--out-dir",
+                                   str(tree / "opt"), "--no-bench"])
+    assert res.exit_code == 0, res.output
+    with (tree / "opt" / many.SUMMARY).open() as f:
+        (row,) = list(csv.DictReader(f))
+    assert row["status"] == "optimized"
+    assert row["latency_ratio"] == ""  # --no-bench
+    x = np.random.default_rng(1).standard_normal((1, 16)).astype(np.float32)
+    want = session(tree / "models" / "b" / "mlp.onnx").run(None, {"x": x})[0]
+    got = session(Path(row["output"])).run(None, {"x": x})[0]
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
