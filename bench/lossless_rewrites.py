@@ -34,8 +34,8 @@ NOISE = 1.02  # ratios within 2% count as equal (interleaved medians on a shared
 LAYERS = 4    # each model repeats its pattern this many times, so per-op overheads add up
 
 
-def _model(build: Callable[[str, int, list, list], str], x_shape: Sequence[int], opset: int,
-           y_shape: Sequence[int] | None = None) -> onnx.ModelProto:
+def _model(build: Callable[[str, int, list, list], str], x_shape: Sequence[int | str], opset: int,
+           y_shape: Sequence[int | str] | None = None) -> onnx.ModelProto:
     nodes: list[onnx.NodeProto] = []
     inits: list[onnx.TensorProto] = []
     x = "x"
@@ -146,6 +146,16 @@ def layernorm(x: str, i: int, nodes: list, inits: list) -> str:
     return _node(nodes, "Add", [g, _const(inits, f"b{i}", rng.standard_normal(384) * 0.1)], f"ln{i}")
 
 
+def dynamic_flatten(x: str, i: int, nodes: list, inits: list) -> str:
+    """torch's ``x.view(x.size(0), -1)`` between two Relus, as the exporters write it."""
+    s = _node(nodes, "Shape", [x], f"s{i}")
+    lead = _node(nodes, "Slice", [s, _const_i64(inits, f"st{i}", [0]), _const_i64(inits, f"en{i}", [1])], f"l{i}")
+    t = _node(nodes, "Concat", [lead, _const_i64(inits, f"tail{i}", [-1])], f"t{i}", axis=0)
+    f = _node(nodes, "Reshape", [x, t], f"f{i}")
+    back = _node(nodes, "Concat", [lead, _const_i64(inits, f"chw{i}", [64, 56, 64])], f"b{i}", axis=0)
+    return _node(nodes, "Relu", [_node(nodes, "Reshape", [f, back], f"r{i}")], f"o{i}")
+
+
 def matmul_bias(x: str, i: int, nodes: list, inits: list) -> str:
     w = _const(inits, f"w{i}", np.random.default_rng(i).standard_normal((384, 384)) * 0.05)
     m = _node(nodes, "MatMul", [x, w], f"mm{i}")
@@ -161,7 +171,7 @@ def matmul_gemm(x: str, i: int, nodes: list, inits: list) -> str:
 
 
 # (row, before builder, after: a pass name run on "before" or a builder, input shape, opset)
-ROWS: tuple[tuple[str, Callable, str | Callable, tuple[int, ...], int], ...] = (
+ROWS: tuple[tuple[str, Callable, str | Callable, tuple[int | str, ...], int], ...] = (
     ("x * a / b (chain)", chain_mul, "fold-arithmetic-chains", (1, 64, 56, 64), 17),
     ("x + a - b (chain)", chain_add, "fold-arithmetic-chains", (1, 64, 56, 64), 17),
     ("Conv -> Mul per channel", conv_scale, "fold-scale", (1, 32, 56, 56), 17),
@@ -174,11 +184,13 @@ ROWS: tuple[tuple[str, Callable, str | Callable, tuple[int, ...], int], ...] = (
     ("Gelu tanh form -> Gelu(tanh)", gelu_tanh, "fuse-gelu", (1, 128, 1536), 20),
     ("LayerNorm decomposed -> LayerNormalization", layernorm, "fuse-layernorm", (1, 128, 384), 17),
     ("x * Sigmoid(x) -> Swish", silu, "fuse-swish", (1, 32, 56, 56), 24),
+    ("Reshape(x, Concat(Shape(x)[:1], [-1])) -> Reshape(x, [0, -1])", dynamic_flatten, "fold-reshape-target",
+     ("N", 64, 56, 64), 17),
     ("MatMul + bias 3-D -> Reshape Gemm Reshape", matmul_bias, matmul_gemm, (1, 128, 384), 17),
 )
 
 
-def after(before: onnx.ModelProto, how: str | Callable, shape: tuple[int, ...], opset: int) -> tuple[onnx.ModelProto, str]:
+def after(before: onnx.ModelProto, how: str | Callable, shape: tuple[int | str, ...], opset: int) -> tuple[onnx.ModelProto, str]:
     """The rewritten model and what did it (the pass's stats, or 'hand-built')."""
     if callable(how):
         return _model(how, shape, opset), "hand-built (onnxsim's form)"
@@ -197,8 +209,10 @@ def run(repeats: int) -> list[dict[str, object]]:
     for label, build, how, shape, opset in ROWS:
         before = _model(build, shape, opset)
         rewritten, note = after(before, how, shape, opset)
-        assert_equivalent(before, rewritten, atol=1e-4, rtol=1e-4)  # never time a wrong rewrite
-        feeds = [{"x": np.random.default_rng(0).standard_normal(shape).astype(np.float32)}]
+        assert_equivalent(before, rewritten, atol=1e-4, rtol=1e-4,  # never time a wrong rewrite
+                          shapes={"x": [1 if isinstance(d, str) else d for d in shape]})
+        concrete = [1 if isinstance(d, str) else d for d in shape]  # a named dim is dynamic: batch 1
+        feeds = [{"x": np.random.default_rng(0).standard_normal(concrete).astype(np.float32)}]
         ms = measure_latency({"before": before, "after": rewritten}, feeds, repeats=repeats, max_seconds=20)
         ratio = ms["after"].median_ms / ms["before"].median_ms
         rows.append({"row": label, "before_ms": ms["before"].median_ms, "after_ms": ms["after"].median_ms,

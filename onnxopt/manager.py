@@ -47,6 +47,7 @@ PRESETS: dict[int, tuple[str, ...]] = {
         "fuse-matmul-add",
         "fuse-batched-matmul-add",
         "fuse-pad",
+        "fold-reshape-target",
         "fuse-shape-chains",
         "eliminate-dead-code",
     ),
