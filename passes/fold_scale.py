@@ -90,6 +90,8 @@ def _channel_scale(prod: gs.Node, s: np.ndarray, w: np.ndarray) -> np.ndarray | 
 
 
 def _decline(graph: gs.Graph, prod: gs.Node, node: gs.Node, s: np.ndarray | None) -> str | None:
+    if s is None:
+        return "non-constant"  # first: x * HardSigmoid(x) after a Conv is no scale, shared or not
     z = prod.outputs[0]
     if is_graph_output(graph, z):
         return "graph-output"
@@ -97,7 +99,7 @@ def _decline(graph: gs.Graph, prod: gs.Node, node: gs.Node, s: np.ndarray | None
         return "conv-output-shared"
     w = constant_value(prod.inputs[1]) if len(prod.inputs) > 1 else None
     bias = _bias(prod)
-    if s is None or w is None or (bias is not None and constant_value(bias) is None):
+    if w is None or (bias is not None and constant_value(bias) is None):
         return "non-constant"
     if len(prod.inputs[1].outputs) != 1:
         return "shared-weight"
