@@ -131,7 +131,7 @@ def test_conv_bn_relu_chain_removes_zero_channels_exactly(opset: int, batch: int
     assert stats["skipped:graph-output"] == 1
     assert notes["groups"]["c1"] == {
         "channels": 8, "kept": 6, "params_removed": 2 * (3 * 9 + 1 + 4 + 8 * 9),
-        "macs_removed": 2 * 64 * (27 + 72)}
+        "macs_removed": 2 * 64 * (27 + 72), "multiple": 1, "min_channels": 1}
     assert notes["frozen"] == {"c3": "graph-output"}
 
 
