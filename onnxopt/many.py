@@ -343,7 +343,8 @@ def _print(result: ManyResult, quiet: bool) -> None:
 
     if not quiet:
         root = os.path.commonpath([str(Path(r["model"]).parent) for r in result.rows])
-        rows = [[os.path.relpath(r["model"], root), r["status"], "" if r["latency_ratio"] is None else f"{r['latency_ratio']:.2f}x",
+        rows = [[os.path.relpath(r["model"], root), r["status"],
+                 "" if r["latency_ratio"] is None else f"{r['latency_ratio']:.2f}x",
                  f"{cli._fmt_bytes(r['size_before'])} -> {cli._fmt_bytes(r['size_after'])}"
                  if r.get("size_after") is not None else "", r["fidelity"] or "", r["reason"] or ""]
                 for r in result.rows]
