@@ -26,6 +26,12 @@ Results are cached in a dict the caller keeps, per tensor, under a key made of t
 fingerprint (graph structure *and* weight contents: pruning keeps tensor names but
 changes dims and values), the feeds fingerprint, the layout, ``max_rows`` and ``seed``.
 The cached arrays are read-only; a request runs the model only for the tensors missing.
+
+``Stepwise`` serves sequential refits, where each layer's input must come from the model
+with the layers before it already changed: it runs a live graph a stretch at a time, keeps
+what later stretches read, and after a weight change runs only what depends on it (about
+one pass of the model for all layers, instead of one per layer). ``sample`` draws the rows of
+any stream of runs as ``capture`` does.
 """
 
 from __future__ import annotations
