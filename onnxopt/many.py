@@ -64,6 +64,9 @@ class Job:
     methods: tuple[str, ...]  # ("prune:0.3", "int8"); () runs the lossless passes
     options: dict[str, Any]  # keyword arguments of compress / optimize_file (JSON-able)
     measure_on: str | None = None  # a Ray resource the latency task is pinned to
+    # on a cluster: the model (and its external data) and its data files as bytes, so a node
+    # needs no shared filesystem; the written files come back the same way ("files" of the row)
+    files: dict[str, bytes] | None = None
 
 
 def find_models(pattern: str, out_dir: Path) -> tuple[list[Path], Path]:
@@ -82,12 +85,11 @@ def find_models(pattern: str, out_dir: Path) -> tuple[list[Path], Path]:
     return found, Path(*fixed) if fixed else Path(".")
 
 
-def content_hash(path: Path) -> str:
-    """sha256 of the model file and of every external-data file it names."""
+def model_files(path: Path) -> dict[str, bytes]:
+    """The model file and every external-data file it names (relative name -> bytes)."""
     import onnx
 
-    h = hashlib.sha256()
-    h.update(path.read_bytes())
+    files = {path.name: path.read_bytes()}
     try:
         model = onnx.load(str(path), load_external_data=False)
         locations = sorted({e.value for t in model.graph.initializer for e in t.external_data
@@ -95,10 +97,17 @@ def content_hash(path: Path) -> str:
     except Exception:  # not loadable: its bytes are its identity; run_job says why
         locations = []
     for loc in locations:
-        data = path.parent / loc
-        if data.is_file():
-            h.update(loc.encode())
-            h.update(data.read_bytes())
+        if (path.parent / loc).is_file():
+            files[loc] = (path.parent / loc).read_bytes()
+    return files
+
+
+def content_hash(path: Path) -> str:
+    """sha256 of the model file and of every external-data file it names."""
+    h = hashlib.sha256()
+    for name, data in model_files(path).items():
+        h.update(name.encode())
+        h.update(data)
     return h.hexdigest()
 
 
@@ -120,8 +129,60 @@ def _resolve_data(template: str | None, model: Path) -> str | None:
     return path
 
 
+def shipped(job: Job) -> Job:
+    """``job`` with its model, external data and data files as bytes (for nodes without its paths)."""
+    files = {f"model/{k}": v for k, v in model_files(Path(job.source)).items()}
+    options = dict(job.options)
+    for key in ("data", "calibration_data"):
+        path = _resolve_data(options[key], Path(job.source))
+        if path is None:
+            continue
+        p = Path(path)
+        found = [p] if p.is_file() else sorted(f for f in p.rglob("*") if f.is_file())
+        files |= {f"{key}/{p.name}/{f.relative_to(p)}" if p.is_dir() else f"{key}/{p.name}": f.read_bytes()
+                  for f in found}
+        options[key] = f"{key}/{p.name}"  # relative to the task's directory; no {stem} left
+    return dataclasses.replace(job, options=options, files=files)
+
+
 def run_job(job: Job) -> dict[str, Any]:
-    """Optimize one model where the task runs; a refused model is a "failed" row, not an exception."""
+    """Optimize one model where the task runs; a refused model is a "failed" row, not an exception.
+
+    A shipped job (``files``) runs in a temporary directory and returns what it wrote as bytes.
+    """
+    if job.files is None:
+        return _run_here(job)
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="onnxopt-many-") as tmp:
+        for name, data in job.files.items():
+            (Path(tmp) / name).parent.mkdir(parents=True, exist_ok=True)
+            (Path(tmp) / name).write_bytes(data)
+        model = Path(tmp) / "model" / Path(job.source).name
+        out = Path(tmp) / "out" / Path(job.output).name
+        options = {k: (str(Path(tmp) / v) if k in ("data", "calibration_data") and v else v)
+                   for k, v in job.options.items()}
+        row = _run_here(dataclasses.replace(job, source=str(model), output=str(out), options=options, files=None))
+        written = {f.name: f.read_bytes() for f in out.parent.iterdir()} if out.exists() else {}
+    row["reason"] = row["reason"] and row["reason"].replace(str(model), job.source).replace(str(out), job.output)
+    return row | {"model": job.source, "output": job.output, "files": written}
+
+
+def _land(row: dict[str, Any]) -> dict[str, Any]:
+    """Write what a shipped job returned to its output path (atomically); the row without the bytes."""
+    from onnxopt.io import staged_output
+
+    files = row.pop("files", None)
+    if files:
+        dst = Path(row["output"])
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        with staged_output(dst) as staged:
+            for name, data in files.items():
+                (staged.parent / name).write_bytes(data)
+    return row
+
+
+def _run_here(job: Job) -> dict[str, Any]:
     from onnxopt.executors import ClusterError
 
     start = time.perf_counter()
@@ -227,6 +288,8 @@ def run(pattern: str, out_dir: Path, methods: Sequence[str], options: Mapping[st
         tick: Callable[[int, int], None] | None = None, say: Callable[[str], None] | None = None,
         ) -> ManyResult:
     """Optimize every model ``pattern`` matches into ``out_dir``; skip those already done."""
+    from onnxopt.executors import InProcess
+
     out_dir.mkdir(parents=True, exist_ok=True)
     models, root = find_models(pattern, out_dir)
     if not models:
@@ -237,20 +300,30 @@ def run(pattern: str, out_dir: Path, methods: Sequence[str], options: Mapping[st
         rel = m.resolve().relative_to(root.resolve()) if root.resolve() in m.resolve().parents else Path(m.name)
         key = job_key(content_hash(m), methods, options, str(rel))
         jobs.append(Job(str(m), str(out_dir / rel), key, tuple(methods), dict(options), measure_on))
+    ex = executor or InProcess()
     reused = {j.key: done[j.key] for j in jobs
               if j.key in done and (done[j.key]["status"] == "failed" or Path(done[j.key]["output"]).exists())}
     todo = [j for j in jobs if j.key not in reused]
+    fresh: dict[str, dict[str, Any]] = {}
+    if ex.remote:  # a cluster's nodes need not see these paths: the files travel with the task
+        ready = []
+        for j in todo:
+            try:
+                ready.append(shipped(j))
+            except (OnnxoptError, OSError) as e:  # its data file is missing: a failed row, the others go on
+                fresh[j.key] = {c: None for c in COLUMNS} | {
+                    "model": j.source, "output": j.output, "key": j.key, "status": "failed",
+                    "reason": (str(e).splitlines() or [type(e).__name__])[0]}
+                _record(out_dir, fresh[j.key])
+        todo = ready
     if say is not None:
         say(f"{len(todo)} of {len(jobs)} models to optimize ({len(reused)} done earlier)")
-    fresh: dict[str, dict[str, Any]] = {}
 
     def each(i: int, row: dict[str, Any]) -> None:
+        row = _land(row)  # the output is in place before the model counts as finished
         _record(out_dir, row)
         fresh[todo[i].key] = row
 
-    from onnxopt.executors import InProcess
-
-    ex = executor or InProcess()
     ex.map(run_job, todo, (), tick, each=each)
     rows = [reused.get(j.key) or fresh[j.key] for j in jobs]
     path = out_dir / SUMMARY

@@ -213,7 +213,8 @@ def test_a_process_pool_makes_the_same_decisions(local_run, tmp_path) -> None:
     assert written == local_run[1]
 
 
-def test_optimize_many_on_ray_matches_the_local_run(cluster: _Cluster, tmp_path) -> None:
+def test_optimize_many_on_ray_matches_the_local_run(cluster: _Cluster, tmp_path, monkeypatch) -> None:
+    from onnxopt import many
     from onnxopt.many import run
 
     src = tmp_path / "models"
@@ -225,8 +226,19 @@ def test_optimize_many_on_ray_matches_the_local_run(cluster: _Cluster, tmp_path)
                "bench": False, "force": True, "max_accuracy_drop": None, "min_cosine": 0.99,
                "pass_options": PRUNE}
     local = run(str(src / "**" / "*.onnx"), tmp_path / "local", ["prune:0.5"], options)
+    # the cluster's tasks get the models as bytes: once shipped, the files leave the paths they had
+    # (a node without a shared filesystem), and the outputs come back to this process
+    real_shipped = many.shipped
+
+    def ship_then_hide(job: many.Job) -> many.Job:
+        out = real_shipped(job)
+        Path(job.source).rename(Path(job.source).with_suffix(".away"))
+        return out
+
+    monkeypatch.setattr(many, "shipped", ship_then_hide)
     with RayExecutor(cluster.address) as ex:
         remote = run(str(src / "**" / "*.onnx"), tmp_path / "ray", ["prune:0.5"], options, ex)
+    assert sorted(p.name for p in src.rglob("*")) == ["a", "b", "digits.away", "digits.away"]
 
     def same(row: dict[str, Any]) -> tuple[Any, ...]:
         return row["model"], row["status"], row["size_after"], row["fidelity"], row["reason"]
