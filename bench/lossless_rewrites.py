@@ -368,9 +368,9 @@ def render_peers(rows: list[dict[str, object]]) -> str:
         "opset 20 so that HardSwish, Gelu and LayerNormalization can be written). *ms l1+gemm3d*: level 1 with "
         f"`{' '.join('--pass ' + u for u in GEMM3D)}`, on the models where `fuse-batched-matmul-add` declined "
         "(`skipped:not-faster`): what onnxsim's rewrite would give on its own.", "",
-        "Whole-model medians moved by several percent between six runs of this table on 2026-12-04 (the 2-core machine "
-        "is shared), e.g. ddddocr-rec level 1 / original 0.96 to 1.06 and MiniLM 0.95 to 1.03; what held in every "
-        "run: level 1 at 0.89 to 0.92 on the PP-OCRv4 detector and recognizer, and l1+upgrade at 0.66 to 0.69 on "
+        "Whole-model medians moved by several percent between seven runs of this table on 2026-12-04 (the 2-core machine "
+        "is shared), e.g. ddddocr-rec level 1 / original 0.96 to 1.06 and MiniLM 0.94 to 1.03; what held in every "
+        "run: level 1 at 0.89 to 0.93 on the PP-OCRv4 detector and recognizer, and l1+upgrade at 0.65 to 0.69 on "
         "layout-cdla and 0.72 to 0.74 on ppocr-v2-cls.", "",
         "| model | nodes orig / l1 / sim / slim | ms orig | ms l1 | ms l1+upgrade | ms l1+gemm3d | ms onnxsim "
         "| ms onnxslim | diff l1 / l1+upgrade / l1+gemm3d | ops that differ | note |",
