@@ -190,7 +190,8 @@ ROWS: tuple[tuple[str, Callable, str | Callable, tuple[int | str, ...], int], ..
 )
 
 
-def after(before: onnx.ModelProto, how: str | Callable, shape: tuple[int | str, ...], opset: int) -> tuple[onnx.ModelProto, str]:
+def after(before: onnx.ModelProto, how: str | Callable, shape: tuple[int | str, ...],
+          opset: int) -> tuple[onnx.ModelProto, str]:
     """The rewritten model and what did it (the pass's stats, or 'hand-built')."""
     if callable(how):
         return _model(how, shape, opset), "hand-built (onnxsim's form)"
@@ -225,7 +226,8 @@ def run(repeats: int) -> list[dict[str, object]]:
 def render(rows: list[dict[str, object]], command: str, seconds: float) -> str:
     from onnxopt import machine
 
-    git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO).stdout.strip()
+    git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                         cwd=REPO).stdout.strip()
     lines = [
         "# Lossless rewrites: do they pay in onnxruntime on this CPU?", "",
         f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC",
@@ -363,12 +365,14 @@ def render_peers(rows: list[dict[str, object]]) -> str:
         "bench/RESULTS.md input, MiniLM on its evaluation sentences, corpus models at the shape `onnxopt optimize` "
         "chooses). *ops that differ*: node counts per op type where level 1 and a peer differ "
         "(level 1 / onnxsim / onnxslim; original in brackets). *diff*: the largest |difference| of an output "
-        "against the original's, over max |original output| (onnxruntime, optimizations off). *ms l1+upgrade*: level 1 with "
+        "against the original's, over max |original output| (onnxruntime, optimizations off). "
+        "*ms l1+upgrade*: level 1 with "
         f"`{' '.join('--pass ' + u for u in UPGRADE)}` (models below opset 20 only: the model is raised to "
         "opset 20 so that HardSwish, Gelu and LayerNormalization can be written). *ms l1+gemm3d*: level 1 with "
         f"`{' '.join('--pass ' + u for u in GEMM3D)}`, on the models where `fuse-batched-matmul-add` declined "
         "(`skipped:not-faster`): what onnxsim's rewrite would give on its own.", "",
-        "Whole-model medians moved by several percent between seven runs of this table on 2026-12-04 (the 2-core machine "
+        "Whole-model medians moved by several percent between seven runs of this table on 2026-12-04 "
+        "(the 2-core machine "
         "is shared), e.g. ddddocr-rec level 1 / original 0.96 to 1.06 and MiniLM 0.94 to 1.03; what held in every "
         "run: level 1 at 0.89 to 0.93 on the PP-OCRv4 detector and recognizer, and l1+upgrade at 0.65 to 0.69 on "
         "layout-cdla and 0.72 to 0.74 on ppocr-v2-cls.", "",
@@ -397,7 +401,8 @@ def render_peers(rows: list[dict[str, object]]) -> str:
         err = r["diffs"]
         assert isinstance(err, dict)
         errs = " / ".join(f"{err[k]:.1e}" if k in err else "-" for k in ("onnxopt-l1", "l1-upgrade", "l1-gemm3d"))
-        lines.append(f"| {r['model']} | {nodes} | {' | '.join(cells)} | {errs} | {', '.join(diffs) or ('none' if l1 else '-')} "
+        differ = ", ".join(diffs) or ("none" if l1 else "-")
+        lines.append(f"| {r['model']} | {nodes} | {' | '.join(cells)} | {errs} | {differ} "
                      f"| {note} |")
     return "\n".join(lines) + "\n"
 
