@@ -238,8 +238,15 @@ def _ort_types(model: onnx.ModelProto) -> dict[str, onnx.TypeProto]:
         light.graph.initializer.remove(t)
     try:
         from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
-        # guess_output_rank: an op it does not know (FusedGemm) gets unsized outputs, not a failure
-        out = SymbolicShapeInference.infer_shapes(light, auto_merge=True, guess_output_rank=True)
+        # infer_shapes() itself saves a partly inferred model into the working directory
+        # (sym_shape_infer_temp.onnx) and raises; its loop, without that, keeps what it inferred.
+        # guess_output_rank: an op it does not know (FusedGemm) gets unsized outputs, not a stop.
+        sym = SymbolicShapeInference(2**31 - 1, True, True, 0)
+        sym._preprocess(light)
+        while sym.run_:
+            sym._infer_impl()
+        sym._update_output_from_vi()
+        out = sym.out_mp_
     except Exception as e:  # noqa: BLE001 - a size estimate, not a check: MACs stay unknown
         logger.info("onnxruntime's shape inference failed: %s", str(e).splitlines()[0] if str(e) else e)
         return {}
