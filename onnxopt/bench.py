@@ -132,14 +132,25 @@ def macs_per_node(model: onnx.ModelProto, input_shapes: Mapping[str, Sequence[in
     pinned = onnx.ModelProto()
     copy_structure(model, pinned)
     inits = {t.name for t in model.graph.initializer}
+    symbols: dict[str, int] = {}  # an input's named dim, pinned: the same size wherever it is named
     for vi in pinned.graph.input:
         if vi.name in input_shapes and vi.name not in inits:
             dims = vi.type.tensor_type.shape.dim
             shape = list(input_shapes[vi.name])
             if len(dims) == len(shape):
                 for d, v in zip(dims, shape, strict=True):
+                    if d.HasField("dim_param"):
+                        symbols[d.dim_param] = int(v)
                     d.Clear()
                     d.dim_value = int(v)
+    # value_info the exporter wrote names those dims too ('batch', 'seq'); left symbolic, they win
+    # over the pinned sizes where inference merges them, and a Reshape that copies one (0) stays unsized
+    for vi in list(pinned.graph.value_info) + list(pinned.graph.output):
+        for d in vi.type.tensor_type.shape.dim:
+            if d.HasField("dim_param") and d.dim_param in symbols:
+                size = symbols[d.dim_param]
+                d.Clear()
+                d.dim_value = size
     types = infer(pinned)
     if any(n.domain == "com.microsoft" for n in model.graph.node):
         types = {**types, **_ort_types(pinned)}  # onnx's inference stops at contrib ops

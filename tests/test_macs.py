@@ -85,3 +85,25 @@ def test_contrib_multihead_attention_counts_scores_and_sum() -> None:
 def test_unsized_attention_is_left_out_not_guessed(shapes: dict) -> None:
     # no pinned shape (or a wrong rank): the attention cannot be sized and is not counted
     assert "attn" not in macs_per_node(_attention_model(), shapes)
+
+
+def test_exported_value_info_naming_input_dims_takes_the_pinned_sizes() -> None:
+    # exporters write value_info with the inputs' dim names. Where inference cannot derive a value
+    # (an Expand to a shape given at run time, as masks are built), the written ['batch', 8] fills in;
+    # an Add with the pinned [1, 8] broadcasts to 'batch', and a Reshape that copies dim 0 keeps it:
+    # the MatMul after it is sized only if 'batch' reads as the pinned 1. [1, 2, 4] @ [4, 3]: 6 x 4.
+    nodes = [helper.make_node("Relu", ["x"], ["h"], name="relu"),
+             helper.make_node("Expand", ["one", "dims"], ["e"], name="expand"),
+             helper.make_node("Add", ["h", "e"], ["s"], name="add"),
+             helper.make_node("Reshape", ["s", "target"], ["r"], name="reshape"),
+             helper.make_node("MatMul", ["r", "w"], ["y"], name="mm")]
+    m = _model(nodes, [helper.make_tensor_value_info("x", F, ["batch", 8]),
+                       helper.make_tensor_value_info("dims", TensorProto.INT64, [2])],
+               [helper.make_tensor_value_info("y", F, ["batch", 2, 3])],
+               [numpy_helper.from_array(np.array([0, 2, 4], np.int64), "target"), _w("w", (4, 3)),
+                numpy_helper.from_array(np.ones(1, np.float32), "one")])
+    m.graph.value_info.append(helper.make_tensor_value_info("e", F, ["batch", 8]))
+    feed = {"x": np.ones((1, 8), np.float32), "dims": np.array([1, 8], np.int64)}
+    assert ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+        None, feed)[0].shape == (1, 2, 3)
+    assert macs_per_node(m, {"x": (1, 8), "dims": (2,)}) == {"mm": 1 * 2 * 3 * 4}
