@@ -143,9 +143,10 @@ def macs_per_node(model: onnx.ModelProto, input_shapes: Mapping[str, Sequence[in
                         symbols[d.dim_param] = int(v)
                     d.Clear()
                     d.dim_value = int(v)
-    # value_info the exporter wrote names those dims too ('batch', 'seq'); left symbolic, they win
-    # over the pinned sizes where inference merges them, and a Reshape that copies one (0) stays unsized
-    for vi in list(pinned.graph.value_info) + list(pinned.graph.output):
+    # unpinned inputs and the value_info an exporter wrote name those dims too ('batch', 'seq'): left
+    # symbolic, they win over the pinned sizes where inference broadcasts them against a pinned 1, and
+    # a Reshape that copies one (0) stays unsized
+    for vi in list(pinned.graph.input) + list(pinned.graph.value_info) + list(pinned.graph.output):
         for d in vi.type.tensor_type.shape.dim:
             if d.HasField("dim_param") and d.dim_param in symbols:
                 size = symbols[d.dim_param]
