@@ -791,3 +791,37 @@ def test_driver_reports_each_factorized_layer(tmp_path: Path, capsys: pytest.Cap
     out = capsys.readouterr().out
     assert "Factorized layers" in out
     assert "8,192 -> 6,144" in out
+
+
+def test_driver_reports_layers_of_an_allocated_candidate(tmp_path: Path) -> None:
+    """fc1 is full rank, fc2 of true rank 8: half rank everywhere breaks the budget, so the
+    driver allocates; what it writes (fc2 at a quarter of its rank, fc1 kept) carries the pass's
+    figures of that build."""
+    from onnxopt.bench import Latency
+    from onnxopt.data import Dataset
+    from onnxopt.lossy import compress
+
+    rng = np.random.default_rng(3)
+    nodes = [helper.make_node("MatMul", ["x", "W1"], ["h"], name="fc1"),
+             helper.make_node("MatMul", ["h", "W2"], ["y"], name="fc2")]
+    model = make_model(nodes, [vi("x", ["n", 64])], [vi("y", ["n", 96])],
+                       {"W1": (rng.standard_normal((64, 128)) / 8).astype(np.float32),
+                        "W2": _low_rank(128, 96, 8, seed=1)})
+    src = tmp_path / "m.onnx"
+    onnx.save(model, src)
+    data = Dataset(_feeds((32, 64), n=8, seed=5), source="t")
+
+    def measure(models: dict, feeds: list) -> dict[str, Latency]:
+        return {k: Latency(1.0 if k == "float" else 0.5, 1, 1, 1, 1, "fake") for k in models}
+
+    result = compress(src, tmp_path / "o.onnx", "factorize:0.5", calibration_data=data, measure=measure)
+    (step,) = result.steps
+    assert step.applied
+    assert step.reason.endswith("moves within budget")  # the allocation, not the uniform candidate
+    assert step.layers["fc2"]["level"] == 0.25
+    # fc1 may be assigned 0.75 of its rank, which saves nothing on 64 x 128: the pass left it
+    assert "pass" not in step.layers.get("fc1", {})
+    assert (step.layers["fc2"]["pass"]["rank"], step.layers["fc2"]["pass"]["params_after"]) == (24, 24 * 224)
+    written = onnx.load(tmp_path / "o.onnx")
+    assert op_histogram(written) == {"MatMul": 3}
+    _assert_close(model, written, _feeds((4, 64), seed=6), 1e-5)  # fc2 is exact at rank 24
