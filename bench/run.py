@@ -756,9 +756,22 @@ def write(rows: list[Row], workloads: list[Workload], args: argparse.Namespace, 
     if partial:
         meta["partial"] = partial
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(render(rows, workloads, meta, threads))
+    args.out.write_text(render(rows, workloads, meta, threads) + _kept_tail(args.out))
     args.out.with_suffix(".json").write_text(json.dumps(
         {"meta": meta, "rows": [r.to_dict() for r in rows]}, indent=1, default=str))
+
+
+KEPT = "## Other recorded runs"
+
+
+def _kept_tail(path: Path) -> str:
+    """The index of other recorded runs at the end of the file survives a rerun (written by hand)."""
+    try:
+        text = path.read_text()
+    except OSError:
+        return ""
+    at = text.find("\n" + KEPT)
+    return "" if at < 0 else text[at:]
 
 
 if __name__ == "__main__":
