@@ -7,9 +7,15 @@ reads a tensor inside it.
 
 from __future__ import annotations
 
+import abc
+import dataclasses
+from collections import Counter
+from typing import Any, ClassVar
+
 import onnx_graphsurgeon as gs
 
-from onnxopt.graph_utils import is_default_domain, is_graph_output, producer
+from onnxopt.graph_utils import is_default_domain, is_graph_output, iter_graphs, producer
+from onnxopt.pass_base import Pass, PassContext, PassResult
 
 
 def pattern_nodes(x: gs.Tensor, y: gs.Tensor) -> list[gs.Node]:
@@ -41,3 +47,42 @@ def only_read_inside(graph: gs.Graph, nodes: list[gs.Node], y: gs.Tensor) -> boo
             if is_graph_output(graph, t) or any(id(r) not in inside for r in t.outputs):
                 return False
     return True
+
+
+class OpFusionPass(Pass):
+    """Base of the passes that write a decomposed pattern as one standard op new in ``op_opset``.
+
+    Shared so that each such pass has the same ``upgrade`` option and the same walk: every graph
+    (If/Loop/Scan bodies too), the pattern's last node swapped for the fused op in place (the
+    order stays topological), and a cleanup when a ``fused*`` count was recorded.
+    """
+
+    op_opset: ClassVar[int] = 0
+
+    @dataclasses.dataclass(frozen=True)
+    class Options:
+        # raise the model's opset (onnx's version converter, before the pipeline) so that the
+        # fused op can be written; off by default: the output's opset would differ from the input's
+        upgrade: bool = False
+
+    def __init__(self, options: Any = None) -> None:
+        super().__init__(options)
+        self.min_opset = self.op_opset if self.options.upgrade else 0  # read by the pass manager
+
+    def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
+        stats: Counter[str] = Counter()
+        for g in list(iter_graphs(graph)):
+            replaced = self.fuse(g, ctx, stats)
+            if replaced:
+                g.nodes = [replaced.get(id(n), n) for n in g.nodes]
+        changed = any(k.startswith("fused") for k in stats)
+        if changed:
+            graph.cleanup()
+        return PassResult(changed=changed, stats=dict(stats))
+
+    @abc.abstractmethod
+    def fuse(self, g: gs.Graph, ctx: PassContext, stats: Counter[str]) -> dict[int, gs.Node]:
+        """Fuse the patterns of one graph (not its subgraphs); counts go to ``stats``.
+
+        Returns {id(pattern's last node): the node taking its place}; the last node must be
+        left without inputs and outputs."""

@@ -27,16 +27,15 @@ Works inside If/Loop/Scan bodies; custom-domain nodes are left alone.
 
 from __future__ import annotations
 
-import dataclasses
 from collections import Counter
 
 import numpy as np
 import onnx_graphsurgeon as gs
-from onnxopt.passes._pattern import only_read_inside, pattern_nodes
+from onnxopt.passes._pattern import OpFusionPass, only_read_inside, pattern_nodes
 from onnxopt.passes.fuse_ort_bias_gelu import _gelus
 
-from onnxopt.graph_utils import iter_graphs, producer
-from onnxopt.pass_base import Pass, PassContext, PassResult
+from onnxopt.graph_utils import producer
+from onnxopt.pass_base import PassContext
 
 GELU_OPSET = 20
 
@@ -50,49 +49,34 @@ def _float(x: gs.Tensor) -> bool:
         return str(x.dtype) == "bfloat16"
 
 
-class FuseGeluPass(Pass):
+class FuseGeluPass(OpFusionPass):
     """Write a decomposed Gelu (erf or tanh form) as the standard Gelu op."""
 
     name = "fuse-gelu"
 
-    @dataclasses.dataclass(frozen=True)
-    class Options:
-        # raise the model's opset (onnx's version converter, before the pipeline) so that
-        # Gelu (20) can be written; off by default: the output's opset would differ from the input's
-        upgrade: bool = False
+    op_opset = GELU_OPSET
 
-    def __init__(self, options: Options | None = None) -> None:
-        super().__init__(options)
-        self.min_opset = GELU_OPSET if self.options.upgrade else 0  # read by the pass manager
-
-    def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
-        stats: Counter[str] = Counter()
-        for g in list(iter_graphs(graph)):
-            replaced: dict[int, gs.Node] = {}
-            for x, y, kind in _gelus(g):
-                if kind not in ("erf", "tanh"):
-                    continue  # already the standard op
-                nodes = pattern_nodes(x, y)
-                if ctx.opset < GELU_OPSET:
-                    stats["skipped:opset"] += 1
-                    continue
-                if not only_read_inside(g, nodes, y):
-                    stats["skipped:shared"] += 1
-                    continue
-                if not _float(x):
-                    stats["skipped:dtype"] += 1
-                    continue
-                last = producer(y)
-                assert last is not None
-                last.inputs.clear()
-                last.outputs.clear()
-                attrs = {"approximate": "tanh"} if kind == "tanh" else {}
-                replaced[id(last)] = gs.Node("Gelu", name=ctx.names.fresh(f"{last.name or 'gelu'}_gelu"),
-                                             attrs=attrs, inputs=[x], outputs=[y])
-                stats[f"fused-{kind}"] += 1
-            if replaced:
-                g.nodes = [replaced.get(id(n), n) for n in g.nodes]
-        changed = any(k.startswith("fused-") for k in stats)
-        if changed:
-            graph.cleanup()
-        return PassResult(changed=changed, stats=dict(stats))
+    def fuse(self, g: gs.Graph, ctx: PassContext, stats: Counter[str]) -> dict[int, gs.Node]:
+        replaced: dict[int, gs.Node] = {}
+        for x, y, kind in _gelus(g):
+            if kind not in ("erf", "tanh"):
+                continue  # already the standard op
+            nodes = pattern_nodes(x, y)
+            if ctx.opset < GELU_OPSET:
+                stats["skipped:opset"] += 1
+                continue
+            if not only_read_inside(g, nodes, y):
+                stats["skipped:shared"] += 1
+                continue
+            if not _float(x):
+                stats["skipped:dtype"] += 1
+                continue
+            last = producer(y)
+            assert last is not None
+            last.inputs.clear()
+            last.outputs.clear()
+            attrs = {"approximate": "tanh"} if kind == "tanh" else {}
+            replaced[id(last)] = gs.Node("Gelu", name=ctx.names.fresh(f"{last.name or 'gelu'}_gelu"),
+                                         attrs=attrs, inputs=[x], outputs=[y])
+            stats[f"fused-{kind}"] += 1
+        return replaced

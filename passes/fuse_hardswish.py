@@ -23,13 +23,13 @@ Works inside If/Loop/Scan bodies; custom-domain nodes are left alone.
 
 from __future__ import annotations
 
-import dataclasses
 from collections import Counter
 
 import onnx_graphsurgeon as gs
+from onnxopt.passes._pattern import OpFusionPass
 
-from onnxopt.graph_utils import constant_value, is_default_domain, is_graph_output, iter_graphs
-from onnxopt.pass_base import NameGenerator, Pass, PassContext, PassResult
+from onnxopt.graph_utils import constant_value, is_default_domain, is_graph_output
+from onnxopt.pass_base import NameGenerator, PassContext
 
 _TOL = 1e-6
 HARDSWISH_OPSET = 14
@@ -127,42 +127,27 @@ def _replace(op: str, x: gs.Tensor, last: gs.Node, names: NameGenerator) -> gs.N
                    inputs=[x], outputs=[y])
 
 
-class FuseHardSwishPass(Pass):
+class FuseHardSwishPass(OpFusionPass):
     """Write decomposed HardSigmoid and HardSwish as the standard ops."""
 
     name = "fuse-hardswish"
 
-    @dataclasses.dataclass(frozen=True)
-    class Options:
-        # raise the model's opset (onnx's version converter, before the pipeline) so that
-        # HardSwish (14) can be written; off by default: the output's opset would differ from the input's
-        upgrade: bool = False
+    op_opset = HARDSWISH_OPSET
 
-    def __init__(self, options: Options | None = None) -> None:
-        super().__init__(options)
-        self.min_opset = HARDSWISH_OPSET if self.options.upgrade else 0  # read by the pass manager
-
-    def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
-        stats: Counter[str] = Counter()
-        for g in list(iter_graphs(graph)):
-            replaced: dict[int, gs.Node] = {}
-            for node in list(g.nodes):  # topological: a HardSigmoid written here feeds a later Mul
-                found = _match(node, ctx.opset)
-                if found is None:
-                    continue
-                op, x, last, inner = found
-                if op == "HardSwish" and ctx.opset < HARDSWISH_OPSET:
-                    stats["skipped:opset"] += 1
-                    continue
-                if any(len(t.outputs) != 1 or is_graph_output(g, t) for t in inner):
-                    stats["skipped:shared"] += 1
-                    continue
-                new = _replace(op, x, last, ctx.names)
-                replaced[id(last)] = new
-                stats[f"fused-{op.lower()}"] += 1
-            if replaced:
-                g.nodes = [replaced.get(id(n), n) for n in g.nodes]
-        changed = any(k.startswith("fused-") for k in stats)
-        if changed:
-            graph.cleanup()
-        return PassResult(changed=changed, stats=dict(stats))
+    def fuse(self, g: gs.Graph, ctx: PassContext, stats: Counter[str]) -> dict[int, gs.Node]:
+        replaced: dict[int, gs.Node] = {}
+        for node in list(g.nodes):  # topological: a HardSigmoid written here feeds a later Mul
+            found = _match(node, ctx.opset)
+            if found is None:
+                continue
+            op, x, last, inner = found
+            if op == "HardSwish" and ctx.opset < HARDSWISH_OPSET:
+                stats["skipped:opset"] += 1
+                continue
+            if any(len(t.outputs) != 1 or is_graph_output(g, t) for t in inner):
+                stats["skipped:shared"] += 1
+                continue
+            new = _replace(op, x, last, ctx.names)
+            replaced[id(last)] = new
+            stats[f"fused-{op.lower()}"] += 1
+        return replaced

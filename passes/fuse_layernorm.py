@@ -31,21 +31,19 @@ Works inside If/Loop/Scan bodies; custom-domain nodes are left alone.
 
 from __future__ import annotations
 
-import dataclasses
 from collections import Counter
 
 import numpy as np
 import onnx_graphsurgeon as gs
-from onnxopt.passes._pattern import only_read_inside, pattern_nodes
+from onnxopt.passes._pattern import OpFusionPass, only_read_inside, pattern_nodes
 
 from onnxopt.graph_utils import (
     constant_value,
     is_default_domain,
-    iter_graphs,
     make_constant,
     producer,
 )
-from onnxopt.pass_base import NameGenerator, Pass, PassContext, PassResult
+from onnxopt.pass_base import NameGenerator, PassContext
 
 LAYERNORM_OPSET = 17
 
@@ -183,42 +181,28 @@ def _last_dim(x: gs.Tensor) -> int | None:
     return shape[-1] if shape and isinstance(shape[-1], int) else None
 
 
-class FuseLayerNormPass(Pass):
+class FuseLayerNormPass(OpFusionPass):
     """Write a decomposed layer normalization over the last axis as LayerNormalization."""
 
     name = "fuse-layernorm"
 
-    @dataclasses.dataclass(frozen=True)
-    class Options:
-        # raise the model's opset (onnx's version converter, before the pipeline) so that
-        # LayerNormalization (17) can be written; off by default: the output's opset would differ from the input's
-        upgrade: bool = False
+    op_opset = LAYERNORM_OPSET
 
-    def __init__(self, options: Options | None = None) -> None:
-        super().__init__(options)
-        self.min_opset = LAYERNORM_OPSET if self.options.upgrade else 0  # read by the pass manager
-
-    def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
-        stats: Counter[str] = Counter()
-        for g in list(iter_graphs(graph)):
-            replaced: dict[int, gs.Node] = {}
-            for node in list(g.nodes):
-                if not _is(node, "Div", "Mul") or not node.outputs:
-                    continue  # no outputs: the last node of a pattern fused just now
-                found = _normalized(node.outputs[0], ctx.opset)
-                if found is None:
-                    continue
-                new = found if isinstance(found, str) else self._fuse(g, node, *found, ctx)
-                if isinstance(new, str):
-                    stats[f"skipped:{new}"] += 1
-                    continue
-                replaced[id(new[0])] = new[1]
-                stats["fused"] += 1
-            if replaced:
-                g.nodes = [replaced.get(id(n), n) for n in g.nodes]
-        if stats["fused"]:
-            graph.cleanup()
-        return PassResult(changed=stats["fused"] > 0, stats=dict(stats))
+    def fuse(self, g: gs.Graph, ctx: PassContext, stats: Counter[str]) -> dict[int, gs.Node]:
+        replaced: dict[int, gs.Node] = {}
+        for node in list(g.nodes):
+            if not _is(node, "Div", "Mul") or not node.outputs:
+                continue  # no outputs: the last node of a pattern fused just now
+            found = _normalized(node.outputs[0], ctx.opset)
+            if found is None:
+                continue
+            new = found if isinstance(found, str) else self._fuse(g, node, *found, ctx)
+            if isinstance(new, str):
+                stats[f"skipped:{new}"] += 1
+                continue
+            replaced[id(new[0])] = new[1]
+            stats["fused"] += 1
+        return replaced
 
     @staticmethod
     def _fuse(g: gs.Graph, norm: gs.Node, x: gs.Tensor, eps: float,

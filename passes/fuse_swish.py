@@ -16,19 +16,18 @@ Works inside If/Loop/Scan bodies; custom-domain nodes are left alone.
 
 from __future__ import annotations
 
-import dataclasses
 from collections import Counter
 
 import onnx_graphsurgeon as gs
+from onnxopt.passes._pattern import OpFusionPass
 
 from onnxopt.graph_utils import (
     constant_value,
     is_default_domain,
     is_graph_output,
-    iter_graphs,
     producer,
 )
-from onnxopt.pass_base import Pass, PassContext, PassResult
+from onnxopt.pass_base import PassContext
 
 SWISH_OPSET = 24
 
@@ -64,45 +63,31 @@ def _match(mul: gs.Node) -> tuple[gs.Tensor, float, list[gs.Tensor]] | None:
     return None
 
 
-class FuseSwishPass(Pass):
+class FuseSwishPass(OpFusionPass):
     """Write SiLU/Swish (x * Sigmoid(alpha * x)) as the standard Swish op."""
 
     name = "fuse-swish"
 
-    @dataclasses.dataclass(frozen=True)
-    class Options:
-        # raise the model's opset (onnx's version converter, before the pipeline) so that
-        # Swish (24) can be written; off by default: the output's opset would differ from the input's
-        upgrade: bool = False
+    op_opset = SWISH_OPSET
 
-    def __init__(self, options: Options | None = None) -> None:
-        super().__init__(options)
-        self.min_opset = SWISH_OPSET if self.options.upgrade else 0  # read by the pass manager
-
-    def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
-        stats: Counter[str] = Counter()
-        for g in list(iter_graphs(graph)):
-            replaced: dict[int, gs.Node] = {}
-            for node in list(g.nodes):
-                found = _match(node)
-                if found is None:
-                    continue
-                x, alpha, inner = found
-                if ctx.opset < SWISH_OPSET:
-                    stats["skipped:opset"] += 1
-                    continue
-                if any(len(t.outputs) != 1 or is_graph_output(g, t) for t in inner):
-                    stats["skipped:shared"] += 1
-                    continue
-                y = node.outputs[0]
-                node.inputs.clear()
-                node.outputs.clear()
-                attrs = {} if alpha == 1.0 else {"alpha": alpha}
-                replaced[id(node)] = gs.Node("Swish", name=ctx.names.fresh(f"{node.name or 'mul'}_swish"),
-                                             attrs=attrs, inputs=[x], outputs=[y])
-                stats["fused"] += 1
-            if replaced:
-                g.nodes = [replaced.get(id(n), n) for n in g.nodes]
-        if stats["fused"]:
-            graph.cleanup()
-        return PassResult(changed=stats["fused"] > 0, stats=dict(stats))
+    def fuse(self, g: gs.Graph, ctx: PassContext, stats: Counter[str]) -> dict[int, gs.Node]:
+        replaced: dict[int, gs.Node] = {}
+        for node in list(g.nodes):
+            found = _match(node)
+            if found is None:
+                continue
+            x, alpha, inner = found
+            if ctx.opset < SWISH_OPSET:
+                stats["skipped:opset"] += 1
+                continue
+            if any(len(t.outputs) != 1 or is_graph_output(g, t) for t in inner):
+                stats["skipped:shared"] += 1
+                continue
+            y = node.outputs[0]
+            node.inputs.clear()
+            node.outputs.clear()
+            attrs = {} if alpha == 1.0 else {"alpha": alpha}
+            replaced[id(node)] = gs.Node("Swish", name=ctx.names.fresh(f"{node.name or 'mul'}_swish"),
+                                         attrs=attrs, inputs=[x], outputs=[y])
+            stats["fused"] += 1
+        return replaced
