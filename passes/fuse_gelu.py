@@ -31,8 +31,8 @@ from collections import Counter
 
 import numpy as np
 import onnx_graphsurgeon as gs
+from onnxopt.passes._gelu_patterns import gelus
 from onnxopt.passes._pattern import OpFusionPass, only_read_inside, pattern_nodes
-from onnxopt.passes.fuse_ort_bias_gelu import _gelus
 
 from onnxopt.graph_utils import producer
 from onnxopt.pass_base import PassContext
@@ -58,7 +58,7 @@ class FuseGeluPass(OpFusionPass):
 
     def fuse(self, g: gs.Graph, ctx: PassContext, stats: Counter[str]) -> dict[int, gs.Node]:
         replaced: dict[int, gs.Node] = {}
-        for x, y, kind in _gelus(g):
+        for x, y, kind in gelus(g):
             if kind not in ("erf", "tanh"):
                 continue  # already the standard op
             nodes = pattern_nodes(x, y)
