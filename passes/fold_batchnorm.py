@@ -39,6 +39,7 @@ from collections import Counter
 
 import numpy as np
 import onnx_graphsurgeon as gs
+from onnxopt.passes._fold import bias_input, detach, scale_weight, set_bias
 
 from onnxopt.graph_utils import (
     constant_value,
@@ -110,15 +111,9 @@ def _producer_decline(graph: gs.Graph, prod: gs.Node) -> str | None:
         return "dtype"
     if prod.op == "MatMul" and w.ndim != 2:
         return "rank"
-    if _bias(prod) is not None and constant_value(_bias(prod)) is None:
+    if bias_input(prod) is not None and constant_value(bias_input(prod)) is None:
         return "non-constant"
     return None
-
-
-def _bias(prod: gs.Node) -> gs.Tensor | None:
-    if prod.op == "MatMul" or len(prod.inputs) < 3 or not prod.inputs[2].name:
-        return None
-    return prod.inputs[2]
 
 
 def _fold(
@@ -127,45 +122,28 @@ def _fold(
     """Rewrite ``prod`` to compute BN's output; returns a node to put in BN's place, if any."""
     w = constant_value(prod.inputs[1])
     assert w is not None
-    bias_tensor = _bias(prod)
+    bias_tensor = bias_input(prod)
     bias = None if bias_tensor is None else constant_value(bias_tensor)
     b64 = 0.0 if bias is None else bias.astype(np.float64)
-    w64 = w.astype(np.float64)
-    if prod.op == "Conv":
-        w_new = w64 * s.reshape((-1,) + (1,) * (w.ndim - 1))
-        b_new = b64 * s + t
-    elif prod.op == "ConvTranspose":
-        group = int(prod.attrs.get("group", 1))
-        cin, per_group = w.shape[0], w.shape[1]
-        # input channel i is in group g = i // (cin/group); its column j is output g*per_group+j
-        rows = s.reshape(group, per_group)[np.arange(cin) // (cin // group)]
-        w_new = w64 * rows.reshape(rows.shape + (1,) * (w.ndim - 2))
-        b_new = b64 * s + t
-    elif prod.op == "Gemm":
-        w_new = w64 * (s[:, None] if int(prod.attrs.get("transB", 0)) else s[None, :])
+    w_new = scale_weight(prod, w, s)
+    if prod.op == "Gemm":
         # beta_g * C is folded into the new C, so the new beta is 1
         b_new = b64 * float(prod.attrs.get("beta", 1.0)) * s + t
         prod.attrs["beta"] = 1.0
-    else:  # MatMul
-        w_new = w64 * s[None, :]
+    elif prod.op == "MatMul":
         b_new = t
+    else:
+        b_new = b64 * s + t
     dtype = w.dtype
     prod.inputs[1] = make_constant(names.fresh(f"{prod.inputs[1].name}_bnfold"),
                                    w_new.astype(dtype))
     b_const = make_constant(names.fresh(f"{prod.name or prod.op}_bias_bnfold"),
                             np.asarray(b_new).astype(dtype))
-    y = bn.outputs[0]
-    bn.inputs.clear()
-    bn.outputs.clear()
+    y = detach(bn)
     if prod.op == "MatMul":
         return gs.Node("Add", name=names.fresh(f"{prod.name or 'matmul'}_bnfold_add"),
                        inputs=[prod.outputs[0], b_const], outputs=[y])
-    if bias_tensor is not None:
-        prod.inputs[2] = b_const
-    else:
-        while len(prod.inputs) > 2:  # an empty optional bias, if present
-            prod.inputs.pop()
-        prod.inputs.append(b_const)
+    set_bias(prod, b_const)
     prod.outputs[0] = y
     return None
 

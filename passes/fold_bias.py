@@ -32,6 +32,7 @@ from collections import Counter
 
 import numpy as np
 import onnx_graphsurgeon as gs
+from onnxopt.passes._fold import bias_input, detach, output_frame, producer_operand, set_bias
 
 from onnxopt.graph_utils import (
     constant_value,
@@ -44,38 +45,6 @@ from onnxopt.graph_utils import (
 from onnxopt.pass_base import NameGenerator, Pass, PassContext, PassResult
 
 _PRODUCERS = ("Conv", "ConvTranspose", "Gemm")
-
-
-def _static_shape(tensor: gs.Tensor) -> tuple[int, ...] | None:
-    value = constant_value(tensor)
-    if value is not None:
-        return tuple(value.shape)
-    shape = tensor.shape
-    if shape is None or not all(isinstance(d, int) for d in shape):
-        return None
-    return tuple(shape)
-
-
-def _dim(tensor: gs.Tensor, axis: int) -> int | str | None:
-    value = constant_value(tensor)
-    shape = tuple(value.shape) if value is not None else tensor.shape
-    if shape is None or len(shape) <= axis:
-        return None
-    return shape[axis]
-
-
-def output_frame(prod: gs.Node) -> tuple[int, int, int | str | None] | None:
-    """(output rank, channel count on the broadcast axis, leading dim M for Gemm) or None."""
-    w_shape = _static_shape(prod.inputs[1]) if len(prod.inputs) > 1 else None
-    if w_shape is None:
-        return None
-    if prod.op == "Conv":
-        return len(w_shape), w_shape[0], None
-    if prod.op == "ConvTranspose":
-        return len(w_shape), w_shape[1] * int(prod.attrs.get("group", 1)), None
-    n = w_shape[0] if int(prod.attrs.get("transB", 0)) else w_shape[1]
-    m = _dim(prod.inputs[0], 1 if int(prod.attrs.get("transA", 0)) else 0)
-    return 2, n, m
 
 
 def _broadcast_ok(prod: gs.Node, c: np.ndarray, rank: int, channels: int,
@@ -97,7 +66,7 @@ def _decline(graph: gs.Graph, prod: gs.Node, other: gs.Tensor, opset: int) -> st
     c = constant_value(other)
     if c is None:
         return "non-constant"
-    bias = _bias(prod)
+    bias = bias_input(prod)
     if bias is not None and constant_value(bias) is None:
         return "non-constant"
     if prod.op == "Gemm" and opset < 7:
@@ -114,14 +83,8 @@ def _decline(graph: gs.Graph, prod: gs.Node, other: gs.Tensor, opset: int) -> st
     return None
 
 
-def _bias(prod: gs.Node) -> gs.Tensor | None:
-    if len(prod.inputs) < 3 or not prod.inputs[2].name:
-        return None
-    return prod.inputs[2]
-
-
 def _fold(prod: gs.Node, add: gs.Node, c: np.ndarray, names: NameGenerator) -> None:
-    bias_tensor = _bias(prod)
+    bias_tensor = bias_input(prod)
     old = constant_value(bias_tensor) if bias_tensor is not None else None
     c64 = c.astype(np.float64)
     if prod.op == "Gemm":
@@ -135,16 +98,8 @@ def _fold(prod: gs.Node, add: gs.Node, c: np.ndarray, names: NameGenerator) -> N
         new = per_channel if old is None else old.astype(np.float64) + per_channel
     b_const = make_constant(names.fresh(f"{prod.name or prod.op}_bias_folded"),
                             np.asarray(new).astype(c.dtype))
-    y = add.outputs[0]
-    add.inputs.clear()
-    add.outputs.clear()
-    if bias_tensor is not None:
-        prod.inputs[2] = b_const
-    else:
-        while len(prod.inputs) > 2:  # an empty optional input, if present
-            prod.inputs.pop()
-        prod.inputs.append(b_const)
-    prod.outputs[0] = y
+    set_bias(prod, b_const)
+    prod.outputs[0] = detach(add)
 
 
 class FoldBiasPass(Pass):
@@ -160,17 +115,10 @@ class FoldBiasPass(Pass):
             for add in list(g.nodes):
                 if add.op not in ("Add", "Sub") or not is_default_domain(add) or len(add.inputs) != 2:
                     continue
-                sides = [
-                    (t.inputs[0], add.inputs[1 - i]) for i, t in enumerate(add.inputs)
-                    if (add.op == "Add" or i == 0)  # Sub: only producer - c
-                    and len(t.inputs) == 1 and t.inputs[0].op in _PRODUCERS
-                    and is_default_domain(t.inputs[0]) and id(t.inputs[0]) in alive
-                ]
-                if not sides:
+                found = producer_operand(add, _PRODUCERS, alive)
+                if found is None:
                     continue
-                # with two candidate producers, prefer the side whose partner is constant
-                sides.sort(key=lambda side: constant_value(side[1]) is None)
-                prod, other = sides[0]
+                prod, other = found
                 if reason := _decline(g, prod, other, ctx.opset):
                     stats[f"skipped:{reason}"] += 1
                     continue

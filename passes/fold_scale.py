@@ -12,7 +12,7 @@ from the original by float rounding (the product is rounded at a different point
 
 ``s`` must vary only along the channel axis and never enlarge the output:
 - Conv/ConvTranspose (output [N, M, d...], rank = rank(W)): after left-padding to that rank
-  every dim of ``s`` is 1 except axis 1, which is 1 or M (``fold_bias.output_frame``).
+  every dim of ``s`` is 1 except axis 1, which is 1 or M (``_fold.output_frame``).
 - Gemm (output [M, N]): rank <= 2, first dim 1, last dim 1 or N; ``C * s`` must not have
   more elements than C or N (a [M, 1] C times a [N] scale would materialize [M, N]).
 - MatMul: rank(s) <= 1 (scalar, [1] or [N]; the last axis of the output is N), or a higher
@@ -41,7 +41,7 @@ from collections import Counter
 
 import numpy as np
 import onnx_graphsurgeon as gs
-from onnxopt.passes.fold_bias import output_frame
+from onnxopt.passes._fold import bias_input, detach, output_frame, producer_operand, scale_weight
 
 from onnxopt.graph_utils import (
     constant_value,
@@ -54,12 +54,6 @@ from onnxopt.graph_utils import (
 from onnxopt.pass_base import NameGenerator, Pass, PassContext, PassResult
 
 _PRODUCERS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
-
-
-def _bias(prod: gs.Node) -> gs.Tensor | None:
-    if prod.op == "MatMul" or len(prod.inputs) < 3 or not prod.inputs[2].name:
-        return None
-    return prod.inputs[2]
 
 
 def _channel_scale(prod: gs.Node, s: np.ndarray, w: np.ndarray) -> np.ndarray | str:
@@ -98,7 +92,7 @@ def _decline(graph: gs.Graph, prod: gs.Node, node: gs.Node, s: np.ndarray | None
     if len(z.outputs) != 1:
         return "conv-output-shared"
     w = constant_value(prod.inputs[1]) if len(prod.inputs) > 1 else None
-    bias = _bias(prod)
+    bias = bias_input(prod)
     if w is None or (bias is not None and constant_value(bias) is None):
         return "non-constant"
     if len(prod.inputs[1].outputs) != 1:
@@ -113,18 +107,7 @@ def _decline(graph: gs.Graph, prod: gs.Node, node: gs.Node, s: np.ndarray | None
 def _scaled(prod: gs.Node, w: np.ndarray, bias: np.ndarray | None,
             scale: np.ndarray) -> tuple[np.ndarray, np.ndarray | None] | str:
     """(new weight, new bias) in float64, or a decline reason."""
-    w64 = w.astype(np.float64)
-    if prod.op == "Conv":
-        w_new = w64 * scale.reshape((-1,) + (1,) * (w.ndim - 1))
-    elif prod.op == "ConvTranspose":
-        group = int(prod.attrs.get("group", 1))
-        cin, per_group = w.shape[0], w.shape[1]
-        rows = scale.reshape(group, per_group)[np.arange(cin) // (cin // group)]
-        w_new = w64 * rows.reshape(rows.shape + (1,) * (w.ndim - 2))
-    elif prod.op == "Gemm" and int(prod.attrs.get("transB", 0)):
-        w_new = w64 * scale[:, None]
-    else:  # Gemm with B [K, N], MatMul with W [K, N]
-        w_new = w64 * scale[None, :]
+    w_new = scale_weight(prod, w, scale)
     if bias is None:
         return w_new, None
     if prod.op == "Gemm":
@@ -141,10 +124,7 @@ def _rewrite(prod: gs.Node, node: gs.Node, w_new: np.ndarray, b_new: np.ndarray 
     prod.inputs[1] = make_constant(names.fresh(f"{prod.inputs[1].name}_scaled"), w_new.astype(dtype))
     if b_new is not None:
         prod.inputs[2] = make_constant(names.fresh(f"{prod.inputs[2].name}_scaled"), b_new.astype(dtype))
-    y = node.outputs[0]
-    node.inputs.clear()
-    node.outputs.clear()
-    prod.outputs[0] = y
+    prod.outputs[0] = detach(node)
 
 
 def _fold(g: gs.Graph, prod: gs.Node, node: gs.Node, other: gs.Tensor, names: NameGenerator) -> str | None:
@@ -160,7 +140,7 @@ def _fold(g: gs.Graph, prod: gs.Node, node: gs.Node, other: gs.Tensor, names: Na
         return scale
     if node.op == "Div":
         scale = 1.0 / scale
-    bias_tensor = _bias(prod)
+    bias_tensor = bias_input(prod)
     result = _scaled(prod, w, None if bias_tensor is None else constant_value(bias_tensor), scale)
     if isinstance(result, str):
         return result
@@ -185,17 +165,10 @@ class FoldScalePass(Pass):
             for node in list(g.nodes):
                 if node.op not in ("Mul", "Div") or not is_default_domain(node) or len(node.inputs) != 2:
                     continue
-                sides = [
-                    (t.inputs[0], node.inputs[1 - i]) for i, t in enumerate(node.inputs)
-                    if (node.op == "Mul" or i == 0)  # Div: only producer / s
-                    and len(t.inputs) == 1 and t.inputs[0].op in _PRODUCERS
-                    and is_default_domain(t.inputs[0]) and id(t.inputs[0]) in alive
-                ]
-                if not sides:
+                found = producer_operand(node, _PRODUCERS, alive)
+                if found is None:
                     continue
-                # with two candidate producers, prefer the side whose partner is constant
-                sides.sort(key=lambda side: constant_value(side[1]) is None)
-                prod, other = sides[0]
+                prod, other = found
                 if reason := _fold(g, prod, node, other, ctx.names):
                     stats[f"skipped:{reason}"] += 1
                     continue
