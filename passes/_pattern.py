@@ -14,7 +14,7 @@ from typing import Any, ClassVar
 
 import onnx_graphsurgeon as gs
 
-from onnxopt.graph_utils import is_default_domain, is_graph_output, iter_graphs, producer
+from onnxopt.graph_utils import constant_value, is_default_domain, is_graph_output, iter_graphs, producer
 from onnxopt.pass_base import Pass, PassContext, PassResult
 
 
@@ -47,6 +47,28 @@ def only_read_inside(graph: gs.Graph, nodes: list[gs.Node], y: gs.Tensor) -> boo
             if is_graph_output(graph, t) or any(id(r) not in inside for r in t.outputs):
                 return False
     return True
+
+
+def tensor_shape(t: gs.Tensor) -> tuple[int | str | None, ...] | None:
+    """A constant's shape, else the recorded one (dims may be symbolic or unknown), else None."""
+    value = constant_value(t)
+    if value is not None:
+        return tuple(value.shape)
+    return None if t.shape is None else tuple(t.shape)
+
+
+def matmul_add_decline(graph: gs.Graph, mm: gs.Node, opset: int) -> str | None:
+    """The checks that fuse-matmul-add and fuse-batched-matmul-add make first on Add(MatMul, c):
+    the MatMul's output must be read by the Add only (else the MatMul stays, nothing is saved),
+    and Gemm before opset 7 has a ``broadcast`` attribute these rewrites do not write."""
+    z = mm.outputs[0]
+    if is_graph_output(graph, z):
+        return "graph-output"
+    if len(z.outputs) != 1:
+        return "matmul-output-shared"
+    if opset < 7:
+        return "opset"
+    return None
 
 
 class OpFusionPass(Pass):

@@ -40,11 +40,11 @@ from typing import Any
 
 import numpy as np
 import onnx_graphsurgeon as gs
+from onnxopt.passes._pattern import matmul_add_decline, tensor_shape
 
 from onnxopt.graph_utils import (
     constant_value,
     is_default_domain,
-    is_graph_output,
     iter_graphs,
     make_constant,
 )
@@ -57,22 +57,10 @@ GAIN = 0.97  # the Gemm form must take at most this share of the MatMul form's t
 _FLOATS = (np.float32, np.float64)  # onnxruntime's CPU Gemm has no float16 kernel in every version
 
 
-def _shape(t: gs.Tensor) -> tuple[int | str | None, ...] | None:
-    value = constant_value(t)
-    if value is not None:
-        return tuple(value.shape)
-    return None if t.shape is None else tuple(t.shape)
-
-
 def _decline(graph: gs.Graph, mm: gs.Node, c_t: gs.Tensor, opset: int) -> str | None:
-    z = mm.outputs[0]
-    if is_graph_output(graph, z):
-        return "graph-output"
-    if len(z.outputs) != 1:
-        return "matmul-output-shared"
-    if opset < 7:
-        return "opset"
-    a_shape = _shape(mm.inputs[0])
+    if reason := matmul_add_decline(graph, mm, opset):
+        return reason
+    a_shape = tensor_shape(mm.inputs[0])
     if a_shape is None or not isinstance(a_shape[-1] if a_shape else None, int):
         return "unknown-rank"
     b, c = constant_value(mm.inputs[1]), constant_value(c_t)
@@ -90,7 +78,7 @@ def _decline(graph: gs.Graph, mm: gs.Node, c_t: gs.Tensor, opset: int) -> str | 
 def _out_shape(g: gs.Graph, a: gs.Tensor, n: int, opset: int, names: NameGenerator,
                new_nodes: list[gs.Node]) -> gs.Tensor:
     """The Reshape target [d0, ..., d_{r-2}, N]: a constant unless two or more dims are dynamic."""
-    lead = list(_shape(a) or ())[:-1]
+    lead = list(tensor_shape(a) or ())[:-1]
     dynamic = [i for i, d in enumerate(lead) if not isinstance(d, int)]
     if len(dynamic) <= 1:
         dims = [-1 if i in dynamic else int(d) for i, d in enumerate(lead)] + [n]

@@ -27,18 +27,12 @@ from collections import Counter
 
 import numpy as np
 import onnx_graphsurgeon as gs
+from onnxopt.passes._pattern import matmul_add_decline, tensor_shape
 
-from onnxopt.graph_utils import constant_value, is_default_domain, is_graph_output, iter_graphs
+from onnxopt.graph_utils import constant_value, is_default_domain, iter_graphs
 from onnxopt.pass_base import Pass, PassContext, PassResult
 
 _DTYPES = (np.float16, np.float32, np.float64)
-
-
-def _shape(tensor: gs.Tensor) -> tuple[int | str | None, ...] | None:
-    value = constant_value(tensor)
-    if value is not None:
-        return tuple(value.shape)
-    return None if tensor.shape is None else tuple(tensor.shape)
 
 
 def _dtype(tensor: gs.Tensor) -> np.dtype | None:
@@ -56,14 +50,9 @@ def _same_dim(a: int | str | None, b: int | str | None) -> bool:
 
 
 def _decline(graph: gs.Graph, mm: gs.Node, bias: gs.Tensor, opset: int) -> str | None:
-    z = mm.outputs[0]
-    if is_graph_output(graph, z):
-        return "graph-output"
-    if len(z.outputs) != 1:
-        return "matmul-output-shared"
-    if opset < 7:
-        return "opset"
-    a_shape, b_shape, c_shape = _shape(mm.inputs[0]), _shape(mm.inputs[1]), _shape(bias)
+    if reason := matmul_add_decline(graph, mm, opset):
+        return reason
+    a_shape, b_shape, c_shape = tensor_shape(mm.inputs[0]), tensor_shape(mm.inputs[1]), tensor_shape(bias)
     if a_shape is None or b_shape is None:
         return "unknown-rank"
     if len(a_shape) != 2 or len(b_shape) != 2:
