@@ -86,18 +86,24 @@ class _Match:
     nodes: list[gs.Node]  # every node of the pattern after the projections
 
 
+def _split_heads(transpose: gs.Node) -> _Head | None:
+    """Read ``transpose``'s input, a Reshape of a projection to [B, S, N, d], back to the projection
+    (the Transpose itself is [0, 2, 1, 3] for q/v or [0, 2, 3, 1] for k^T: the caller checks)."""
+    reshape = producer(transpose.inputs[0])
+    if not op_is(reshape, "Reshape") or reshape_rank(reshape.inputs[1]) != 4:
+        return None
+    proj = projection(reshape.inputs[0])
+    tail = resolve_tail(reshape_tail(reshape.inputs[1], 2), proj.width if proj else None)
+    if tail is None or proj is None:
+        return None
+    return _Head(proj, tail[0], tail[1], None, [reshape, transpose])
+
+
 def _heads(t: gs.Tensor) -> _Head | None:
     """Read a per-head tensor [B, N, S, d] back to its projection."""
     node = producer(t)
     if op_is(node, "Transpose") and list(node.attrs.get("perm", [])) == [0, 2, 1, 3]:
-        reshape = producer(node.inputs[0])
-        if not op_is(reshape, "Reshape") or reshape_rank(reshape.inputs[1]) != 4:
-            return None
-        proj = projection(reshape.inputs[0])
-        tail = resolve_tail(reshape_tail(reshape.inputs[1], 2), proj.width if proj else None)
-        if tail is None or proj is None:
-            return None
-        return _Head(proj, tail[0], tail[1], None, [reshape, node])
+        return _split_heads(node)
     if op_is(node, "Gather") and int_attr(node, "axis", 0) == 0:
         index = constant_value(node.inputs[1])
         perm = producer(node.inputs[0])
@@ -128,14 +134,7 @@ def _keys_transposed(t: gs.Tensor) -> _Head | None:
                 head.nodes.append(node)
             return head
         if perm == [0, 2, 3, 1]:
-            reshape = producer(node.inputs[0])
-            if not op_is(reshape, "Reshape") or reshape_rank(reshape.inputs[1]) != 4:
-                return None
-            proj = projection(reshape.inputs[0])
-            tail = resolve_tail(reshape_tail(reshape.inputs[1], 2), proj.width if proj else None)
-            if tail is None or proj is None:
-                return None
-            return _Head(proj, tail[0], tail[1], None, [reshape, node])
+            return _split_heads(node)
         return None
     # sdpa: Reshape(Transpose(Reshape(k_h, [-1, S, d]), (0, 2, 1)), [B, N, d, S])
     if not op_is(node, "Reshape") or reshape_rank(node.inputs[1]) != 4:
