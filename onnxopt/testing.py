@@ -26,6 +26,7 @@ __all__ = [
     "parameter_count",
     "random_feeds",
     "run_model",
+    "run_pass",
     "tensor",
     "vi",
 ]
@@ -77,6 +78,14 @@ def assert_declined(
     assert report.stats(pass_name) == {f"skipped:{reason}": 1}
     assert op_histogram(out) == op_histogram(model)
     assert report.records[-1].changed is False
+
+
+def run_pass(model: onnx.ModelProto, pass_name: str) -> tuple[onnx.ModelProto, dict[str, int]]:
+    """``model`` optimized by the pass ``pass_name`` alone, and that pass's stats."""
+    from onnxopt.api import optimize
+
+    out, report = optimize(model, passes=[pass_name])
+    return out, report.stats(pass_name)
 
 
 def random_feeds(

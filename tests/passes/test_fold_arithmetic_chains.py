@@ -12,6 +12,7 @@ from onnxopt.testing import (
     make_model,
     op_histogram,
     run_model,
+    run_pass,
     vi,
 )
 
@@ -50,11 +51,6 @@ def chain(
     return make_model(nodes, [vi("x", x_shape, dtype)], outputs, inits, opset=opset)
 
 
-def _run(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, int]]:
-    out, report = optimize(model, passes=[PASS])
-    return out, report.stats(PASS)
-
-
 def _const(model: onnx.ModelProto) -> np.ndarray:
     (init,) = model.graph.initializer
     return onnx.numpy_helper.to_array(init)
@@ -78,7 +74,7 @@ C34 = np.linspace(-2, 2, 12, dtype=np.float32).reshape(3, 4) + 0.1
 @pytest.mark.parametrize("opset", [9, 13, 21])
 def test_merges_two_step_chains(ops: list[tuple[str, bool]], expected_op: str, opset: int) -> None:
     model = chain(ops, [C4, C34], opset=opset)
-    out, stats = _run(model)
+    out, stats = run_pass(model, PASS)
     assert op_histogram(out) == {expected_op: 1}
     assert stats == {"merged": 1}
     # float rounding only: the constant is rounded once, the op once (see the module docstring)
@@ -88,10 +84,10 @@ def test_merges_two_step_chains(ops: list[tuple[str, bool]], expected_op: str, o
 def test_merged_constant_matches_hand_computed_value() -> None:
     model = chain([("Sub", False), ("Add", False)],
                   [np.float32([1.5]), np.float32([4.0])])
-    out, _ = _run(model)
+    out, _ = run_pass(model, PASS)
     np.testing.assert_array_equal(_const(out), np.float32([2.5]))  # x - 1.5 + 4
     model = chain([("Div", False), ("Mul", False)], [np.float32([4.0]), np.float32([3.0])])
-    out, _ = _run(model)
+    out, _ = run_pass(model, PASS)
     assert op_histogram(out) == {"Mul": 1}
     np.testing.assert_array_equal(_const(out), np.float32([0.75]))
 
@@ -100,7 +96,7 @@ def test_long_chain_collapses_to_one_op_in_one_run() -> None:
     ops = [("Add", False), ("Sub", False), ("Add", True), ("Sub", False), ("Add", False)]
     consts = [np.float32(v) * np.ones(4, np.float32) for v in (1, 2, 3, 4, 5)]
     model = chain(ops, consts)
-    out, stats = _run(model)
+    out, stats = run_pass(model, PASS)
     assert op_histogram(out) == {"Add": 1}
     assert stats == {"merged": 4}
     np.testing.assert_allclose(_const(out), np.full(4, 1 - 2 + 3 - 4 + 5, np.float32))
@@ -109,7 +105,7 @@ def test_long_chain_collapses_to_one_op_in_one_run() -> None:
 
 def test_power_of_two_divisions_merge_bit_exactly() -> None:
     model = chain([("Div", False), ("Mul", False)], [np.float32([8.0]), np.float32([0.5])])
-    out, _ = _run(model)
+    out, _ = run_pass(model, PASS)
     feeds = [{"x": np.random.default_rng(1).standard_normal((2, 3, 4)).astype(np.float32)}]
     np.testing.assert_array_equal(run_model(out, feeds)[0][0], run_model(model, feeds)[0][0])
 
@@ -123,7 +119,7 @@ def test_integer_add_mul_chains_are_bit_exact_with_wraparound(dtype: int) -> Non
         ([("Mul", False), ("Mul", True)], [np.array([big, 7], np_dt), np.array([3, -big], np_dt)]),
     ):
         model = chain(ops, consts, x_shape=[3, 2], dtype=dtype, opset=14)
-        out, stats = _run(model)
+        out, stats = run_pass(model, PASS)
         assert stats == {"merged": 1}
         feeds = [{"x": np.arange(-3, 3, dtype=np_dt).reshape(3, 2) * (big // 7)}]
         np.testing.assert_array_equal(run_model(out, feeds)[0][0], run_model(model, feeds)[0][0])
@@ -158,7 +154,7 @@ def test_declines_merged_constant_out_of_range() -> None:
 def test_broadcast_result_keeps_shape_with_dynamic_dims() -> None:
     model = chain([("Mul", False), ("Add", False), ("Add", True)],
                   [C4, np.ones((3, 1), np.float32), C34], x_shape=["N", 3, 4])
-    out, stats = _run(model)
+    out, stats = run_pass(model, PASS)
     assert op_histogram(out) == {"Add": 1, "Mul": 1}
     assert stats == {"merged": 1}
     feeds = [{"x": np.ones((5, 3, 4), np.float32)}, {"x": np.ones((1, 3, 4), np.float32)}]
@@ -168,7 +164,7 @@ def test_broadcast_result_keeps_shape_with_dynamic_dims() -> None:
 def test_rank_growing_constant_keeps_output_rank() -> None:
     model = chain([("Add", False), ("Add", False)],
                   [np.ones((1, 1, 1, 4), np.float32), np.ones(4, np.float32)], x_shape=[4])
-    out, _ = _run(model)
+    out, _ = run_pass(model, PASS)
     assert op_histogram(out) == {"Add": 1}
     assert run_model(out, [{"x": np.ones(4, np.float32)}])[0][0].shape == (1, 1, 1, 4)
     assert_equivalent(model, out)
@@ -182,7 +178,7 @@ def test_merges_inside_subgraph() -> None:
     other = helper.make_graph([helper.make_node("Identity", ["x"], ["o2"])], "else", [], [vi("o2", [4])])
     model = make_model([helper.make_node("If", ["cond"], ["y"], then_branch=body, else_branch=other)],
                        [vi("cond", [], TensorProto.BOOL), vi("x", [4])], [vi("y", [4])])
-    out, stats = _run(model)
+    out, stats = run_pass(model, PASS)
     assert stats == {"merged": 1}
     assert op_histogram(out) == {"If": 1, "Identity": 1, "Mul": 1}
     feeds = [{"cond": np.array(True), "x": np.arange(4, dtype=np.float32)}]
@@ -191,9 +187,9 @@ def test_merges_inside_subgraph() -> None:
 
 def test_no_change_and_idempotent() -> None:
     mixed = chain([("Add", False), ("Mul", False)], [C4, C4])
-    out, stats = _run(mixed)
+    out, stats = run_pass(mixed, PASS)
     assert stats == {}
     assert op_histogram(out) == op_histogram(mixed)
-    once, _ = _run(chain([("Add", False), ("Add", False)], [C4, C4]))
+    once, _ = run_pass(chain([("Add", False), ("Add", False)], [C4, C4]), PASS)
     _, report = optimize(once, passes=[PASS])
     assert report.records[-1].changed is False

@@ -6,7 +6,7 @@ import pytest
 from onnx import TensorProto, helper
 
 from onnxopt import optimize
-from onnxopt.testing import assert_declined, assert_equivalent, make_model, op_histogram, vi
+from onnxopt.testing import assert_declined, assert_equivalent, make_model, op_histogram, run_pass, vi
 
 PASS = "fold-scale"
 F32, F16 = TensorProto.FLOAT, TensorProto.FLOAT16
@@ -39,11 +39,6 @@ def scale_after(
     return make_model(nodes, [vi("x", x_shape, dtype)], [vi("y", y_shape, dtype)], inits, opset=opset)
 
 
-def _run(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, int]]:
-    out, report = optimize(model, passes=[PASS])
-    return out, report.stats(PASS)
-
-
 S4 = np.array([0.5, -2.0, 3.0, 0.25])
 
 
@@ -57,7 +52,7 @@ def _conv(s: np.ndarray, **kw: object) -> onnx.ModelProto:
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_folds_per_channel_scale_into_conv(s: np.ndarray, scale_op: str, with_bias: bool) -> None:
     model = _conv(s, scale_op=scale_op, bias=np.arange(4.0) - 1.5 if with_bias else None)
-    out, stats = _run(model)
+    out, stats = run_pass(model, PASS)
     assert op_histogram(out) == {"Conv": 1}
     assert stats == {"folded": 1}
     assert_equivalent(model, out, atol=1e-5, rtol=1e-5)
@@ -65,7 +60,7 @@ def test_folds_per_channel_scale_into_conv(s: np.ndarray, scale_op: str, with_bi
 
 def test_folded_weight_equals_hand_scaled_weight() -> None:
     model = _conv(S4.reshape(4, 1, 1), scale_op="Div", bias=np.ones(4))
-    out, _ = _run(model)
+    out, _ = run_pass(model, PASS)
     w = onnx.numpy_helper.to_array(model.graph.initializer[0])
     new = {t.name: onnx.numpy_helper.to_array(t) for t in out.graph.initializer}
     (w_name,) = [k for k in new if new[k].ndim == 4]
@@ -77,7 +72,7 @@ def test_folded_weight_equals_hand_scaled_weight() -> None:
 @pytest.mark.parametrize("opset", [9, 13, 21])
 def test_folds_swapped_mul_across_opsets(opset: int) -> None:
     model = _conv(S4.reshape(4, 1, 1), swap=True, opset=opset)
-    out, stats = _run(model)
+    out, stats = run_pass(model, PASS)
     assert op_histogram(out) == {"Conv": 1}
     assert stats == {"folded": 1}
     assert_equivalent(model, out)
@@ -88,7 +83,7 @@ def test_folds_into_conv_transpose_with_groups_and_dynamic_batch(group: int) -> 
     model = scale_after("ConvTranspose", ["N", 4, 4, 4], (4, 6 // group, 3, 3), ["N", 6, 6, 6],
                         np.linspace(0.5, 3, 6).reshape(6, 1, 1), attrs={"group": group},
                         bias=np.arange(6.0))
-    out, stats = _run(model)
+    out, stats = run_pass(model, PASS)
     assert op_histogram(out) == {"ConvTranspose": 1}
     assert stats == {"folded": 1}
     assert_equivalent(model, out, shapes={"x": [3, 4, 4, 4]})
@@ -103,7 +98,7 @@ def test_folds_into_conv_transpose_with_groups_and_dynamic_batch(group: int) -> 
 def test_folds_into_gemm(s: np.ndarray, bias: np.ndarray | None, trans_b: int, scale_op: str) -> None:
     model = scale_after("Gemm", [3, 4], (5, 4) if trans_b else (4, 5), [3, 5], s, scale_op=scale_op,
                         attrs={"transB": trans_b, "alpha": 0.5, "beta": 2.0}, bias=bias)
-    out, stats = _run(model)
+    out, stats = run_pass(model, PASS)
     assert op_histogram(out) == {"Gemm": 1}
     assert stats == {"folded": 1}
     assert_equivalent(model, out)
@@ -119,7 +114,7 @@ def test_folds_into_gemm(s: np.ndarray, bias: np.ndarray | None, trans_b: int, s
 def test_folds_into_matmul_of_any_activation_rank(x_shape: list, s: np.ndarray, opset: int) -> None:
     y_shape = [*x_shape[:-1], 5]
     model = scale_after("MatMul", x_shape, (4, 5), y_shape, s, opset=opset)
-    out, stats = _run(model)
+    out, stats = run_pass(model, PASS)
     assert op_histogram(out) == {"MatMul": 1}
     assert stats == {"folded": 1}
     shapes = {"x": [2, 3, 4]} if len(x_shape) == 3 else None
@@ -128,7 +123,7 @@ def test_folds_into_matmul_of_any_activation_rank(x_shape: list, s: np.ndarray, 
 
 def test_folds_fp16() -> None:
     model = _conv(S4.reshape(4, 1, 1), dtype=F16, bias=np.ones(4))
-    out, stats = _run(model)
+    out, stats = run_pass(model, PASS)
     assert stats == {"folded": 1}
     assert_equivalent(model, out, atol=2e-2, rtol=2e-2)
 
@@ -192,10 +187,10 @@ def test_declines_zero_divisor_and_overflow() -> None:
 
 def test_leaves_constant_divided_by_conv_alone_and_is_idempotent() -> None:
     model = _conv(S4.reshape(4, 1, 1), scale_op="Div", swap=True)
-    out, stats = _run(model)
+    out, stats = run_pass(model, PASS)
     assert stats == {}
     assert op_histogram(out) == op_histogram(model)
-    once, _ = _run(_conv(S4.reshape(4, 1, 1)))
+    once, _ = run_pass(_conv(S4.reshape(4, 1, 1)), PASS)
     _, report = optimize(once, passes=[PASS])
     assert report.records[-1].changed is False
 

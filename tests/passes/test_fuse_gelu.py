@@ -14,6 +14,7 @@ from onnxopt.testing import (
     make_model,
     op_histogram,
     run_model,
+    run_pass,
     vi,
 )
 
@@ -60,11 +61,6 @@ def tanh_form(opset: int = 20, pow_cube: bool = True) -> onnx.ModelProto:
     return make_model(nodes, [vi("x", SHAPE)], [vi("y", SHAPE)], inits, opset=opset)
 
 
-def _run(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, int]]:
-    out, report = optimize(model, passes=[PASS])
-    return out, report.stats(PASS)
-
-
 def _gelu_attr(model: onnx.ModelProto) -> str:
     node = next(n for n in model.graph.node if n.op_type == "Gelu")
     return next((helper.get_attribute_value(a).decode() for a in node.attribute if a.name == "approximate"), "none")
@@ -75,7 +71,7 @@ def _gelu_attr(model: onnx.ModelProto) -> str:
 @pytest.mark.parametrize("opset", [20, 21])
 def test_writes_gelu_from_erf_form(div: bool, half_first: bool, opset: int) -> None:
     model = erf_form(opset=opset, div=div, half_first=half_first)
-    out, stats = _run(model)
+    out, stats = run_pass(model, PASS)
     assert op_histogram(out) == {"Gelu": 1, "MatMul": 1}
     assert stats == {"fused-erf": 1}
     assert _gelu_attr(out) == "none"
@@ -85,7 +81,7 @@ def test_writes_gelu_from_erf_form(div: bool, half_first: bool, opset: int) -> N
 @pytest.mark.parametrize("pow_cube", [True, False])
 def test_writes_tanh_gelu(pow_cube: bool) -> None:
     model = tanh_form(pow_cube=pow_cube)
-    out, stats = _run(model)
+    out, stats = run_pass(model, PASS)
     assert op_histogram(out) == {"Gelu": 1, "MatMul": 1}
     assert stats == {"fused-tanh": 1}
     assert _gelu_attr(out) == "tanh"
@@ -94,7 +90,7 @@ def test_writes_tanh_gelu(pow_cube: bool) -> None:
 
 def test_rounded_sqrt2_is_within_the_stated_tolerance() -> None:
     model = erf_form(sqrt2=1.4142)
-    out, stats = _run(model)
+    out, stats = run_pass(model, PASS)
     assert stats == {"fused-erf": 1}
     ref, got = run_model(model, FEEDS)[0][0], run_model(out, FEEDS)[0][0]
     h = FEEDS[0]["x"].astype(np.float64) @ onnx.numpy_helper.to_array(model.graph.initializer[0]).astype(np.float64)
@@ -115,10 +111,10 @@ def test_declines_shared_intermediate() -> None:
 
 def test_leaves_wrong_constant_and_standard_gelu_alone() -> None:
     model = erf_form(sqrt2=1.5)
-    out, stats = _run(model)
+    out, stats = run_pass(model, PASS)
     assert stats == {}
     assert op_histogram(out) == op_histogram(model)
-    fused, _ = _run(erf_form())
+    fused, _ = run_pass(erf_form(), PASS)
     _, report = optimize(fused, passes=[PASS])
     assert report.records[-1].changed is False
     assert report.stats(PASS) == {}

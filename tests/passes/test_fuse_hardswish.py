@@ -12,6 +12,7 @@ from onnxopt.testing import (
     make_model,
     op_histogram,
     run_model,
+    run_pass,
     vi,
 )
 
@@ -54,11 +55,6 @@ def via_hardsigmoid(opset: int = 14, alpha: float = 1 / 6, swap: bool = False) -
     return make_model(nodes, [vi("x", SHAPE)], [vi("y", SHAPE)], opset=opset)
 
 
-def _run(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, int]]:
-    out, report = optimize(model, passes=[PASS])
-    return out, report.stats(PASS)
-
-
 def _numpy_hardswish(x: np.ndarray) -> np.ndarray:
     return x * np.clip(x + 3, 0, 6) / 6
 
@@ -67,7 +63,7 @@ def _numpy_hardswish(x: np.ndarray) -> np.ndarray:
 @pytest.mark.parametrize("sixth", ["Div", "Mul"])
 def test_writes_hardsigmoid_from_clip_form(opset: int, sixth: str) -> None:
     model = decomposed("hardsigmoid", opset=opset, sixth=sixth, three_first=opset == 13)
-    out, stats = _run(model)
+    out, stats = run_pass(model, PASS)
     assert op_histogram(out) == {"HardSigmoid": 1, "Relu": 1}
     assert stats == {"fused-hardsigmoid": 1}
     assert_equivalent(model, out, feeds=FEEDS, atol=1e-6, rtol=1e-6)
@@ -77,7 +73,7 @@ def test_writes_hardsigmoid_from_clip_form(opset: int, sixth: str) -> None:
 @pytest.mark.parametrize("sixth", ["Div", "Mul"])
 def test_writes_hardswish_from_clip_product(opset: int, sixth: str) -> None:
     model = decomposed("hardswish", opset=opset, sixth=sixth)
-    out, stats = _run(model)
+    out, stats = run_pass(model, PASS)
     assert op_histogram(out) == {"HardSwish": 1, "Relu": 1}
     assert stats == {"fused-hardswish": 1}
     assert_equivalent(model, out, feeds=FEEDS, atol=1e-6, rtol=1e-6)
@@ -89,7 +85,7 @@ def test_writes_hardswish_from_clip_product(opset: int, sixth: str) -> None:
 @pytest.mark.parametrize("swap", [False, True])
 def test_writes_hardswish_from_hardsigmoid_product(swap: bool) -> None:
     model = via_hardsigmoid(swap=swap)
-    out, stats = _run(model)
+    out, stats = run_pass(model, PASS)
     assert op_histogram(out) == {"HardSwish": 1, "Relu": 1}
     assert stats == {"fused-hardswish": 1}
     assert_equivalent(model, out, feeds=FEEDS, atol=1e-6, rtol=1e-6)
@@ -100,7 +96,7 @@ def test_clip_then_product_becomes_one_hardswish() -> None:
     model = decomposed("hardsigmoid", opset=14)
     model.graph.node[-1].output[0] = "hs"
     model.graph.node.append(helper.make_node("Mul", ["r", "hs"], ["y"]))
-    out, stats = _run(model)
+    out, stats = run_pass(model, PASS)
     assert op_histogram(out) == {"HardSwish": 1, "Relu": 1}
     assert stats == {"fused-hardsigmoid": 1, "fused-hardswish": 1}
     assert_equivalent(model, out, feeds=FEEDS, atol=1e-6, rtol=1e-6)
@@ -108,7 +104,7 @@ def test_clip_then_product_becomes_one_hardswish() -> None:
 
 def test_dynamic_batch() -> None:
     model = decomposed("hardswish", opset=14)
-    out, _ = _run(model)
+    out, _ = run_pass(model, PASS)
     feeds = [{"x": np.random.default_rng(0).uniform(-6, 6, (5, 3, 5, 5)).astype(np.float32)}]
     assert_equivalent(model, out, feeds=feeds, atol=1e-6, rtol=1e-6)
 
@@ -141,13 +137,13 @@ def test_leaves_other_constants_alone(change: str) -> None:
             hi.CopyFrom(onnx.numpy_helper.from_array(np.float32(5.0), "hi"))
         else:
             model.graph.node[3].input[0] = "x"  # x * Clip(relu(x) + 3, 0, 6) / 6 is not a HardSwish
-    out, stats = _run(model)
+    out, stats = run_pass(model, PASS)
     assert stats == {}
     assert op_histogram(out) == op_histogram(model)
 
 
 def test_idempotent() -> None:
-    once, _ = _run(decomposed("hardswish"))
+    once, _ = run_pass(decomposed("hardswish"), PASS)
     _, report = optimize(once, passes=[PASS])
     assert report.records[-1].changed is False
 

@@ -14,6 +14,7 @@ from onnxopt.testing import (
     make_model,
     op_histogram,
     run_model,
+    run_pass,
     vi,
 )
 
@@ -70,11 +71,6 @@ def decomposed(opset: int = 17, square: str = "Pow", divide: str = "Div", gamma:
     return make_model(nodes, [vi("x", shape)], outputs, inits, opset=opset, check=False)
 
 
-def _run(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, int]]:
-    out, report = optimize(model, passes=[PASS])
-    return out, report.stats(PASS)
-
-
 def _numpy_layernorm(x: np.ndarray, gamma: np.ndarray, beta: np.ndarray, eps: float = 1e-5) -> np.ndarray:
     x64 = x.astype(np.float64)
     mu, var = x64.mean(-1, keepdims=True), x64.var(-1, keepdims=True)
@@ -87,7 +83,7 @@ def _numpy_layernorm(x: np.ndarray, gamma: np.ndarray, beta: np.ndarray, eps: fl
 ])
 def test_writes_layernormalization(opset: int, square: str, divide: str, two_subs: bool) -> None:
     model = decomposed(opset=opset, square=square, divide=divide, two_subs=two_subs)
-    out, stats = _run(model)
+    out, stats = run_pass(model, PASS)
     assert op_histogram(out) == {"Identity": 2, "LayerNormalization": 1}
     assert stats == {"fused": 1}
     assert_equivalent(model, out, feeds=FEEDS, atol=1e-5, rtol=1e-5)
@@ -97,7 +93,7 @@ def test_writes_layernormalization(opset: int, square: str, divide: str, two_sub
 
 def test_fused_is_no_less_accurate_when_the_mean_is_far_from_zero() -> None:
     model = decomposed()
-    out, _ = _run(model)
+    out, _ = run_pass(model, PASS)
     x = (np.random.default_rng(1).standard_normal((4, 64, H)) + 100).astype(np.float32)
     ref = _numpy_layernorm(x, GAMMA, BETA)
     err_decomposed = np.abs(run_model(model, [{"x": x}])[0][0] - ref).max()
@@ -110,7 +106,7 @@ def test_fused_is_no_less_accurate_when_the_mean_is_far_from_zero() -> None:
                                              (GAMMA.reshape(1, 1, H), BETA.reshape(1, H))])
 def test_optional_and_broadcast_affine(gamma: np.ndarray | None, beta: np.ndarray | None) -> None:
     model = decomposed(gamma=gamma, beta=beta)
-    out, stats = _run(model)
+    out, stats = run_pass(model, PASS)
     assert stats == {"fused": 1}
     assert op_histogram(out) == {"Identity": 2, "LayerNormalization": 1}
     assert_equivalent(model, out, feeds=FEEDS, atol=1e-5, rtol=1e-5)
@@ -118,7 +114,7 @@ def test_optional_and_broadcast_affine(gamma: np.ndarray | None, beta: np.ndarra
 
 def test_positive_last_axis_with_known_rank() -> None:
     model = decomposed(axis=2)
-    out, stats = _run(model)
+    out, stats = run_pass(model, PASS)
     assert stats == {"fused": 1}
     assert_equivalent(model, out, feeds=FEEDS, atol=1e-5, rtol=1e-5)
 
@@ -142,7 +138,7 @@ def test_torchscript_export_of_nn_layernorm() -> None:
     assert op_histogram(upgraded) == {"LayerNormalization": 1}
     assert_equivalent(model, upgraded, feeds=FEEDS, atol=1e-5, rtol=1e-5)
     model.opset_import[0].version = 17  # same ops, same meaning at 17
-    out, stats = _run(model)
+    out, stats = run_pass(model, PASS)
     assert stats == {"fused": 1}
     assert op_histogram(out) == {"LayerNormalization": 1}
     assert_equivalent(model, out, feeds=FEEDS, atol=1e-5, rtol=1e-5)
@@ -173,7 +169,7 @@ def test_declines_float64() -> None:
 
 
 def test_idempotent_and_unchanged_without_pattern() -> None:
-    once, _ = _run(decomposed())
+    once, _ = run_pass(decomposed(), PASS)
     _, report = optimize(once, passes=[PASS])
     assert report.records[-1].changed is False
     assert report.stats(PASS) == {}

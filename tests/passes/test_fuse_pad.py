@@ -6,7 +6,7 @@ import pytest
 from onnx import TensorProto, helper
 
 from onnxopt import optimize
-from onnxopt.testing import assert_declined, assert_equivalent, make_model, op_histogram, vi
+from onnxopt.testing import assert_declined, assert_equivalent, make_model, op_histogram, run_pass, vi
 
 PASS = "fuse-pad"
 I64 = np.int64
@@ -61,11 +61,6 @@ def pad_then(
     return model
 
 
-def _run(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, int]]:
-    out, report = optimize(model, passes=[PASS])
-    return out, report.stats(PASS)
-
-
 def _attr(model: onnx.ModelProto, op: str, name: str) -> object:
     node = next(n for n in model.graph.node if n.op_type == op)
     return next(helper.get_attribute_value(a) for a in node.attribute if a.name == name)
@@ -77,7 +72,7 @@ NEG_FEEDS = [{"x": -np.abs(np.random.default_rng(2).standard_normal((2, 4, 7, 6)
 @pytest.mark.parametrize("opset", [9, 11, 13, 18, 21])
 def test_fuses_zero_pad_into_conv_across_opsets(opset: int) -> None:
     model = pad_then("Conv", [0, 0, 1, 2, 0, 0, 3, 0], opset=opset, reader_attrs={"pads": [1, 0, 0, 1]})
-    out, stats = _run(model)
+    out, stats = run_pass(model, PASS)
     assert op_histogram(out) == {"Conv": 1}
     assert stats == {"fused": 1}
     assert _attr(out, "Conv", "pads") == [2, 2, 3, 1]  # Conv [h0, w0, h1, w1] + Pad's spatial part
@@ -91,7 +86,7 @@ def test_fuses_zero_pad_into_conv_across_opsets(opset: int) -> None:
 ])
 def test_fuses_conv_of_any_rank_with_dynamic_dims(x_shape: list, pads: list[int]) -> None:
     model = pad_then("Conv", pads, x_shape=x_shape, reader_attrs={"strides": [2] * (len(x_shape) - 2)})
-    out, stats = _run(model)
+    out, stats = run_pass(model, PASS)
     assert op_histogram(out) == {"Conv": 1}
     assert stats == {"fused": 1}
     concrete = [3 if isinstance(d, str) and d == "N" else 8 if isinstance(d, str) else d for d in x_shape]
@@ -100,7 +95,7 @@ def test_fuses_conv_of_any_rank_with_dynamic_dims(x_shape: list, pads: list[int]
 
 def test_fuses_opset18_axes_and_valid_auto_pad() -> None:
     model = pad_then("Conv", [1, 2, 1, 0], opset=18, axes=[-1, 2], reader_attrs={"auto_pad": "VALID"})
-    out, stats = _run(model)
+    out, stats = run_pass(model, PASS)
     assert stats == {"fused": 1}
     assert _attr(out, "Conv", "pads") == [2, 1, 0, 1]  # axes [-1, 2]: w +1/+1, h +2/+0
     assert_equivalent(model, out)
@@ -111,7 +106,7 @@ def test_fuses_into_average_pool_counting_padded_zeros(cip: int) -> None:
     own = [1, 0, 0, 1] if cip else [0, 0, 0, 0]
     model = pad_then("AveragePool", [0, 0, 1, 0, 0, 0, 1, 1],
                      reader_attrs={"pads": own, "count_include_pad": cip})
-    out, stats = _run(model)
+    out, stats = run_pass(model, PASS)
     assert op_histogram(out) == {"AveragePool": 1}
     assert stats == {"fused": 1}
     assert _attr(out, "AveragePool", "count_include_pad") == 1
@@ -120,7 +115,7 @@ def test_fuses_into_average_pool_counting_padded_zeros(cip: int) -> None:
 
 def test_fuses_negative_infinity_pad_into_max_pool() -> None:
     model = pad_then("MaxPool", [0, 0, 1, 1, 0, 0, 1, 1], value=-np.inf, reader_attrs={"strides": [2, 2]})
-    out, stats = _run(model)
+    out, stats = run_pass(model, PASS)
     assert op_histogram(out) == {"MaxPool": 1}
     assert stats == {"fused": 1}
     assert_equivalent(model, out, feeds=NEG_FEEDS)
@@ -191,7 +186,7 @@ def test_declines_shared_pad_output_and_graph_output() -> None:
 
 def test_no_change_and_idempotent() -> None:
     model = pad_then("Conv", [0, 0, 1, 1, 0, 0, 1, 1])
-    once, _ = _run(model)
+    once, _ = run_pass(model, PASS)
     _, report = optimize(once, passes=[PASS])
     assert report.records[-1].changed is False
     assert report.stats(PASS) == {}

@@ -6,15 +6,10 @@ import pytest
 from onnx import TensorProto, helper
 
 from onnxopt import optimize
-from onnxopt.testing import assert_equivalent, make_model, op_histogram, vi
+from onnxopt.testing import assert_equivalent, make_model, op_histogram, run_pass, vi
 
 PASS = "fuse-shape-chains"
 I64 = TensorProto.INT64
-
-
-def _run(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, int]]:
-    optimized, report = optimize(model, passes=[PASS])
-    return optimized, report.stats(PASS)
 
 
 def _axes_node(op: str, inp: str, out: str, axes: list[int] | None, opset: int,
@@ -60,7 +55,7 @@ def chain(
 def test_composes_transposes() -> None:
     model = chain([("Transpose", [0, 2, 3, 1]), ("Transpose", [1, 0, 3, 2])], [2, 3, 4, 5],
                   [4, 2, 5, 3])
-    optimized, stats = _run(model)
+    optimized, stats = run_pass(model, PASS)
     assert op_histogram(optimized) == {"Transpose": 1}
     assert stats == {"fused-transpose": 1}
     assert list(optimized.graph.node[0].attribute[0].ints) == [2, 0, 1, 3]
@@ -70,7 +65,7 @@ def test_composes_transposes() -> None:
 def test_inverse_transposes_vanish() -> None:
     model = chain([("Relu", None), ("Transpose", [0, 2, 3, 1]), ("Transpose", [0, 3, 1, 2])],
                   ["N", 3, 4, 5], ["N", 3, 4, 5])
-    optimized, stats = _run(model)
+    optimized, stats = run_pass(model, PASS)
     assert op_histogram(optimized) == {"Relu": 1}
     assert stats == {"removed-pair": 1}
     assert optimized.graph.node[0].output[0] == "y"
@@ -79,7 +74,7 @@ def test_inverse_transposes_vanish() -> None:
 
 def test_inverse_transposes_between_graph_input_and_output_keep_an_identity() -> None:
     model = chain([("Transpose", None), ("Transpose", None)], [2, 3, 4], [2, 3, 4])
-    optimized, stats = _run(model)
+    optimized, stats = run_pass(model, PASS)
     assert op_histogram(optimized) == {"Identity": 1}
     assert stats == {"fused-to-identity": 1}
     assert_equivalent(model, optimized)
@@ -90,7 +85,7 @@ def test_default_perm_with_unknown_rank_is_declined() -> None:
     model.graph.node[0].input[1] = "s_in"
     model.graph.input.append(vi("s_in", ["k"], I64))
     del model.graph.initializer[:]
-    optimized, stats = _run(model)
+    optimized, stats = run_pass(model, PASS)
     assert op_histogram(optimized) == op_histogram(model)
     assert stats == {"skipped:unknown-rank": 1}
 
@@ -99,7 +94,7 @@ def test_default_perm_with_unknown_rank_is_declined() -> None:
 
 def test_reshape_reshape_keeps_second_target() -> None:
     model = chain([("Reshape", [6, 4]), ("Reshape", [-1, 2, 2])], ["N", 2, 3, 4], ["M", 2, 2])
-    optimized, stats = _run(model)
+    optimized, stats = run_pass(model, PASS)
     assert op_histogram(optimized) == {"Reshape": 1}
     assert stats == {"fused-reshape": 1}
     assert_equivalent(model, optimized, shapes={"x": [1, 2, 3, 4]})
@@ -108,7 +103,7 @@ def test_reshape_reshape_keeps_second_target() -> None:
 def test_reshape_copy_dim_refers_to_the_intermediate() -> None:
     # second 0 copies dim 0 of [6, 4] (=6), not of x (=2)
     model = chain([("Reshape", [6, 4]), ("Reshape", [0, 2, 2])], [2, 3, 4], [6, 2, 2])
-    optimized, stats = _run(model)
+    optimized, stats = run_pass(model, PASS)
     assert op_histogram(optimized) == {"Reshape": 1}
     assert stats == {"fused-reshape": 1}
     shape = next(t for t in optimized.graph.initializer if t.name.startswith("shape_fused"))
@@ -118,7 +113,7 @@ def test_reshape_copy_dim_refers_to_the_intermediate() -> None:
 
 def test_reshape_copy_dim_of_dynamic_intermediate_is_declined() -> None:
     model = chain([("Reshape", [0, -1]), ("Reshape", [0, 3, 4])], ["N", 3, 4], ["N", 3, 4])
-    optimized, stats = _run(model)
+    optimized, stats = run_pass(model, PASS)
     assert op_histogram(optimized) == {"Reshape": 2}
     assert stats == {"skipped:unknown-shape": 1}
     assert_equivalent(model, optimized, shapes={"x": [2, 3, 4]})
@@ -127,7 +122,7 @@ def test_reshape_copy_dim_of_dynamic_intermediate_is_declined() -> None:
 def test_reshape_allowzero_keeps_literal_zero() -> None:
     model = chain([("Reshape", [0, 12]), ("Reshape", ([0, 3, 4], 1))], [0, 3, 4], [0, 3, 4],
                   opset=14)
-    optimized, stats = _run(model)
+    optimized, stats = run_pass(model, PASS)
     assert op_histogram(optimized) == {"Reshape": 1}
     assert stats == {"fused-reshape": 1}
     assert optimized.graph.node[0].attribute[0].name == "allowzero"
@@ -138,14 +133,14 @@ def test_non_constant_second_shape_is_declined() -> None:
     model = chain([("Reshape", [6, 4]), ("Reshape", [24])], [2, 3, 4], None)
     model.graph.node[1].input[1] = "s_in"
     model.graph.input.append(vi("s_in", [1], I64))
-    optimized, stats = _run(model)
+    optimized, stats = run_pass(model, PASS)
     assert op_histogram(optimized) == {"Reshape": 2}
     assert stats == {"skipped:non-constant": 1}
 
 
 def test_chain_of_three_reshapes_fuses_twice() -> None:
     model = chain([("Reshape", [6, 4]), ("Reshape", [24]), ("Reshape", [4, 6])], [2, 3, 4], [4, 6])
-    optimized, stats = _run(model)
+    optimized, stats = run_pass(model, PASS)
     assert op_histogram(optimized) == {"Reshape": 1}
     assert stats == {"fused-reshape": 2}
     assert_equivalent(model, optimized)
@@ -158,7 +153,7 @@ def test_composes_squeezes(opset: int) -> None:
     # [1, N, 1, 4, 1] -squeeze 0-> [N, 1, 4, 1] -squeeze 1, -1-> [N, 4]
     model = chain([("Squeeze", [0]), ("Squeeze", [1, -1])], [1, "N", 1, 4, 1], ["N", 4],
                   opset=opset)
-    optimized, stats = _run(model)
+    optimized, stats = run_pass(model, PASS)
     assert op_histogram(optimized) == {"Squeeze": 1}
     assert stats == {"fused-squeeze": 1}
     assert_equivalent(model, optimized, shapes={"x": [1, 3, 1, 4, 1]})
@@ -169,7 +164,7 @@ def test_composes_unsqueezes(opset: int) -> None:
     # [N, 4] -unsqueeze 1-> [N, 1, 4] -unsqueeze 0, -1-> [1, N, 1, 4, 1]
     model = chain([("Unsqueeze", [1]), ("Unsqueeze", [0, -1])], ["N", 4], [1, "N", 1, 4, 1],
                   opset=opset)
-    optimized, stats = _run(model)
+    optimized, stats = run_pass(model, PASS)
     assert op_histogram(optimized) == {"Unsqueeze": 1}
     assert stats == {"fused-unsqueeze": 1}
     assert_equivalent(model, optimized, shapes={"x": [3, 4]})
@@ -177,7 +172,7 @@ def test_composes_unsqueezes(opset: int) -> None:
 
 def test_squeeze_without_axes_and_dynamic_dims_is_declined() -> None:
     model = chain([("Squeeze", [0]), ("Squeeze", None)], [1, "N", 4], None)
-    optimized, stats = _run(model)
+    optimized, stats = run_pass(model, PASS)
     assert op_histogram(optimized) == {"Squeeze": 2}
     assert stats == {"skipped:no-axes": 1}
 
@@ -186,7 +181,7 @@ def test_negative_axes_with_unknown_rank_are_declined() -> None:
     model = chain([("Reshape", [1, 3, 4]), ("Unsqueeze", [-1]), ("Unsqueeze", [0])], [12], None)
     model.graph.node[0].input[1] = "s_in"
     model.graph.input.append(vi("s_in", ["k"], I64))
-    optimized, stats = _run(model)
+    optimized, stats = run_pass(model, PASS)
     assert op_histogram(optimized) == {"Reshape": 1, "Unsqueeze": 2}
     # Unsqueeze pair: rank needed for -1; Reshape->Unsqueeze: intermediate shape unknown
     assert stats == {"skipped:unknown-rank": 1, "skipped:unknown-shape": 1}
@@ -204,7 +199,7 @@ def test_negative_axes_with_unknown_rank_are_declined() -> None:
 def test_mixed_static_chain_becomes_one_reshape(ops: list, x_shape: list, y_shape: list,
                                                 opset: int) -> None:
     model = chain(ops, x_shape, y_shape, opset=opset)
-    optimized, stats = _run(model)
+    optimized, stats = run_pass(model, PASS)
     assert op_histogram(optimized) == {"Reshape": 1}
     assert stats == {"fused-to-reshape": 1}
     assert_equivalent(model, optimized)
@@ -212,7 +207,7 @@ def test_mixed_static_chain_becomes_one_reshape(ops: list, x_shape: list, y_shap
 
 def test_unsqueeze_then_squeeze_same_axis_vanishes() -> None:
     model = chain([("Relu", None), ("Unsqueeze", [1]), ("Squeeze", [1])], [2, 3], [2, 3])
-    optimized, stats = _run(model)
+    optimized, stats = run_pass(model, PASS)
     assert op_histogram(optimized) == {"Relu": 1}
     assert stats == {"removed-pair": 1}
     assert_equivalent(model, optimized)
@@ -220,7 +215,7 @@ def test_unsqueeze_then_squeeze_same_axis_vanishes() -> None:
 
 def test_mixed_chain_with_dynamic_intermediate_is_declined() -> None:
     model = chain([("Flatten", 1), ("Unsqueeze", [0])], ["N", 3, 4], [1, "N", 12])
-    optimized, stats = _run(model)
+    optimized, stats = run_pass(model, PASS)
     assert op_histogram(optimized) == {"Flatten": 1, "Unsqueeze": 1}
     assert stats == {"skipped:unknown-shape": 1}
 
@@ -228,7 +223,7 @@ def test_mixed_chain_with_dynamic_intermediate_is_declined() -> None:
 def test_declared_graph_output_shape_is_not_trusted() -> None:
     # y declares a wrong shape; the fused target comes from the intermediate, not from y
     model = chain([("Flatten", 1), ("Unsqueeze", [0])], [2, 3, 4], [7, 7])
-    optimized, stats = _run(model)
+    optimized, stats = run_pass(model, PASS)
     assert stats == {"fused-to-reshape": 1}
     shape = next(t for t in optimized.graph.initializer if t.name.startswith("shape_fused"))
     assert onnx.numpy_helper.to_array(shape).tolist() == [1, 2, 12]
@@ -239,7 +234,7 @@ def test_declared_graph_output_shape_is_not_trusted() -> None:
 def test_intermediate_used_elsewhere_is_declined() -> None:
     model = chain([("Transpose", [1, 0]), ("Transpose", [1, 0])], [2, 3], [2, 3],
                   extra_outputs=("t1",))
-    optimized, stats = _run(model)
+    optimized, stats = run_pass(model, PASS)
     assert op_histogram(optimized) == {"Transpose": 2}
     assert stats == {"skipped:intermediate-shared": 1}
 
@@ -248,7 +243,7 @@ def test_intermediate_with_second_consumer_is_declined() -> None:
     model = chain([("Reshape", [6, 4]), ("Reshape", [24])], [2, 3, 4], [24])
     model.graph.node.append(helper.make_node("Relu", ["t1"], ["r"]))
     model.graph.output.append(vi("r", [6, 4]))
-    optimized, stats = _run(model)
+    optimized, stats = run_pass(model, PASS)
     assert op_histogram(optimized) == {"Relu": 1, "Reshape": 2}
     assert stats == {"skipped:intermediate-shared": 1}
 
@@ -263,7 +258,7 @@ def test_unrelated_pairs_are_ignored_and_unchanged() -> None:
 
 def test_idempotent() -> None:
     model = chain([("Squeeze", [0]), ("Squeeze", [1])], [1, 3, 1, 4], [3, 4])
-    once, _ = _run(model)
+    once, _ = run_pass(model, PASS)
     twice, report = optimize(once, passes=[PASS])
     assert not report.records[0].changed
     assert op_histogram(twice) == {"Squeeze": 1}
@@ -280,7 +275,7 @@ def test_fuses_inside_if_branch_reading_outer_scope() -> None:
     model = make_model(
         [helper.make_node("If", ["cond"], ["y"], then_branch=then_g, else_branch=else_g)],
         [vi("x", [2, 3]), vi("cond", [], TensorProto.BOOL)], [vi("y", [2, 3])])
-    optimized, stats = _run(model)
+    optimized, stats = run_pass(model, PASS)
     assert op_histogram(optimized) == {"If": 1, "Neg": 1, "Relu": 1}
     assert stats == {"removed-pair": 1}
     rng = np.random.default_rng(0)

@@ -13,6 +13,7 @@ from onnxopt.testing import (
     make_model,
     op_histogram,
     run_model,
+    run_pass,
     vi,
 )
 
@@ -37,16 +38,11 @@ def silu(opset: int = 24, alpha: float | None = None, swap: bool = False,
     return make_model(nodes, [vi("x", SHAPE)], outputs, inits, opset=opset)
 
 
-def _run(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, int]]:
-    out, report = optimize(model, passes=[PASS])
-    return out, report.stats(PASS)
-
-
 @pytest.mark.parametrize("swap", [False, True])
 @pytest.mark.parametrize("alpha", [None, 1.702])
 def test_writes_swish(swap: bool, alpha: float | None) -> None:
     model = silu(alpha=alpha, swap=swap)
-    out, stats = _run(model)
+    out, stats = run_pass(model, PASS)
     assert op_histogram(out) == {"Swish": 1}
     assert stats == {"fused": 1}
     assert_equivalent(model, out, feeds=FEEDS, atol=1e-6, rtol=1e-5)
@@ -64,10 +60,10 @@ def test_leaves_other_products_alone_and_is_idempotent() -> None:
     model = silu()
     model.graph.node[1].input[0] = "s"  # s * s is no SiLU
     model.graph.node[1].input[1] = "s"
-    out, stats = _run(model)
+    out, stats = run_pass(model, PASS)
     assert stats == {}
     assert op_histogram(out) == op_histogram(model)
-    once, _ = _run(silu())
+    once, _ = run_pass(silu(), PASS)
     _, report = optimize(once, passes=[PASS])
     assert report.records[-1].changed is False
 
