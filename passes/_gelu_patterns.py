@@ -10,7 +10,8 @@ from __future__ import annotations
 import math
 
 import onnx_graphsurgeon as gs
-from onnxopt.passes._ort_patterns import op_is, scalar
+from onnxopt.passes._ort_patterns import scalar
+from onnxopt.passes._pattern import op_is, other_input
 
 from onnxopt.graph_utils import producer
 
@@ -22,18 +23,10 @@ def _near(value: float | None, target: float) -> bool:
     return value is not None and abs(value - target) <= 1e-4 * abs(target)
 
 
-def _other(node: gs.Node, t: gs.Tensor) -> gs.Tensor | None:
-    """The input of a binary ``node`` that is not ``t`` (None if both or neither are)."""
-    a, b = node.inputs
-    if (a is t) == (b is t):
-        return None
-    return b if a is t else a
-
-
 def _scaled_by(node: gs.Node, t: gs.Tensor, factor: float) -> bool:
     """Whether ``node`` computes ``t * factor`` (as Mul by factor or Div by 1/factor)."""
     if op_is(node, "Mul"):
-        other = _other(node, t)
+        other = other_input(node, t)
         return other is not None and _near(scalar(other), factor)
     return op_is(node, "Div") and node.inputs[0] is t and _near(scalar(node.inputs[1]), 1.0 / factor)
 
@@ -43,7 +36,7 @@ def _plus_one(t: gs.Tensor) -> gs.Tensor | None:
     if len(t.outputs) != 1 or not op_is(t.outputs[0], "Add"):
         return None
     add = t.outputs[0]
-    other = _other(add, t)
+    other = other_input(add, t)
     return add.outputs[0] if other is not None and _near(scalar(other), 1.0) else None
 
 
@@ -52,7 +45,7 @@ def _half_x_times(x: gs.Tensor, t: gs.Tensor) -> gs.Tensor | None:
     if len(t.outputs) != 1 or not op_is(t.outputs[0], "Mul"):
         return None
     mul = t.outputs[0]
-    other = _other(mul, t)
+    other = other_input(mul, t)
     if other is None:
         return None
     out = mul.outputs[0]
@@ -93,16 +86,16 @@ def _tanh_gelu(tanh: gs.Node) -> tuple[gs.Tensor, gs.Tensor] | None:
     outer = producer(tanh.inputs[0])
     if not op_is(outer, "Mul"):
         return None
-    inner = next((t for t in outer.inputs if _near(scalar(_other(outer, t) or t), SQRT_2_OVER_PI)), None)
+    inner = next((t for t in outer.inputs if _near(scalar(other_input(outer, t) or t), SQRT_2_OVER_PI)), None)
     add = producer(inner) if inner is not None else None
     if not op_is(add, "Add"):
         return None
     for x in add.inputs:
-        cube_term = producer(_other(add, x) or x)
+        cube_term = producer(other_input(add, x) or x)
         if cube_term is None or not op_is(cube_term, "Mul"):
             continue
         for c in cube_term.inputs:
-            if _cubed_from(c) is x and _near(scalar(_other(cube_term, c) or c), 0.044715):
+            if _cubed_from(c) is x and _near(scalar(other_input(cube_term, c) or c), 0.044715):
                 one = _plus_one(tanh.outputs[0])
                 y = _half_x_times(x, one) if one is not None else None
                 if y is not None:

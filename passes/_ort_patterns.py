@@ -18,11 +18,11 @@ from collections.abc import Callable, Mapping, Sequence
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
+from onnxopt.passes._pattern import op_is
 
 from onnxopt.graph_utils import (
     add_node,
     constant_value,
-    is_default_domain,
     is_graph_input,
     is_graph_output,
     producer,
@@ -33,10 +33,6 @@ MS_DOMAIN = "com.microsoft"
 # attributes they use (Attention's ``scale`` and ``mask_filter_value``, MultiHeadAttention's
 # 2-D key padding mask on CPU, SkipLayerNormalization's fourth output)
 REQUIRES = (MS_DOMAIN, "onnxruntime>=1.16")  # a pass's ``requires_runtime``: (domain, requirement)
-
-
-def op_is(node: gs.Node | None, *ops: str) -> bool:
-    return node is not None and node.op in ops and is_default_domain(node)
 
 
 def scalar(tensor: gs.Tensor) -> float | None:

@@ -18,6 +18,23 @@ from onnxopt.graph_utils import constant_value, is_default_domain, is_graph_outp
 from onnxopt.pass_base import Pass, PassContext, PassResult
 
 
+def op_is(node: gs.Node | None, *ops: str) -> bool:
+    """Whether ``node`` exists and is one of the standard-domain ``ops`` (a custom-domain op of
+    the same name means something else)."""
+    return node is not None and node.op in ops and is_default_domain(node)
+
+
+def other_input(node: gs.Node, t: gs.Tensor) -> gs.Tensor | None:
+    """The input of a binary ``node`` that is not ``t`` (None if both or neither are, or if
+    ``node`` does not have two inputs)."""
+    if len(node.inputs) != 2:
+        return None
+    a, b = node.inputs
+    if (a is t) == (b is t):
+        return None
+    return b if a is t else a
+
+
 def pattern_nodes(x: gs.Tensor, y: gs.Tensor) -> list[gs.Node]:
     """The nodes computing ``y`` from ``x`` and constants: a walk back from ``y`` that stops at
     ``x`` and at constants (initializers and Constant nodes, which may be shared)."""

@@ -26,17 +26,13 @@ from __future__ import annotations
 from collections import Counter
 
 import onnx_graphsurgeon as gs
-from onnxopt.passes._pattern import OpFusionPass
+from onnxopt.passes._pattern import OpFusionPass, op_is, other_input
 
-from onnxopt.graph_utils import constant_value, is_default_domain, is_graph_output
+from onnxopt.graph_utils import constant_value, is_graph_output
 from onnxopt.pass_base import NameGenerator, PassContext
 
 _TOL = 1e-6
 HARDSWISH_OPSET = 14
-
-
-def _is(node: gs.Node | None, *ops: str) -> bool:
-    return node is not None and node.op in ops and is_default_domain(node)
 
 
 def _scalar(t: gs.Tensor | None) -> float | None:
@@ -59,20 +55,11 @@ def _only_reader(t: gs.Tensor) -> gs.Node | None:
     return t.outputs[0] if len(t.outputs) == 1 else None
 
 
-def _other(node: gs.Node, t: gs.Tensor) -> gs.Tensor | None:
-    if len(node.inputs) != 2:
-        return None
-    a, b = node.inputs
-    if (a is t) == (b is t):
-        return None
-    return b if a is t else a
-
-
 def _sixth_of(node: gs.Node | None, t: gs.Tensor) -> bool:
     """Whether ``node`` computes ``t / 6`` (Div by 6 or Mul by 1/6)."""
-    if _is(node, "Div"):
+    if op_is(node, "Div"):
         return node.inputs[0] is t and _near(node.inputs[1], 6.0)
-    return _is(node, "Mul") and _near(_other(node, t), 1.0 / 6.0)
+    return op_is(node, "Mul") and _near(other_input(node, t), 1.0 / 6.0)
 
 
 def _relu6_of_plus3(clip: gs.Node, opset: int) -> gs.Tensor | None:
@@ -83,37 +70,37 @@ def _relu6_of_plus3(clip: gs.Node, opset: int) -> gs.Tensor | None:
     else:
         bounds = len(clip.inputs) == 3 and _near(clip.inputs[1], 0.0) and _near(clip.inputs[2], 6.0)
     add = _producer(clip.inputs[0])
-    if not bounds or not _is(add, "Add") or len(add.inputs) != 2:
+    if not bounds or not op_is(add, "Add") or len(add.inputs) != 2:
         return None
     for x in add.inputs:
-        if _near(_other(add, x), 3.0) and constant_value(x) is None:
+        if _near(other_input(add, x), 3.0) and constant_value(x) is None:
             return x
     return None
 
 
 def _is_hardsigmoid_of(node: gs.Node | None, x: gs.Tensor) -> bool:
-    return (_is(node, "HardSigmoid") and node.inputs[0] is x
+    return (op_is(node, "HardSigmoid") and node.inputs[0] is x
             and abs(float(node.attrs.get("alpha", 0.2)) - 1 / 6) <= _TOL
             and abs(float(node.attrs.get("beta", 0.5)) - 0.5) <= _TOL)
 
 
 def _match(node: gs.Node, opset: int) -> tuple[str, gs.Tensor, gs.Node, list[gs.Tensor]] | None:
     """(op to write, x, last node of the pattern, intermediates) for a pattern ending at ``node``."""
-    if _is(node, "Mul") and len(node.inputs) == 2:
+    if op_is(node, "Mul") and len(node.inputs) == 2:
         for x in node.inputs:
-            hs = _producer(_other(node, x) or x)
+            hs = _producer(other_input(node, x) or x)
             if _is_hardsigmoid_of(hs, x):  # x * HardSigmoid(x)
                 return "HardSwish", x, node, [hs.outputs[0]]
     for t in node.inputs[:2]:
         inner = _producer(t)
         if not _sixth_of(node, t) or inner is None:
             continue
-        if _is(inner, "Clip") and (x := _relu6_of_plus3(inner, opset)) is not None:
+        if op_is(inner, "Clip") and (x := _relu6_of_plus3(inner, opset)) is not None:
             return "HardSigmoid", x, node, [inner.inputs[0], t]
-        if _is(inner, "Mul") and len(inner.inputs) == 2:  # (x * Clip(x + 3, 0, 6)) / 6
+        if op_is(inner, "Mul") and len(inner.inputs) == 2:  # (x * Clip(x + 3, 0, 6)) / 6
             for x in inner.inputs:
-                clip = _producer(_other(inner, x) or x)
-                if _is(clip, "Clip") and _relu6_of_plus3(clip, opset) is x:
+                clip = _producer(other_input(inner, x) or x)
+                if op_is(clip, "Clip") and _relu6_of_plus3(clip, opset) is x:
                     return "HardSwish", x, node, [clip.inputs[0], clip.outputs[0], t]
     return None
 

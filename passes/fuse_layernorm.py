@@ -35,11 +35,10 @@ from collections import Counter
 
 import numpy as np
 import onnx_graphsurgeon as gs
-from onnxopt.passes._pattern import OpFusionPass, only_read_inside, pattern_nodes
+from onnxopt.passes._pattern import OpFusionPass, only_read_inside, op_is, other_input, pattern_nodes
 
 from onnxopt.graph_utils import (
     constant_value,
-    is_default_domain,
     make_constant,
     producer,
 )
@@ -48,22 +47,9 @@ from onnxopt.pass_base import NameGenerator, PassContext
 LAYERNORM_OPSET = 17
 
 
-def _is(node: gs.Node | None, *ops: str) -> bool:
-    return node is not None and node.op in ops and is_default_domain(node)
-
-
-def _other(node: gs.Node, t: gs.Tensor) -> gs.Tensor | None:
-    if len(node.inputs) != 2:
-        return None
-    a, b = node.inputs
-    if (a is t) == (b is t):
-        return None
-    return b if a is t else a
-
-
 def _last_axis_mean(node: gs.Node | None, opset: int) -> bool | str:
     """True when ``node`` is ReduceMean over the last axis keeping dims; a reason when another one."""
-    if not _is(node, "ReduceMean"):
+    if not op_is(node, "ReduceMean"):
         return False
     if int(node.attrs.get("keepdims", 1)) != 1:
         return "axes"
@@ -83,7 +69,7 @@ def _last_axis_mean(node: gs.Node | None, opset: int) -> bool | str:
 def _centered(t: gs.Tensor, opset: int) -> tuple[gs.Tensor, gs.Tensor] | str | None:
     """(x, mean) when ``t`` is Sub(x, ReduceMean(x)); a reason for a near miss."""
     sub = producer(t)
-    if not _is(sub, "Sub") or len(sub.inputs) != 2:
+    if not op_is(sub, "Sub") or len(sub.inputs) != 2:
         return None
     x, mean = sub.inputs
     if producer(mean) is None or producer(mean).inputs[0] is not x:
@@ -95,10 +81,10 @@ def _centered(t: gs.Tensor, opset: int) -> tuple[gs.Tensor, gs.Tensor] | str | N
 def _squared(t: gs.Tensor) -> gs.Tensor | None:
     """d when ``t`` is Pow(d, 2) or Mul(d, d)."""
     node = producer(t)
-    if _is(node, "Pow"):
+    if op_is(node, "Pow"):
         two = constant_value(node.inputs[1])
         return node.inputs[0] if two is not None and two.size == 1 and float(two.reshape(())) == 2.0 else None
-    if _is(node, "Mul") and len(node.inputs) == 2 and node.inputs[0] is node.inputs[1]:
+    if op_is(node, "Mul") and len(node.inputs) == 2 and node.inputs[0] is node.inputs[1]:
         return node.inputs[0]
     return None
 
@@ -106,20 +92,20 @@ def _squared(t: gs.Tensor) -> gs.Tensor | None:
 def _normalized(n: gs.Tensor, opset: int) -> tuple[gs.Tensor, float] | str | None:
     """(x, eps) when ``n`` is (x - mean) / sqrt(var + eps) in one of the forms; a reason on a near miss."""
     node = producer(n)
-    if _is(node, "Div") and len(node.inputs) == 2:
+    if op_is(node, "Div") and len(node.inputs) == 2:
         d, root = node.inputs
-    elif _is(node, "Mul") and len(node.inputs) == 2:
-        recip = next((t for t in node.inputs if _is(producer(t), "Reciprocal")), None)
+    elif op_is(node, "Mul") and len(node.inputs) == 2:
+        recip = next((t for t in node.inputs if op_is(producer(t), "Reciprocal")), None)
         if recip is None:
             return None
-        d, root = _other(node, recip), producer(recip).inputs[0]
+        d, root = other_input(node, recip), producer(recip).inputs[0]
     else:
         return None
     sqrt = producer(root) if d is not None else None
-    add = producer(sqrt.inputs[0]) if _is(sqrt, "Sqrt") else None
-    if not _is(add, "Add") or len(add.inputs) != 2:
+    add = producer(sqrt.inputs[0]) if op_is(sqrt, "Sqrt") else None
+    if not op_is(add, "Add") or len(add.inputs) != 2:
         return None
-    var = next((t for t in add.inputs if _is(producer(t), "ReduceMean")), None)
+    var = next((t for t in add.inputs if op_is(producer(t), "ReduceMean")), None)
     if var is None:
         return None
     centered = _centered(d, opset)
@@ -128,13 +114,13 @@ def _normalized(n: gs.Tensor, opset: int) -> tuple[gs.Tensor, float] | str | Non
         return centered if isinstance(centered, str) else None
     x, mean = centered
     # the squared term is d itself or a second Sub(x, mean) with the same operands
-    if sq is not d and not (_is(producer(sq), "Sub") and producer(sq).inputs[0] is x
+    if sq is not d and not (op_is(producer(sq), "Sub") and producer(sq).inputs[0] is x
                             and producer(sq).inputs[1] is mean):
         return None
     ok = _last_axis_mean(producer(var), opset)
     if ok is not True:
         return ok or None
-    eps = constant_value(_other(add, var))
+    eps = constant_value(other_input(add, var))
     if eps is None or eps.size != 1:
         return "non-constant"
     return x, float(eps.reshape(()))
@@ -144,10 +130,10 @@ def _affine(n: gs.Tensor) -> tuple[gs.Tensor, gs.Tensor | None, gs.Tensor | None
     """(y, gamma, beta): how far a constant Mul and then a constant Add extend the pattern."""
     y, gamma, beta = n, None, None
     reader = y.outputs[0] if len(y.outputs) == 1 else None
-    if _is(reader, "Mul") and (other := _other(reader, y)) is not None and constant_value(other) is not None:
+    if op_is(reader, "Mul") and (other := other_input(reader, y)) is not None and constant_value(other) is not None:
         y, gamma = reader.outputs[0], other
         reader = y.outputs[0] if len(y.outputs) == 1 else None
-    if _is(reader, "Add") and (other := _other(reader, y)) is not None and constant_value(other) is not None:
+    if op_is(reader, "Add") and (other := other_input(reader, y)) is not None and constant_value(other) is not None:
         y, beta = reader.outputs[0], other
     return y, gamma, beta
 
@@ -191,7 +177,7 @@ class FuseLayerNormPass(OpFusionPass):
     def fuse(self, g: gs.Graph, ctx: PassContext, stats: Counter[str]) -> dict[int, gs.Node]:
         replaced: dict[int, gs.Node] = {}
         for node in list(g.nodes):
-            if not _is(node, "Div", "Mul") or not node.outputs:
+            if not op_is(node, "Div", "Mul") or not node.outputs:
                 continue  # no outputs: the last node of a pattern fused just now
             found = _normalized(node.outputs[0], ctx.opset)
             if found is None:

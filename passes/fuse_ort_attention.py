@@ -51,7 +51,6 @@ from onnxopt.passes._ort_patterns import (
     Projection,
     int_attr,
     ms_node,
-    op_is,
     peel_scale,
     projection,
     reshape_entries,
@@ -59,6 +58,7 @@ from onnxopt.passes._ort_patterns import (
     reshape_tail,
     resolve_tail,
 )
+from onnxopt.passes._pattern import op_is
 
 from onnxopt.graph_utils import constant_value, is_graph_output, make_constant, producer
 from onnxopt.pass_base import Pass, PassContext, PassResult

@@ -27,7 +27,8 @@ from collections import Counter
 import numpy as np
 import onnx_graphsurgeon as gs
 from onnxopt.passes._gelu_patterns import gelus
-from onnxopt.passes._ort_patterns import REQUIRES, ms_node, op_is, vector
+from onnxopt.passes._ort_patterns import REQUIRES, ms_node, vector
+from onnxopt.passes._pattern import op_is
 
 from onnxopt.graph_utils import is_graph_output, producer
 from onnxopt.pass_base import Pass, PassContext, PassResult

@@ -29,16 +29,8 @@ from collections import Counter
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
-from onnxopt.passes._ort_patterns import (
-    REQUIRES,
-    cast,
-    cone,
-    is_free,
-    ms_node,
-    op_is,
-    probe,
-    vector,
-)
+from onnxopt.passes._ort_patterns import REQUIRES, cast, cone, is_free, ms_node, probe, vector
+from onnxopt.passes._pattern import op_is
 
 from onnxopt.graph_utils import (
     constant_value,

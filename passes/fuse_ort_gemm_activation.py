@@ -19,7 +19,8 @@ from __future__ import annotations
 from collections import Counter
 
 import onnx_graphsurgeon as gs
-from onnxopt.passes._ort_patterns import REQUIRES, ms_node, op_is
+from onnxopt.passes._ort_patterns import REQUIRES, ms_node
+from onnxopt.passes._pattern import op_is
 
 from onnxopt.graph_utils import is_graph_output
 from onnxopt.pass_base import Pass, PassContext, PassResult

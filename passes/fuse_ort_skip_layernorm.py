@@ -39,10 +39,10 @@ from onnxopt.passes._ort_patterns import (
     fastest,
     is_free,
     ms_node,
-    op_is,
     projection,
     vector,
 )
+from onnxopt.passes._pattern import op_is
 
 from onnxopt.graph_utils import is_graph_output, producer
 from onnxopt.pass_base import Pass, PassContext, PassResult

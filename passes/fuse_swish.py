@@ -19,11 +19,10 @@ from __future__ import annotations
 from collections import Counter
 
 import onnx_graphsurgeon as gs
-from onnxopt.passes._pattern import OpFusionPass
+from onnxopt.passes._pattern import OpFusionPass, op_is
 
 from onnxopt.graph_utils import (
     constant_value,
-    is_default_domain,
     is_graph_output,
     producer,
 )
@@ -32,16 +31,12 @@ from onnxopt.pass_base import PassContext
 SWISH_OPSET = 24
 
 
-def _is(node: gs.Node | None, op: str) -> bool:
-    return node is not None and node.op == op and is_default_domain(node)
-
-
 def _scaled(t: gs.Tensor, x: gs.Tensor) -> float | None:
     """1.0 when ``t`` is x, ``a`` when ``t`` is Mul(x, a) with a scalar float constant a."""
     if t is x:
         return 1.0
     node = producer(t)
-    if not _is(node, "Mul") or len(node.inputs) != 2:
+    if not op_is(node, "Mul") or len(node.inputs) != 2:
         return None
     a, b = node.inputs
     other = b if a is x else a if b is x else None
@@ -53,11 +48,11 @@ def _scaled(t: gs.Tensor, x: gs.Tensor) -> float | None:
 
 def _match(mul: gs.Node) -> tuple[gs.Tensor, float, list[gs.Tensor]] | None:
     """(x, alpha, intermediates) when ``mul`` is x * Sigmoid(alpha * x)."""
-    if not _is(mul, "Mul") or len(mul.inputs) != 2:
+    if not op_is(mul, "Mul") or len(mul.inputs) != 2:
         return None
     for x, s in ((mul.inputs[0], mul.inputs[1]), (mul.inputs[1], mul.inputs[0])):
         sig = producer(s)
-        if _is(sig, "Sigmoid") and (alpha := _scaled(sig.inputs[0], x)) is not None:
+        if op_is(sig, "Sigmoid") and (alpha := _scaled(sig.inputs[0], x)) is not None:
             inner = [s] if sig.inputs[0] is x else [s, sig.inputs[0]]
             return x, alpha, inner
     return None
