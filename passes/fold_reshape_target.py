@@ -32,10 +32,10 @@ from collections import Counter
 
 import numpy as np
 import onnx_graphsurgeon as gs
+from onnxopt.passes._pattern import op_is
 
 from onnxopt.graph_utils import (
     constant_value,
-    is_default_domain,
     iter_graphs,
     make_constant,
     producer,
@@ -44,10 +44,6 @@ from onnxopt.pass_base import Pass, PassContext, PassResult
 
 # an entry: ("lit", value) or ("dim", tensor, index)
 Entry = tuple
-
-
-def _is(node: gs.Node | None, op: str) -> bool:
-    return node is not None and node.op == op and is_default_domain(node)
 
 
 def _rank(t: gs.Tensor) -> int | None:
@@ -80,20 +76,20 @@ def _part(t: gs.Tensor) -> list[Entry] | str | None:
     if value is not None:
         return [("lit", int(v)) for v in value.reshape(-1)] if value.ndim <= 1 else None
     node = producer(t)
-    if _is(node, "Shape"):
+    if op_is(node, "Shape"):
         return _shape_dims(node)
-    if _is(node, "Unsqueeze"):  # a gathered scalar made 1-D
+    if op_is(node, "Unsqueeze"):  # a gathered scalar made 1-D
         axes = _ints(node, 1, "axes")
         inner = _part(node.inputs[0]) if axes in ([0], [-1]) else None
         return inner if isinstance(inner, (str, type(None))) or len(inner) == 1 else None
-    if not (_is(node, "Slice") or _is(node, "Gather")) or not _is(producer(node.inputs[0]), "Shape"):
+    if not (op_is(node, "Slice") or op_is(node, "Gather")) or not op_is(producer(node.inputs[0]), "Shape"):
         return None
     dims = _shape_dims(producer(node.inputs[0]))
     if isinstance(dims, str):
         return dims
     assert dims is not None
     n = len(dims)
-    if _is(node, "Gather"):
+    if op_is(node, "Gather"):
         idx = constant_value(node.inputs[1])
         if idx is None or idx.ndim > 1 or int(node.attrs.get("axis", 0)) != 0:
             return None
@@ -111,7 +107,7 @@ def _part(t: gs.Tensor) -> list[Entry] | str | None:
 
 def _entries(target: gs.Tensor) -> list[Entry] | str | None:
     node = producer(target)
-    if _is(node, "Concat"):
+    if op_is(node, "Concat"):
         out: list[Entry] = []
         for t in node.inputs:
             part = _part(t)
@@ -119,7 +115,7 @@ def _entries(target: gs.Tensor) -> list[Entry] | str | None:
                 return part
             out.extend(part)
         return out
-    return _part(target) if _is(node, "Shape") else None
+    return _part(target) if op_is(node, "Shape") else None
 
 
 def _resolve(reshape: gs.Node, entries: list[Entry]) -> list[int] | str:
@@ -182,7 +178,7 @@ class FoldReshapeTargetPass(Pass):
         stats: Counter[str] = Counter()
         for g in list(iter_graphs(graph)):
             for node in g.nodes:
-                if not _is(node, "Reshape") or len(node.inputs) != 2 or constant_value(node.inputs[1]) is not None:
+                if not op_is(node, "Reshape") or len(node.inputs) != 2 or constant_value(node.inputs[1]) is not None:
                     continue
                 entries = _entries(node.inputs[1])
                 if entries is None or not any(e[0] == "dim" for e in entries if isinstance(e, tuple)):
