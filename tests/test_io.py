@@ -146,3 +146,42 @@ def test_binary_string_attribute_is_a_one_line_refusal(tmp_path: Path) -> None:
     with pytest.raises(PreconditionError, match="^Tokenize node '' has a binary string attribute"):
         optimize_file(src, tmp_path / "o.onnx", validate=False, bench=False)
     assert not (tmp_path / "o.onnx").exists()
+
+
+def _if_reading(weights: dict[str, np.ndarray]) -> onnx.ModelProto:
+    """An If whose branches both MatMul x by W (a main-graph initializer) and add B."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    def branch(tag: str, op: str) -> onnx.GraphProto:
+        return helper.make_graph(
+            [helper.make_node("MatMul", ["x", "W"], [f"m{tag}"]), helper.make_node("Add", [f"m{tag}", "B"], [f"a{tag}"]),
+             helper.make_node(op, [f"a{tag}"], [f"o{tag}"])], tag, [],
+            [helper.make_tensor_value_info(f"o{tag}", TensorProto.FLOAT, [1, weights["W"].shape[1]])])
+
+    g = helper.make_graph(
+        [helper.make_node("If", ["c"], ["y"], then_branch=branch("t", "Relu"), else_branch=branch("e", "Neg"))], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, weights["W"].shape[0]]),
+         helper.make_tensor_value_info("c", TensorProto.BOOL, [])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, weights["W"].shape[1]])],
+        [numpy_helper.from_array(v, k) for k, v in weights.items()])
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize("n", [16, 600])  # 600 x 600 floats: past the size exported as a shell
+def test_weights_both_branches_read_are_written_once(n: int) -> None:
+    import onnxruntime as ort
+
+    rng = np.random.default_rng(0)
+    model = _if_reading({"W": rng.standard_normal((n, n)).astype(np.float32),
+                         "B": rng.standard_normal(n).astype(np.float32)})
+    out = to_model(to_graph(model), model)
+    onnx.checker.check_model(out)
+    assert sorted(t.name for t in out.graph.initializer) == ["B", "W"]
+    assert [len(a.g.initializer) for a in out.graph.node[0].attribute] == [0, 0]
+    assert out.ByteSize() < model.ByteSize() * 1.05 + 512  # not one copy per branch
+    x = rng.standard_normal((1, n)).astype(np.float32)
+    for c in (True, False):
+        feed = {"x": x, "c": np.array(c)}
+        want = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feed)
+        got = ort.InferenceSession(out.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feed)
+        np.testing.assert_array_equal(got[0], want[0])
