@@ -306,6 +306,11 @@ def _passes(p: Mapping[str, Any] | None) -> str:
                     + td(f"{-s['nodes_removed']:+d}" if s["nodes_removed"] else "", -s["nodes_removed"])
                     + td(f"{-s['params_removed']:+,}" if s["params_removed"] else "", -s["params_removed"])
                     + td(f"{s['seconds']:.3f}", s["seconds"]))
+    shown = {s["name"] for s in p.get("summary", [])}
+    for name, why in dropped.items():  # the written pipeline ran without them: a row each all the same
+        if name not in shown:
+            rows.append(f"<td>{escape(name)}</td>" + td("0", 0) + td(f"DROPPED: {why}", cls="") + td("-", cls="")
+                        + td("", 0) + td("", 0) + td("", 0))
     total = sum(s["seconds"] for s in p.get("summary", []))
     return section("passes", "Passes", html_table(["pass", "runs", "what it did", "declined (why=count)", "nodes",
                                                  "parameters", "seconds"], rows, "passes-table"),

@@ -516,3 +516,17 @@ def _load_in_chromium(html: Path, tmp_path: Path) -> tuple[str, str]:
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
     assert proc.returncode == 0, proc.stderr[-2000:]
     return proc.stdout, proc.stderr
+
+
+def test_a_pass_the_guard_dropped_has_its_row(lossless: tuple[dict[str, Any], str, str, Path]) -> None:
+    # the written pipeline ran without the dropped pass, so its summary has no row for it:
+    # the page still lists it, with the guard's reason
+    from onnxopt.report_html import render
+
+    payload = json.loads(json.dumps(lossless[0]))
+    pipeline = payload["pipeline"]
+    pipeline["summary"] = [s for s in pipeline["summary"] if s["name"] != "fold-batchnorm"]
+    pipeline["dropped"] = {"fold-batchnorm": "the model measured 1.12x slower with it"}
+    rows = {r.cells()[0]: r.cells() for r in parse(render(payload)).by_id("passes-table").find(
+        lambda n: n.tag == "tr")}
+    assert rows["fold-batchnorm"][2] == "DROPPED: the model measured 1.12x slower with it"
