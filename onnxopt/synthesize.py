@@ -324,11 +324,13 @@ def _notes(specs: Sequence[InputSpec], pins: Mapping[str, Sequence[int]], groups
                          + f"; pin its real shape with --input-shape {s.name}=...")
     if any(s.shape is not None and s.name not in pins and any(not isinstance(d, int) for d in s.shape)
            for s in specs):
-        notes.append("pin other sizes with " + " ".join(
-            f"--input-shape {s.name}=" + ",".join(
-                str(d) if isinstance(d, int) else (d or "N") for d in s.shape)
-            for s in specs if s.shape is not None and s.name not in pins
-            and any(not (isinstance(d, int)) for d in s.shape)))
+        chosen = concrete_shapes(specs, pins, choice)  # a runnable example: the sizes used here
+        dynamic = [s for s in specs if s.shape is not None and s.name not in pins
+                   and any(not isinstance(d, int) for d in s.shape)]
+        notes.append("pin other sizes by changing the dynamic ones in " + " ".join(
+            f"--input-shape {s.name}=" + ",".join(map(str, chosen[s.name])) for s in dynamic)
+            + " (declared: " + ", ".join(f"{s.name}[" + ",".join(str(d) if isinstance(d, int) else (d or "?")
+                                                                   for d in s.shape) + "]" for s in dynamic) + ")")
     return notes
 
 

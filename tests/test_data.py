@@ -69,7 +69,7 @@ def test_dynamic_dim_with_no_name_rule_gets_a_usual_size_and_a_note() -> None:
     ds = generate(m)
     assert ds.feeds[0]["x"].shape == (1, 32)
     assert ds.notes[0] == "input 'x' dim 1 ('channels') = 32 (a usual size)"
-    assert ds.notes[-1] == "pin other sizes with --input-shape x=1,channels"
+    assert ds.notes[-1] == "pin other sizes by changing the dynamic ones in --input-shape x=1,32 (declared: x[1,channels])"
     with pytest.raises(InputDataError, match="names 'nope'"):
         generate(m, pins={"nope": (1,)})
     with pytest.raises(InputDataError, match="must look like NAME=1,3,224,224"):

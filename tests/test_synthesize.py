@@ -130,7 +130,7 @@ def test_dims_are_probed_on_the_original_model_until_it_runs() -> None:
     assert ds.unusable is None
     assert ds.feeds[0]["x"].shape == (1, 3, 64, 64) and ds.feeds[1]["x"].shape == (1, 3, 64, 64)
     assert ds.notes[0] == "input 'x' dim 2 ('height') = 64 (the first size the original model runs on)"
-    assert ds.notes[-1] == "pin other sizes with --input-shape x=1,3,height,width"
+    assert ds.notes[-1] == "pin other sizes by changing the dynamic ones in --input-shape x=1,3,64,64 (declared: x[1,3,height,width])"
     # generate (no model run) keeps the first candidate
     assert generate(m).feeds[0]["x"].shape == (1, 3, 224, 224)
 
