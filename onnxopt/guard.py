@@ -11,7 +11,8 @@ round runs every model once, back to back, on the same feed), so round ``r`` of 
 is a pair. The ratio of medians, median(result) / median(input), gets a 95% confidence
 interval by resampling whole rounds (a paired bootstrap, 2000 resamples, fixed seed);
 slower means the interval's lower bound is above ``1 + SLOWER_MARGIN``. Two medians
-compared once would call every 1% of scheduler noise a regression, or miss a real one.
+compared once would call every 1% of scheduler noise a regression, or miss a real one; and
+sessions that run the same kernels still measured 2% apart on a 0.17 ms model.
 
 Cost, bounded: nothing more when the result is neither slower nor bigger. Otherwise the
 pipeline reruns once per pass that changed the graph (level 1: a handful), and latency is
@@ -44,7 +45,8 @@ logger = logging.getLogger(__name__)
 
 SIZE_MARGIN = 0.01  # a lossless run may grow the file by 1% ...
 SIZE_FLOOR = 16 << 10  # ... or 16 KiB, whichever is more (fold-constants' run budget fits in it)
-SLOWER_MARGIN = 0.01  # slower: the 95% interval of the median ratio lies above 1.01
+SLOWER_MARGIN = 0.03  # slower: the 95% interval of the median ratio lies above 1.03 (the lossy
+# verdict's margin too): below that, two graphs onnxruntime runs alike measured apart
 CONFIDENCE = 0.95
 RESAMPLES = 2000
 
