@@ -7,10 +7,13 @@ so that the three folds agree on which constants are per output channel.
 
 from __future__ import annotations
 
+from collections import Counter
+from collections.abc import Callable
+
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from onnxopt.graph_utils import constant_value, is_default_domain
+from onnxopt.graph_utils import constant_value, is_default_domain, iter_graphs
 
 
 def producer_operand(node: gs.Node, producers: tuple[str, ...], alive: set[int]) -> tuple[gs.Node, gs.Tensor] | None:
@@ -28,6 +31,37 @@ def producer_operand(node: gs.Node, producers: tuple[str, ...], alive: set[int])
         return None
     sides.sort(key=lambda side: constant_value(side[1]) is None)
     return sides[0]
+
+
+FoldFn = Callable[[gs.Graph, gs.Node, gs.Node, gs.Tensor], "str | None"]
+
+
+def fold_binary_ops(graph: gs.Graph, ops: tuple[str, ...], producers: tuple[str, ...],
+                    fold: FoldFn) -> dict[str, int]:
+    """The walk fold-bias and fold-scale share: every default-domain binary ``ops`` node of each
+    (sub)graph with a ``producers`` operand is handed to ``fold(g, producer, node, other)``, which
+    rewrites the producer to write the node's output and returns None, or returns a decline reason
+    (counted as ``skipped:<reason>``). Folded nodes are dropped in one sweep per graph; stats."""
+    stats: Counter[str] = Counter()
+    for g in list(iter_graphs(graph)):
+        alive = {id(n) for n in g.nodes}
+        removed: set[int] = set()
+        for node in list(g.nodes):
+            if node.op not in ops or not is_default_domain(node) or len(node.inputs) != 2:
+                continue
+            found = producer_operand(node, producers, alive)
+            if found is None:
+                continue
+            if reason := fold(g, found[0], node, found[1]):
+                stats[f"skipped:{reason}"] += 1
+                continue
+            removed.add(id(node))
+            stats["folded"] += 1
+        if removed:
+            g.nodes = [n for n in g.nodes if id(n) not in removed]
+    if stats["folded"]:
+        graph.cleanup()
+    return dict(stats)
 
 
 def bias_input(prod: gs.Node) -> gs.Tensor | None:

@@ -28,18 +28,14 @@ Works inside If/Loop/Scan bodies; producers in an outer graph are never touched.
 
 from __future__ import annotations
 
-from collections import Counter
-
 import numpy as np
 import onnx_graphsurgeon as gs
-from onnxopt.passes._fold import bias_input, detach, output_frame, producer_operand, set_bias
+from onnxopt.passes._fold import bias_input, detach, fold_binary_ops, output_frame, set_bias
 
 from onnxopt.graph_utils import (
     constant_value,
-    is_default_domain,
     is_float_dtype,
     is_graph_output,
-    iter_graphs,
     make_constant,
 )
 from onnxopt.pass_base import NameGenerator, Pass, PassContext, PassResult
@@ -108,27 +104,13 @@ class FoldBiasPass(Pass):
     name = "fold-bias"
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
-        stats: Counter[str] = Counter()
-        for g in list(iter_graphs(graph)):
-            alive = {id(n) for n in g.nodes}
-            removed: set[int] = set()
-            for add in list(g.nodes):
-                if add.op not in ("Add", "Sub") or not is_default_domain(add) or len(add.inputs) != 2:
-                    continue
-                found = producer_operand(add, _PRODUCERS, alive)
-                if found is None:
-                    continue
-                prod, other = found
-                if reason := _decline(g, prod, other, ctx.opset):
-                    stats[f"skipped:{reason}"] += 1
-                    continue
-                c = constant_value(other)
-                assert c is not None
-                _fold(prod, add, c if add.op == "Add" else np.negative(c), ctx.names)
-                removed.add(id(add))
-                stats["folded"] += 1
-            if removed:
-                g.nodes = [n for n in g.nodes if id(n) not in removed]
-        if stats["folded"]:
-            graph.cleanup()
-        return PassResult(changed=stats["folded"] > 0, stats=dict(stats))
+        def fold(g: gs.Graph, prod: gs.Node, add: gs.Node, other: gs.Tensor) -> str | None:
+            if reason := _decline(g, prod, other, ctx.opset):
+                return reason
+            c = constant_value(other)
+            assert c is not None
+            _fold(prod, add, c if add.op == "Add" else np.negative(c), ctx.names)
+            return None
+
+        stats = fold_binary_ops(graph, ("Add", "Sub"), _PRODUCERS, fold)
+        return PassResult(changed=stats.get("folded", 0) > 0, stats=stats)

@@ -37,18 +37,14 @@ Works inside If/Loop/Scan bodies; producers in an outer graph are never touched.
 
 from __future__ import annotations
 
-from collections import Counter
-
 import numpy as np
 import onnx_graphsurgeon as gs
-from onnxopt.passes._fold import bias_input, detach, output_frame, producer_operand, scale_weight
+from onnxopt.passes._fold import bias_input, detach, fold_binary_ops, output_frame, scale_weight
 
 from onnxopt.graph_utils import (
     constant_value,
-    is_default_domain,
     is_float_dtype,
     is_graph_output,
-    iter_graphs,
     make_constant,
 )
 from onnxopt.pass_base import NameGenerator, Pass, PassContext, PassResult
@@ -158,24 +154,8 @@ class FoldScalePass(Pass):
     name = "fold-scale"
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
-        stats: Counter[str] = Counter()
-        for g in list(iter_graphs(graph)):
-            alive = {id(n) for n in g.nodes}
-            removed: set[int] = set()
-            for node in list(g.nodes):
-                if node.op not in ("Mul", "Div") or not is_default_domain(node) or len(node.inputs) != 2:
-                    continue
-                found = producer_operand(node, _PRODUCERS, alive)
-                if found is None:
-                    continue
-                prod, other = found
-                if reason := _fold(g, prod, node, other, ctx.names):
-                    stats[f"skipped:{reason}"] += 1
-                    continue
-                removed.add(id(node))
-                stats["folded"] += 1
-            if removed:
-                g.nodes = [n for n in g.nodes if id(n) not in removed]
-        if stats["folded"]:
-            graph.cleanup()
-        return PassResult(changed=stats["folded"] > 0, stats=dict(stats))
+        def fold(g: gs.Graph, prod: gs.Node, node: gs.Node, other: gs.Tensor) -> str | None:
+            return _fold(g, prod, node, other, ctx.names)
+
+        stats = fold_binary_ops(graph, ("Mul", "Div"), _PRODUCERS, fold)
+        return PassResult(changed=stats.get("folded", 0) > 0, stats=stats)
