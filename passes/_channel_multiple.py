@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import numpy as np
@@ -89,15 +89,22 @@ def nearest(c: int, m: int) -> int:
     return m * math.floor(c / m + 0.5)
 
 
-def paying_multiple(ms: Mapping[int, float], multiples: Iterable[int] = MULTIPLES) -> int:
+def up(c: int, m: int) -> int:
+    """``c`` rounded up to a multiple of ``m`` (how factorize-lowrank rounds ranks)."""
+    return m * math.ceil(c / m)
+
+
+def paying_multiple(ms: Mapping[int, float], multiples: Iterable[int] = MULTIPLES,
+                    rounding: Callable[[int, int], int] = nearest) -> int:
     """The largest multiple whose rounding makes no measured count slower (within ``NOISE``).
 
-    For every measured count ``c`` off the multiple whose rounded count was measured too, the
-    rounded count must take at most ``NOISE`` times ``c``'s time; 1 when no multiple holds.
+    For every measured count ``c`` off the multiple whose rounded count (``rounding(c, m)``)
+    was measured too, the rounded count must take at most ``NOISE`` times ``c``'s time; 1 when
+    no multiple holds. Shared with factorize-lowrank, which rounds ranks up.
     """
     best = 1
     for m in sorted(multiples):
-        pairs = [(c, nearest(c, m)) for c in ms if c % m and nearest(c, m) in ms]
+        pairs = [(c, rounding(c, m)) for c in ms if c % m and rounding(c, m) in ms]
         if pairs and all(ms[r] <= ms[c] * NOISE for c, r in pairs):
             best = m
     return best

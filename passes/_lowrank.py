@@ -26,6 +26,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 from onnx import TensorProto, helper, numpy_helper
+from onnxopt.passes import _channel_multiple
 
 from onnxopt.graph_utils import constant_value
 
@@ -38,7 +39,6 @@ CONV_SHAPES = ((64, 64, 28, 3),)  # (C in, M out, spatial, kernel)
 SHARES = (0.25, 0.5, 0.75, 0.9, 1.0, 1.15)  # pair MACs / dense MACs of the measured ranks
 MULTIPLE_RANKS = (40, 48, 52, 56, 60, 62, 63, 64)  # which rank multiple pays (768 x 768; 64-channel Conv)
 MULTIPLES = (2, 4, 8, 16, 32)
-NOISE = 1.03  # timings this close count as equal
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,7 +73,7 @@ def matmul_model(k: int, n: int, rank: int | None = None, seq: int = SEQ, seed: 
         weights = {"a": rng.standard_normal((k, rank)).astype(np.float32) / math.sqrt(k),
                    "b": rng.standard_normal((rank, n)).astype(np.float32) / math.sqrt(rank)}
         nodes = [helper.make_node("MatMul", ["x", "a"], ["h"]), helper.make_node("MatMul", ["h", "b"], ["y"])]
-    return _model(nodes, [1, seq, k], [1, seq, n], weights)
+    return single_layer(nodes, "x", [1, seq, k], "y", weights, TensorProto.FLOAT)
 
 
 def conv_model(c: int, m: int, hw: int, kernel: int, rank: int | None = None, spatial: bool = False,
@@ -97,15 +97,7 @@ def conv_model(c: int, m: int, hw: int, kernel: int, rank: int | None = None, sp
         weights = {"a": w(rank, c, kernel, kernel), "b": w(m, rank, 1, 1)}
         nodes = [helper.make_node("Conv", ["x", "a"], ["h"], kernel_shape=[kernel, kernel], pads=[p] * 4),
                  helper.make_node("Conv", ["h", "b"], ["y"], kernel_shape=[1, 1])]
-    return _model(nodes, [1, c, hw, hw], [1, m, hw, hw], weights)
-
-
-def _model(nodes: list[onnx.NodeProto], x_shape: Sequence[int], y_shape: Sequence[int],
-           weights: dict[str, np.ndarray]) -> onnx.ModelProto:
-    graph = helper.make_graph(nodes, "layer", [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, y_shape)],
-                              [numpy_helper.from_array(v, k) for k, v in weights.items()])
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    return single_layer(nodes, "x", [1, c, hw, hw], "y", weights, TensorProto.FLOAT)
 
 
 def time_models(models: dict[str, onnx.ModelProto], repeats: int = 15, max_seconds: float = 2.0
@@ -186,12 +178,7 @@ def measure_subset(repeats: int = 15) -> dict[str, Any]:
 def paying_multiple(ms: dict[int, float]) -> int:
     """The largest multiple ``m`` for which every measured rank off it is no faster than the next
     multiple of ``m`` above it (rounding up then costs nothing and keeps more of the layer)."""
-    best = 1
-    for m in MULTIPLES:
-        pairs = [(r, m * math.ceil(r / m)) for r in ms if r % m and m * math.ceil(r / m) in ms]
-        if pairs and all(ms[up] <= ms[r] * NOISE for r, up in pairs):
-            best = m
-    return best
+    return _channel_multiple.paying_multiple(ms, MULTIPLES, _channel_multiple.up)
 
 
 def summarize(result: dict[str, Any]) -> Crossover:
