@@ -26,29 +26,19 @@ from __future__ import annotations
 from collections import Counter
 
 import onnx_graphsurgeon as gs
+from onnxopt.passes._ort_patterns import scalar
 from onnxopt.passes._pattern import OpFusionPass, op_is, other_input
 
-from onnxopt.graph_utils import constant_value, is_graph_output
+from onnxopt.graph_utils import constant_value, is_graph_output, producer
 from onnxopt.pass_base import NameGenerator, PassContext
 
 _TOL = 1e-6
 HARDSWISH_OPSET = 14
 
 
-def _scalar(t: gs.Tensor | None) -> float | None:
-    value = constant_value(t) if t is not None and t.name else None
-    if value is None or value.size != 1 or value.dtype.kind != "f":
-        return None
-    return float(value.reshape(()))
-
-
 def _near(t: gs.Tensor | None, target: float) -> bool:
-    v = _scalar(t)
+    v = None if t is None else scalar(t)
     return v is not None and abs(v - target) <= _TOL * max(abs(target), 1.0)
-
-
-def _producer(t: gs.Tensor) -> gs.Node | None:
-    return t.inputs[0] if len(t.inputs) == 1 else None
 
 
 def _only_reader(t: gs.Tensor) -> gs.Node | None:
@@ -69,7 +59,7 @@ def _relu6_of_plus3(clip: gs.Node, opset: int) -> gs.Tensor | None:
         bounds = lo is not None and hi is not None and abs(lo) <= _TOL and abs(hi - 6.0) <= 6 * _TOL
     else:
         bounds = len(clip.inputs) == 3 and _near(clip.inputs[1], 0.0) and _near(clip.inputs[2], 6.0)
-    add = _producer(clip.inputs[0])
+    add = producer(clip.inputs[0])
     if not bounds or not op_is(add, "Add") or len(add.inputs) != 2:
         return None
     for x in add.inputs:
@@ -88,18 +78,18 @@ def _match(node: gs.Node, opset: int) -> tuple[str, gs.Tensor, gs.Node, list[gs.
     """(op to write, x, last node of the pattern, intermediates) for a pattern ending at ``node``."""
     if op_is(node, "Mul") and len(node.inputs) == 2:
         for x in node.inputs:
-            hs = _producer(other_input(node, x) or x)
+            hs = producer(other_input(node, x) or x)
             if _is_hardsigmoid_of(hs, x):  # x * HardSigmoid(x)
                 return "HardSwish", x, node, [hs.outputs[0]]
     for t in node.inputs[:2]:
-        inner = _producer(t)
+        inner = producer(t)
         if not _sixth_of(node, t) or inner is None:
             continue
         if op_is(inner, "Clip") and (x := _relu6_of_plus3(inner, opset)) is not None:
             return "HardSigmoid", x, node, [inner.inputs[0], t]
         if op_is(inner, "Mul") and len(inner.inputs) == 2:  # (x * Clip(x + 3, 0, 6)) / 6
             for x in inner.inputs:
-                clip = _producer(other_input(inner, x) or x)
+                clip = producer(other_input(inner, x) or x)
                 if op_is(clip, "Clip") and _relu6_of_plus3(clip, opset) is x:
                     return "HardSwish", x, node, [clip.inputs[0], clip.outputs[0], t]
     return None

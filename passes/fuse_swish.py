@@ -19,13 +19,10 @@ from __future__ import annotations
 from collections import Counter
 
 import onnx_graphsurgeon as gs
-from onnxopt.passes._pattern import OpFusionPass, op_is
+from onnxopt.passes._ort_patterns import scalar
+from onnxopt.passes._pattern import OpFusionPass, op_is, other_input
 
-from onnxopt.graph_utils import (
-    constant_value,
-    is_graph_output,
-    producer,
-)
+from onnxopt.graph_utils import is_graph_output, producer
 from onnxopt.pass_base import PassContext
 
 SWISH_OPSET = 24
@@ -36,14 +33,10 @@ def _scaled(t: gs.Tensor, x: gs.Tensor) -> float | None:
     if t is x:
         return 1.0
     node = producer(t)
-    if not op_is(node, "Mul") or len(node.inputs) != 2:
+    if not op_is(node, "Mul"):
         return None
-    a, b = node.inputs
-    other = b if a is x else a if b is x else None
-    value = constant_value(other) if other is not None else None
-    if value is None or value.size != 1 or value.dtype.kind != "f":
-        return None
-    return float(value.reshape(()))
+    other = other_input(node, x)
+    return None if other is None else scalar(other)
 
 
 def _match(mul: gs.Node) -> tuple[gs.Tensor, float, list[gs.Tensor]] | None:
