@@ -18,8 +18,8 @@ never excites, at the price of a relative bias of about ``ridge`` on the fit
 
 How it is solved: the normal equations are accumulated in float64 over chunks of rows,
 each shifted by the first chunk's mean (so the centring loses no precision), then solved
-directly (LU) when a Cholesky factor exists and says the condition number is below ~1e10;
-otherwise (not positive definite, or worse conditioned) by the pseudo-inverse through a
+directly (LU) when the condition number is below ~1e10, as the ridge alone guarantees
+(``(trace + ridge) / ridge``) or else a Cholesky factor estimates; otherwise (not positive definite, or worse conditioned) by the pseudo-inverse through a
 symmetric eigendecomposition: the minimum-norm solution, as ``lstsq`` gives, with the
 eigenvalues below 1e-10 of the largest dropped (singular values of ``x`` below 1e-5 of the
 largest: for float32 activations, directions the data does not resolve). Results are float32.
