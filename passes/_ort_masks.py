@@ -11,9 +11,8 @@ query position and head. The fused ops then read ``Cast(mask, int32)`` and that 
 from __future__ import annotations
 
 import numpy as np
-import onnx
 import onnx_graphsurgeon as gs
-from onnxopt.passes._ort_patterns import cast, cone, probe
+from onnxopt.passes._ort_patterns import as_int32, cone, probe
 
 from onnxopt.graph_utils import constant_value
 from onnxopt.pass_base import PassContext
@@ -69,12 +68,7 @@ class KeyPaddingMasks:
 
     def index(self, source: gs.Tensor) -> gs.Tensor:
         """``source`` as the int32 mask the contrib ops read (one Cast for all layers)."""
-        if source.dtype is not None and np.dtype(source.dtype) == np.int32:
-            return source
-        if source.name not in self.casts:
-            name = self.ctx.names.fresh(f"{source.name}_int32")
-            self.casts[source.name] = cast(self.graph, source, onnx.TensorProto.INT32, name)
-        return self.casts[source.name]
+        return as_int32(self.graph, source, self.ctx, self.casts)
 
 
 def _key_padding_fill(values: list[np.ndarray], keeps: list[np.ndarray]) -> float | None:

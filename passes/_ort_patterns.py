@@ -27,6 +27,7 @@ from onnxopt.graph_utils import (
     is_graph_output,
     producer,
 )
+from onnxopt.pass_base import PassContext
 
 MS_DOMAIN = "com.microsoft"
 # the oldest onnxruntime that runs every op these passes write, with the inputs and
@@ -57,16 +58,9 @@ def int_attr(node: gs.Node, name: str, default: int) -> int:
     return int(node.attrs.get(name, default))
 
 
-def only_consumer(tensor: gs.Tensor, graph: gs.Graph) -> gs.Node | None:
-    """The single reader of an intermediate ``tensor`` (not a graph output), else None."""
-    if len(tensor.outputs) != 1 or is_graph_output(graph, tensor):
-        return None
-    return tensor.outputs[0]
-
-
-def is_free(tensor: gs.Tensor, graph: gs.Graph, readers: int = 1) -> bool:
-    """Whether an intermediate value has exactly ``readers`` consumers and is no graph output."""
-    return len(tensor.outputs) == readers and not is_graph_output(graph, tensor)
+def is_free(tensor: gs.Tensor, graph: gs.Graph) -> bool:
+    """Whether an intermediate value has exactly one consumer and is no graph output."""
+    return len(tensor.outputs) == 1 and not is_graph_output(graph, tensor)
 
 
 def reshape_tail(shape: gs.Tensor, count: int) -> tuple[int, ...] | None:
@@ -215,6 +209,16 @@ def cast(graph: gs.Graph, tensor: gs.Tensor, to: int, name: str) -> gs.Variable:
     return out
 
 
+def as_int32(graph: gs.Graph, tensor: gs.Tensor, ctx: PassContext, cache: dict[str, gs.Tensor]) -> gs.Tensor:
+    """``tensor`` as the int32 index the contrib ops read: itself when int32, else one Cast per
+    tensor (``cache``: name -> cast, so every layer reading the same ids shares it)."""
+    if tensor.dtype is not None and np.dtype(tensor.dtype) == np.int32:
+        return tensor
+    if tensor.name not in cache:
+        cache[tensor.name] = cast(graph, tensor, onnx.TensorProto.INT32, ctx.names.fresh(f"{tensor.name}_int32"))
+    return cache[tensor.name]
+
+
 def cone(tensor: gs.Tensor) -> tuple[list[gs.Node], list[gs.Tensor]] | None:
     """The nodes ``tensor`` is computed from, and the graph inputs they read (None: not a function
     of the graph inputs and constants alone, e.g. it depends on a subgraph or outer scope)."""
@@ -274,7 +278,6 @@ def probe(graph: gs.Graph, tensor: gs.Tensor, feeds: Sequence[Feeds], opset: int
         return [np.asarray(sess.run(None, {t.name: f[t.name] for t in inputs})[0]) for f in feeds]
     except Exception:  # an unevaluable cone is a pattern we do not recognise, not an error
         return None
-
 
 
 def fastest(key: str, candidates: Mapping[str, Callable[[], onnx.ModelProto]], feed: Feeds,

@@ -28,7 +28,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 from onnxopt.passes._gelu_patterns import gelus
 from onnxopt.passes._ort_patterns import REQUIRES, ms_node, vector
-from onnxopt.passes._pattern import op_is
+from onnxopt.passes._pattern import op_is, pattern_nodes
 
 from onnxopt.graph_utils import is_graph_output, producer
 from onnxopt.pass_base import Pass, PassContext, PassResult
@@ -89,12 +89,5 @@ def _only_read_by_gelu(graph: gs.Graph, x: gs.Tensor, y: gs.Tensor) -> bool:
     """Whether every reader of ``x`` is a node of the Gelu pattern ending in ``y``."""
     if is_graph_output(graph, x):
         return False
-    inside: set[int] = set()
-    stack = [y]
-    while stack:  # walk back from y to x: the pattern's nodes
-        node = producer(stack.pop())
-        if node is None or id(node) in inside:
-            continue
-        inside.add(id(node))
-        stack.extend(t for t in node.inputs if t is not x and not isinstance(t, gs.Constant) and producer(t))
+    inside = {id(n) for n in pattern_nodes(x, y)}
     return all(id(r) in inside for r in x.outputs)

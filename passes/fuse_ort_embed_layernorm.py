@@ -27,9 +27,8 @@ import dataclasses
 from collections import Counter
 
 import numpy as np
-import onnx
 import onnx_graphsurgeon as gs
-from onnxopt.passes._ort_patterns import REQUIRES, cast, cone, is_free, ms_node, probe, vector
+from onnxopt.passes._ort_patterns import REQUIRES, as_int32, cone, is_free, ms_node, probe, vector
 from onnxopt.passes._pattern import op_is
 
 from onnxopt.graph_utils import (
@@ -172,25 +171,17 @@ class FuseOrtEmbedLayernormPass(Pass):
         return PassResult(changed=stats["fused-embed-layernorm"] > 0, stats=dict(stats))
 
 
-def _as_int32(graph: gs.Graph, t: gs.Tensor, ctx: PassContext, cache: dict[str, gs.Tensor]) -> gs.Tensor:
-    if np.dtype(t.dtype) == np.int32:
-        return t
-    if t.name not in cache:
-        cache[t.name] = cast(graph, t, onnx.TensorProto.INT32, ctx.names.fresh(f"{t.name}_int32"))
-    return cache[t.name]
-
-
 def _fuse(graph: gs.Graph, m: _Match, ctx: PassContext, int32: dict[str, gs.Tensor]) -> None:
     positions = m.position.table
     segment_ids: gs.Tensor = gs.Variable.empty()
     segment_table: gs.Tensor = gs.Variable.empty()
     if m.segment is not None and m.segment_input:
-        segment_ids = _as_int32(graph, m.segment.index, ctx, int32)
+        segment_ids = as_int32(graph, m.segment.index, ctx, int32)
         segment_table = m.segment.tensor
     elif m.segment is not None:  # all-zero segment ids: their one row joins the position table
         positions = positions + m.segment.table[0]
     beta = m.ln.inputs[2] if len(m.ln.inputs) > 2 and m.ln.inputs[2].name else gs.Variable.empty()
-    inputs = [_as_int32(graph, m.word.index, ctx, int32), segment_ids,
+    inputs = [as_int32(graph, m.word.index, ctx, int32), segment_ids,
               m.word.tensor,
               make_constant(ctx.names.fresh("embed_position_table"), positions.astype(np.float32)),
               segment_table, m.ln.inputs[1], beta]

@@ -42,7 +42,7 @@ from onnxopt.passes._ort_patterns import (
     projection,
     vector,
 )
-from onnxopt.passes._pattern import op_is
+from onnxopt.passes._pattern import op_is, other_input
 
 from onnxopt.graph_utils import is_graph_output, producer
 from onnxopt.pass_base import Pass, PassContext, PassResult
@@ -76,8 +76,7 @@ def _split_bias(graph: gs.Graph, add: gs.Node) -> tuple[gs.Tensor, gs.Tensor, gs
         proj = projection(add.inputs[i])
         if (proj is not None and proj.bias is not None and len(proj.nodes) == 2 and is_free(proj.out, graph)
                 and proj.bias.shape[0] == add.inputs[1 - i].shape[-1]):
-            bias = next(t for t in proj.nodes[1].inputs if t is not proj.matmul_out)
-            return proj.matmul_out, add.inputs[1 - i], bias
+            return proj.matmul_out, add.inputs[1 - i], other_input(proj.nodes[1], proj.matmul_out)
     return add.inputs[0], add.inputs[1], None
 
 
