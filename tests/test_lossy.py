@@ -271,12 +271,19 @@ def test_three_methods_compose_in_order_prune_factorize_quantize(tmp_path: Path,
     payload = json.loads(report.read_text())
     assert [s["step"] for s in payload["steps"]] == ["prune", "factorize", "quantize"]
     assert payload["method"] == "prune 0.3 + factorize 0.5 + int8"
-    applied = [s["step"] for s in payload["steps"] if s["applied"]]
+    applied = [s for s in payload["steps"] if s["applied"]]
+    assert {s["step"] for s in applied} >= {"prune", "quantize"}  # two steps to compose at least
     # the written model is the composition of every applied step, in order
     assert payload["written"] == "compressed"
-    assert payload["reason"].startswith(" + ".join(
-        next(c["label"] for c in payload["candidates"] if c["step"] == step and c["verdict"].startswith(
-            ("written", "within budget"))) for step in applied))
+    assert payload["reason"].startswith(" + ".join(payload["candidates"][s["candidate"]]["label"] for s in applied))
+    # ... in its graph too: quantized (int8) and with fewer weights than the source (pruned before)
+    written, source = onnx.load(tmp_path / "o.onnx"), onnx.load(root / "models" / "digits_cnn.onnx")
+    assert "QuantizeLinear" in {n.op_type for n in written.graph.node}
+
+    def weights(m: onnx.ModelProto) -> int:
+        return sum(int(np.prod(t.dims)) for t in m.graph.initializer if len(t.dims) >= 2)
+
+    assert weights(written) < 0.9 * weights(source)
 
 
 def test_a_small_evaluation_split_is_said_to_be_weak(tmp_path: Path) -> None:
