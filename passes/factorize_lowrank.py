@@ -220,6 +220,12 @@ class FactorizeLowRankPass(Pass):
         aware = o.method == "activation" or (o.method == "auto" and reference is not None)
         report: dict[str, Any] = {}
         pending: dict[str, tuple[np.ndarray, np.ndarray | None]] = {}
+        replaced: dict[int, list[gs.Node]] = {}  # id(layer node) -> its pair, not yet in graph.nodes
+
+        def splice() -> None:  # one rebuild of the node list for all the pairs since the last
+            graph.nodes = [m for n in graph.nodes for m in replaced.get(id(n), [n])]
+            replaced.clear()
+
         for i, views in enumerate(layers):  # in topological order
             la = views[0]
             x = y = None
@@ -234,6 +240,7 @@ class FactorizeLowRankPass(Pass):
             la, r, (a_full, b_full, s) = chosen
             if reference is not None and o.sequential and report:
                 # what the layer reads now that the layers before it are factorized
+                splice()
                 x = _capture(current_model(graph, ctx), ctx, [la], outputs=False)[la.key][0]
                 if aware:
                     a_full, b_full, _ = _lowrank.factor_basis(la.w, _whitening_rows(la, x), o.whiten_ridge)
@@ -245,12 +252,13 @@ class FactorizeLowRankPass(Pass):
             new = _rewrite(la, a, b, bias, ctx)
             if original is not None:
                 entry.update(_lowrank.timing(original, _lowrank.layer_model(new, la.dtype, conv)))
-            graph.nodes = [m for n in graph.nodes for m in (new if n is la.node else [n])]
+            replaced[id(la.node)] = new
             report[la.key] = entry
             stats["factorized"] += 1
             if la.form == "spatial":
                 stats["spatial"] += 1
         if report:
+            splice()
             graph.cleanup()
         ctx.notes[NAME] = {"layers": report, "skipped": skipped}
         if self._limits is not None:
