@@ -205,8 +205,9 @@ def optimize_file(
     result: OptimizeResult
 
     def rerun(variant: PassManager) -> tuple[onnx.ModelProto, PipelineReport]:
-        cal = data_mod.load(calibration_data, load_model(src)).feeds if calibration_data else None
-        return variant.run(load_model(src), calibration=cal, input_shapes=pins, seed=seed)
+        source = load_model(src)  # reloaded (freed above): one copy serves the data and the run
+        cal = data_mod.load(calibration_data, source).feeds if calibration_data else None
+        return variant.run(source, calibration=cal, input_shapes=pins, seed=seed)
 
     with staged_output(dst) as staged, guard.Guard(manager, rerun, src, dst, _file_size) as keeper:
         say("writing")

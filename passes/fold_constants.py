@@ -84,7 +84,7 @@ def _static_dims(graph: gs.Graph, t: gs.Tensor) -> list[int | None] | None:
 def _nbytes(t: gs.Tensor) -> int | None:
     """Size of ``t``: exact for constants, from the inferred shape otherwise."""
     if isinstance(t, gs.Constant):
-        return int(t.values.nbytes)
+        return _stored_bytes(t)
     if t.shape is None or t.dtype is None:
         return None
     if any(not isinstance(d, (int, np.integer)) or d < 0 for d in t.shape):
