@@ -330,7 +330,7 @@ def compress(
     finished: list[tuple[str, onnx.ModelProto, Candidate]] = []  # after each applied step
     for m in methods:
         step_model, step_cand, report = _run_step(
-            m, base, float_model, calib, evaluation, shapes, evaluate, result, input_shapes, seed,
+            m, base, calib, evaluation, shapes, evaluate, result, input_shapes, seed,
             verify_each, say, tick, executor)
         result.steps.append(report)
         if step_model is not None and step_cand is not None:
@@ -422,7 +422,7 @@ def compress(
 
 
 def _run_step(
-    m: Method, base: onnx.ModelProto, float_model: onnx.ModelProto, calib: Dataset | None,
+    m: Method, base: onnx.ModelProto, calib: Dataset | None,
     evaluation: Dataset, shapes: Mapping[str, Sequence[int]],
     evaluate: Callable[..., Candidate], result: CompressResult,
     input_shapes: Mapping[str, Sequence[int]] | None, seed: int, verify_each: bool,
@@ -448,14 +448,7 @@ def _run_step(
         report.reason = f"{m.pass_name} found nothing to change"
         return None, None, report
     uniform = {layer: uniform_level(m) for layer in layers}
-
-    def floats(assignment: Mapping[str, Any]) -> list[str]:
-        return m.float_layers(assignment, layers)
-
-    def name_of(assignment: Mapping[str, Any]) -> str:
-        return m.name_of(assignment, layers)
-
-    cand0 = evaluate(name_of(uniform), m.step, model0, uniform, floats(uniform))
+    cand0 = evaluate(m.name_of(uniform, layers), m.step, model0, uniform, m.float_layers(uniform, layers))
     if cand0.within_budget:
         return _applied(report, uniform, {}, model0, cand0, "uniform candidate within budget", m.describe,
                         layers)
@@ -489,7 +482,7 @@ def _run_step(
     def attempt(k: int) -> bool:
         assign = allocation.assignment(moves[:k])
         model_k, notes_k = build(m.options(assign, layers))
-        cand = evaluate(name_of(assign), m.step, model_k, assign, floats(assign))
+        cand = evaluate(m.name_of(assign, layers), m.step, model_k, assign, m.float_layers(assign, layers))
         tried[k] = (model_k, cand, m.layers_of(notes_k))
         return cand.within_budget
 
