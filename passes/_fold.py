@@ -12,6 +12,7 @@ from collections.abc import Callable
 
 import numpy as np
 import onnx_graphsurgeon as gs
+from onnxopt.passes._pattern import tensor_shape
 
 from onnxopt.graph_utils import constant_value, is_default_domain, iter_graphs
 
@@ -72,18 +73,14 @@ def bias_input(prod: gs.Node) -> gs.Tensor | None:
 
 
 def _static_shape(tensor: gs.Tensor) -> tuple[int, ...] | None:
-    value = constant_value(tensor)
-    if value is not None:
-        return tuple(value.shape)
-    shape = tensor.shape
+    shape = tensor_shape(tensor)
     if shape is None or not all(isinstance(d, int) for d in shape):
         return None
-    return tuple(shape)
+    return shape  # type: ignore[return-value]
 
 
 def _dim(tensor: gs.Tensor, axis: int) -> int | str | None:
-    value = constant_value(tensor)
-    shape = tuple(value.shape) if value is not None else tensor.shape
+    shape = tensor_shape(tensor)
     if shape is None or len(shape) <= axis:
         return None
     return shape[axis]
