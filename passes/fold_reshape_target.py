@@ -181,10 +181,11 @@ class FoldReshapeTargetPass(Pass):
                 if not op_is(node, "Reshape") or len(node.inputs) != 2 or constant_value(node.inputs[1]) is not None:
                     continue
                 entries = _entries(node.inputs[1])
-                if entries is None or not any(e[0] == "dim" for e in entries if isinstance(e, tuple)):
-                    if isinstance(entries, str):
-                        stats[f"skipped:{entries}"] += 1
+                if isinstance(entries, str):
+                    stats[f"skipped:{entries}"] += 1
                     continue
+                if entries is None or not any(e[0] == "dim" for e in entries):
+                    continue  # not a shape computation, or one with no dim to fold
                 target = _resolve(node, entries)
                 if isinstance(target, str):
                     stats[f"skipped:{target}"] += 1
