@@ -43,7 +43,6 @@ import math
 from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
-import onnx
 import onnx_graphsurgeon as gs
 
 from onnxopt.graph_utils import (
@@ -1533,8 +1532,3 @@ def _fix_reshape(node: gs.Node, act: Mapping[str, tuple[int, np.ndarray]],
     if target[axis] > 0:  # a literal size (0 copies, -1 infers: both follow by themselves)
         target[axis] -= len(pos)
         node.inputs[1] = make_constant(names.fresh(f"{node.name or 'reshape'}_shape"), target)
-
-
-def count_parameters(model: onnx.ModelProto) -> int:
-    """Elements of every initializer of the main graph (what pruning shrinks)."""
-    return sum(math.prod(t.dims) for t in model.graph.initializer)
