@@ -503,9 +503,13 @@ def test_skip_layernorm_declines_broadcast_skip(monkeypatch: pytest.MonkeyPatch)
 # ---------------------------------------------------------------- bias gelu
 
 
-def _bias_gelu(bias: np.ndarray, expose_sum: bool = False) -> onnx.ModelProto:
+def _bias_gelu(bias: np.ndarray, expose_sum: bool = False, second_reader: bool = False) -> onnx.ModelProto:
+    """y = Gelu(x + b); ``expose_sum``: x + b is a graph output too; ``second_reader``: a Neg reads it too."""
     nodes = [helper.make_node("Add", ["x", "b"], ["xb"]), helper.make_node("Gelu", ["xb"], ["y"])]
     outputs = [vi("y", ["batch", H])] + ([vi("xb", ["batch", H])] if expose_sum else [])
+    if second_reader:
+        nodes.append(helper.make_node("Neg", ["xb"], ["z"]))
+        outputs.append(vi("z", ["batch", H]))
     return make_model(nodes, [vi("x", ["batch", H])], outputs, {"b": bias}, opset=20)
 
 
@@ -517,6 +521,10 @@ def test_bias_gelu_declines() -> None:
     out, report = optimize(shared, passes=["fuse-ort-bias-gelu"])
     assert report.stats("fuse-ort-bias-gelu") == {"skipped:shared-bias-sum": 1}
     assert op_histogram(out) == op_histogram(shared)
+    read_twice = _bias_gelu(np.ones(H, np.float32), second_reader=True)  # a node, not an output
+    out, report = optimize(read_twice, passes=["fuse-ort-bias-gelu"])
+    assert report.stats("fuse-ort-bias-gelu") == {"skipped:shared-bias-sum": 1}
+    assert op_histogram(out) == op_histogram(read_twice)
 
 
 def test_bias_gelu_standard_op() -> None:
@@ -556,11 +564,15 @@ def test_cli_target_writes_metadata_and_inspect_shows_it(tmp_path: Path) -> None
 # ---------------------------------------------------------------- gemm + activation
 
 
-def _gemm_act(act: str, attrs: dict[str, float], expose: bool = False) -> onnx.ModelProto:
+def _gemm_act(act: str, attrs: dict[str, float], expose: bool = False, second_reader: bool = False) -> onnx.ModelProto:
+    """y = act(Gemm(x)); ``expose``: the Gemm's output is a graph output too; ``second_reader``: a Neg reads it."""
     rng = np.random.default_rng(9)
     nodes = [helper.make_node("Gemm", ["x", "W", "b"], ["g"], transB=1, alpha=0.7, beta=1.3),
              helper.make_node(act, ["g"], ["y"], **attrs)]
     outputs = [vi("y", ["n", 5])] + ([vi("g", ["n", 5])] if expose else [])
+    if second_reader:
+        nodes.append(helper.make_node("Neg", ["g"], ["z"]))
+        outputs.append(vi("z", ["n", 5]))
     return make_model(nodes, [vi("x", ["n", 6])], outputs,
                       {"W": rng.standard_normal((5, 6)).astype(np.float32),
                        "b": rng.standard_normal(5).astype(np.float32)})
@@ -579,8 +591,9 @@ def test_gemm_activation_fuses(act: str, attrs: dict[str, float]) -> None:
     assert_equivalent(model, out, atol=1e-5, rtol=1e-5)
 
 
-def test_gemm_activation_declines_shared_output() -> None:
-    model = _gemm_act("Relu", {}, expose=True)
+@pytest.mark.parametrize("shared", ["graph-output", "second-reader"])
+def test_gemm_activation_declines_shared_output(shared: str) -> None:
+    model = _gemm_act("Relu", {}, expose=shared == "graph-output", second_reader=shared == "second-reader")
     out, report = optimize(model, passes=["fuse-ort-gemm-activation"])
     assert report.stats("fuse-ort-gemm-activation") == {"skipped:shared-output": 1}
     assert op_histogram(out) == op_histogram(model)
