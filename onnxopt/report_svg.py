@@ -15,6 +15,8 @@ import math
 from collections.abc import Sequence
 from html import escape
 
+import numpy as np
+
 FONT = 'font-family="system-ui,sans-serif" font-size="11"'
 MARGIN_LEFT, MARGIN_RIGHT, MARGIN_TOP, MARGIN_BOTTOM = 64, 16, 12, 40
 CLIP = 4.0  # a linear error axis ends at this many budgets; points beyond sit at the edge with their value
@@ -93,14 +95,6 @@ def _axes(x: Scale, y: Scale | None, width: int, height: int, x_label: str, y_la
     return out
 
 
-def quantile(sorted_values: Sequence[float], q: float) -> float:
-    """Linear-interpolated quantile of already sorted values (numpy's default rule)."""
-    pos = (len(sorted_values) - 1) * q
-    i = int(pos)
-    j = min(i + 1, len(sorted_values) - 1)
-    return sorted_values[i] + (sorted_values[j] - sorted_values[i]) * (pos - i)
-
-
 def strip_plot(groups: dict[str, Sequence[float]], x_label: str, width: int = 720) -> str:
     """One row per group: every sample as a dot, a box from the 25th to the 75th percentile,
     the median as a bar and whiskers to the 10th and 90th percentiles."""
@@ -113,11 +107,10 @@ def strip_plot(groups: dict[str, Sequence[float]], x_label: str, width: int = 72
     body = _axes(x, None, width, height, x_label, "")
     for i, (name, samples) in enumerate(groups.items()):
         cy = MARGIN_TOP + row * i + row / 2
-        s = sorted(samples)
-        q10, q25, q50, q75, q90 = (quantile(s, q) for q in (0.1, 0.25, 0.5, 0.75, 0.9))
-        body.append(f'<g class="dist" data-name="{escape(name)}" data-median="{q50:.10g}" data-n="{len(s)}">'
+        q10, q25, q50, q75, q90 = (float(v) for v in np.quantile(samples, (0.1, 0.25, 0.5, 0.75, 0.9)))
+        body.append(f'<g class="dist" data-name="{escape(name)}" data-median="{q50:.10g}" data-n="{len(samples)}">'
                     f'<title>{escape(name)}: median {q50:.4g}, p25 {q25:.4g}, p75 {q75:.4g}, p90 {q90:.4g}, '
-                    f'{len(s)} samples</title>'
+                    f'{len(samples)} samples</title>'
                     f'<text x="{left - 6}" y="{cy + 4:.1f}" text-anchor="end">{escape(name)}</text>'
                     f'<line x1="{x(q10):.1f}" y1="{cy:.1f}" x2="{x(q90):.1f}" y2="{cy:.1f}" stroke="#555"/>'
                     f'<rect x="{x(q25):.1f}" y="{cy - 9:.1f}" width="{max(x(q75) - x(q25), 1):.1f}" height="18" '
