@@ -795,14 +795,18 @@ def inspect(
                              left=("key", "frozen")))
 
 
-def _describe(model: Path, pins: Mapping[str, Sequence[int]]) -> tuple[Any, dict[str, Any], dict[str, Any], str]:
+def _describe(model: Path, pins: Mapping[str, Sequence[int]], own_pins: bool = False,
+              ) -> tuple[Any, dict[str, Any], dict[str, Any], str]:
     """(proto, what ``inspect --json`` prints, the input shapes MACs were counted at, why MACs are
-    unknown or "")."""
+    unknown or ""). ``own_pins`` (--diff): only the pins that name this model's inputs apply."""
     from onnxopt.bench import model_stats
     from onnxopt.data import model_inputs, resolve_shapes
     from onnxopt.io import load_model
 
     m = load_model(model)
+    if own_pins:
+        names = {s.name for s in model_inputs(m)}
+        pins = {k: v for k, v in pins.items() if k in names}
     shapes: dict[str, tuple[int, ...]] = {}
     unresolved = ""
     try:
@@ -838,7 +842,11 @@ def _describe(model: Path, pins: Mapping[str, Sequence[int]]) -> tuple[Any, dict
 
 def _print_diff(a: Path, b: Path, pins: Mapping[str, Sequence[int]], as_json: bool) -> None:
     """Two models side by side: the totals, then every op whose count differs, then the rest."""
-    infos = [_describe(p, pins)[1] for p in (a, b)]
+    infos = [_describe(p, pins, own_pins=True)[1] for p in (a, b)]
+    if unknown := [n for n in pins if not any(v["name"] == n for i in infos for v in i["inputs"])]:
+        raise OnnxoptError(f"--input-shape names '{unknown[0]}', an input of neither model; inputs: "
+                           + "; ".join(f"{p.name}: " + ", ".join(v["name"] for v in i["inputs"])
+                                       for p, i in zip((a, b), infos, strict=True)))
     totals = {key: [i[key] if key != "size_bytes" else i["file_bytes"] + i["external_data_bytes"]
                     for i in infos]
               for key in ("nodes", "parameters", "size_bytes", "macs")}

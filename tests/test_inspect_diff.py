@@ -92,3 +92,29 @@ def test_diff_needs_two_models(tmp_path: Path) -> None:
         assert result.exit_code == 1
         assert "onnxopt: error: compare two models with: onnxopt inspect --diff MODEL OTHER" in result.output
         assert "Traceback" not in result.output
+
+
+def _renamed_input(model: onnx.ModelProto, name: str) -> onnx.ModelProto:
+    """``model`` with its input 'x' called ``name``."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    out.graph.input[0].name = name
+    for node in out.graph.node:
+        node.input[:] = [name if i == "x" else i for i in node.input]
+    return out
+
+
+def test_diff_pins_each_model_by_its_own_input_names(tmp_path: Path) -> None:
+    a, b = _cnn(4, batchnorm=True, batch="N"), _renamed_input(_cnn(2, batchnorm=False, batch="N"), "img")
+    pa, pb = _saved(tmp_path, "a.onnx", a), _saved(tmp_path, "b.onnx", b)
+    runner = CliRunner()
+    result = runner.invoke(app, ["inspect", "--diff", str(pa), str(pb), "--json",
+                                 "--input-shape", "x=3,3,8,8", "--input-shape", "img=2,3,8,8"])
+    assert result.exit_code == 0, result.output
+    got = json.loads(result.output)
+    assert got["macs"] == [_macs(a, 3), _macs(b, 2)]
+    assert got["macs_input_shapes"] == [{"x": [3, 3, 8, 8]}, {"img": [2, 3, 8, 8]}]
+    wrong = runner.invoke(app, ["inspect", "--diff", str(pa), str(pb), "--input-shape", "y=1,3,8,8"])
+    assert wrong.exit_code == 1
+    assert wrong.output.strip() == ("onnxopt: error: --input-shape names 'y', an input of neither model; "
+                                    "inputs: a.onnx: x; b.onnx: img")
