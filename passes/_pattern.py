@@ -66,6 +66,15 @@ def only_read_inside(graph: gs.Graph, nodes: list[gs.Node], y: gs.Tensor) -> boo
     return True
 
 
+def fused_node(last: gs.Node, op: str, inputs: list[gs.Tensor], attrs: dict[str, Any], name: str) -> gs.Node:
+    """The fused ``op`` writing the output of the pattern's ``last`` node, which is left without
+    inputs and outputs (as ``OpFusionPass.fuse`` requires; ``cleanup`` then drops the rest)."""
+    y = last.outputs[0]
+    last.inputs.clear()
+    last.outputs.clear()
+    return gs.Node(op, name=name, attrs=attrs, inputs=inputs, outputs=[y])
+
+
 def tensor_shape(t: gs.Tensor) -> tuple[int | str | None, ...] | None:
     """A constant's shape, else the recorded one (dims may be symbolic or unknown), else None."""
     value = constant_value(t)

@@ -32,7 +32,7 @@ from collections import Counter
 import numpy as np
 import onnx_graphsurgeon as gs
 from onnxopt.passes._gelu_patterns import gelus
-from onnxopt.passes._pattern import OpFusionPass, only_read_inside, pattern_nodes
+from onnxopt.passes._pattern import OpFusionPass, fused_node, only_read_inside, pattern_nodes
 
 from onnxopt.graph_utils import producer
 from onnxopt.pass_base import PassContext
@@ -73,10 +73,7 @@ class FuseGeluPass(OpFusionPass):
                 continue
             last = producer(y)
             assert last is not None
-            last.inputs.clear()
-            last.outputs.clear()
             attrs = {"approximate": "tanh"} if kind == "tanh" else {}
-            replaced[id(last)] = gs.Node("Gelu", name=ctx.names.fresh(f"{last.name or 'gelu'}_gelu"),
-                                         attrs=attrs, inputs=[x], outputs=[y])
+            replaced[id(last)] = fused_node(last, "Gelu", [x], attrs, ctx.names.fresh(f"{last.name or 'gelu'}_gelu"))
             stats[f"fused-{kind}"] += 1
         return replaced

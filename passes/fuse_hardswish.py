@@ -27,7 +27,7 @@ from collections import Counter
 
 import onnx_graphsurgeon as gs
 from onnxopt.passes._ort_patterns import scalar
-from onnxopt.passes._pattern import OpFusionPass, op_is, other_input
+from onnxopt.passes._pattern import OpFusionPass, fused_node, op_is, other_input
 
 from onnxopt.graph_utils import constant_value, is_graph_output, producer
 from onnxopt.pass_base import NameGenerator, PassContext
@@ -96,12 +96,8 @@ def _match(node: gs.Node, opset: int) -> tuple[str, gs.Tensor, gs.Node, list[gs.
 
 
 def _replace(op: str, x: gs.Tensor, last: gs.Node, names: NameGenerator) -> gs.Node:
-    y = last.outputs[0]
-    last.inputs.clear()
-    last.outputs.clear()
     attrs = {"alpha": 1.0 / 6.0, "beta": 0.5} if op == "HardSigmoid" else {}
-    return gs.Node(op, name=names.fresh(f"{last.name or op}_{op.lower()}"), attrs=attrs,
-                   inputs=[x], outputs=[y])
+    return fused_node(last, op, [x], attrs, names.fresh(f"{last.name or op}_{op.lower()}"))
 
 
 class FuseHardSwishPass(OpFusionPass):

@@ -35,7 +35,14 @@ from collections import Counter
 
 import numpy as np
 import onnx_graphsurgeon as gs
-from onnxopt.passes._pattern import OpFusionPass, only_read_inside, op_is, other_input, pattern_nodes
+from onnxopt.passes._pattern import (
+    OpFusionPass,
+    fused_node,
+    only_read_inside,
+    op_is,
+    other_input,
+    pattern_nodes,
+)
 
 from onnxopt.graph_utils import (
     constant_value,
@@ -209,9 +216,6 @@ class FuseLayerNormPass(OpFusionPass):
         last = producer(y)
         assert last is not None
         assert isinstance(scale, gs.Constant)
-        last.inputs.clear()
-        last.outputs.clear()
         inputs = [x, scale] + ([bias] if isinstance(bias, gs.Constant) else [])
-        new = gs.Node("LayerNormalization", name=ctx.names.fresh(f"{last.name or 'ln'}_layernorm"),
-                      attrs={"axis": -1, "epsilon": eps}, inputs=inputs, outputs=[y])
-        return last, new
+        return last, fused_node(last, "LayerNormalization", inputs, {"axis": -1, "epsilon": eps},
+                                ctx.names.fresh(f"{last.name or 'ln'}_layernorm"))

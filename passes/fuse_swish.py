@@ -20,7 +20,7 @@ from collections import Counter
 
 import onnx_graphsurgeon as gs
 from onnxopt.passes._ort_patterns import scalar
-from onnxopt.passes._pattern import OpFusionPass, op_is, other_input
+from onnxopt.passes._pattern import OpFusionPass, fused_node, op_is, other_input
 
 from onnxopt.graph_utils import is_graph_output, producer
 from onnxopt.pass_base import PassContext
@@ -71,11 +71,7 @@ class FuseSwishPass(OpFusionPass):
             if any(len(t.outputs) != 1 or is_graph_output(g, t) for t in inner):
                 stats["skipped:shared"] += 1
                 continue
-            y = node.outputs[0]
-            node.inputs.clear()
-            node.outputs.clear()
             attrs = {} if alpha == 1.0 else {"alpha": alpha}
-            replaced[id(node)] = gs.Node("Swish", name=ctx.names.fresh(f"{node.name or 'mul'}_swish"),
-                                         attrs=attrs, inputs=[x], outputs=[y])
+            replaced[id(node)] = fused_node(node, "Swish", [x], attrs, ctx.names.fresh(f"{node.name or 'mul'}_swish"))
             stats["fused"] += 1
         return replaced
