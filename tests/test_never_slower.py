@@ -276,3 +276,33 @@ def test_dropping_a_pass_keeps_external_data_consistent(tmp_path: Path) -> None:
     assert sorted(p.name for p in dst.parent.iterdir()) == ["m.opt.onnx"]
     assert not [p for p in tmp_path.rglob(".onnxopt-*")]  # staging and variant directories are gone
     assert_equivalent(model, written, atol=0, rtol=0)
+
+
+def test_a_bigger_then_slower_result_drops_both_passes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The size check drops fold-constants; the slower check then drops fuse-matmul-add as well,
+    its variants built without fold-constants (``already``), and both drops are named."""
+    gemm = _gemm_bias_model()
+    model = make_model(  # _gemm_bias_model beside _expand_model's graph, on its own input z
+        [*gemm.graph.node, helper.make_node("Expand", ["one", "shape"], ["big"]),
+         helper.make_node("Add", ["z", "big"], ["y2"])],
+        [*gemm.graph.input, vi("z", [128, 1024])], [*gemm.graph.output, vi("y2", [128, 1024])],
+        {**{t.name: onnx.numpy_helper.to_array(t) for t in gemm.graph.initializer},
+         "one": np.full(1, 0.5, np.float32), "shape": np.array([128, 1024], np.int64)},
+    )
+    src, dst = tmp_path / "m.onnx", tmp_path / "m.opt.onnx"
+    onnx.save(model, src)
+    clock = FakeClock(_gemm_costs)
+    monkeypatch.setattr(api, "measure_latency", clock)
+    result = api.optimize_file(src, dst, level=None, passes=[
+        "fold-constants:max_run_growth=inf", "eliminate-identity", "fuse-matmul-add"])
+    written = onnx.load(str(dst))
+    assert op_histogram(written) == {"MatMul": 1, "Add": 2, "Expand": 1}
+    assert sorted(result.pipeline.dropped) == ["fold-constants", "fuse-matmul-add"]
+    assert [(g["reason"], g["dropped"]) for g in result.guard] == [
+        ("bigger", ["fold-constants"]), ("slower", ["fold-constants", "fuse-matmul-add"])]
+    assert clock.models[1] == ["after", "before", "without eliminate-identity, fold-constants",
+                               "without fold-constants, fuse-matmul-add"]
+    assert dst.stat().st_size <= src.stat().st_size + SIZE_FLOOR
+    assert result.validation is not None
+    assert bool(result.validation)
+    assert_equivalent(model, written, atol=1e-6, rtol=1e-6)
