@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections import Counter
+from collections.abc import Callable
 from typing import Literal
 
 import numpy as np
@@ -114,9 +115,15 @@ class FuseOrtSkipLayernormPass(Pass):
         return PassResult(changed=changed, stats=dict(stats))
 
 
+def _keeps_sum(graph: gs.Graph, add: gs.Node) -> bool:
+    """Whether the residual sum is read besides the LayerNormalization (the op's fourth output then)."""
+    total = add.outputs[0]
+    return is_graph_output(graph, total) or len(total.outputs) > 1
+
+
 def _fuse(graph: gs.Graph, ln: gs.Node, add: gs.Node, ctx: PassContext) -> None:
     total = add.outputs[0]
-    keep_sum = is_graph_output(graph, total) or len(total.outputs) > 1
+    keep_sum = _keeps_sum(graph, add)
     x, skip, bias = _split_bias(graph, add)
     beta = ln.inputs[2] if len(ln.inputs) > 2 and ln.inputs[2].name else gs.Variable.empty()
     inputs = [x, skip, ln.inputs[1], beta] + ([bias] if bias is not None else [])
@@ -132,12 +139,17 @@ def _fuse(graph: gs.Graph, ln: gs.Node, add: gs.Node, ctx: PassContext) -> None:
 def _fastest(graph: gs.Graph, add: gs.Node) -> str:
     """"fused", "add" (leave it) or "sum" (rewrite the Add as Sum): the fastest here, at [1, 64, H]."""
     width = int(add.inputs[0].shape[-1])
-    keep_sum = is_graph_output(graph, add.outputs[0]) or len(add.outputs[0].outputs) > 1
+    keep_sum = _keeps_sum(graph, add)
+    return fastest(f"ort-skip-layernorm:h{width}:sum{int(keep_sum)}", *micro_forms(width, keep_sum))
+
+
+def micro_forms(width: int, keep_sum: bool) -> tuple[dict[str, Callable[[], onnx.ModelProto]], dict[str, np.ndarray]]:
+    """The forms chosen between at [1, 64, ``width``] (name -> model builder) and their feed;
+    ``bench/target_ort_profile.py`` times the same."""
     # with a second reader onnxruntime does not fuse the Add, so Sum would change nothing
     forms = ("fused", "add") if keep_sum else ("fused", "add", "sum")
     feed = {n: np.random.default_rng(0).standard_normal((1, 64, width)).astype(np.float32) for n in ("x", "skip")}
-    return fastest(f"ort-skip-layernorm:h{width}:sum{int(keep_sum)}",
-                   {form: (lambda form=form: _micro_model(width, keep_sum, form)) for form in forms}, feed)
+    return {form: (lambda form=form: _micro_model(width, keep_sum, form)) for form in forms}, feed
 
 
 def _micro_model(width: int, keep_sum: bool, form: str) -> onnx.ModelProto:
