@@ -171,7 +171,7 @@ class FoldArithmeticChainsPass(Pass):
                 if outer is None or len(outer.x.inputs) != 1:
                     continue
                 prev = outer.x.inputs[0]
-                if id(prev) not in alive or id(prev) in removed:
+                if id(prev) not in alive:
                     continue  # produced in an outer graph: not ours to rewrite
                 inner = _step(prev)
                 if inner is None or inner.additive != outer.additive:
