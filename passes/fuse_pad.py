@@ -41,8 +41,15 @@ from collections import Counter
 
 import numpy as np
 import onnx_graphsurgeon as gs
+from onnxopt.passes._pattern import op_is
 
-from onnxopt.graph_utils import constant_value, is_default_domain, is_graph_output, iter_graphs
+from onnxopt.graph_utils import (
+    constant_value,
+    is_default_domain,
+    is_graph_output,
+    iter_graphs,
+    producer,
+)
 from onnxopt.pass_base import Pass, PassContext, PassResult
 
 _READERS = ("Conv", "AveragePool", "MaxPool")
@@ -166,9 +173,8 @@ class FusePadPass(Pass):
             for reader in list(g.nodes):
                 if reader.op not in _READERS or not is_default_domain(reader) or not reader.inputs:
                     continue
-                x = reader.inputs[0]
-                pad = x.inputs[0] if len(x.inputs) == 1 else None
-                if pad is None or pad.op != "Pad" or not is_default_domain(pad) or id(pad) not in alive:
+                pad = producer(reader.inputs[0])
+                if not op_is(pad, "Pad") or id(pad) not in alive:
                     continue
                 result = _decline(g, pad, reader, ctx.opset)
                 if isinstance(result, str):
