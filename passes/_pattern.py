@@ -83,6 +83,15 @@ def tensor_shape(t: gs.Tensor) -> tuple[int | str | None, ...] | None:
     return None if t.shape is None else tuple(t.shape)
 
 
+def matmul_operands(add: gs.Node, alive: set[int]) -> list[tuple[gs.Node, gs.Tensor]]:
+    """(MatMul, other operand) for each operand of ``add`` written by a default-domain MatMul of
+    this graph (``alive``: ids of its nodes); Add(MatMul, MatMul) gives two, either may fuse."""
+    return [
+        (t.inputs[0], add.inputs[1 - i]) for i, t in enumerate(add.inputs)
+        if len(t.inputs) == 1 and op_is(t.inputs[0], "MatMul") and id(t.inputs[0]) in alive
+    ]
+
+
 def matmul_add_decline(graph: gs.Graph, mm: gs.Node, opset: int) -> str | None:
     """The checks that fuse-matmul-add and fuse-batched-matmul-add make first on Add(MatMul, c):
     the MatMul's output must be read by the Add only (else the MatMul stays, nothing is saved),

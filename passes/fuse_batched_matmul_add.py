@@ -40,7 +40,7 @@ from typing import Any
 
 import numpy as np
 import onnx_graphsurgeon as gs
-from onnxopt.passes._pattern import matmul_add_decline, tensor_shape
+from onnxopt.passes._pattern import matmul_add_decline, matmul_operands, tensor_shape
 
 from onnxopt.graph_utils import (
     constant_value,
@@ -197,9 +197,7 @@ class FuseBatchedMatMulAddPass(Pass):
             for add in list(g.nodes):
                 if add.op != "Add" or not is_default_domain(add) or len(add.inputs) != 2:
                     continue
-                sides = [(t.inputs[0], add.inputs[1 - i]) for i, t in enumerate(add.inputs)
-                         if len(t.inputs) == 1 and t.inputs[0].op == "MatMul" and is_default_domain(t.inputs[0])
-                         and id(t.inputs[0]) in alive and id(t.inputs[0]) not in replaced]
+                sides = matmul_operands(add, alive)  # a MatMul fused already has no output left
                 if not sides:
                     continue
                 reasons = [_decline(g, mm, c, ctx.opset) for mm, c in sides]

@@ -27,7 +27,7 @@ from collections import Counter
 
 import numpy as np
 import onnx_graphsurgeon as gs
-from onnxopt.passes._pattern import matmul_add_decline, tensor_shape
+from onnxopt.passes._pattern import matmul_add_decline, matmul_operands, tensor_shape
 
 from onnxopt.graph_utils import constant_value, is_default_domain, iter_graphs
 from onnxopt.pass_base import Pass, PassContext, PassResult
@@ -85,11 +85,7 @@ class FuseMatMulAddPass(Pass):
             for add in list(g.nodes):
                 if add.op != "Add" or not is_default_domain(add) or len(add.inputs) != 2:
                     continue
-                candidates = [
-                    (t.inputs[0], add.inputs[1 - i]) for i, t in enumerate(add.inputs)
-                    if len(t.inputs) == 1 and t.inputs[0].op == "MatMul"
-                    and is_default_domain(t.inputs[0]) and id(t.inputs[0]) in alive
-                ]
+                candidates = matmul_operands(add, alive)
                 if not candidates:
                     continue
                 # Add(MatMul, MatMul): either side may be the one that fuses
