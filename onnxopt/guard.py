@@ -40,11 +40,12 @@ import onnx
 from onnxopt.bench import Latency
 from onnxopt.io import load_model, write_model
 from onnxopt.manager import PassManager, PipelineReport
+from onnxopt.passes.fold_constants import MIN_RUN_GROWTH_BYTES
 
 logger = logging.getLogger(__name__)
 
 SIZE_MARGIN = 0.01  # a lossless run may grow the file by 1% ...
-SIZE_FLOOR = 16 << 10  # ... or 16 KiB, whichever is more (fold-constants' run budget fits in it)
+SIZE_FLOOR = MIN_RUN_GROWTH_BYTES  # ... or 16 KiB, whichever is more: fold-constants' least run budget
 SLOWER_MARGIN = 0.03  # slower: the 95% interval of the median ratio lies above 1.03 (the lossy
 # verdict's margin too): below that, two graphs onnxruntime runs alike measured apart
 CONFIDENCE = 0.95
