@@ -168,8 +168,8 @@ def _merges_heads(reshape: gs.Node, q: _Head) -> bool:
     # [B, S, -1] with B and S read at run time (TorchScript): the output projection reading it
     # with a [N*d, ...] weight pins the last dim, so the first two multiply to B*S
     entries = reshape_entries(reshape.inputs[1])
-    readers = [r for r in out.outputs if r.op != "Shape"]
-    weight = constant_value(readers[0].inputs[1]) if len(readers) == 1 and op_is(readers[0], "MatMul") else None
+    reader = _next(out)
+    weight = constant_value(reader.inputs[1]) if op_is(reader, "MatMul") else None
     return (entries is not None and entries[:2] == [None, None] and weight is not None
             and weight.ndim == 2 and weight.shape[0] == width)
 
@@ -286,14 +286,14 @@ def _packed(m: _Match) -> tuple[np.ndarray, np.ndarray] | str | None:
     return np.concatenate(weights, axis=1), np.concatenate(biases).astype(np.float32)
 
 
-def _decline(graph: gs.Graph, m: _Match) -> str | None:
+def _decline(graph: gs.Graph, m: _Match, packed: tuple[np.ndarray, np.ndarray] | str | None) -> str | None:
+    """Why ``m`` is not fused, or None; ``packed``: ``_packed(m)``."""
     heads = (m.q, m.k, m.v)
     x_shapes = [h.proj.x.shape for h in heads]
     if any(s is None or len(s) != 3 for s in x_shapes):
         return "no-projection"
     if any(h.proj.x.dtype is not None and np.dtype(h.proj.x.dtype) != np.float32 for h in heads):
         return "not-float32"
-    packed = _packed(m)
     if packed is None:
         return "head-shape"
     if isinstance(packed, str) and any(h.part is not None for h in heads):
@@ -314,7 +314,8 @@ class FuseOrtAttentionPass(Pass):
             m = _match(graph, softmax, ctx.opset)
             if m is None:
                 continue
-            reason = m if isinstance(m, str) else _decline(graph, m)
+            packed = None if isinstance(m, str) else _packed(m)
+            reason = m if isinstance(m, str) else _decline(graph, m, packed)
             mask_info = None
             if reason is None and m.mask is not None:
                 mask_info = masks.recognise(m.mask)
@@ -324,21 +325,20 @@ class FuseOrtAttentionPass(Pass):
                 continue
             assert isinstance(m, _Match)
             assert not isinstance(mask_info, str)
-            stats[_fuse(graph, m, mask_info, masks, ctx)] += 1
+            stats[_fuse(graph, m, packed, mask_info, masks, ctx)] += 1
         fused = stats["fused-attention"] + stats["fused-multihead-attention"]
         if fused:
             graph.cleanup().toposort()
         return PassResult(changed=fused > 0, stats=dict(stats))
 
 
-def _fuse(graph: gs.Graph, m: _Match, mask: tuple[gs.Tensor, float] | None, masks: KeyPaddingMasks,
-          ctx: PassContext) -> str:
+def _fuse(graph: gs.Graph, m: _Match, packed: tuple[np.ndarray, np.ndarray] | str | None,
+          mask: tuple[gs.Tensor, float] | None, masks: KeyPaddingMasks, ctx: PassContext) -> str:
     attrs: dict[str, object] = {"num_heads": m.q.heads, "scale": float(m.scale)}
     mask_input: gs.Tensor = gs.Variable.empty()
     if mask is not None:
         mask_input = masks.index(mask[0])
         attrs["mask_filter_value"] = float(mask[1])
-    packed = _packed(m)
     m.out.inputs.clear()  # the pattern's last Reshape no longer writes it; cleanup drops the rest
     if isinstance(packed, tuple):
         weight = make_constant(ctx.names.fresh("attention_qkv_weight"), packed[0].astype(np.float32))
