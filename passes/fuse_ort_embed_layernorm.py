@@ -81,14 +81,9 @@ def _probe_index(graph: gs.Graph, index: gs.Tensor, ctx: PassContext) -> list[tu
     found = cone(index)
     if found is None or not found[1] or not all(_is_2d_int_input(graph, t) for t in found[1]):
         return None
-    results = []
-    for b, s in SIZES:
-        feeds = [{t.name: np.zeros((b, s), np.dtype(t.dtype)) for t in found[1]}]
-        values = probe(graph, index, feeds, ctx.opset)
-        if values is None:
-            return None
-        results.append((values[0], s))
-    return results
+    feeds = [{t.name: np.zeros((b, s), np.dtype(t.dtype)) for t in found[1]} for b, s in SIZES]
+    values = probe(graph, index, feeds, ctx.opset)  # one session for every size
+    return None if values is None else [(v, s) for v, (_, s) in zip(values, SIZES, strict=True)]
 
 
 def _is_positions(graph: gs.Graph, index: gs.Tensor, ctx: PassContext) -> bool:
