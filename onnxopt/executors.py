@@ -140,6 +140,10 @@ class Executor:
             _arrived(i, out[-1], i + 1, len(items), tick, each)
         return out
 
+    def pinned(self) -> dict[str, float]:
+        """The resources a latency task asks for: none unless the executor pins it (Ray's ``measure_on``)."""
+        return {}
+
     def describe(self) -> str:
         return "in process"
 
@@ -446,8 +450,7 @@ def remote_measure(executor: Executor, threads: int, repeats: int,
 
     def measure(models: Mapping[str, onnx.ModelProto], feeds: Sequence[Any]) -> Mapping[str, Any]:
         packed = {k: executor.model(m) for k, m in models.items()}
-        resources = executor.pinned() if isinstance(executor, RayExecutor) else {}
-        (m,) = executor.map(latency_task, [packed], [(threads, repeats), list(feeds)], resources=resources)
+        (m,) = executor.map(latency_task, [packed], [(threads, repeats), list(feeds)], resources=executor.pinned())
         if where is not None:
             where(m)
         return m.latency
