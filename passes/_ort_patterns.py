@@ -254,7 +254,7 @@ def probe(graph: gs.Graph, tensor: gs.Tensor, feeds: Sequence[Feeds], opset: int
     None when ``tensor`` reads a value that is not a graph input named in the feeds, or the
     evaluation fails.
     """
-    import onnxruntime as ort
+    from onnxopt.runtime import session
 
     found = cone(tensor)
     if found is None:
@@ -271,10 +271,7 @@ def probe(graph: gs.Graph, tensor: gs.Tensor, feeds: Sequence[Feeds], opset: int
         del model.graph.output[:]
         model.graph.output.append(onnx.helper.make_empty_tensor_value_info(tensor.name))
         model.ir_version = onnx.helper.find_min_ir_version_for(list(model.opset_import), True)
-        so = ort.SessionOptions()
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-        so.log_severity_level = 4
-        sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        sess = session(model)  # as written, one thread
         return [np.asarray(sess.run(None, {t.name: f[t.name] for t in inputs})[0]) for f in feeds]
     except Exception:  # an unevaluable cone is a pattern we do not recognise, not an error
         return None
