@@ -301,10 +301,9 @@ class PassManager:
         provenance = {"onnxopt.pipeline": ",".join(self.pipeline), "onnxopt.version": __version__}
         # a pass that may write another runtime's ops declares (domain, requirement) as
         # ``requires_runtime``; the output carries the requirement when it holds ops of that domain
-        domains = {n.domain for g in iter_graphs(graph) for n in g.nodes}
-        needs = sorted({p.requires_runtime[1] for p in self.preset + self.explicit
-                        if getattr(p, "requires_runtime", None) and p.requires_runtime[0] in domains})
-        if needs:
+        claims = [p.requires_runtime for p in self.preset + self.explicit if getattr(p, "requires_runtime", None)]
+        domains = {n.domain for g in iter_graphs(graph) for n in g.nodes} if claims else set()
+        if needs := sorted({requirement for domain, requirement in claims if domain in domains}):
             provenance[REQUIRES_KEY] = ", ".join(needs)
         result = to_model(graph, model, provenance)
         return result, report
