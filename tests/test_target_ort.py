@@ -189,6 +189,8 @@ def test_attention_scale_is_the_product_of_the_scalings(tmp_path_factory: Any) -
     attrs = {a.name: helper.get_attribute_value(a) for a in attention.attribute}
     assert attrs["num_heads"] == N
     assert attrs["scale"] == pytest.approx(1 / math.sqrt(D), rel=1e-6)
+    # sdpa's boolean mask is exported as float32's lowest: the value the fused op must fill with
+    assert attrs["mask_filter_value"] == float(np.finfo(np.float32).min)
 
 
 def test_gelu_tanh_becomes_fastgelu(tmp_path_factory: Any) -> None:
@@ -331,6 +333,10 @@ def test_hand_built_attention_fuses(mask: str, opset: int) -> None:
     assert stats == {"fused-attention": 1}
     expected = {"com.microsoft::Attention": 1} | ({"Cast": 1} if mask != "none" else {})
     assert op_histogram(out) == expected
+    attention = next(n for n in out.graph.node if n.op_type == "Attention")
+    attrs = {a.name: helper.get_attribute_value(a) for a in attention.attribute}
+    # the graph masks with (1 - m) * -10000: the fused op must fill with that
+    assert attrs.get("mask_filter_value") == (-10000.0 if mask == "key-padding" else None)
     assert_equivalent(model, out, feeds=_feeds(model), **TOL)
 
 
