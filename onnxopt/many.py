@@ -199,9 +199,15 @@ def _run_here(job: Job) -> dict[str, Any]:
     except ClusterError:
         raise
     except OnnxoptError as e:
-        row |= {"status": "failed", "reason": (str(e).splitlines() or [type(e).__name__])[0]}
+        row = _failed(job, e)
     row["seconds"] = round(time.perf_counter() - start, 2)
     return {c: row.get(c) for c in COLUMNS}
+
+
+def _failed(job: Job, e: BaseException) -> dict[str, Any]:
+    """A model the tool refused: a finished row, its reason the error's first line."""
+    return {c: None for c in COLUMNS} | {"model": job.source, "output": job.output, "key": job.key,
+                                         "status": "failed", "reason": (str(e).splitlines() or [type(e).__name__])[0]}
 
 
 def _compress_row(job: Job, opts: dict[str, Any], data: str | None, calibration: str | None) -> dict[str, Any]:
@@ -311,9 +317,7 @@ def run(pattern: str, out_dir: Path, methods: Sequence[str], options: Mapping[st
             try:
                 ready.append(shipped(j))
             except (OnnxoptError, OSError) as e:  # its data file is missing: a failed row, the others go on
-                fresh[j.key] = {c: None for c in COLUMNS} | {
-                    "model": j.source, "output": j.output, "key": j.key, "status": "failed",
-                    "reason": (str(e).splitlines() or [type(e).__name__])[0]}
+                fresh[j.key] = _failed(j, e)
                 _record(out_dir, fresh[j.key])
         todo = ready
     if say is not None:
