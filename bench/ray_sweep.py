@@ -272,13 +272,13 @@ def _write(args: Any, runs: dict[str, list[dict[str, Any]]], model: onnx.ModelPr
         "",
         "## Estimate: a 200-layer model on 16 nodes",
         "",
-        *_estimate(per_task, overhead, layers, nbytes, tasks),
+        *_estimate(per_task, overhead, layers, nbytes),
     ]
     args.out.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
-def _estimate(per_task: float, overhead: float, layers: int, nbytes: int, tasks: int) -> list[str]:
+def _estimate(per_task: float, overhead: float, layers: int, nbytes: int) -> list[str]:
     """A 200-layer model from the measured per-task cost, scaled by graph size (a probe builds and runs it all)."""
     scale = 200 / layers
     big_task = per_task * scale  # one probe: build the whole model, run 4 feeds: linear in its size
