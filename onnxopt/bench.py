@@ -156,6 +156,8 @@ def macs_per_node(model: onnx.ModelProto, input_shapes: Mapping[str, Sequence[in
                 size = symbols[d.dim_param]
                 d.Clear()
                 d.dim_value = size
+            elif d.HasField("dim_value") and d.dim_value <= 0:
+                d.Clear()  # Paddle2ONNX writes -1 for a dynamic dim: unknown, for inference to fill
     types = infer(pinned)
     if any(n.domain == "com.microsoft" for n in model.graph.node):
         types = {**types, **_ort_types(pinned)}  # onnx's inference stops at contrib ops

@@ -107,3 +107,13 @@ def test_exported_value_info_naming_input_dims_takes_the_pinned_sizes() -> None:
     assert ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(
         None, feed)[0].shape == (1, 2, 3)
     assert macs_per_node(m, {"x": (1, 8), "dims": (2,)}) == {"mm": 1 * 2 * 3 * 4}
+
+
+def test_negative_dims_in_value_info_are_unknown_not_sizes() -> None:
+    # Paddle2ONNX writes -1 for dynamic dims, and its value_info keeps them: [-1, 8] must not
+    # stop inference from sizing the MatMul at the pinned batch (3 x 4 outputs of 8 products)
+    nodes = [helper.make_node("Relu", ["x"], ["h"], name="relu"), helper.make_node("MatMul", ["h", "w"], ["y"], name="mm")]
+    m = _model(nodes, [helper.make_tensor_value_info("x", F, [-1, 8])], [helper.make_tensor_value_info("y", F, [-1, 4])],
+               [_w("w", (8, 4))])
+    m.graph.value_info.append(helper.make_tensor_value_info("h", F, [-1, 8]))
+    assert macs_per_node(m, {"x": (3, 8)}) == {"mm": 3 * 4 * 8}
