@@ -147,7 +147,11 @@ def _open_npz(path: Path) -> Mapping[str, np.ndarray]:
         with np.load(path, allow_pickle=False) as z:
             return {k: z[k] for k in z.files}
     except (OSError, ValueError, zipfile.BadZipFile) as e:
-        raise InputDataError(f"{path}: not a readable .npz file ({str(e).splitlines()[0]})") from None
+        # numpy says 'pickled data ... allow_pickle=' of any file it cannot parse: advice for its API
+        # that a command-line user cannot follow, and usually not the cause
+        why = "not an .npz archive of arrays" if "allow_pickle" in str(e) else str(e).splitlines()[0]
+        raise InputDataError(f"{path}: not a readable .npz file ({why}); write one with "
+                             "numpy.savez(path, input_name=array, ...)") from None
 
 
 def load(
