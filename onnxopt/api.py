@@ -29,6 +29,7 @@ from onnxopt.manager import (
     PassManager,
     PassSpec,
     PipelineReport,
+    enable_trials,
     lift_growth_budgets,
     resolve,
 )
@@ -193,6 +194,8 @@ def optimize_file(
     if allow_growth:
         lift_growth_budgets(preset + explicit)
     lossless = all(p.exact for p in preset + explicit)
+    # rewrites whose payoff depends on the model are tried on it: measured with and without
+    trials = enable_trials(preset + explicit) if lossless and bench else []
     manager = PassManager(preset, explicit, verify_each=verify_each, progress=lambda n: say(f"pass {n}"))
     optimized, report = manager.run(model, calibration=calibration, input_shapes=pins, seed=seed)
     shapes = _shapes_of(dataset) if dataset else pins
@@ -259,22 +262,40 @@ def optimize_file(
                 result.warnings.append(f"latency not measured: {e}")
             first = guard.latency_ratio(result.latency["before"], result.latency["after"]) \
                 if lossless and result.latency else None
+
+            def measure(models: Mapping[str, Any]) -> Mapping[str, Latency]:
+                return measure_latency(models, dataset.feeds, threads=threads, repeats=bench_repeats, tick=tick)
+
+            def dropped() -> list[str]:
+                return [n for d in decisions if d.variant for n in d.variant.dropped]
+
             if first is not None and first.slower:
                 say("finding the pass that slowed it")
-                decisions.append(keeper.faster(report, src, staged, first, lambda models: measure_latency(
-                    models, dataset.feeds, threads=threads, repeats=bench_repeats, tick=tick),
-                    already=[n for d in decisions if d.variant for n in d.variant.dropped]))
-                result.latency = decisions[-1].latency
-                if decisions[-1].variant is not None:
-                    _, result.pipeline, result.after = _adopt(decisions[-1], staged, shapes)
-                    if result.validation is not None:  # the written graph changed: validate it
-                        result.validation, _ = _validate(src, staged, dataset, result.pipeline, tolerance)
-                _record(result, decisions[-1:])
+                decisions.append(keeper.faster(report, src, staged, first, measure, already=dropped()))
+                _settle(result, decisions[-1], staged, shapes, src, dataset, tolerance)
+            for name in trials if first is not None else ():
+                if name in dropped() or name not in result.pipeline.changed_passes:
+                    continue
+                say(f"trying the model without {name}")
+                decisions.append(keeper.trial(name, src, staged, measure, already=dropped()))
+                _settle(result, decisions[-1], staged, shapes, src, dataset, tolerance)
         if report_path is not None:
             _write_json(Path(report_path), result.to_dict())
         if on_result:
             on_result(result)
     return result
+
+
+def _settle(result: OptimizeResult, decision: guard.Decision, staged: Path,
+            shapes: Mapping[str, Sequence[int]], src: Path, dataset: data_mod.Dataset,
+            tolerance: Tolerance | None) -> None:
+    """A decision after the measurement: its latency; its variant staged and validated, if any."""
+    result.latency = decision.latency
+    if decision.variant is not None:
+        _, result.pipeline, result.after = _adopt(decision, staged, shapes)
+        if result.validation is not None:  # the written graph changed: validate it
+            result.validation, _ = _validate(src, staged, dataset, result.pipeline, tolerance)
+    _record(result, [decision])
 
 
 def _adopt(decision: guard.Decision, staged: Path, shapes: Mapping[str, Sequence[int]],

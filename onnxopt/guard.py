@@ -222,6 +222,26 @@ class Guard:
                    f"against the input; without it {ratios[label]}, which was written")
         return Decision(chosen, "slower", message, figures, {"before": lat["before"], "after": lat[label]})
 
+    def trial(self, name: str, src: Path, after: Path, measure: Measure,
+              already: Sequence[str] = ()) -> Decision:
+        """``name`` is a trial pass (``Pass.trial``) that changed the graph: keep it only if faster.
+
+        The model without it is measured interleaved with the input and the result; the pass
+        stays only when the result is faster than that variant with 95% confidence (the
+        interval of with / without lies below 1). A tie goes to the graph without the rewrite.
+        """
+        without = self.variant({*already, name})
+        lat = measure({"before": src, "after": after, "without": without.path})
+        gain = latency_ratio(lat["without"], lat["after"])
+        figures: dict[str, Any] = {"trial": name, "with_against_without": gain.to_dict(),
+                                   "input_median_ms": lat["before"].median_ms}
+        if gain.high < 1.0:
+            message = f"trial: kept {name}: the model measured {gain} with it against without it"
+            return Decision(None, "", message, figures, {"before": lat["before"], "after": lat["after"]})
+        message = (f"trial: left out {name}: the model measured {gain} with it against without it, "
+                   "not faster")
+        return Decision(without, "not-faster", message, figures, {"before": lat["before"], "after": lat["without"]})
+
 
 def adopt(variant: Variant, staged: Path) -> None:
     """Replace the staged output (and its external data) with ``variant``'s files."""

@@ -194,6 +194,19 @@ def lift_growth_budgets(passes: Sequence[Pass]) -> None:
             p.options = dataclasses.replace(p.options, max_run_growth=math.inf)
 
 
+def enable_trials(passes: Sequence[Pass]) -> list[str]:
+    """Passes with a ``trial`` option rewrite every candidate; the caller measures each one.
+
+    A pass whose trial option is already set (the user forced it) is not a trial: it was asked for.
+    """
+    names = []
+    for p in passes:
+        if p.trial and not getattr(p.options, p.trial):
+            p.options = dataclasses.replace(p.options, **{p.trial: True})
+            names.append(p.name)
+    return names
+
+
 def check_requirements(
     passes: Sequence[Pass], calibration: object | None, input_shapes: Mapping[str, Any] | None
 ) -> None:

@@ -89,6 +89,11 @@ class Pass(abc.ABC):
     name: ClassVar[str]
     exact: ClassVar[bool] = True
     requires: ClassVar[frozenset[Requirement]] = frozenset()
+    # A rewrite whose payoff depends on the model, not only on the machine: the name of the
+    # boolean option that makes it rewrite every candidate without its own prediction.
+    # ``optimize_file`` sets it and keeps the pass only if the whole model then measures
+    # faster with it than without it (``onnxopt.guard.Guard.trial``).
+    trial: ClassVar[str | None] = None
 
     @dataclasses.dataclass(frozen=True)
     class Options:

@@ -5,11 +5,15 @@
 
 This is onnxsim's rewrite (on ViT: MatMul 36 -> 12, Gemm 1 -> 25). It is exact: the Gemm
 computes the same dot products and adds the same bias (one rounding per output either way).
-Whether it pays depends on the runtime and CPU: recent onnxruntime fuses MatMul + Add on 3-D
-inputs itself, so the pass asks a micro-benchmark cached per machine
-(``onnxopt.machine.measured``, key ``matmul-gemm-3d``: the transformer projections of
-``MEASURED_SHAPES`` timed both ways) and rewrites only when the Gemm form measured at least
-``GAIN`` faster; ``force=true`` skips the question (for runtimes other than the one timed).
+Whether it pays depends on the runtime, the CPU and the model: recent onnxruntime fuses
+MatMul + Add on 3-D inputs itself, and on this project's EPYC the Gemm form made ViT 2% faster
+and MiniLM no faster. So ``onnxopt optimize`` (``optimize_file``) runs it as a *trial*: every
+candidate is rewritten, and the pass is kept only if the whole model measures faster with it
+than without it (``onnxopt.guard.Guard.trial``). Without a measurement (``onnxopt.optimize``
+in memory) the pass asks a micro-benchmark cached per machine (``onnxopt.machine.measured``,
+key ``matmul-gemm-3d``: the transformer projections of ``MEASURED_SHAPES`` timed both ways)
+and rewrites only when the Gemm form measured at least ``GAIN`` faster; ``force=true`` skips
+both questions (for runtimes other than the one timed).
 bench/LOSSLESS_REWRITES.md has the figures of the machine this was written on.
 
 The output shape comes from A's leading dims: static dims are written as they are, one
@@ -184,6 +188,7 @@ class FuseBatchedMatMulAddPass(Pass):
     """Rewrite a 3-D MatMul + bias Add as Reshape, Gemm, Reshape where that measures faster."""
 
     name = "fuse-batched-matmul-add"
+    trial = "force"  # onnxruntime's MatMul + Add fusion wins on some models, Gemm on others
 
     @dataclasses.dataclass(frozen=True)
     class Options:

@@ -306,3 +306,74 @@ def test_a_bigger_then_slower_result_drops_both_passes(tmp_path: Path, monkeypat
     assert result.validation is not None
     assert bool(result.validation)
     assert_equivalent(model, written, atol=1e-6, rtol=1e-6)
+
+
+# ---------------------------------------------------------------- trials: kept only where faster
+
+
+def _batched_bias_model() -> onnx.ModelProto:
+    """A MatMul + bias Add on 3-D activations: fuse-batched-matmul-add's one candidate, a trial."""
+    return make_model(
+        [helper.make_node("MatMul", ["x", "w"], ["h"]), helper.make_node("Add", ["h", "b"], ["y"])],
+        [vi("x", [2, 5, 16])], [vi("y", [2, 5, 8])],
+        {"w": rng.standard_normal((16, 8)).astype(np.float32), "b": rng.standard_normal(8).astype(np.float32)},
+    )
+
+
+@pytest.mark.parametrize("gemm_cost", [0.9, 1.02])
+def test_a_trial_pass_is_kept_only_where_the_model_measures_faster_with_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, gemm_cost: float,
+) -> None:
+    src, dst, rep = tmp_path / "m.onnx", tmp_path / "m.opt.onnx", tmp_path / "r.json"
+    model = _batched_bias_model()
+    onnx.save(model, src)
+    clock = FakeClock(lambda call, hist: gemm_cost if "Gemm" in hist else 1.0)
+    monkeypatch.setattr(api, "measure_latency", clock)
+    # this machine's micro-benchmark is not asked: the trial rewrites whatever it predicts
+    monkeypatch.setattr("onnxopt.passes.fuse_batched_matmul_add.measured_ratio", lambda: 2.0)
+    result = api.optimize_file(src, dst, report_path=rep, bench_repeats=60)
+    written = onnx.load(str(dst))
+    assert clock.calls == 2  # the first measurement, then input, result and the model without the pass
+    assert clock.models[1] == ["after", "before", "without"]
+    saved = json.loads(rep.read_text())["guard"]
+    assert [g["trial"] for g in saved] == ["fuse-batched-matmul-add"]
+    assert saved[0]["with_against_without"]["ratio"] == pytest.approx(gemm_cost, rel=0.03)
+    if gemm_cost < 1:  # faster with it: kept, and the latency is the result's
+        assert op_histogram(written)["Gemm"] == 1
+        assert "MatMul" not in op_histogram(written)
+        assert saved[0]["dropped"] == []
+        assert result.latency["after"].median_ms == pytest.approx(0.9, rel=0.03)
+        assert any(w.startswith("trial: kept fuse-batched-matmul-add") for w in result.warnings)
+    else:  # 2% slower: below the never-slower margin, yet not faster, so left out
+        assert op_histogram(written) == {"MatMul": 1, "Add": 1}
+        assert saved[0]["dropped"] == ["fuse-batched-matmul-add"]
+        assert list(result.pipeline.dropped) == ["fuse-batched-matmul-add"]
+        assert result.latency["after"].median_ms == pytest.approx(1.0, rel=0.03)
+        assert any(w.startswith("trial: left out fuse-batched-matmul-add") for w in result.warnings)
+    assert_equivalent(model, written, atol=1e-5, rtol=1e-5)
+    assert result.validation is not None
+    assert bool(result.validation)
+
+
+def test_a_pass_the_user_forced_is_not_a_trial(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    src, dst = tmp_path / "m.onnx", tmp_path / "m.opt.onnx"
+    onnx.save(_batched_bias_model(), src)
+    clock = FakeClock(lambda call, hist: 1.02 if "Gemm" in hist else 1.0)
+    monkeypatch.setattr(api, "measure_latency", clock)
+    result = api.optimize_file(src, dst, level=None, passes=["fuse-batched-matmul-add:force=true"],
+                               bench_repeats=60)
+    assert op_histogram(onnx.load(str(dst)))["Gemm"] == 1  # asked for: kept though not faster
+    assert clock.calls == 1
+    assert result.guard == []
+
+
+def test_no_trial_without_a_measurement(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """--no-bench: nothing measures the trial, so the pass asks its per-machine prediction."""
+    src, dst = tmp_path / "m.onnx", tmp_path / "m.opt.onnx"
+    onnx.save(_batched_bias_model(), src)
+    monkeypatch.setattr("onnxopt.passes.fuse_batched_matmul_add.measured_ratio", lambda: 2.0)
+    result = api.optimize_file(src, dst, bench=False)
+    assert "Gemm" not in op_histogram(onnx.load(str(dst)))
+    row = next(r for r in result.pipeline.summary() if r["name"] == "fuse-batched-matmul-add")
+    assert row["stats"] == {"skipped:not-faster": 1}
+    assert result.guard == []
