@@ -8,6 +8,7 @@ only then move it into place. Any failure leaves the destination untouched.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import gc
 import json
 import logging
@@ -263,8 +264,12 @@ def optimize_file(
             first = guard.latency_ratio(result.latency["before"], result.latency["after"]) \
                 if lossless and result.latency else None
 
-            def measure(models: Mapping[str, Any]) -> Mapping[str, Latency]:
-                return measure_latency(models, dataset.feeds, threads=threads, repeats=bench_repeats, tick=tick)
+            def measure(models: Mapping[str, Any], at: int = threads) -> Mapping[str, Latency]:
+                return measure_latency(models, dataset.feeds, threads=at, repeats=bench_repeats, tick=tick)
+
+            # a trial is also timed with every core, onnxruntime's default in deployment
+            counts = dict.fromkeys([threads, os.cpu_count() or 1])
+            trial_measures = {n: functools.partial(measure, at=n) for n in counts}
 
             def dropped() -> list[str]:
                 return [n for d in decisions if d.variant for n in d.variant.dropped]
@@ -277,7 +282,7 @@ def optimize_file(
                 if name in dropped() or name not in result.pipeline.changed_passes:
                     continue
                 say(f"trying the model without {name}")
-                decisions.append(keeper.trial(name, src, staged, measure, already=dropped()))
+                decisions.append(keeper.trial(name, src, staged, trial_measures, already=dropped()))
                 _settle(result, decisions[-1], staged, shapes, src, dataset, tolerance)
         if report_path is not None:
             _write_json(Path(report_path), result.to_dict())

@@ -58,9 +58,13 @@ def measure_latency(
     sessions = {k: session(m, optimize=True, threads=threads) for k, m in models.items()}
     clock = time.thread_time if threads == 1 else time.perf_counter
     feeds = list(feeds)[:4] or [{}]
-    for sess in sessions.values():
+    # each session gets its own inputs of the feed: models with different inputs can be
+    # timed side by side (a bench's GEMM-only floor model beside the model it comes from)
+    own = {k: [{i.name: f[i.name] for i in sess.get_inputs() if i.name in f} for f in feeds]
+           for k, sess in sessions.items()}
+    for k, sess in sessions.items():
         for _ in range(warmup):
-            for f in feeds:
+            for f in own[k]:
                 run(sess, f)
     samples: dict[str, list[float]] = {k: [] for k in sessions}
     start = time.perf_counter()
@@ -70,7 +74,7 @@ def measure_latency(
         # must not favour one model; on a 0.17 ms model it was worth 2%
         for k in keys[r % len(keys):] + keys[:r % len(keys)]:
             sess = sessions[k]
-            f = feeds[r % len(feeds)]
+            f = own[k][r % len(feeds)]
             t0 = clock()
             sess.run(None, f)
             samples[k].append((clock() - t0) * 1e3)

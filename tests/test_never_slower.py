@@ -320,31 +320,52 @@ def _batched_bias_model() -> onnx.ModelProto:
     )
 
 
-@pytest.mark.parametrize("gemm_cost", [0.9, 1.02])
+class ThreadClock(FakeClock):
+    """Prices the Gemm form at ``costs[threads]`` of the MatMul form's 1 ms."""
+
+    def __init__(self, costs: Mapping[int, float]) -> None:
+        super().__init__(lambda call, hist: 1.0)
+        self.costs, self.threads = costs, []  # type: ignore[var-annotated]
+
+    def __call__(self, models: Mapping[str, Any], feeds: Any, threads: int = 1, repeats: int = 30,
+                 tick: Any = None, **_: Any) -> dict[str, Latency]:
+        self.threads.append(threads)
+        self.slowdown = lambda call, hist: self.costs[threads] if "Gemm" in hist else 1.0
+        return super().__call__(models, feeds, threads, repeats, tick)
+
+
+@pytest.mark.parametrize(("one", "every", "kept"), [
+    (0.9, 0.9, True),  # faster at one thread and at every core: kept
+    (1.02, 1.02, False),  # 2% slower: below the never-slower margin, yet not faster, so left out
+    (0.9, 1.15, False),  # faster at one thread, slower with every core (ViT's Gemm form here)
+])
 def test_a_trial_pass_is_kept_only_where_the_model_measures_faster_with_it(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, gemm_cost: float,
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, one: float, every: float, kept: bool,
 ) -> None:
     src, dst, rep = tmp_path / "m.onnx", tmp_path / "m.opt.onnx", tmp_path / "r.json"
     model = _batched_bias_model()
     onnx.save(model, src)
-    clock = FakeClock(lambda call, hist: gemm_cost if "Gemm" in hist else 1.0)
+    clock = ThreadClock({1: one, 2: every})
     monkeypatch.setattr(api, "measure_latency", clock)
+    monkeypatch.setattr(api.os, "cpu_count", lambda: 2)
     # this machine's micro-benchmark is not asked: the trial rewrites whatever it predicts
     monkeypatch.setattr("onnxopt.passes.fuse_batched_matmul_add.measured_ratio", lambda: 2.0)
     result = api.optimize_file(src, dst, report_path=rep, bench_repeats=60)
     written = onnx.load(str(dst))
-    assert clock.calls == 2  # the first measurement, then input, result and the model without the pass
-    assert clock.models[1] == ["after", "before", "without"]
+    # the first measurement, then input, result and the model without the pass at 1 and 2 threads
+    assert clock.threads == [1, 1, 2]
+    assert clock.models[1] == clock.models[2] == ["after", "before", "without"]
     saved = json.loads(rep.read_text())["guard"]
     assert [g["trial"] for g in saved] == ["fuse-batched-matmul-add"]
-    assert saved[0]["with_against_without"]["ratio"] == pytest.approx(gemm_cost, rel=0.03)
-    if gemm_cost < 1:  # faster with it: kept, and the latency is the result's
+    assert saved[0]["threads"]["1"]["ratio"] == pytest.approx(one, rel=0.03)
+    assert saved[0]["threads"]["2"]["ratio"] == pytest.approx(every, rel=0.03)
+    if kept:  # faster with it: kept, and the latency is the result's
         assert op_histogram(written)["Gemm"] == 1
         assert "MatMul" not in op_histogram(written)
         assert saved[0]["dropped"] == []
-        assert result.latency["after"].median_ms == pytest.approx(0.9, rel=0.03)
+        assert result.latency["after"].median_ms == pytest.approx(one, rel=0.03)
         assert any(w.startswith("trial: kept fuse-batched-matmul-add") for w in result.warnings)
-    else:  # 2% slower: below the never-slower margin, yet not faster, so left out
+    else:
         assert op_histogram(written) == {"MatMul": 1, "Add": 1}
         assert saved[0]["dropped"] == ["fuse-batched-matmul-add"]
         assert list(result.pipeline.dropped) == ["fuse-batched-matmul-add"]

@@ -1,0 +1,140 @@
+"""How fast can a lossless rewrite make ViT and MiniLM in onnxruntime on this CPU? The GEMM floor.
+
+    python bench/target_ort_floor.py [--repeats 200] [--out bench/TARGET_ORT_FLOOR.md]
+
+A lossless rewrite (a fusion, a folded constant, a packed QKV projection) keeps every
+multiply-add of the model's matrix products: it can remove the work *around* them, not the
+products. So the fastest any such rewrite can make a model is the time of its GEMMs alone.
+This script builds that bound and times it beside the model:
+
+- the *GEMM floor* of a model: every MatMul, Gemm and Conv of the original, with its own
+  weights and at the shapes it runs at, each fed its real input (captured from one run of
+  the original on the same feed, ``onnxopt.capture.run_exposed``) as a graph input, and
+  nothing else: no attention softmax, no LayerNorm, no Gelu, no residual Add, no Reshape;
+- the original; ``onnxopt optimize`` level 1; level 1 + ``--target onnxruntime`` (both as
+  a user runs them, ``optimize_file`` with the same feed as data); and onnxruntime's own
+  transformer optimizer.
+
+All are timed together with ``onnxopt.bench.measure_latency`` (interleaved rounds, all
+onnxruntime graph optimizations on; 1 thread: the calling thread's CPU time; 2 threads:
+wall clock, spinning off), and each ratio to the original gets the paired-bootstrap 95%
+interval of ``onnxopt.guard.latency_ratio``. ``1 / floor ratio`` is the largest speed-up
+a lossless graph rewrite could give on this machine, if everything but the GEMMs cost nothing.
+
+Models come from ``~/.cache/onnxopt/zoo`` (``python bench/run.py`` builds them): ViT at one
+64x64 image (its trained size), MiniLM at 12 tokens (the benchmark's sentences) and 128.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from onnxopt import machine
+from onnxopt.api import optimize_file
+from onnxopt.bench import Latency, measure_latency
+from onnxopt.capture import run_exposed
+from onnxopt.guard import latency_ratio
+
+ZOO = Path.home() / ".cache" / "onnxopt" / "zoo"
+GEMMS = ("MatMul", "Gemm", "Conv")
+CASES = {  # name: (zoo file, feed)
+    "vit, 1 image 64x64": ("vit-digits.onnx", lambda rng: {
+        "x": rng.standard_normal((1, 3, 64, 64)).astype(np.float32)}),
+    "minilm, 12 tokens": ("minilm.onnx", lambda rng: {
+        "input_ids": rng.integers(1000, 5000, (1, 12)), "attention_mask": np.ones((1, 12), np.int64)}),
+    "minilm, 128 tokens": ("minilm.onnx", lambda rng: {
+        "input_ids": rng.integers(1000, 5000, (1, 128)), "attention_mask": np.ones((1, 128), np.int64)}),
+}
+
+
+def gemm_floor(model: onnx.ModelProto, feed: dict[str, np.ndarray]) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+    """The model's GEMMs alone, their activations as graph inputs, and the feed of those inputs."""
+    inits = {t.name: t for t in model.graph.initializer}
+    nodes = [n for n in model.graph.node if n.op_type in GEMMS and n.domain in ("", "ai.onnx")]
+    acts = list(dict.fromkeys(x for n in nodes for x in n.input if x and x not in inits))
+    values = next(run_exposed(model, [feed], acts))
+    graph = helper.make_graph(
+        nodes, "gemm_floor",
+        [helper.make_tensor_value_info(a, helper.np_dtype_to_tensor_dtype(values[a].dtype), values[a].shape)
+         for a in acts],
+        [helper.make_tensor_value_info(o, onnx.TensorProto.FLOAT, None) for n in nodes for o in n.output],
+        [inits[x] for x in dict.fromkeys(x for n in nodes for x in n.input) if x in inits],
+    )
+    floor = helper.make_model(graph, opset_imports=model.opset_import)
+    floor.ir_version = model.ir_version
+    return floor, values
+
+
+def variants(src: Path, feed: dict[str, np.ndarray], tmp: Path) -> dict[str, Path]:
+    """onnxopt level 1, level 1 + --target onnxruntime, and onnxruntime's transformer optimizer."""
+    data = tmp / "data"
+    data.mkdir(exist_ok=True)
+    np.savez(data / "feed.npz", **feed)
+    out = {}
+    for label, target in (("onnxopt level 1", None), ("onnxopt --target onnxruntime", "onnxruntime")):
+        out[label] = tmp / f"{label.split()[-1]}.onnx"
+        optimize_file(src, out[label], level=1, data=data, target=target)
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    kind, heads, hidden = ("vit", 3, 192) if "vit" in src.name else ("bert", 12, 384)
+    opt = optimize_model(str(src), model_type=kind, num_heads=heads, hidden_size=hidden)
+    out["ort transformer optimizer"] = tmp / "ort-transformer.onnx"
+    opt.save_model_to_file(str(out["ort transformer optimizer"]))
+    return out
+
+
+def table(lat: dict[str, Latency]) -> list[str]:
+    ref = lat["original"]
+    rows = ["| variant | median ms | ratio | 95% interval | speed-up |", "|---|---|---|---|---|"]
+    for k, v in lat.items():
+        r = latency_ratio(ref, v)
+        rows.append(f"| {k} | {v.median_ms:.3f} | {r.ratio:.3f} | {r.low:.3f}-{r.high:.3f} | {1 / r.ratio:.2f}x |")
+    return rows
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=200)
+    parser.add_argument("--out", type=Path, default=Path(__file__).with_name("TARGET_ORT_FLOOR.md"))
+    args = parser.parse_args(argv)
+    started, load = time.time(), os.getloadavg()
+    lines = ["# --target onnxruntime against the GEMM floor", "",
+             f"- date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
+             f"- machine: {machine.summary()} (load average {load[0]:.1f}/{load[1]:.1f}/{load[2]:.1f} at the start)",
+             f"- command: `python bench/target_ort_floor.py --repeats {args.repeats}`", "",
+             __doc__.split("\n\n", 2)[2].strip(), ""]
+    for case, (file, make_feed) in CASES.items():
+        src = ZOO / file
+        if not src.exists():
+            print(f"{src} missing: run python bench/run.py --models vit,minilm first", file=sys.stderr)
+            return 2
+        feed = make_feed(np.random.default_rng(0))
+        with tempfile.TemporaryDirectory() as tmp:
+            floor, floor_feed = gemm_floor(onnx.load(str(src)), feed)
+            models = {"original": src, **variants(src, feed, Path(tmp)), "GEMM floor": floor}
+            lines += [f"## {case}", "", f"GEMM floor: {len(floor.graph.node)} MatMul/Gemm/Conv nodes.", ""]
+            for threads in (1, 2):
+                lat = measure_latency(models, [{**feed, **floor_feed}], threads=threads,
+                                      repeats=args.repeats, max_seconds=90)
+                lines += [f"### {threads} thread{'s' if threads > 1 else ''}", "", *table(lat), ""]
+                print(case, threads, {k: round(v.median_ms, 3) for k, v in lat.items()}, flush=True)
+    load = os.getloadavg()
+    lines += [f"Total time: {time.time() - started:.0f} s; load average {load[0]:.1f}/{load[1]:.1f}/{load[2]:.1f} "
+              "at the end.", ""]
+    args.out.write_text("\n".join(lines))
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
