@@ -42,7 +42,7 @@ from onnx import helper, numpy_helper
 
 from onnxopt import machine
 from onnxopt.api import optimize_file
-from onnxopt.bench import Latency, measure_latency
+from onnxopt.bench import Latency, estimate_macs, measure_latency
 from onnxopt.capture import run_exposed
 from onnxopt.guard import latency_ratio
 
@@ -106,6 +106,19 @@ def variants(src: Path, feed: dict[str, np.ndarray], tmp: Path) -> dict[str, Pat
     return out
 
 
+def peak_gmacs() -> float:
+    """This core's float32 GEMM throughput: one 1024x1024x1024 MatMul in onnxruntime, 1 thread."""
+    rng = np.random.default_rng(0)
+    w = numpy_helper.from_array(rng.standard_normal((1024, 1024)).astype(np.float32), "w")
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "peak",
+                              [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1024, 1024])],
+                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1024, 1024])], [w])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    lat = measure_latency({"peak": model}, [{"x": rng.standard_normal((1024, 1024)).astype(np.float32)}],
+                          repeats=20, max_seconds=20)
+    return 1024**3 / (lat["peak"].median_ms * 1e-3) / 1e9
+
+
 def table(lat: dict[str, Latency]) -> list[str]:
     ref = lat["original"]
     rows = ["| variant | median ms | ratio | 95% interval | speed-up |", "|---|---|---|---|---|"]
@@ -125,7 +138,8 @@ def main(argv: Sequence[str] | None = None) -> int:
              f"- date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
              f"- machine: {machine.summary()} (load average {load[0]:.1f}/{load[1]:.1f}/{load[2]:.1f} at the start)",
              f"- command: `python bench/target_ort_floor.py --repeats {args.repeats}`", "",
-             __doc__.split("\n\n", 2)[2].strip(), ""]
+             __doc__.split("\n\n", 2)[2].strip(), "",
+             f"This core's float32 GEMM peak: {peak_gmacs():.1f} GMAC/s (one 1024x1024x1024 MatMul, 1 thread).", ""]
     for case, (file, make_feed) in CASES.items():
         src = ZOO / file
         if not src.exists():
@@ -135,10 +149,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         with tempfile.TemporaryDirectory() as tmp:
             floor, floor_feed = gemm_floor(onnx.load(str(src)), feed)
             models = {"original": src, **variants(src, feed, Path(tmp)), "GEMM floor": floor}
-            lines += [f"## {case}", "", f"GEMM floor: {len(floor.graph.node)} MatMul/Gemm/Conv nodes.", ""]
+            macs = estimate_macs(floor, {k: v.shape for k, v in floor_feed.items()}) or 0
+            gemms = sum(n.op_type in GEMMS for n in floor.graph.node)
+            lines += [f"## {case}", "", f"GEMM floor: {gemms} MatMul/Gemm/Conv nodes, {macs / 1e6:.1f}M MACs.", ""]
             for threads in (1, 2):
                 lat = measure_latency(models, [{**feed, **floor_feed}], threads=threads,
                                       repeats=args.repeats, max_seconds=90)
+                if threads == 1:
+                    lines += [f"At 1 thread the floor runs at {macs / (lat['GEMM floor'].median_ms * 1e-3) / 1e9:.1f} "
+                              "GMAC/s.", ""]
                 lines += [f"### {threads} thread{'s' if threads > 1 else ''}", "", *table(lat), ""]
                 print(case, threads, {k: round(v.median_ms, 3) for k, v in lat.items()}, flush=True)
     load = os.getloadavg()
