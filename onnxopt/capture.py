@@ -51,7 +51,7 @@ import onnxruntime as ort
 
 from onnxopt.errors import InputDataError
 from onnxopt.graph_utils import node_subgraphs
-from onnxopt.io import _save_external, load_model, over_protobuf_limit
+from onnxopt.io import _save_external, load_model, over_protobuf_limit, restore_binary_attributes
 from onnxopt.runtime import session
 
 logger = logging.getLogger(__name__)
@@ -552,6 +552,6 @@ class Stepwise:
 
 
 def _export_plain(graph: gs.Graph) -> onnx.ModelProto:
-    model = gs.export_onnx(graph, do_type_check=False)
+    model = restore_binary_attributes(gs.export_onnx(graph, do_type_check=False))
     model.ir_version = min(model.ir_version, 8)
     return model

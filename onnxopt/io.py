@@ -13,6 +13,7 @@ run leaves the old output or none, never a half-written one.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
 import shutil
@@ -134,16 +135,12 @@ def to_graph(model: onnx.ModelProto) -> gs.Graph:
     Optional-typed values are refused: graphsurgeon imports them but cannot export them.
     """
     _refuse_optional_types(model)
+    stashed = _stash_binary_attributes(model)
     try:
         graph = gs.import_onnx(model)
-    except UnicodeDecodeError:
-        # a binary STRING attribute (a tokenizer's model bytes) is legal ONNX that graphsurgeon
-        # decodes as text
-        owner = next((f"{n.op_type} node '{n.name}'" for n in model.graph.node for a in n.attribute
-                      if a.type == onnx.AttributeProto.STRING and not _utf8(a.s)), "a node")
-        raise PreconditionError(
-            f"{owner} has a binary string attribute, which onnx-graphsurgeon cannot import; "
-            "onnxopt cannot rewrite this model yet") from None
+    finally:  # the caller's proto is left as it was
+        for attr, raw in stashed:
+            attr.s = raw
     _restore_overridable_inputs(graph, model)
     return graph
 
@@ -154,6 +151,38 @@ def _utf8(raw: bytes) -> bool:
     except UnicodeDecodeError:
         return False
     return True
+
+
+# A binary STRING attribute (a tokenizer's serialized model: legal ONNX) is one graphsurgeon
+# decodes as text and fails on. It goes through the rewriter as a placeholder naming its
+# bytes' hash, and every export puts the bytes back. The bytes are kept here, per process.
+_BINARY_TAG = b"onnxopt:binary-attribute:"
+_BINARY: dict[bytes, bytes] = {}
+
+
+def _stash_binary_attributes(model: onnx.ModelProto) -> list[tuple[onnx.AttributeProto, bytes]]:
+    """Swap each binary STRING attribute for its placeholder; returns what to swap back."""
+    stashed = []
+    for g in iter_proto_graphs(model.graph):
+        for node in g.node:
+            for attr in node.attribute:
+                if attr.type == onnx.AttributeProto.STRING and not _utf8(attr.s):
+                    tag = _BINARY_TAG + hashlib.sha256(attr.s).hexdigest().encode()
+                    _BINARY[tag] = attr.s
+                    stashed.append((attr, attr.s))
+                    attr.s = tag
+    return stashed
+
+
+def restore_binary_attributes(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Put the bytes of binary STRING attributes back in place of their placeholders."""
+    if _BINARY:
+        for g in iter_proto_graphs(model.graph):
+            for node in g.node:
+                for attr in node.attribute:
+                    if attr.type == onnx.AttributeProto.STRING and attr.s.startswith(_BINARY_TAG):
+                        attr.s = _BINARY[attr.s]
+    return model
 
 
 def _overridable_names(model: onnx.ModelProto) -> set[str]:
@@ -313,6 +342,7 @@ def _export(graph: gs.Graph, imports: list[onnx.OperatorSetIdProto]) -> onnx.Mod
     finally:
         for t, values in swapped:
             t._values = values
+    restore_binary_attributes(model)
     if swapped:  # subgraphs too: gs writes a constant only they read into each of them
         data = {t.name: values.tensor for t, values in swapped}
         for g in iter_proto_graphs(model.graph):

@@ -130,22 +130,38 @@ def test_initializer_backed_inputs_stay_overridable_and_are_not_folded() -> None
         np.testing.assert_array_equal(run_model(out, [feed])[0][0], run_model(m, [feed])[0][0])
 
 
-def test_binary_string_attribute_is_a_one_line_refusal(tmp_path: Path) -> None:
+def test_a_binary_string_attribute_goes_through_byte_for_byte(tmp_path: Path) -> None:
+    """A tokenizer's serialized model is a binary STRING attribute (legal ONNX, not UTF-8).
+
+    graphsurgeon decodes attributes as text; the model used to be refused. Now the rest of
+    the graph is rewritten and the bytes come out as they went in, also from the in-memory API.
+    """
     from onnx import helper
 
+    import onnxopt
     from onnxopt.api import optimize_file
-    from onnxopt.errors import PreconditionError
+    from onnxopt.graph_utils import op_histogram
 
-    node = helper.make_node("Tokenize", ["x"], ["y"], domain="ai.onnx.contrib", model=b"\xba\xff\x00spm")
+    raw = b"\xba\xff\x00spm" + bytes(range(256))
     model = helper.make_model(helper.make_graph(
-        [node], "g", [helper.make_tensor_value_info("x", onnx.TensorProto.STRING, [1])],
-        [helper.make_tensor_value_info("y", onnx.TensorProto.INT64, [1, None])]),
+        [helper.make_node("Tokenize", ["s"], ["ids"], domain="ai.onnx.contrib", model=raw),
+         helper.make_node("Identity", ["x"], ["xi"]), helper.make_node("Relu", ["xi"], ["y"])],
+        "g", [helper.make_tensor_value_info("s", onnx.TensorProto.STRING, [1]),
+              helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2, 3])],
+        [helper.make_tensor_value_info("ids", onnx.TensorProto.INT64, [1, None]),
+         helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2, 3])]),
         opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("ai.onnx.contrib", 1)])
-    src = tmp_path / "tok.onnx"
+    src, dst = tmp_path / "tok.onnx", tmp_path / "o.onnx"
     onnx.save(model, src)
-    with pytest.raises(PreconditionError, match="^Tokenize node '' has a binary string attribute"):
-        optimize_file(src, tmp_path / "o.onnx", validate=False, bench=False)
-    assert not (tmp_path / "o.onnx").exists()
+    optimize_file(src, dst, validate=False, bench=False)  # onnxruntime has no Tokenize kernel
+    out = onnx.load(str(dst))
+    assert op_histogram(out) == {"ai.onnx.contrib::Tokenize": 1, "Relu": 1}  # the Identity went
+    tok = next(n for n in out.graph.node if n.op_type == "Tokenize")
+    assert tok.attribute[0].type == onnx.AttributeProto.STRING
+    assert tok.attribute[0].s == raw
+    optimized, _ = onnxopt.optimize(model)
+    assert next(n for n in optimized.graph.node if n.op_type == "Tokenize").attribute[0].s == raw
+    assert model.graph.node[0].attribute[0].s == raw  # the caller's proto is left as it was
 
 
 def _if_reading(weights: dict[str, np.ndarray]) -> onnx.ModelProto:
