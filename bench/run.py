@@ -176,8 +176,8 @@ def _onnxopt_auto_int8(src: Path, calib: Sequence[Feed], dst: Path, w: Workload)
     It gets only the calibration feeds (it splits them itself into calibration and its own
     evaluation); the benchmark's held-out inputs stay unseen.
     """
-    from onnxopt.lossy import compress
     from onnxopt.data import Dataset
+    from onnxopt.lossy import compress
 
     result = compress(src, dst, "int8", calibration_data=Dataset(list(calib), source="calib"))
     floats = len(result.float_layers)

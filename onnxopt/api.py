@@ -25,6 +25,7 @@ from onnxopt import guard
 from onnxopt.bench import Latency, ModelStats, measure_latency, model_stats
 from onnxopt.errors import ModelSaveError, OnnxoptError, ValidationError
 from onnxopt.io import check_model_file, load_model, staged_output, write_model
+from onnxopt.machine import cores
 from onnxopt.manager import (
     DEFAULT_LEVEL,
     PassManager,
@@ -268,7 +269,7 @@ def optimize_file(
                 return measure_latency(models, dataset.feeds, threads=at, repeats=bench_repeats, tick=tick)
 
             # a trial is also timed with every core, onnxruntime's default in deployment
-            counts = dict.fromkeys([threads, os.cpu_count() or 1])
+            counts = dict.fromkeys([threads, cores()])
             trial_measures = {n: functools.partial(measure, at=n) for n in counts}
 
             def dropped() -> list[str]:

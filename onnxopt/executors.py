@@ -27,7 +27,6 @@ import contextlib
 import dataclasses
 import json
 import multiprocessing
-import os
 import socket
 import time
 import uuid
@@ -38,6 +37,7 @@ import numpy as np
 import onnx
 
 from onnxopt.errors import OnnxoptError
+from onnxopt.machine import cores
 
 Tick = Callable[[int, int], None]
 Each = Callable[[int, Any], None]
@@ -158,14 +158,6 @@ class Executor:
 
 
 InProcess = Executor
-
-
-def cores() -> int:
-    """Cores this process may run on (the affinity mask, not the machine's count)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
 
 
 # ---------------------------------------------------------------- the driver's machine measurements

@@ -347,7 +347,7 @@ def test_a_trial_pass_is_kept_only_where_the_model_measures_faster_with_it(
     onnx.save(model, src)
     clock = ThreadClock({1: one, 2: every})
     monkeypatch.setattr(api, "measure_latency", clock)
-    monkeypatch.setattr(api.os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(api, "cores", lambda: 2)
     # this machine's micro-benchmark is not asked: the trial rewrites whatever it predicts
     monkeypatch.setattr("onnxopt.passes.fuse_batched_matmul_add.measured_ratio", lambda: 2.0)
     result = api.optimize_file(src, dst, report_path=rep, bench_repeats=60)
