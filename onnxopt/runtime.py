@@ -66,7 +66,31 @@ def session(
     try:
         return ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
     except Exception as e:  # ORT raises its own exception types for unloadable models
-        raise OnnxoptError(f"onnxruntime cannot load the model: {ort_message(e)}") from None
+        message = ort_message(e)
+    if f"{EXTENSIONS_DOMAIN}:" in message and "is not a registered function/op" in message:
+        # tokenizers and string ops in the graph: onnxruntime-extensions has their kernels
+        library = extensions_library()
+        if library is None:
+            raise OnnxoptError(f"onnxruntime cannot load the model: {message} (its {EXTENSIONS_DOMAIN} ops "
+                               "need `pip install onnxruntime-extensions`)")
+        so.register_custom_ops_library(library)
+        try:
+            return ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
+        except Exception as e:
+            message = ort_message(e)
+    raise OnnxoptError(f"onnxruntime cannot load the model: {message}")
+
+
+EXTENSIONS_DOMAIN = "ai.onnx.contrib"
+
+
+def extensions_library() -> str | None:
+    """onnxruntime-extensions' custom-op library, if that package is installed."""
+    try:
+        from onnxruntime_extensions import get_library_path
+    except ImportError:
+        return None
+    return str(get_library_path())
 
 
 def output_names(sess: ort.InferenceSession) -> list[str]:

@@ -219,3 +219,40 @@ def test_positional_feed_skips_initializers_and_omitted_inputs() -> None:
     feed = runtime.positional_feed(sess, [x, np.array(1.0, np.float32)])
     assert list(feed) == ["x", "hi"]
     np.testing.assert_array_equal(runtime.run(sess, feed)[0], [0.0, 0.5, 1.0])
+
+
+def _string_and_float_model() -> onnx.ModelProto:
+    """An ai.onnx.contrib string op (onnxruntime-extensions has its kernel) beside a float path."""
+    return helper.make_model(helper.make_graph(
+        [helper.make_node("StringLower", ["s"], ["t"], domain="ai.onnx.contrib"),
+         helper.make_node("Identity", ["x"], ["xi"]), helper.make_node("Relu", ["xi"], ["y"])], "g",
+        [helper.make_tensor_value_info("s", TensorProto.STRING, [None]),
+         helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])],
+        [helper.make_tensor_value_info("t", TensorProto.STRING, [None]),
+         helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])]),
+        opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("ai.onnx.contrib", 1)])
+
+
+def test_contrib_string_ops_run_with_onnxruntime_extensions(tmp_path: Path) -> None:
+    """Models with in-graph tokenizers validate when onnxruntime-extensions is installed."""
+    from onnxopt.api import optimize_file
+    from onnxopt.graph_utils import op_histogram
+
+    pytest.importorskip("onnxruntime_extensions")
+    sess = runtime.session(_string_and_float_model())
+    out = runtime.run(sess, {"s": np.array(["AbC", "XY"], dtype=object), "x": -np.ones((2, 3), np.float32)})
+    assert list(out[0]) == ["abc", "xy"]
+    np.testing.assert_array_equal(out[1], np.zeros((2, 3), np.float32))
+    src, dst = tmp_path / "m.onnx", tmp_path / "o.onnx"
+    onnx.save(_string_and_float_model(), src)
+    result = optimize_file(src, dst, bench=False)
+    assert result.validation_skipped is None
+    assert result.validation is not None
+    assert bool(result.validation)
+    assert op_histogram(onnx.load(str(dst))) == {"ai.onnx.contrib::StringLower": 1, "Relu": 1}
+
+
+def test_contrib_ops_without_onnxruntime_extensions_say_what_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(runtime, "extensions_library", lambda: None)
+    with pytest.raises(OnnxoptError, match=r"StringLower.*need `pip install onnxruntime-extensions`\)$"):
+        runtime.session(_string_and_float_model())
