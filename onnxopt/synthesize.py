@@ -53,7 +53,7 @@ Feed = dict[str, Any]
 
 SPATIAL_SIZES = (224, 256, 320, 128, 64, 640, 32)
 OTHER_SIZES = (32, 64, 128, 16, 8, 4, 2, 1, 256)
-SEQUENCE_SIZES = (32, 16, 64, 128, 8)
+SEQUENCE_SIZES = (32, 16, 64, 128, 8, 256, 512)  # 512: an audio frame (Silero VAD at 16 kHz)
 UNKNOWN_RANK_SHAPES: tuple[tuple[int, ...], ...] = ((2, 3), (6,), (1, 3, 32, 32), (1, 16, 8), ())
 MAX_PROBES = 16  # runs of the original model while looking for a shape it accepts
 PROBE_SECONDS = 60.0  # ... and at most this long (a probe that started may finish)

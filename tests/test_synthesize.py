@@ -135,6 +135,16 @@ def test_dims_are_probed_on_the_original_model_until_it_runs() -> None:
     assert generate(m).feeds[0]["x"].shape == (1, 3, 224, 224)
 
 
+def test_an_audio_frame_length_is_probed_too() -> None:
+    """A reflect Pad of 200 samples needs more than 200 (Silero VAD's STFT pads 64 and runs on 512)."""
+    m = make_model([helper.make_node("Pad", ["x", "pads"], ["y"], mode="reflect")],
+                   [vi("x", ["batch", "sequence"])], [vi("y", ["batch", "padded"])],
+                   {"pads": np.array([0, 200, 0, 200], np.int64)})
+    ds = synthesize(m, m, count=2)
+    assert ds.unusable is None
+    assert ds.feeds[0]["x"].shape == (1, 256)
+
+
 def test_dims_the_graph_implies_come_first() -> None:
     # a static sibling spatial dim ([N, 3, 48, W]) and the input channels of the first Conv
     m = _reshape_to([1, 3, 48, 48], [1, 3, 48, "W"])
