@@ -271,12 +271,13 @@ def other_shape(src: Path, dst: Path, chosen: dict[str, list[int]]) -> str:
     may index something).
     """
     import numpy as np
-    import onnxruntime as ort
 
-    ort.set_default_logger_severity(4)
-    try:
-        a, b = (ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]) for p in (src, dst))
-    except Exception as e:  # e.g. custom ops
+    from onnxopt.errors import OnnxoptError
+    from onnxopt.runtime import session
+
+    try:  # onnxopt's sessions: quiet, and with onnxruntime-extensions' kernels where needed
+        a, b = (session(p, optimize=True) for p in (src, dst))
+    except OnnxoptError as e:  # e.g. custom ops
         return f"not run: {_first(e)}"
     if any(i.type != "tensor(float)" or i.name not in chosen for i in a.get_inputs()):
         return "-"
