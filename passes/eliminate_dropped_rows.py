@@ -19,8 +19,9 @@ the kept rows is inserted instead. Row-wise means, for the selected axis:
 - elementwise ops (unary; broadcasting binary and variadic ops: an operand whose dim there is 1
   or missing is used as it is, one whose dim equals the output's is selected too, anything else
   declines);
-- ``LayerNormalization`` over later axes, and the Reduce ops (keepdims) of a decomposed one; ``Softmax``/``LogSoftmax``/``Hardmax`` over another axis
-  (opset < 13: a later one, their 2-D coercion);
+- ``LayerNormalization`` over later axes, and the Reduce ops (keepdims) of a decomposed one;
+  ``Softmax``/``LogSoftmax``/``Hardmax`` over another axis (opset < 13: a later one, their
+  2-D coercion);
 - ``MatMul`` on a row axis of A or a batch axis of both (never the column axis);
 - ``Transpose``, ``Gather`` on another axis, ``Concat`` on another axis, and ``Reshape`` when the
   dims up to the axis are kept (its constant target gets the new size).
