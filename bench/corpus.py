@@ -207,7 +207,7 @@ def features(path: Path) -> dict[str, Any]:
     domains = sorted({o.domain for o in m.opset_import if o.domain not in ("", "ai.onnx")})
     custom = sorted({n.domain for n in m.graph.node if n.domain not in ("", "ai.onnx")})
     return {
-        "opset": next((o.version for o in m.opset_import if o.domain in ("", "ai.onnx")), 0),
+        "opset": next((o.version for o in m.opset_import if o.domain in ("", "ai.onnx")), "none"),
         "inputs": inputs, "nodes": len(m.graph.node), "ops": notable,
         "domains_imported": domains, "domains_used": custom, "mb": path.stat().st_size / 2**20,
     }
