@@ -5,7 +5,7 @@
 A fusion, a folded constant or a packed QKV projection keeps every multiply-add of the
 model's matrix products: it removes the work *around* them, not the products. So the fastest
 such rewrites can make a model is the time of its GEMMs alone. Only a rewrite that proves
-products unused goes below (``eliminate-dropped-rows``). This script builds both bounds and
+products unused goes below (``eliminate-unread-rows``). This script builds both bounds and
 times them beside the model:
 
 - the *GEMM floor* of a model: every MatMul, Gemm and Conv of the original, with its own
@@ -16,7 +16,7 @@ times them beside the model:
 - the original; ``onnxopt optimize`` level 1; level 1 + ``--target onnxruntime`` (both as
   a user runs them, ``optimize_file`` with the same feed as data); and onnxruntime's own
   transformer optimizer;
-- the GEMM floor of level 1's output: ``eliminate-dropped-rows`` removes matrix products (a
+- the GEMM floor of level 1's output: ``eliminate-unread-rows`` removes matrix products (a
   classifier's last block on the tokens it drops), so past it the floor is lower.
 
 All are timed together with ``onnxopt.bench.measure_latency`` (interleaved rounds, all

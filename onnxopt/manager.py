@@ -41,7 +41,7 @@ PRESETS: dict[int, tuple[str, ...]] = {
         "fuse-hardswish",
         "fuse-gelu",
         "fuse-layernorm",
-        "eliminate-dropped-rows",  # after the LayerNorm fusion: one op to narrow, not five
+        "eliminate-unread-rows",  # after the LayerNorm fusion: one op to narrow, not five
         "fold-arithmetic-chains",
         "fold-scale",
         "fold-bias",

@@ -23,7 +23,7 @@ from onnxopt.passes.fuse_swish import FuseSwishPass
 from onnxopt.passes.fold_reshape_target import FoldReshapeTargetPass
 from onnxopt.passes.fuse_batched_matmul_add import FuseBatchedMatMulAddPass
 from onnxopt.passes.fuse_shape_chains import FuseShapeChainsPass
-from onnxopt.passes.eliminate_dropped_rows import EliminateDroppedRowsPass
+from onnxopt.passes.eliminate_unread_rows import EliminateUnreadRowsPass
 from onnxopt.passes.quantize_qdq import QuantizeQDQPass
 from onnxopt.passes.prune_channels import PruneChannelsPass
 from onnxopt.passes.factorize_lowrank import FactorizeLowRankPass
@@ -52,7 +52,7 @@ ALL_PASSES = (
     FoldReshapeTargetPass,
     FuseBatchedMatMulAddPass,
     FuseShapeChainsPass,
-    EliminateDroppedRowsPass,
+    EliminateUnreadRowsPass,
     EliminateDeadCodePass,
     QuantizeDynamicPass,
     QuantizeWeightOnlyPass,

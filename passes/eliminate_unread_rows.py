@@ -287,10 +287,10 @@ def _root(node: gs.Node, g: gs.Graph) -> tuple[np.ndarray, int] | str | None:
     return idx, axis
 
 
-class EliminateDroppedRowsPass(Pass):
+class EliminateUnreadRowsPass(Pass):
     """Compute only the rows a Gather keeps (the CLS token of a transformer classifier)."""
 
-    name = "eliminate-dropped-rows"
+    name = "eliminate-unread-rows"
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         stats: Counter[str] = Counter()

@@ -1,4 +1,4 @@
-"""eliminate-dropped-rows: a transformer classifier computes only the token it reads.
+"""eliminate-unread-rows: a transformer classifier computes only the token it reads.
 
 Oracles: onnxruntime running the original graph (numerics), onnx shape inference on the
 rewritten graph (the MLP's MatMuls now see one token), and MACs counted by hand.
@@ -13,7 +13,7 @@ from onnx import helper
 
 from onnxopt.testing import assert_equivalent, make_model, op_histogram, run_pass, vi
 
-PASS = "eliminate-dropped-rows"
+PASS = "eliminate-unread-rows"
 rng = np.random.default_rng(0)
 B, S, D, H, F = 2, 5, 8, 2, 16  # batch, tokens, width, heads, MLP width
 
