@@ -375,8 +375,10 @@ def test_failed_validation_leaves_input_and_output_alone(
 # ---- interrupts ----
 
 _HOOK = textwrap.dedent("""
-    import sys, time
+    import signal, sys, time
     ready, phase, src, out = sys.argv[1:5]
+    # as at a terminal: a test run in the background inherits SIGINT ignored
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
     def stall(*args, **kwargs):
         open(ready, "w").close()
