@@ -237,13 +237,13 @@ class _Hoist:
             if value is not None:
                 return make_constant(names.fresh(f"{u.name}_rows"), np.take(value, rows, axis=ax))
             if (id(u), ax) not in boundary:
-                v = gs.Variable(names.fresh(f"{u.name}_rows"), dtype=u.dtype)
+                v = gs.Variable(names.fresh(f"{u.name}_rows"), dtype=u.dtype, shape=_narrowed(u, ax, rows.size))
                 new.append(gs.Node("Gather", name=names.fresh("kept_rows_gather"), attrs={"axis": ax},
                                    inputs=[u, index], outputs=[v]))
                 boundary[(id(u), ax)] = v
             return boundary[(id(u), ax)]
 
-        for node, axes, _ in sorted(self.region.values(), key=lambda e: self.pos[id(e[0])]):
+        for node, axes, axis in sorted(self.region.values(), key=lambda e: self.pos[id(e[0])]):
             inputs = [u if ax == KEEP else select(u, ax) for u, ax in zip(node.inputs, axes, strict=True)]
             if node.op == "Reshape":
                 target = np.array(constant_value(node.inputs[1]), dtype=np.int64)
@@ -251,7 +251,8 @@ class _Hoist:
                     target[axes[0]] = rows.size
                 inputs[1] = make_constant(names.fresh(f"{node.name or 'reshape'}_rows_shape"), target)
             t = node.outputs[0]
-            out = y if (t is x and not scalar) else gs.Variable(names.fresh(f"{t.name}_rows"), dtype=t.dtype)
+            out = y if (t is x and not scalar) else gs.Variable(names.fresh(f"{t.name}_rows"), dtype=t.dtype,
+                                                                shape=_narrowed(t, axis, rows.size))
             new.append(gs.Node(node.op, name=names.fresh(f"{node.name or node.op}_rows"), attrs=dict(node.attrs),
                                inputs=inputs, outputs=[out], domain=node.domain))
             made[id(t)] = out
@@ -265,6 +266,12 @@ class _Hoist:
             new.append(gs.Node("Squeeze", name=names.fresh("kept_rows_squeeze"), attrs=attrs, inputs=squeezed,
                                outputs=[y]))
         return new
+
+
+def _narrowed(t: gs.Tensor, axis: int, rows: int) -> Dims | None:
+    """``t``'s shape with ``rows`` on ``axis`` (later passes read shapes: BiasGelu's bias width)."""
+    dims = _dims(t)
+    return None if dims is None else [rows if i == axis else d for i, d in enumerate(dims)]
 
 
 def _root(node: gs.Node, g: gs.Graph) -> tuple[np.ndarray, int] | str | None:

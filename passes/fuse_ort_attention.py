@@ -32,7 +32,9 @@ Declined (``skipped:<reason>``): ``mask-constant`` (a constant additive bias, e.
 relative-position), ``mask-not-key-padding`` (its probed values are not a 0/-big key-padding
 mask, or it reads other inputs than a 2-D mask and the batch/sequence shape), ``head-shape``
 (q, k, v disagree on heads or size, or the merge Reshape is not [B,S,N*d]),
-``no-projection`` (q, k or v is not a MatMul of a 3-D input), ``shared-intermediate``
+``no-projection`` (q, k or v is not a MatMul of a 3-D input), ``query-rows`` (k and v are,
+but only some query rows are computed: the last block of a classifier after
+``eliminate-unread-rows``, left unfused on its few tokens), ``shared-intermediate``
 (a value inside the pattern is read elsewhere, so fusing would compute it twice),
 ``packed-runtime-weights`` (one packed projection with weights computed at run time),
 ``not-float32``.
@@ -237,6 +239,8 @@ def _match(graph: gs.Graph, softmax: gs.Node, opset: int) -> _Match | str | None
         return None
     nodes += [pv, merge, final] + ([regroup] if regroup is not None else [])
     q, k, v = _heads(q_in), _keys_transposed(kt_in), _heads(pv.inputs[1])
+    if q is None and k is not None and v is not None:
+        return "query-rows"  # eliminate-unread-rows computes only the queries a classifier reads
     if q is None or k is None or v is None:
         return "no-projection"
     if len({(h.heads, h.size) for h in (q, k, v)}) != 1 or not _merges_heads(final, q):
