@@ -115,7 +115,8 @@ def test_the_cls_token_of_a_vit_block_is_computed_alone(opset: int) -> None:
     mlp = next(n for n in out.graph.node if n.op_type == "MatMul" and n.input[1] == "w1")
     assert _dims(out, mlp.output[0]) == [B, 1, F]
     kv = [n for n in out.graph.node if n.op_type == "MatMul" and n.input[1] == "wqkv"]
-    assert len(kv) == 1 and _dims(out, kv[0].output[0]) == [B, S, 3 * D]
+    assert len(kv) == 1
+    assert _dims(out, kv[0].output[0]) == [B, S, 3 * D]
     # by hand: QKV on every token, everything else on one
     d = D // H
     before = B * S * D * 3 * D + 2 * B * H * S * S * d + B * S * D * D + 2 * B * S * D * F
@@ -187,7 +188,7 @@ def test_a_shared_residual_is_selected_where_it_is_read() -> None:
     assert stats == {"narrowed": 1, "nodes-narrowed": 2}
     assert_equivalent(model, out)
     hist = op_histogram(out)
-    assert hist["Gather"] == 1 and hist["Squeeze"] == 1 and hist["Relu"] == 1
+    assert (hist["Gather"], hist["Squeeze"], hist["Relu"]) == (1, 1, 1)
     mm = next(n for n in out.graph.node if n.op_type == "MatMul")
     assert _dims(out, mm.output[0]) == [2, 1, 4]
 
