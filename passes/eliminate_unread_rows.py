@@ -88,10 +88,11 @@ def _norm(axis: int, rank: int) -> int:
     return axis + rank if axis < 0 else axis
 
 
-def _broadcast(node: gs.Node, axis: int, out: Dims) -> list[int] | None:
+def _aligned(operands: list[Dims | None], axis: int, out: Dims) -> list[int] | None:
+    """Per operand broadcast against ``out``: the axis to select on, KEEP where its dim there is 1
+    or missing, None when a dim is unknown or differs from the output's."""
     axes = []
-    for t in node.inputs:
-        d = _dims(t)
+    for d in operands:
         if d is None:
             return None
         ai = axis - (len(out) - len(d))
@@ -111,16 +112,7 @@ def _matmul(node: gs.Node, axis: int, out: Dims) -> list[int] | None:
         return None
     if axis == r - 2:  # a row of A
         return [len(da) - 2, KEEP]
-    axes = []
-    for d in (da, db):  # a batch axis: both operands, broadcast like elementwise ops
-        ai = axis - (r - len(d))
-        if ai < 0 or d[ai] == 1:
-            axes.append(KEEP)
-        elif _same(d[ai], out[axis]):
-            axes.append(ai)
-        else:
-            return None
-    return axes
+    return _aligned([da, db], axis, out)  # a batch axis: both operands, broadcast like elementwise ops
 
 
 def _reduce(node: gs.Node, axis: int, r: int) -> list[int] | None:
@@ -154,7 +146,7 @@ def input_axes(node: gs.Node, axis: int, out: Dims, opset: int) -> list[int] | N
     if op in _UNARY:
         return [axis] + [KEEP] * (len(node.inputs) - 1)
     if op in _BROADCAST:
-        return _broadcast(node, axis, out)
+        return _aligned([_dims(t) for t in node.inputs], axis, out)
     if op == "LayerNormalization":
         return [axis, KEEP, KEEP][:len(node.inputs)] if axis < _norm(int(node.attrs.get("axis", -1)), r) else None
     if op in _SOFTMAX:
