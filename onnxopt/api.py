@@ -234,7 +234,8 @@ def optimize_file(
             say("checking the model (validation skipped)")
             result.checks = _gate(optimized, staged, source_checks)
         del optimized
-        if dataset is not None and dataset.generated and not dataset.unusable:
+        # only when validation runs: with --no-validate inputs are still generated, for latency
+        if validate and not skipped and dataset is not None and dataset.generated and not dataset.unusable:
             result.warnings.append(f"validated on {dataset.source} inputs, not on real data")
         if validate and not skipped:
             say("validating")

@@ -241,6 +241,10 @@ def test_console_tables_hide_noise_and_say_what_was_skipped(tmp_path: Path) -> N
     no_val = _invoke("optimize", src, "--input-shape", "x=1,3,16,16", "--no-validate", "--no-bench")
     assert "note: not validated (--no-validate)" in no_val.output
     assert no_val.output.strip().splitlines()[-1].endswith("NOT validated (--no-validate)")
+    # latency still runs on generated inputs: no note may claim they validated anything
+    timed = _invoke("optimize", src, "--input-shape", "x=1,3,16,16", "--no-validate", "--repeats", "3")
+    assert "note: not validated (--no-validate)" in timed.output
+    assert "validated on generated" not in timed.output
 
 
 def test_skipped_validation_is_a_warning_at_the_top(tmp_path: Path) -> None:
