@@ -174,9 +174,14 @@ class Guard:
 
     def smaller(self, report: PipelineReport, before_bytes: int, after_bytes: int) -> Decision:
         """The result grew the file: the smallest single-pass variant within the margin."""
+        grew = f"the file grew {_mb(before_bytes)} -> {_mb(after_bytes)} (+{after_bytes / before_bytes - 1:.0%})"
+        if not report.changed_passes:  # the graph written back as it was, with the shapes inferred
+            message = (f"no pass changed the graph; wrote the input as it was (written back, {grew} "
+                       "with the shapes inferred for its values)")
+            return Decision(self.unchanged(()), "unchanged", message,
+                            {"full_pipeline": {"size_bytes": after_bytes}, "written": {"size_bytes": before_bytes}})
         variants = self.singles(report)
         fits = [v for v in variants if not grown(before_bytes, v.size_bytes)]
-        grew = f"the file grew {_mb(before_bytes)} -> {_mb(after_bytes)} (+{after_bytes / before_bytes - 1:.0%})"
         if fits:
             chosen = min(fits, key=lambda v: (v.size_bytes, v.dropped))
             message = (f"dropped {_names(chosen.dropped)}: with it {grew}; without it "

@@ -25,12 +25,16 @@ from typing import Any
 
 import onnx
 import onnx_graphsurgeon as gs
+from onnx_graphsurgeon.logger import G_LOGGER
 from google.protobuf.message import DecodeError, EncodeError
 
 from onnxopt.errors import ModelLoadError, ModelSaveError, PreconditionError
 from onnxopt.graph_utils import iter_proto_graphs, tensor_nbytes
 
 logger = logging.getLogger(__name__)
+# graphsurgeon prints its warnings ([W] ...) on stdout, past --quiet; what matters reaches the
+# user as onnxopt's own one-line errors and notes
+G_LOGGER.severity = G_LOGGER.ERROR
 
 # protobuf refuses to serialize messages of 2 GiB or more; stay well below it
 PROTOBUF_LIMIT = 2**31 - 2**24

@@ -398,3 +398,18 @@ def test_no_trial_without_a_measurement(tmp_path: Path, monkeypatch: pytest.Monk
     row = next(r for r in result.pipeline.summary() if r["name"] == "fuse-batched-matmul-add")
     assert row["stats"] == {"skipped:not-faster": 1}
     assert result.guard == []
+
+
+def test_an_unchanged_graph_is_written_as_it_was_without_a_dropped_warning(tmp_path: Path) -> None:
+    """No pass changes a chain of 900 Relus, but writing it back adds a value_info per value
+    (about 22 KB, past the margin): the input is written as it was, and the note says why."""
+    nodes = [helper.make_node("Relu", [f"h{i}" if i else "x"], [f"h{i + 1}" if i < 899 else "y"]) for i in range(900)]
+    src, dst = tmp_path / "m.onnx", tmp_path / "m.opt.onnx"
+    onnx.save(make_model(nodes, [vi("x", [1, 8])], [vi("y", [1, 8])]), src)
+    result = api.optimize_file(src, dst, bench=False)
+    assert result.pipeline.changed_passes == []
+    assert not any(w.startswith("dropped ") for w in result.warnings)
+    assert any(w.startswith("no pass changed the graph; wrote the input as it was") for w in result.warnings)
+    assert [g["reason"] for g in result.guard] == ["unchanged"]
+    assert dst.stat().st_size <= src.stat().st_size
+    assert len(onnx.load(str(dst)).graph.value_info) == 0
