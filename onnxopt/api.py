@@ -317,10 +317,12 @@ def _adopt(decision: guard.Decision, staged: Path, shapes: Mapping[str, Sequence
 
 
 def _record(result: OptimizeResult, decisions: Sequence[guard.Decision]) -> None:
-    """The guard's decisions go to the report, and those that dropped a pass to the warnings."""
+    """The guard's decisions go to the report, and all but the trials' to the warnings (a trial's
+    verdict is how the run works, not a caveat: the console and the HTML page show it as a note)."""
     for d in decisions:
         result.guard.append(d.to_dict())
-        result.warnings.append(d.message)
+        if "trial" not in d.figures:
+            result.warnings.append(d.message)
 
 
 def _skip_message(reason: str) -> str:

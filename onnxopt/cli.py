@@ -199,6 +199,9 @@ def print_result(result: Any) -> None:
     for w in result.warnings:
         if not w.startswith((_SKIPPED, _DROPPED)):  # already said at the top
             out.print(f"note: {w}", markup=False, soft_wrap=True)
+    for g in result.guard:  # trials: which model-dependent rewrites were kept, measured
+        if "trial" in g:
+            out.print(f"note: {g['message']}", markup=False, soft_wrap=True)
 
 
 def _print_passes(pipeline: Any) -> None:

@@ -102,7 +102,7 @@ def render(r: Mapping[str, Any]) -> str:
         from onnxopt import report_lossy  # imports this module's page primitives
 
         parts += [report_lossy.candidates(r), report_lossy.steps(r), report_lossy.sensitivity(r)]
-    parts += [_validation(r), _passes(r.get("pipeline")), _ops(r), _machine(r), _foot(r)]
+    parts += [_validation(r), _passes(r.get("pipeline"), r.get("guard") or []), _ops(r), _machine(r), _foot(r)]
     return "\n".join(p for p in parts if p)
 
 
@@ -290,9 +290,10 @@ def _validation(r: Mapping[str, Any]) -> str:
     return section("fidelity", "Fidelity per output", *blocks)
 
 
-def _passes(p: Mapping[str, Any] | None) -> str:
+def _passes(p: Mapping[str, Any] | None, decisions: Sequence[Mapping[str, Any]] = ()) -> str:
     if not p:
         return ""
+    trials = "".join(f'<p class="note">{escape(str(g["message"]))}</p>' for g in decisions if "trial" in g)
     rows = []
     dropped = p.get("dropped") or {}  # passes the never-slower guard took out, and why
     for s in p.get("summary", []):
@@ -315,7 +316,7 @@ def _passes(p: Mapping[str, Any] | None) -> str:
     return section("passes", "Passes", html_table(["pass", "runs", "what it did", "declined (why=count)", "nodes",
                                                  "parameters", "seconds"], rows, "passes-table"),
                     f'<p class="note">Pipeline: {escape(", ".join(p.get("pipeline", [])))}; '
-                    f"{total:.3f} s in passes.</p>")
+                    f"{total:.3f} s in passes.</p>", trials)
 
 
 def _ops(r: Mapping[str, Any]) -> str:

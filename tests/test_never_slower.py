@@ -7,6 +7,7 @@ sizes are real files. The fake keeps the interleaved-rounds shape of the real me
 
 from __future__ import annotations
 
+import html
 import json
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -18,7 +19,7 @@ import pytest
 from onnx import helper
 from typer.testing import CliRunner
 
-from onnxopt import api
+from onnxopt import api, report_html
 from onnxopt.bench import Latency
 from onnxopt.cli import app
 from onnxopt.graph_utils import op_histogram, parameter_count
@@ -364,16 +365,22 @@ def test_a_trial_pass_is_kept_only_where_the_model_measures_faster_with_it(
         assert "MatMul" not in op_histogram(written)
         assert saved[0]["dropped"] == []
         assert result.latency["after"].median_ms == pytest.approx(one, rel=0.03)
-        assert any(w.startswith("trial: kept fuse-batched-matmul-add") for w in result.warnings)
+        assert saved[0]["message"].startswith("trial: kept fuse-batched-matmul-add")
     else:
         assert op_histogram(written) == {"MatMul": 1, "Add": 1}
         assert saved[0]["dropped"] == ["fuse-batched-matmul-add"]
         assert list(result.pipeline.dropped) == ["fuse-batched-matmul-add"]
         assert result.latency["after"].median_ms == pytest.approx(1.0, rel=0.03)
-        assert any(w.startswith("trial: left out fuse-batched-matmul-add") for w in result.warnings)
+        assert saved[0]["message"].startswith("trial: left out fuse-batched-matmul-add")
+    assert not any(w.startswith("trial") for w in result.warnings)  # a verdict, not a caveat
     assert_equivalent(model, written, atol=1e-5, rtol=1e-5)
     assert result.validation is not None
     assert bool(result.validation)
+    page = report_html.render(json.loads(rep.read_text()))
+    passes = page[page.index('id="passes"'):]
+    assert html.escape(saved[0]["message"]) in passes  # the passes section shows the verdict
+    warnings = page[page.index('<section id="warnings">'):]
+    assert "trial:" not in warnings[:warnings.index("</section>")]  # and no warning at the top repeats it
 
 
 def test_a_pass_the_user_forced_is_not_a_trial(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
