@@ -163,8 +163,13 @@ def macs_per_node(model: onnx.ModelProto, input_shapes: Mapping[str, Sequence[in
             elif d.HasField("dim_value") and d.dim_value <= 0:
                 d.Clear()  # Paddle2ONNX writes -1 for a dynamic dim: unknown, for inference to fill
     types = infer(pinned)
+    sized = ("Conv", "QLinearConv", "ConvInteger", "ConvTranspose", *_MATMULS)
     if any(n.domain == "com.microsoft" for n in model.graph.node):
         types = {**types, **_ort_types(pinned)}  # onnx's inference stops at contrib ops
+    elif any(n.op_type in sized and n.output and not _dims(types.get(n.output[0])) for n in model.graph.node):
+        # onnx's data propagation stops at some shape computations (Pad's pads through a Cast
+        # chain: open-nsfw); onnxruntime's symbolic inference sizes what it left unsized
+        types = {**types, **{k: v for k, v in _ort_types(pinned).items() if not _dims(types.get(k))}}
     for t in model.graph.initializer:
         types.setdefault(t.name, onnx.helper.make_tensor_type_proto(t.data_type, list(t.dims)))
     macs: dict[str, int] = {}

@@ -117,3 +117,18 @@ def test_negative_dims_in_value_info_are_unknown_not_sizes() -> None:
                [_w("w", (8, 4))])
     m.graph.value_info.append(helper.make_tensor_value_info("h", F, [-1, 8]))
     assert macs_per_node(m, {"x": (3, 8)}) == {"mm": 3 * 4 * 8}
+
+
+def test_a_conv_after_pads_computed_through_casts_is_sized() -> None:
+    """open-nsfw's pattern: Pad's pads are a constant passed through Cast, Concat and Reshape, where
+    onnx's data propagation stops; onnxruntime's symbolic inference sizes the Conv after it."""
+    pads = numpy_helper.from_array(np.array([0, 0, 1, 1, 0, 0, 1, 1], np.int32), "pads32")
+    nodes = [helper.make_node("Cast", ["pads32"], ["pads_f"], to=TensorProto.FLOAT),
+             helper.make_node("Cast", ["pads_f"], ["pads64"], to=TensorProto.INT64),
+             helper.make_node("Transpose", ["x"], ["xt"], perm=[0, 3, 1, 2]),
+             helper.make_node("Pad", ["xt", "pads64"], ["xp"]),
+             helper.make_node("Conv", ["xp", "w"], ["y"])]
+    model = _model(nodes, [helper.make_tensor_value_info("x", F, ["batch", 8, 8, 3])],
+                   [helper.make_tensor_value_info("y", F, None)], [pads, _w("w", (4, 3, 3, 3))])
+    # by hand: [1, 4, 8, 8] outputs, each 3 * 3 * 3 multiply-adds
+    assert estimate_macs(model, {"x": [1, 8, 8, 3]}) == 1 * 4 * 8 * 8 * 27
