@@ -11,9 +11,10 @@ its keys and values only: its query side (Q, the scores, the softmax, the weight
 also row by row, so only K and V keep every token. On the ViT of the reference zoo this
 removes about 13% of the MACs (the last block's MLP and most of its attention); no peer does it.
 
-The pass starts at a ``Gather`` with a constant scalar or 1-D index whose data is read by
-nothing else, and walks up the producers in reverse topological order. A tensor is computed
-on the kept rows only when every reader of it is being rewritten and it is no graph output;
+The pass starts at a ``Gather`` with a constant scalar or 1-D index, or a ``Slice`` of one
+axis of static size (``x[:, :1]``, ``x[:, -1:]``), whose data is read by nothing else, and
+walks up the producers in reverse topological order. A tensor is computed on the kept rows
+only when every reader of it is being rewritten and it is no graph output;
 elsewhere (a residual stream read by the next block, K and V's shared projection) a Gather of
 the kept rows is inserted instead. Row-wise means, for the selected axis:
 - elementwise ops (unary; broadcasting binary and variadic ops: an operand whose dim there is 1
@@ -266,18 +267,49 @@ def _narrowed(t: gs.Tensor, axis: int, rows: int) -> Dims | None:
     return None if dims is None else [rows if i == axis else d for i, d in enumerate(dims)]
 
 
+def _slice_rows(node: gs.Node, dims: Dims) -> tuple[np.ndarray, int] | None:
+    """A Slice of one axis of static size as (the 1-D indices it keeps, axis); else None."""
+    def ints(index: int, attr: str) -> list[int] | None:
+        if len(node.inputs) > index and node.inputs[index].name:
+            value = constant_value(node.inputs[index])
+            return None if value is None else [int(v) for v in value.reshape(-1)]
+        raw = node.attrs.get(attr)
+        return None if raw is None else [int(v) for v in raw]
+
+    starts, ends = ints(1, "starts"), ints(2, "ends")
+    axes, steps = ints(3, "axes") or [0], ints(4, "steps") or [1]
+    if starts is None or ends is None or len(starts) != 1 or len(axes) != 1 or len(steps) != 1:
+        return None
+    axis = _norm(axes[0], len(dims))
+    n = dims[axis]
+    if not isinstance(n, (int, np.integer)) or steps[0] == 0:
+        return None
+    # numpy's slice clamps like ONNX Slice (negative starts/ends count from the end, INT_MAX is the end)
+    return np.arange(int(n))[starts[0]:ends[0]:steps[0]], axis
+
+
 def _root(node: gs.Node, g: gs.Graph) -> tuple[np.ndarray, int] | str | None:
-    """(index, axis) of a Gather this pass may start from, a decline reason, or None to ignore."""
-    if node.op != "Gather" or not is_default_domain(node) or len(node.inputs) != 2:
+    """(index, axis) of a Gather (constant index) or a one-axis Slice (of a static axis) this pass
+    may start from, a decline reason, or None to ignore."""
+    if node.op not in ("Gather", "Slice") or not is_default_domain(node) or not node.inputs:
         return None
-    idx = constant_value(node.inputs[1])
     x = node.inputs[0]
-    if idx is None or idx.ndim > 1 or producer(x) is None or constant_value(x) is not None:
+    if producer(x) is None or constant_value(x) is not None:
         return None
+    if node.op == "Gather":
+        idx = constant_value(node.inputs[1]) if len(node.inputs) == 2 else None
+        if idx is None or idx.ndim > 1:
+            return None
     dims = _dims(x)
     if dims is None:
         return "unknown-rank"
-    axis = _norm(int(node.attrs.get("axis", 0)), len(dims))
+    if node.op == "Gather":
+        axis = _norm(int(node.attrs.get("axis", 0)), len(dims))
+    else:
+        found = _slice_rows(node, dims)
+        if found is None or not found[0].size:
+            return None
+        idx, axis = found
     if len(x.outputs) != 1 or is_graph_output(g, x):
         return None  # computed whole anyway (heads split by Gathers of one projection): nothing to win
     n = dims[axis]

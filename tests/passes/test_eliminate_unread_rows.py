@@ -262,3 +262,22 @@ def test_random_chains_are_narrowed_often() -> None:
     """The random chains above are no vacuous check: most of them are narrowed."""
     narrowed = sum(run_pass(_random_chain(seed)[0], PASS)[1].get("narrowed", 0) for seed in range(40))
     assert narrowed >= 15
+
+
+@pytest.mark.parametrize(("starts", "ends", "steps", "rows"), [
+    ([0], [1], [1], 1),  # x[:, :1]
+    ([-1], [2**63 - 1], [1], 1),  # x[:, -1:]
+    ([1], [5], [2], 2),  # x[:, 1:5:2]
+])
+def test_a_slice_of_the_tokens_is_a_root_too(starts: list[int], ends: list[int], steps: list[int], rows: int) -> None:
+    model = make_model([helper.make_node("MatMul", ["x", "w"], ["m"]), helper.make_node("Relu", ["m"], ["r"]),
+                        helper.make_node("Slice", ["r", "st", "en", "ax", "sp"], ["y"])],
+                       [vi("x", [2, 5, 4])], [vi("y", [2, rows, 6])],
+                       {"w": _w(4, 6), "st": np.array(starts, np.int64), "en": np.array(ends, np.int64),
+                        "ax": np.array([1], np.int64), "sp": np.array(steps, np.int64)})
+    out, stats = run_pass(model, PASS)
+    assert stats == {"narrowed": 1, "nodes-narrowed": 2}
+    assert "Slice" not in op_histogram(out)
+    mm = next(n for n in out.graph.node if n.op_type == "MatMul")
+    assert _dims(out, mm.output[0]) == [2, rows, 6]
+    assert_equivalent(model, out)
