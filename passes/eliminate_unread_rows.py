@@ -33,7 +33,8 @@ kept as they are: every selected tensor has the same size on that axis.
 Declined, and counted in stats (ignored: Gathers whose index is not constant, and those whose
 data has another reader, which is computed whole anyway):
 - ``skipped:unknown-rank``: the data's rank is not known.
-- ``skipped:no-gain``: the index keeps every row, or no producer can be narrowed.
+- ``skipped:no-gain``: the index keeps every row, or no producer that computes can be narrowed
+  (only Gathers, Transposes and Reshapes would move: nothing saved).
 Works inside If/Loop/Scan bodies (a value from an outer graph is selected where it is read).
 """
 
@@ -71,6 +72,7 @@ _BROADCAST = frozenset({
     "LessOrEqual", "GreaterOrEqual", "And", "Or", "Xor", "Mod", "PRelu",
 })
 _SOFTMAX = frozenset({"Softmax", "LogSoftmax", "Hardmax"})
+_MOVES = frozenset({"Gather", "Transpose", "Reshape", "Concat", "Identity"})  # no arithmetic to save
 _REDUCE = frozenset({"ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL1", "ReduceL2",
                      "ReduceSumSquare", "ReduceLogSum", "ReduceLogSumExp"})
 
@@ -337,7 +339,8 @@ class EliminateUnreadRowsPass(Pass):
                     continue
                 hoist = _Hoist(g, node, found[0], found[1], pos, ctx.opset)
                 hoist.discover(node.inputs[0])
-                if not hoist.region or hoist.conflict:
+                computes = any(n.op not in _MOVES for n, _, _ in hoist.region.values())
+                if not computes or hoist.conflict:  # moving Gathers around saves nothing
                     stats["skipped:no-gain"] += 1
                     continue
                 added.extend(hoist.apply(ctx.names))
