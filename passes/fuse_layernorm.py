@@ -7,7 +7,8 @@
  -> y = LayerNormalization(x, gamma or 1, beta, axis=-1, epsilon=eps)
 
 This is what torch's TorchScript exporter writes for ``nn.LayerNorm`` below opset 17 and what
-hand-written norms in Keras/TF and Paddle models export to. The ReduceMeans must reduce the
+hand-written norms in Keras/TF and Paddle models export to; tf2onnx writes the two means of a
+[B, S, H] tensor as GlobalAveragePool (over the last axis at rank 3), recognized too. The ReduceMeans must reduce the
 last axis only (``axes`` as attribute, or as input from opset 18) with keepdims=1; gamma and
 beta must be constants that vary only along the last axis ([H], [1, H], a scalar).
 
@@ -55,7 +56,13 @@ LAYERNORM_OPSET = 17
 
 
 def _last_axis_mean(node: gs.Node | None, opset: int) -> bool | str:
-    """True when ``node`` is ReduceMean over the last axis keeping dims; a reason when another one."""
+    """True when ``node`` is ReduceMean over the last axis keeping dims; a reason when another one.
+
+    tf2onnx writes the mean of a rank-3 [B, S, H] as GlobalAveragePool, which averages every
+    axis after the second: for rank 3, the last one alone."""
+    if op_is(node, "GlobalAveragePool"):
+        rank = node.inputs[0].shape
+        return True if rank is not None and len(rank) == 3 else "axes"
     if not op_is(node, "ReduceMean"):
         return False
     if int(node.attrs.get("keepdims", 1)) != 1:
@@ -112,7 +119,7 @@ def _normalized(n: gs.Tensor, opset: int) -> tuple[gs.Tensor, float] | str | Non
     add = producer(sqrt.inputs[0]) if op_is(sqrt, "Sqrt") else None
     if not op_is(add, "Add") or len(add.inputs) != 2:
         return None
-    var = next((t for t in add.inputs if op_is(producer(t), "ReduceMean")), None)
+    var = next((t for t in add.inputs if op_is(producer(t), "ReduceMean", "GlobalAveragePool")), None)
     if var is None:
         return None
     centered = _centered(d, opset)

@@ -173,3 +173,24 @@ def test_idempotent_and_unchanged_without_pattern() -> None:
     _, report = optimize(once, passes=[PASS])
     assert report.records[-1].changed is False
     assert report.stats(PASS) == {}
+
+
+@pytest.mark.parametrize("rank", [3, 4])
+def test_tf2onnx_means_as_global_average_pool(rank: int) -> None:
+    """tf2onnx writes the means of a [B, S, H] LayerNorm as GlobalAveragePool, which averages every
+    axis after the second: the last one alone at rank 3 (fused), two of them at rank 4 (declined)."""
+    model = decomposed()
+    for node in model.graph.node:
+        if node.op_type == "ReduceMean":
+            node.op_type = "GlobalAveragePool"
+            del node.attribute[:]
+    if rank == 4:
+        for v in (model.graph.input[0], model.graph.output[0]):
+            v.CopyFrom(vi(v.name, [2, 3, 5, H]))
+        assert_declined(model, PASS, "axes")
+        return
+    out, stats = run_pass(model, PASS)
+    assert stats == {"fused": 1}
+    assert op_histogram(out) == {"Identity": 2, "LayerNormalization": 1}
+    np.testing.assert_allclose(run_model(out, FEEDS)[0][0], _numpy_layernorm(FEEDS[0]["x"], GAMMA, BETA), atol=1e-5)
+    assert_equivalent(model, out, feeds=FEEDS, atol=1e-5, rtol=1e-5)
