@@ -8,7 +8,12 @@
 
 This is what torch's TorchScript exporter writes for ``nn.LayerNorm`` below opset 17 and what
 hand-written norms in Keras/TF and Paddle models export to; tf2onnx writes the two means of a
-[B, S, H] tensor as GlobalAveragePool (over the last axis at rank 3), recognized too. The ReduceMeans must reduce the
+[B, S, H] tensor as GlobalAveragePool (over the last axis at rank 3), recognized too. Keras'
+own LayerNormalization comes out of tf2onnx in a "batchnorm" form, also recognized:
+
+    s = gamma * Reciprocal(Sqrt(v + eps))    y = x * s + (beta - m * s)
+
+It rounds differently from ``(x - m) * s + beta`` (float rounding, within the tolerance tests hold). The ReduceMeans must reduce the
 last axis only (``axes`` as attribute, or as input from opset 18) with keepdims=1; gamma and
 beta must be constants that vary only along the last axis ([H], [1, H], a scalar).
 
@@ -140,6 +145,48 @@ def _normalized(n: gs.Tensor, opset: int) -> tuple[gs.Tensor, float] | str | Non
     return x, float(eps.reshape(()))
 
 
+def _keras_form(y: gs.Tensor, opset: int) -> tuple[gs.Tensor, float, gs.Tensor, gs.Tensor] | str | None:
+    """(x, eps, gamma, beta) when ``y`` is ``x * s + (beta - m * s)``, ``s = gamma * 1/sqrt(v + eps)``,
+    ``m`` and ``v`` the last-axis mean and variance of x: Keras' LayerNormalization as tf2onnx
+    writes it (its "batchnorm" form); a reason on a near miss."""
+    add = producer(y)
+    if not op_is(add, "Add") or len(add.inputs) != 2:
+        return None
+    a, shift = (producer(t) for t in add.inputs)
+    if op_is(a, "Sub") and op_is(shift, "Mul"):
+        a, shift = shift, a
+    if not (op_is(a, "Mul") and op_is(shift, "Sub")) or len(shift.inputs) != 2:
+        return None
+    beta, ms_t = shift.inputs
+    ms = producer(ms_t)
+    if constant_value(beta) is None or not op_is(ms, "Mul"):
+        return None
+    scale = next((t for t in a.inputs if any(t is u for u in ms.inputs)), None)
+    sc = producer(scale) if scale is not None else None
+    recip = next((t for t in sc.inputs if op_is(producer(t), "Reciprocal")), None) if op_is(sc, "Mul") else None
+    if recip is None:
+        return None
+    x, mean, gamma = other_input(a, scale), other_input(ms, scale), other_input(sc, recip)
+    sqrt = producer(producer(recip).inputs[0])
+    add_eps = producer(sqrt.inputs[0]) if op_is(sqrt, "Sqrt") else None
+    if x is None or mean is None or gamma is None or constant_value(gamma) is None or not op_is(add_eps, "Add"):
+        return None
+    var = next((t for t in add_eps.inputs if op_is(producer(t), "ReduceMean", "GlobalAveragePool")), None)
+    if var is None or producer(mean) is None or producer(mean).inputs[0] is not x:
+        return None
+    d = _squared(producer(var).inputs[0])
+    if d is None or not op_is(producer(d), "Sub") or producer(d).inputs[0] is not x or producer(d).inputs[1] is not mean:
+        return None
+    for stat in (mean, var):
+        ok = _last_axis_mean(producer(stat), opset)
+        if ok is not True:
+            return ok or None
+    eps = constant_value(other_input(add_eps, var))
+    if eps is None or eps.size != 1:
+        return "non-constant"
+    return x, float(eps.reshape(())), gamma, beta
+
+
 def _affine(n: gs.Tensor) -> tuple[gs.Tensor, gs.Tensor | None, gs.Tensor | None]:
     """(y, gamma, beta): how far a constant Mul and then a constant Add extend the pattern."""
     y, gamma, beta = n, None, None
@@ -191,12 +238,18 @@ class FuseLayerNormPass(OpFusionPass):
     def fuse(self, g: gs.Graph, ctx: PassContext, stats: Counter[str]) -> dict[int, gs.Node]:
         replaced: dict[int, gs.Node] = {}
         for node in list(g.nodes):
-            if not op_is(node, "Div", "Mul") or not node.outputs:
+            if not op_is(node, "Div", "Mul", "Add") or not node.outputs:
                 continue  # no outputs: the last node of a pattern fused just now
-            found = _normalized(node.outputs[0], ctx.opset)
+            y = node.outputs[0]
+            if node.op == "Add":  # the last node of Keras' form: (x, eps, gamma, beta)
+                found = _keras_form(y, ctx.opset)
+                parts = (*found[:2], y, *found[2:]) if isinstance(found, tuple) else None
+            else:  # the normalization, before its optional affine Mul and Add: (x, eps)
+                found = _normalized(y, ctx.opset)
+                parts = (*found, *_affine(y)) if isinstance(found, tuple) else None
             if found is None:
                 continue
-            new = found if isinstance(found, str) else self._fuse(g, node, *found, ctx)
+            new = found if parts is None else self._fuse(g, *parts, ctx)
             if isinstance(new, str):
                 stats[f"skipped:{new}"] += 1
                 continue
@@ -205,14 +258,13 @@ class FuseLayerNormPass(OpFusionPass):
         return replaced
 
     @staticmethod
-    def _fuse(g: gs.Graph, norm: gs.Node, x: gs.Tensor, eps: float,
-              ctx: PassContext) -> tuple[gs.Node, gs.Node] | str:
+    def _fuse(g: gs.Graph, x: gs.Tensor, eps: float, y: gs.Tensor, gamma: gs.Tensor | None,
+              beta: gs.Tensor | None, ctx: PassContext) -> tuple[gs.Node, gs.Node] | str:
         """(the pattern's last node, the LayerNormalization to put in its place), or a reason."""
         if ctx.opset < LAYERNORM_OPSET:
             return "opset"
         if x.dtype is not None and np.dtype(x.dtype) != np.float32:
             return "dtype"
-        y, gamma, beta = _affine(norm.outputs[0])
         if not only_read_inside(g, pattern_nodes(x, y), y):
             return "shared"
         scale = _per_last_axis(gamma, x, "ln_scale", ctx.names, 1.0)

@@ -194,3 +194,41 @@ def test_tf2onnx_means_as_global_average_pool(rank: int) -> None:
     assert op_histogram(out) == {"Identity": 2, "LayerNormalization": 1}
     np.testing.assert_allclose(run_model(out, FEEDS)[0][0], _numpy_layernorm(FEEDS[0]["x"], GAMMA, BETA), atol=1e-5)
     assert_equivalent(model, out, feeds=FEEDS, atol=1e-5, rtol=1e-5)
+
+
+def keras_form(mean_op: str = "GlobalAveragePool", shared_scale: bool = False) -> onnx.ModelProto:
+    """Keras' LayerNormalization as tf2onnx writes it: y = x * s + (beta - m * s),
+    s = gamma * Reciprocal(Sqrt(v + eps)); the means as GlobalAveragePool (rank 3) or ReduceMean."""
+    inits: dict[str, np.ndarray] = {"eps": np.float32(1e-3), "gamma": GAMMA, "beta": BETA}
+
+    def mean(src: str, out: str) -> onnx.NodeProto:
+        if mean_op == "GlobalAveragePool":
+            return helper.make_node("GlobalAveragePool", [src], [out])
+        return _mean(src, out, 17, -1, inits)
+
+    nodes = [helper.make_node("Identity", ["x"], ["r"]), mean("r", "m"),
+             helper.make_node("Sub", ["r", "m"], ["d"]), helper.make_node("Mul", ["d", "d"], ["sq"]),
+             mean("sq", "v"), helper.make_node("Add", ["v", "eps"], ["ve"]),
+             helper.make_node("Sqrt", ["ve"], ["s"]), helper.make_node("Reciprocal", ["s"], ["rs"]),
+             helper.make_node("Mul", ["rs", "gamma"], ["scale"]), helper.make_node("Mul", ["r", "scale"], ["a"]),
+             helper.make_node("Mul", ["m", "scale"], ["ms"]), helper.make_node("Sub", ["beta", "ms"], ["shift"]),
+             helper.make_node("Add", ["a", "shift"], ["y"])]
+    outputs = [vi("y", SHAPE)] + ([vi("scale", [H])] if shared_scale else [])
+    return make_model(nodes, [vi("x", SHAPE)], outputs, inits, opset=17, check=False)
+
+
+@pytest.mark.parametrize("mean_op", ["GlobalAveragePool", "ReduceMean"])
+def test_keras_batchnorm_form(mean_op: str) -> None:
+    model = keras_form(mean_op)
+    out, stats = run_pass(model, PASS)
+    assert stats == {"fused": 1}
+    assert op_histogram(out) == {"Identity": 1, "LayerNormalization": 1}
+    ln = next(n for n in out.graph.node if n.op_type == "LayerNormalization")
+    assert onnx.helper.get_attribute_value(next(a for a in ln.attribute if a.name == "epsilon")) == pytest.approx(1e-3)
+    np.testing.assert_allclose(run_model(out, FEEDS)[0][0],
+                               _numpy_layernorm(FEEDS[0]["x"], GAMMA, BETA, eps=1e-3), atol=1e-5)
+    assert_equivalent(model, out, feeds=FEEDS, atol=1e-5, rtol=1e-5)
+
+
+def test_keras_form_with_its_scale_read_outside_is_declined() -> None:
+    assert_declined(keras_form(shared_scale=True), PASS, "shared")
