@@ -29,7 +29,7 @@ from onnx_graphsurgeon.logger import G_LOGGER
 from google.protobuf.message import DecodeError, EncodeError
 
 from onnxopt.errors import ModelLoadError, ModelSaveError, PreconditionError
-from onnxopt.graph_utils import iter_proto_graphs, tensor_nbytes
+from onnxopt.graph_utils import iter_graphs, iter_proto_graphs, tensor_nbytes
 
 logger = logging.getLogger(__name__)
 # graphsurgeon prints its warnings ([W] ...) on stdout, past --quiet; what matters reaches the
@@ -245,7 +245,11 @@ def to_model(
     """Export ``graph`` and restore what graphsurgeon drops, copied from ``source``."""
     kept_imports = {imp.domain: imp.version for imp in source.opset_import}
     opset = graph.opset
-    kept_imports[""] = opset
+    # the default domain at the graph's opset, unless neither the source nor any node uses it
+    # (an ai.onnx.ml-only model from skl2onnx stays without one)
+    if {"", "ai.onnx"} & set(kept_imports) or any(
+            n.domain in ("", "ai.onnx", None) for g in iter_graphs(graph) for n in g.nodes):
+        kept_imports[""] = opset
     kept_imports.pop("ai.onnx", None)
     for imp in graph.import_domains or []:
         kept_imports.setdefault(imp.domain, imp.version)

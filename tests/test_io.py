@@ -201,3 +201,26 @@ def test_weights_both_branches_read_are_written_once(n: int) -> None:
         want = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feed)
         got = ort.InferenceSession(out.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feed)
         np.testing.assert_array_equal(got[0], want[0])
+
+
+def test_a_model_without_the_default_domain_is_not_given_one(tmp_path: Path) -> None:
+    """skl2onnx's ai.onnx.ml-only models import no default domain; writing one back used to add it."""
+    from onnx import helper
+
+    from onnxopt.api import optimize_file
+    from onnxopt.runtime import run_model
+
+    model = helper.make_model(helper.make_graph(
+        [helper.make_node("Normalizer", ["x"], ["y"], domain="ai.onnx.ml", norm="L2")], "g",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [3, 2])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [3, 2])]),
+        opset_imports=[helper.make_opsetid("ai.onnx.ml", 1)])
+    model.ir_version = 8
+    src, dst = tmp_path / "m.onnx", tmp_path / "o.onnx"
+    onnx.save(model, src)
+    result = optimize_file(src, dst, bench=False)
+    assert bool(result.validation)
+    written = onnx.load(str(dst))
+    assert [(i.domain, i.version) for i in written.opset_import] == [("ai.onnx.ml", 1)]
+    x = np.array([[3, 4], [1, 0], [0, 2]], np.float32)
+    np.testing.assert_allclose(run_model(written, [{"x": x}])[0][0], x / np.linalg.norm(x, axis=1, keepdims=True))
