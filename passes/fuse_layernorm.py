@@ -136,13 +136,21 @@ def _normalized(n: gs.Tensor, opset: int) -> tuple[gs.Tensor, float] | str | Non
     if sq is not d and not (op_is(producer(sq), "Sub") and producer(sq).inputs[0] is x
                             and producer(sq).inputs[1] is mean):
         return None
-    ok = _last_axis_mean(producer(var), opset)
-    if ok is not True:
-        return ok or None
+    eps = _epsilon(add, var, [var], opset)
+    return eps if isinstance(eps, str) or eps is None else (x, eps)
+
+
+def _epsilon(add: gs.Node, var: gs.Tensor, means: list[gs.Tensor], opset: int) -> float | str | None:
+    """The constant eps of ``Add(var, eps)`` once every one of ``means`` is a last-axis mean; else
+    a decline reason (or None: not this pattern)."""
+    for t in means:
+        ok = _last_axis_mean(producer(t), opset)
+        if ok is not True:
+            return ok or None
     eps = constant_value(other_input(add, var))
     if eps is None or eps.size != 1:
         return "non-constant"
-    return x, float(eps.reshape(()))
+    return float(eps.reshape(()))
 
 
 def _keras_form(y: gs.Tensor, opset: int) -> tuple[gs.Tensor, float, gs.Tensor, gs.Tensor] | str | None:
@@ -177,14 +185,8 @@ def _keras_form(y: gs.Tensor, opset: int) -> tuple[gs.Tensor, float, gs.Tensor, 
     d = _squared(producer(var).inputs[0])
     if d is None or not op_is(producer(d), "Sub") or producer(d).inputs[0] is not x or producer(d).inputs[1] is not mean:
         return None
-    for stat in (mean, var):
-        ok = _last_axis_mean(producer(stat), opset)
-        if ok is not True:
-            return ok or None
-    eps = constant_value(other_input(add_eps, var))
-    if eps is None or eps.size != 1:
-        return "non-constant"
-    return x, float(eps.reshape(())), gamma, beta
+    eps = _epsilon(add_eps, var, [mean, var], opset)
+    return eps if isinstance(eps, str) or eps is None else (x, eps, gamma, beta)
 
 
 def _affine(n: gs.Tensor) -> tuple[gs.Tensor, gs.Tensor | None, gs.Tensor | None]:
