@@ -75,6 +75,9 @@ _SOFTMAX = frozenset({"Softmax", "LogSoftmax", "Hardmax"})
 _MOVES = frozenset({"Gather", "Transpose", "Reshape", "Concat", "Identity"})  # no arithmetic to save
 _REDUCE = frozenset({"ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL1", "ReduceL2",
                      "ReduceSumSquare", "ReduceLogSum", "ReduceLogSumExp"})
+# every op ``input_axes`` may find row-wise: a Gather of anything else (a Shape's dims) is no root
+_KNOWN = _UNARY | _BROADCAST | _SOFTMAX | _REDUCE | {"LayerNormalization", "MatMul", "Transpose", "Gather",
+                                                       "Concat", "Reshape"}
 
 
 def _dims(t: gs.Tensor) -> Dims | None:
@@ -184,6 +187,7 @@ class _Hoist:
                  opset: int) -> None:
         self.g, self.root, self.idx, self.axis, self.pos, self.opset = g, root, idx, axis, pos, opset
         self.region: dict[int, tuple[gs.Node, list[int], int]] = {}  # producer -> input axes, out axis
+        self.readers = {id(root)}  # ids of the root and the region's nodes: who may read a narrowed value
         self.conflict = False
 
     def discover(self, x: gs.Tensor) -> None:
@@ -193,15 +197,15 @@ class _Hoist:
         while heap:
             _, _, t = heapq.heappop(heap)
             node, axis = producer(t), want[id(t)]
-            readers = {id(self.root)} | set(self.region)
             out = _dims(t)
             if (node is None or id(node) not in self.pos or is_graph_output(self.g, t) or out is None
-                    or node.outputs[0] is not t or any(id(c) not in readers for c in t.outputs)):
+                    or node.outputs[0] is not t or any(id(c) not in self.readers for c in t.outputs)):
                 continue  # a boundary: its kept rows are selected where it is read
             axes = input_axes(node, axis, out, self.opset)
             if axes is None:
                 continue
             self.region[id(node)] = (node, axes, axis)
+            self.readers.add(id(node))
             for u, ax in zip(node.inputs, axes, strict=True):
                 if ax == KEEP or constant_value(u) is not None:
                     continue
@@ -296,7 +300,7 @@ def _root(node: gs.Node, g: gs.Graph) -> tuple[np.ndarray, int] | str | None:
     if node.op not in ("Gather", "Slice") or not is_default_domain(node) or not node.inputs:
         return None
     x = node.inputs[0]
-    if producer(x) is None or constant_value(x) is not None:
+    if producer(x) is None or producer(x).op not in _KNOWN or constant_value(x) is not None:
         return None
     if node.op == "Gather":
         idx = constant_value(node.inputs[1]) if len(node.inputs) == 2 else None
