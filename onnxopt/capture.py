@@ -51,7 +51,7 @@ import onnxruntime as ort
 
 from onnxopt.errors import InputDataError
 from onnxopt.graph_utils import node_subgraphs
-from onnxopt.io import _save_external, load_model, over_protobuf_limit, restore_binary_attributes
+from onnxopt.io import _save_external, export_plain, load_model, over_protobuf_limit
 from onnxopt.runtime import session
 
 logger = logging.getLogger(__name__)
@@ -422,7 +422,7 @@ class Stepwise:
         self.runs = list(runs)
         if not self.runs:
             raise InputDataError("calibration data is empty")
-        self.export = export or _export_plain
+        self.export = export or export_plain
         self.max_bytes = max_bytes
         self.stretches: list[int] = []  # nodes of each stretch run: the work done, for logs
         self._order = {id(n): i for i, n in enumerate(graph.nodes)}
@@ -549,9 +549,3 @@ class Stepwise:
             if not vi.type.tensor_type.elem_type:
                 vi.ClearField("type")
         return model
-
-
-def _export_plain(graph: gs.Graph) -> onnx.ModelProto:
-    model = restore_binary_attributes(gs.export_onnx(graph, do_type_check=False))
-    model.ir_version = min(model.ir_version, 8)
-    return model

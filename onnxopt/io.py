@@ -25,8 +25,8 @@ from typing import Any
 
 import onnx
 import onnx_graphsurgeon as gs
-from onnx_graphsurgeon.logger import G_LOGGER
 from google.protobuf.message import DecodeError, EncodeError
+from onnx_graphsurgeon.logger import G_LOGGER
 
 from onnxopt.errors import ModelLoadError, ModelSaveError, PreconditionError
 from onnxopt.graph_utils import iter_graphs, iter_proto_graphs, tensor_nbytes
@@ -164,28 +164,38 @@ _BINARY_TAG = b"onnxopt:binary-attribute:"
 _BINARY: dict[bytes, bytes] = {}
 
 
+def _string_attributes(model: onnx.ModelProto) -> Iterator[onnx.AttributeProto]:
+    for g in iter_proto_graphs(model.graph):
+        for node in g.node:
+            yield from (a for a in node.attribute if a.type == onnx.AttributeProto.STRING)
+
+
 def _stash_binary_attributes(model: onnx.ModelProto) -> list[tuple[onnx.AttributeProto, bytes]]:
     """Swap each binary STRING attribute for its placeholder; returns what to swap back."""
     stashed = []
-    for g in iter_proto_graphs(model.graph):
-        for node in g.node:
-            for attr in node.attribute:
-                if attr.type == onnx.AttributeProto.STRING and not _utf8(attr.s):
-                    tag = _BINARY_TAG + hashlib.sha256(attr.s).hexdigest().encode()
-                    _BINARY[tag] = attr.s
-                    stashed.append((attr, attr.s))
-                    attr.s = tag
+    for attr in _string_attributes(model):
+        if not _utf8(attr.s):
+            tag = _BINARY_TAG + hashlib.sha256(attr.s).hexdigest().encode()
+            _BINARY[tag] = attr.s
+            stashed.append((attr, attr.s))
+            attr.s = tag
     return stashed
 
 
 def restore_binary_attributes(model: onnx.ModelProto) -> onnx.ModelProto:
     """Put the bytes of binary STRING attributes back in place of their placeholders."""
     if _BINARY:
-        for g in iter_proto_graphs(model.graph):
-            for node in g.node:
-                for attr in node.attribute:
-                    if attr.type == onnx.AttributeProto.STRING and attr.s.startswith(_BINARY_TAG):
-                        attr.s = _BINARY[attr.s]
+        for attr in _string_attributes(model):
+            if attr.s.startswith(_BINARY_TAG):
+                attr.s = _BINARY[attr.s]
+    return model
+
+
+def export_plain(graph: gs.Graph) -> onnx.ModelProto:
+    """A graph as a model onnxruntime reads (IR 8 at most), without a source to copy from: the
+    passes' and the capture's intermediate models."""
+    model = restore_binary_attributes(gs.export_onnx(graph, do_type_check=False))
+    model.ir_version = min(model.ir_version, 8)
     return model
 
 

@@ -32,14 +32,13 @@ import onnxruntime as ort
 FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8", "amx_bf16",
          "asimd", "sve", "i8mm")
 
-
-
 def cores() -> int:
     """Cores this process may run on (the affinity mask, not the machine's count)."""
     try:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
         return os.cpu_count() or 1
+
 
 def _cpuinfo() -> tuple[str, set[str]]:
     model, flags = platform.processor() or "unknown CPU", set()

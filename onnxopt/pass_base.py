@@ -181,14 +181,12 @@ def current_model(graph: gs.Graph, ctx: PassContext) -> Any:
     """
     import onnx
 
-    from onnxopt.io import restore_binary_attributes, to_model
+    from onnxopt.io import export_plain, to_model
 
     source = ctx.notes.get("source_model")
     if isinstance(source, onnx.ModelProto):
         return to_model(graph, source)
-    model = restore_binary_attributes(gs.export_onnx(graph))
-    model.ir_version = min(model.ir_version, 8)
-    return model
+    return export_plain(graph)
 
 
 def parse_fractions(pass_name: str, spec: str, keys: str, fractions: str) -> dict[str, float]:

@@ -73,7 +73,7 @@ from onnxopt.graph_utils import (
     iter_graphs,
     layer_key,
 )
-from onnxopt.pass_base import Pass, PassContext, PassResult, Requirement
+from onnxopt.pass_base import Pass, PassContext, PassResult, Requirement, current_model
 
 logger = logging.getLogger(__name__)
 
@@ -367,20 +367,13 @@ class QuantizeQDQPass(Pass):
     def _calibrate(
         self, graph: gs.Graph, ctx: PassContext, names: list[str]
     ) -> dict[str, tuple[float, float]]:
-        from onnxopt.io import to_model
-
         o = self.options
         qmin, qmax = qrange(o.activation_type)
         key = (o.method, o.percentile, qmax - qmin, o.max_calibration_samples)
         cache = ctx.calibration_cache.setdefault(key, {}) if ctx.calibration_cache is not None else {}
         missing = [n for n in names if n not in cache]
         if missing:
-            source = ctx.notes.get("source_model")
-            model = (
-                to_model(graph, source)
-                if source is not None
-                else gs.export_onnx(graph, do_type_check=False)
-            )
+            model = current_model(graph, ctx)
             assert ctx.calibration is not None
             found = collect_ranges(
                 model,
