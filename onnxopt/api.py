@@ -8,7 +8,6 @@ only then move it into place. Any failure leaves the destination untouched.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import gc
 import json
 import logging
@@ -269,10 +268,6 @@ def optimize_file(
             def measure(models: Mapping[str, Any], at: int = threads) -> Mapping[str, Latency]:
                 return measure_latency(models, dataset.feeds, threads=at, repeats=bench_repeats, tick=tick)
 
-            # a trial is also timed with every core, onnxruntime's default in deployment
-            counts = dict.fromkeys([threads, cores()])
-            trial_measures = {n: functools.partial(measure, at=n) for n in counts}
-
             def dropped() -> list[str]:
                 return [n for d in decisions if d.variant for n in d.variant.dropped]
 
@@ -284,7 +279,9 @@ def optimize_file(
                 if name in dropped() or name not in result.pipeline.changed_passes:
                     continue
                 say(f"trying the model without {name}")
-                decisions.append(keeper.trial(name, src, staged, trial_measures, already=dropped()))
+                # also timed with every core, onnxruntime's default in deployment
+                decisions.append(keeper.trial(name, src, staged, measure, list(dict.fromkeys([threads, cores()])),
+                                              already=dropped()))
                 _settle(result, decisions[-1], staged, shapes, src, dataset, tolerance)
         if report_path is not None:
             _write_json(Path(report_path), result.to_dict())

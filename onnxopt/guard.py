@@ -52,6 +52,7 @@ CONFIDENCE = 0.95
 RESAMPLES = 2000
 
 Measure = Callable[[Mapping[str, Any]], Mapping[str, Latency]]
+MeasureAt = Callable[[Mapping[str, Any], int], Mapping[str, Latency]]  # ... at a thread count
 Rerun = Callable[[PassManager], tuple[onnx.ModelProto, PipelineReport]]
 
 
@@ -227,12 +228,12 @@ class Guard:
                    f"against the input; without it {ratios[label]}, which was written")
         return Decision(chosen, "slower", message, figures, {"before": lat["before"], "after": lat[label]})
 
-    def trial(self, name: str, src: Path, after: Path, measures: Mapping[int, Measure],
+    def trial(self, name: str, src: Path, after: Path, measure: MeasureAt, threads: Sequence[int],
               already: Sequence[str] = ()) -> Decision:
         """``name`` is a trial pass (``Pass.trial``) that changed the graph: keep it only if faster.
 
         The model without it is measured interleaved with the input and the result, once per
-        thread count in ``measures`` (the first is the run's own, the others what a deployment
+        count in ``threads`` (``measure(models, threads)``; the first is the run's own, the others what a deployment
         may use: onnxruntime's default is every core). The pass stays only when the result is
         faster than that variant at the first count with 95% confidence (the interval of
         with / without lies below 1) and not slower beyond noise at any other. A tie goes to
@@ -241,8 +242,8 @@ class Guard:
         """
         without = self.variant({*already, name})
         paths = {"before": src, "after": after, "without": without.path}
-        lat = {threads: measure(paths) for threads, measure in measures.items()}
-        gains = {threads: latency_ratio(m["without"], m["after"]) for threads, m in lat.items()}
+        lat = {n: measure(paths, n) for n in threads}
+        gains = {n: latency_ratio(m["without"], m["after"]) for n, m in lat.items()}
         first, *others = gains
         figures: dict[str, Any] = {
             "trial": name, "with_against_without": gains[first].to_dict(),

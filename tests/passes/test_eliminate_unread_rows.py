@@ -290,3 +290,13 @@ def test_a_second_run_changes_nothing() -> None:
     twice, stats = run_pass(once, PASS)
     assert "narrowed" not in stats
     assert op_histogram(twice) == op_histogram(once)
+
+
+def test_a_gather_of_shape_dims_is_no_root() -> None:
+    """Exporters take dims with Shape + Gather: nothing to narrow there, and nothing to report."""
+    model = make_model([helper.make_node("Shape", ["x"], ["s"]), helper.make_node("Gather", ["s", "i"], ["d"], axis=0),
+                        helper.make_node("Relu", ["x"], ["y"])],
+                       [vi("x", [2, 5, 4])], [vi("d", []), vi("y", [2, 5, 4])], {"i": np.array(1, np.int64)})
+    out, stats = run_pass(model, PASS)
+    assert stats == {}
+    assert op_histogram(out) == op_histogram(model)
