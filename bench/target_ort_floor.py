@@ -26,7 +26,8 @@ interval of ``onnxopt.guard.latency_ratio``. ``1 / floor ratio`` is the largest 
 a rewrite that keeps every product could give on this machine, if everything but the GEMMs
 cost nothing.
 
-Models come from ``~/.cache/onnxopt/zoo`` (``python bench/run.py`` builds them): ViT at one
+Models, and the variants of onnxopt and onnxruntime, come from ``bench/run.py`` (its zoo
+workloads, built into ``$ONNXOPT_CACHE/zoo`` if missing, and its contenders): ViT at one
 64x64 image (its trained size), MiniLM at 12 tokens (the benchmark's sentences) and 128.
 """
 
@@ -42,22 +43,22 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import run  # bench/run.py beside this file: its zoo workloads and contenders
 from onnx import helper, numpy_helper
 
 from onnxopt import machine
-from onnxopt.api import optimize_file
 from onnxopt.bench import Latency, estimate_macs, measure_latency
 from onnxopt.capture import run_exposed
 from onnxopt.guard import latency_ratio
 
-ZOO = Path.home() / ".cache" / "onnxopt" / "zoo"
+ZOO = Path(os.environ.get("ONNXOPT_CACHE", "~/.cache/onnxopt")).expanduser() / "zoo"  # as bench/run.py
 GEMMS = ("MatMul", "Gemm", "Conv")
-CASES = {  # name: (zoo file, feed)
-    "vit, 1 image 64x64": ("vit-digits.onnx", lambda rng: {
+CASES = {  # name: (bench/run.py workload, feed)
+    "vit, 1 image 64x64": ("vit", lambda rng: {
         "x": rng.standard_normal((1, 3, 64, 64)).astype(np.float32)}),
-    "minilm, 12 tokens": ("minilm.onnx", lambda rng: {
+    "minilm, 12 tokens": ("minilm", lambda rng: {
         "input_ids": rng.integers(1000, 5000, (1, 12)), "attention_mask": np.ones((1, 12), np.int64)}),
-    "minilm, 128 tokens": ("minilm.onnx", lambda rng: {
+    "minilm, 128 tokens": ("minilm", lambda rng: {
         "input_ids": rng.integers(1000, 5000, (1, 128)), "attention_mask": np.ones((1, 128), np.int64)}),
 }
 
@@ -92,21 +93,14 @@ def gemm_floor(model: onnx.ModelProto, feed: dict[str, np.ndarray]) -> tuple[onn
     return floor, values
 
 
-def variants(src: Path, feed: dict[str, np.ndarray], tmp: Path) -> dict[str, Path]:
-    """onnxopt level 1, level 1 + --target onnxruntime, and onnxruntime's transformer optimizer."""
-    data = tmp / "data"
-    data.mkdir(exist_ok=True)
-    np.savez(data / "feed.npz", **feed)
+def variants(w: run.Workload, feed: dict[str, np.ndarray], tmp: Path) -> dict[str, Path]:
+    """onnxopt level 1, level 1 + --target onnxruntime and onnxruntime's transformer optimizer, as
+    ``bench/run.py``'s contenders build them, with ``feed`` as the calibration (and data) feed."""
     out = {}
-    for label, target in (("onnxopt level 1", None), ("onnxopt --target onnxruntime", "onnxruntime")):
-        out[label] = tmp / f"{label.split()[-1]}.onnx"
-        optimize_file(src, out[label], level=1, data=data, target=target)
-    from onnxruntime.transformers.optimizer import optimize_model
-
-    kind, heads, hidden = ("vit", 3, 192) if "vit" in src.name else ("bert", 12, 384)
-    opt = optimize_model(str(src), model_type=kind, num_heads=heads, hidden_size=hidden)
-    out["ort transformer optimizer"] = tmp / "ort-transformer.onnx"
-    opt.save_model_to_file(str(out["ort transformer optimizer"]))
+    for label, contender in (("onnxopt level 1", "onnxopt-l1"), ("onnxopt --target onnxruntime", "onnxopt-ort"),
+                             ("ort transformer optimizer", "ort-transformer")):
+        out[label] = tmp / f"{contender}.onnx"
+        run.CONTENDERS[contender].build(w.path, [feed], out[label], w)
     return out
 
 
@@ -144,14 +138,14 @@ def main(argv: Sequence[str] | None = None) -> int:
              f"- command: `python bench/target_ort_floor.py --repeats {args.repeats}`", "",
              __doc__.split("\n\n", 2)[2].strip(), "",
              f"This core's float32 GEMM peak: {peak_gmacs():.1f} GMAC/s (one 1024x1024x1024 MatMul, 1 thread).", ""]
-    for case, (file, make_feed) in CASES.items():
-        src = ZOO / file
-        if not src.exists():
-            print(f"{src} missing: run python bench/run.py --models vit,minilm first", file=sys.stderr)
-            return 2
+    workloads = {"vit": run.zoo_workload("vit", ZOO, tiny=False, n_calib=1, n_eval=1, rebuild=False),
+                 "minilm": run.minilm_workload(ZOO, n_calib=1, rebuild=False)}  # built if missing
+    for case, (name, make_feed) in CASES.items():
+        w = workloads[name]
+        src = w.path
         feed = make_feed(np.random.default_rng(0))
         with tempfile.TemporaryDirectory() as tmp:
-            built = variants(src, feed, Path(tmp))
+            built = variants(w, feed, Path(tmp))
             floors = {"GEMM floor": gemm_floor(onnx.load(str(src)), feed),
                       "GEMM floor of level 1": gemm_floor(onnx.load(str(built["onnxopt level 1"])), feed)}
             models = {"original": src, **built, **{k: f for k, (f, _) in floors.items()}}
